@@ -1,0 +1,1 @@
+"""Where tensors live: launch detection, process groups and (later) device meshes and wrappers."""

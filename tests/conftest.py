@@ -1,0 +1,40 @@
+"""Shared fixtures: run the real CLI in a subprocess, read metrics files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(tmp_path: Path) -> dict:
+    """A clean environment: no W&B credentials, W&B quiet, scratch TMPDIR."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_SILENT="true", HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_cli(tmp_path: Path, *overrides: str, module: str = "trainer", timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m trainer OVERRIDES`` with cwd=tmp_path; fails the test with the output when it fails."""
+    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=tmp_path, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if "table" not in row]
+
+
+# A few-second synthetic run: tiny GPT, 16-token windows.
+FAST = ["data=synthetic", "student.block_size=16", "student.n_embd=32", "logger=console", "logger.progress=false",
+        "train.batch_size=8", "train.warmup_steps=2"]

@@ -1,0 +1,268 @@
+"""Typed run configuration (Hydra structured configs) and the checks that run before anything starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key or path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # gpt | mlp
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False
+    hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp only
+
+
+@dataclass
+class TeacherConfig:
+    checkpoint: Optional[str] = None  # export folder, run dir, or checkpoint folder
+    placement: str = "replicate"
+    # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
+    recipe: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"  # shakespeare | digits | synthetic
+    path: Optional[str] = None  # text corpus (default: the packaged Tiny Shakespeare)
+    val_fraction: float = 0.1
+    eval_batches: int = 20
+    synthetic_vocab: int = 32
+    synthetic_tokens: int = 20000
+
+
+@dataclass
+class FeatureConfig:
+    student_layer: int = 1
+    teacher_layer: int = 1
+    loss: str = "mse"  # mse | cosine
+    weight: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "none"  # none | forward_kl | reverse_kl | jsd
+    alpha: float = 0.0
+    temperature: float = 1.0
+    beta: float = 0.5
+    top_k: Optional[int] = None
+    chunk_size: Optional[int] = None
+    features: list[FeatureConfig] = field(default_factory=list)
+
+
+@dataclass
+class ModifierConfig:
+    kind: str = "magnitude"  # magnitude | channel | nm | qat
+    targets: list[str] = field(default_factory=lambda: ["blocks.*"])
+    start_step: int = 0
+    end_step: int = 0
+    every: int = 1
+    schedule: str = "agp"  # agp | linear | constant
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.5
+    scope: str = "layer"  # layer | global
+    norm: int = 1  # channel ranking: L1 or L2
+    n: int = 2
+    m: int = 4
+    weight_bits: int = 8  # 8 | 4
+    group_size: int = 32
+    act_bits: int = 0  # 8 (dynamic per token) | 0 (none)
+    freeze_step: Optional[int] = None
+
+
+@dataclass
+class CompressConfig:
+    modifiers: list[ModifierConfig] = field(default_factory=list)
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "single"
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "online"  # online | offline | disabled
+    project: str = "stillroom"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    progress: bool = True
+    log_every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 12  # global samples per optimizer step, split over ranks and accumulation
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 1337
+    eval_every: int = 250
+    ckpt_every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    precision: str = "fp32"  # fp32 | bf16
+    stop_at_step: Optional[int] = None  # end this invocation early (checkpointed), resumable
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiment: Any = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+KD_LOSSES = ("none", "forward_kl", "reverse_kl", "jsd")
+TASK_ARCH = {"shakespeare": "gpt", "synthetic": "gpt", "digits": "mlp"}
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks that need no model and no process group. Raises ConfigError."""
+    t, d, s = cfg.train, cfg.distill, cfg.student
+    _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1 (got {t.max_steps})")
+    _check(t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
+    _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr] (got {t.min_lr})")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0 (got {t.warmup_steps})")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, 0 = off (got {t.grad_clip})")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1 (got {t.grad_accum})")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1 (got {t.batch_size})")
+    _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    for key in ("eval_every", "ckpt_every", "keep_last"):
+        _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1 (got {getattr(t, key)})")
+    _one_of(t.precision, ("fp32", "bf16"), "train.precision")
+    if t.resume not in ("auto", "never"):
+        from trainer import checkpoint
+
+        path = Path(t.resume)
+        _check(checkpoint.is_complete(path), "train.resume",
+               f"must be auto, never or a complete checkpoint folder ({t.resume} is not one)")
+    if t.stop_at_step is not None:
+        _check(1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step", "must be in [1, train.max_steps]")
+
+    _one_of(cfg.data.name, tuple(TASK_ARCH), "data.name")
+    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+    _check(cfg.data.eval_batches >= 1, "data.eval_batches", "must be >= 1")
+    if cfg.data.path is not None:
+        _check(Path(cfg.data.path).is_file(), "data.path", f"{cfg.data.path} does not exist")
+    _one_of(s.arch, ("gpt", "mlp"), "student.arch")
+    _check(s.arch == TASK_ARCH[cfg.data.name], "student.arch",
+           f"data={cfg.data.name} needs a {TASK_ARCH[cfg.data.name]} student (got {s.arch})")
+    if s.arch == "gpt":
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            _check(getattr(s, key) >= 1, f"student.{key}", "must be >= 1")
+        _check(s.n_embd % s.n_head == 0, "student.n_embd", f"{s.n_embd} is not divisible by student.n_head={s.n_head}")
+    _check(0 <= s.dropout < 1, "student.dropout", "must be in [0, 1)")
+
+    _one_of(d.loss, KD_LOSSES, "distill.loss")
+    _check(d.temperature > 0, "distill.temperature", f"must be > 0 (got {d.temperature})")
+    _check(0 <= d.alpha <= 1, "distill.alpha", f"must be in [0, 1] (got {d.alpha})")
+    _check(0 <= d.beta <= 1, "distill.beta", f"must be in [0, 1] (got {d.beta})")
+    if d.top_k is not None:
+        _check(d.top_k >= 1, "distill.top_k", "must be >= 1")
+    if d.chunk_size is not None:
+        _check(d.chunk_size >= 1, "distill.chunk_size", "must be >= 1")
+    for i, f in enumerate(d.features):
+        _one_of(f.loss, ("mse", "cosine"), f"distill.features.{i}.loss")
+        _check(f.weight >= 0, f"distill.features.{i}.weight", "must be >= 0")
+    _one_of(cfg.logger.wandb.mode, ("online", "offline", "disabled"), "logger.wandb.mode")
+    _check(cfg.logger.log_every >= 1, "logger.log_every", "must be >= 1")
+    _one_of(cfg.parallel.strategy, ("single",), "parallel.strategy")
+    _one_of(cfg.parallel.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    _validate_teacher(cfg)
+    _validate_compress(cfg)
+
+
+def needs_teacher(cfg: RunConfig) -> bool:
+    return cfg.distill.loss != "none" or bool(cfg.distill.features)
+
+
+def _validate_teacher(cfg: RunConfig) -> None:
+    from trainer import data
+    from trainer.distill import teacher
+
+    if not needs_teacher(cfg):
+        _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
+        return
+    _check(cfg.teacher.checkpoint is not None, "teacher.checkpoint",
+           f"distill.loss={cfg.distill.loss} needs a teacher (set teacher.checkpoint=PATH)")
+    path = Path(cfg.teacher.checkpoint)
+    if not path.exists() and cfg.teacher.recipe:
+        return  # trained by the recipe before the run starts, then checked again
+    try:
+        spec = teacher.spec(path)
+    except teacher.TeacherPathError as e:
+        raise ConfigError("teacher.checkpoint", str(e)) from None
+    t_cfg = spec["config"]
+    t_vocab = t_cfg.get("vocab_size", t_cfg.get("n_classes"))
+    s_vocab = data.vocab_size(cfg.data)
+    _check(spec["arch"] == cfg.student.arch, "teacher.checkpoint",
+           f"{path} holds a {spec['arch']} model but the student is a {cfg.student.arch}")
+    _check(t_vocab == s_vocab, "teacher.checkpoint",
+           f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name})")
+    t_layers = t_cfg.get("n_layer", len(t_cfg.get("hidden", [])))
+    s_layers = cfg.student.n_layer if cfg.student.arch == "gpt" else len(cfg.student.hidden)
+    for i, f in enumerate(cfg.distill.features):
+        _check(0 <= f.student_layer <= s_layers, f"distill.features.{i}.student_layer", f"must be in [0, {s_layers}]")
+        _check(0 <= f.teacher_layer <= t_layers, f"distill.features.{i}.teacher_layer", f"must be in [0, {t_layers}]")
+
+
+def _validate_compress(cfg: RunConfig) -> None:
+    if not cfg.compress.modifiers:
+        return
+    from trainer.compress import validate_modifiers
+
+    try:
+        validate_modifiers(cfg.compress.modifiers, cfg.student.arch)
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message) from None

@@ -1,0 +1,162 @@
+"""Data sources. Every batch is a pure function of (seed, step, rank, world size).
+
+A step's global batch (``train.batch_size`` samples) is drawn from the seed and the step alone;
+rank ``r`` of ``w`` takes the r-th of w equal slices, and accumulation splits that slice into
+micro-batches. So a resumed run sees exactly the batches it would have seen, and 1 and N ranks
+see the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config import DataConfig
+
+SHAKESPEARE = Path(__file__).with_name("tinyshakespeare.txt")
+_STEP_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the global batch this process reads."""
+
+    rank: int = 0
+    world: int = 1
+    grad_accum: int = 1
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * _STEP_STRIDE + step)
+
+
+def local_slice(global_indices: torch.Tensor, shard: Shard, micro: int) -> torch.Tensor:
+    """Rows of the global batch that micro-batch ``micro`` of ``shard.rank`` reads."""
+    per_rank = len(global_indices) // shard.world
+    per_micro = per_rank // shard.grad_accum
+    start = shard.rank * per_rank + micro * per_micro
+    return global_indices[start : start + per_micro]
+
+
+class TokenData:
+    """Next-token prediction over a 1-D token stream (character-level text or synthetic)."""
+
+    task = "lm"
+
+    def __init__(self, tokens: torch.Tensor, vocab: list[str] | int, val_fraction: float,
+                 block_size: int, eval_batches: int, fingerprint: str):
+        n_train = int(len(tokens) * (1 - val_fraction))
+        self.train_tokens, self.val_tokens = tokens[:n_train], tokens[n_train:]
+        self.vocab = vocab
+        self.vocab_size = len(vocab) if isinstance(vocab, list) else vocab
+        self.block_size = block_size
+        self.eval_batches = eval_batches
+        self.fingerprint = fingerprint
+        self._window = torch.arange(block_size + 1)
+
+    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor):
+        rows = tokens[starts[:, None] + self._window]
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
+        high = len(self.train_tokens) - self.block_size - 1
+        starts = torch.randint(high, (batch_size,), generator=step_generator(seed, step))
+        return self._windows(self.train_tokens, local_slice(starts, shard, micro))
+
+    def val_batches(self, batch_size: int, shard: Shard = Shard()):
+        """A fixed list of validation batches (the same for every eval and every run)."""
+        high = len(self.val_tokens) - self.block_size - 1
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(self.eval_batches):
+            starts = torch.randint(high, (batch_size,), generator=gen)
+            yield self._windows(self.val_tokens, local_slice(starts, shard, 0))
+
+    def tokens_per_sample(self) -> int:
+        return self.block_size
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[i] for i in ids) if isinstance(self.vocab, list) else str(list(ids))
+
+
+class DigitsData:
+    """scikit-learn's 8x8 digits as 64 features in [0, 1], with a fixed stratified split."""
+
+    task = "classify"
+
+    def __init__(self, val_fraction: float):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.int64)
+        tr, va = train_test_split(range(len(y)), test_size=val_fraction, random_state=0, stratify=digits.target)
+        self.x_train, self.y_train = x[tr], y[tr]
+        self.x_val, self.y_val = x[va], y[va]
+        self.in_dim, self.n_classes = x.shape[1], 10
+        self.vocab_size = self.n_classes
+        self.fingerprint = hashlib.sha256(x.numpy().tobytes() + str(va).encode()).hexdigest()[:16]
+
+    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
+        rows = torch.randint(len(self.y_train), (batch_size,), generator=step_generator(seed, step))
+        rows = local_slice(rows, shard, micro)
+        return self.x_train[rows], self.y_train[rows]
+
+    def val_batches(self, batch_size: int, shard: Shard = Shard()):
+        """The whole test split, in one batch per rank."""
+        rows = torch.arange(len(self.y_val))
+        per_rank = -(-len(rows) // shard.world)
+        rows = rows[shard.rank * per_rank : (shard.rank + 1) * per_rank]
+        yield self.x_val[rows], self.y_val[rows]
+
+    def tokens_per_sample(self) -> int:
+        return 1
+
+
+def _char_data(cfg: DataConfig, block_size: int) -> TokenData:
+    path = Path(cfg.path) if cfg.path else SHAKESPEARE
+    raw = path.read_bytes()
+    text = raw.decode("utf-8")
+    chars = sorted(set(text))
+    lookup = torch.full((max(map(ord, chars)) + 1,), -1, dtype=torch.int64)
+    lookup[torch.tensor([ord(c) for c in chars])] = torch.arange(len(chars))
+    tokens = lookup[torch.tensor([ord(c) for c in text])]
+    return TokenData(tokens, chars, cfg.val_fraction, block_size, cfg.eval_batches,
+                     hashlib.sha256(raw).hexdigest()[:16])
+
+
+def _synthetic_data(cfg: DataConfig, block_size: int) -> TokenData:
+    """A fixed random first-order Markov chain with peaked transitions: learnable, no files."""
+    gen = torch.Generator().manual_seed(0)
+    v = cfg.synthetic_vocab
+    transition = torch.softmax(3.0 * torch.randn(v, v, generator=gen), dim=1)
+    tokens = torch.empty(cfg.synthetic_tokens, dtype=torch.int64)
+    tokens[0] = 0
+    draws = torch.rand(cfg.synthetic_tokens, generator=gen)
+    cumulative = transition.cumsum(1)
+    for i in range(1, cfg.synthetic_tokens):
+        tokens[i] = torch.searchsorted(cumulative[tokens[i - 1]], draws[i]).clamp(max=v - 1)
+    return TokenData(tokens, v, cfg.val_fraction, block_size, cfg.eval_batches, f"synthetic-{v}-{cfg.synthetic_tokens}")
+
+
+def vocab_size(cfg: DataConfig) -> int:
+    """The data's vocabulary (classes for digits) without building the data set."""
+    if cfg.name == "synthetic":
+        return cfg.synthetic_vocab
+    if cfg.name == "digits":
+        return 10
+    path = Path(cfg.path) if cfg.path else SHAKESPEARE
+    return len(set(path.read_text(encoding="utf-8")))
+
+
+def build(cfg: DataConfig, block_size: int):
+    if cfg.name == "shakespeare":
+        return _char_data(cfg, block_size)
+    if cfg.name == "synthetic":
+        return _synthetic_data(cfg, block_size)
+    if cfg.name == "digits":
+        return DigitsData(cfg.val_fraction)
+    raise ValueError(f"data.name: unknown data set {cfg.name!r}")

@@ -1,0 +1,85 @@
+"""The end-of-run report: sizes, losses, latency and steps, as report.md and a closing console table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from trainer import models
+from trainer.config import RunConfig
+
+LATENCY_REPEATS = 20
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes of the fp32 dense state (tied weights once): what the uncompressed student would weigh."""
+    return sum(t.numel() * t.element_size() for t in models.unique_state_dict(model).values())
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, example: torch.Tensor) -> float:
+    """Median wall time of one forward pass over ``example`` on CPU."""
+    model = model.eval()
+    for _ in range(3):
+        model(example)
+    times = []
+    for _ in range(LATENCY_REPEATS):
+        start = time.perf_counter()
+        model(example)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def write(run_dir: Path, *, cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, final_dir: Path,
+          student_eval: dict, export_eval: dict, teacher_eval: dict | None, train_seconds: float, steps: int,
+          example: torch.Tensor, layer_table: tuple[list[str], list[list]] | None) -> dict:
+    """Measure the models, write ``report.md``, return the summary figures."""
+    exported = models.load(final_dir)
+    rows = [("student (trained, fp32)", student, student_eval, dense_bytes(student)),
+            ("student (export)", exported, export_eval, folder_bytes(final_dir))]
+    if teacher is not None:
+        rows.append(("teacher", teacher, teacher_eval or {}, dense_bytes(teacher)))
+    table = []
+    for name, model, evals, size in rows:
+        cpu_model = model.to("cpu")
+        table.append({"model": name, "params": parameter_count(cpu_model), "bytes": size,
+                      "val_loss": evals.get("eval/val_loss", float("nan")),
+                      "accuracy": evals.get("eval/accuracy"),
+                      "latency_ms": cpu_latency_ms(cpu_model, example.cpu())})
+    summary = {"steps": steps, "train_seconds": round(train_seconds, 1), "models": table}
+    lines = [f"# Run report: {cfg.name}", "",
+             f"- steps: {steps}", f"- training time: {train_seconds:.1f} s",
+             f"- data: {cfg.data.name}; student: {cfg.student.arch}; distill: {cfg.distill.loss}"
+             f" (alpha={cfg.distill.alpha}, T={cfg.distill.temperature})",
+             f"- latency: median of {LATENCY_REPEATS} CPU forward passes on a fixed batch of shape {tuple(example.shape)}",
+             "", "| model | params | bytes on disk | val loss | accuracy | CPU latency (ms) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in table:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['bytes']:,} | {r['val_loss']:.4f} | {acc} | {r['latency_ms']:.2f} |")
+    if layer_table is not None:
+        columns, layer_rows = layer_table
+        lines += ["", "## Compression by layer", "", "| " + " | ".join(columns) + " |",
+                  "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in layer_rows]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def closing_table(summary: dict) -> str:
+    """The table printed when a run ends."""
+    header = f"{'model':<26}{'params':>10}{'bytes':>12}{'val loss':>10}{'latency ms':>12}"
+    rows = [f"{r['model']:<26}{r['params']:>10,}{r['bytes']:>12,}{r['val_loss']:>10.4f}{r['latency_ms']:>12.2f}"
+            for r in summary["models"]]
+    return "\n".join([header, "-" * len(header), *rows, f"steps {summary['steps']}, training {summary['train_seconds']} s"])
