@@ -9,6 +9,7 @@ previous checkpoint loadable. Nothing is unpickled: DCP tensors and JSON only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,8 +33,14 @@ STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"
 METADATA_FILE = ".metadata"
 
-# DCP warns that it saves "in a single process" when no process group exists: that is intended.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@contextlib.contextmanager
+def _single_process_is_fine():
+    """DCP warns that it works "in a single process" when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def is_main() -> bool:
@@ -108,7 +115,8 @@ def save(root: Path, step: int, *, model, optimizer, extra: dict, model_spec: di
     model_sd, optim_sd = get_state_dict(model, optimizer)
     extra_tensors, extra_plain = split_state(extra)
     state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _single_process_is_fine():
+        dcp.save(state, checkpoint_id=str(tmp))
     if is_main():
         _write_json(tmp / MODEL_FILE, model_spec)
         _write_json(tmp / STATE_FILE, {"step": step, **extra_plain})
@@ -128,7 +136,8 @@ def load(path: Path, *, model, optimizer, extra_template: dict) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     extra_tensors, _ = split_state(extra_template)
     state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     plain = json.loads((path / STATE_FILE).read_text())
     return join_state(state["extra"], plain)
@@ -137,7 +146,8 @@ def load(path: Path, *, model, optimizer, extra_template: dict) -> dict:
 def load_model_weights(path: Path, model) -> None:
     """Load only the model weights of a checkpoint (e.g. a teacher) into ``model``."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
 
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from parallel import env as dist_env
 from trainer import checkpoint, data, models, report
-from trainer.compress import build_compressor
 from trainer.config import RunConfig, needs_teacher
 from trainer.distill import teacher as teacher_io
 from trainer.distill.features import FeatureDistiller
@@ -73,11 +72,12 @@ class Trainer:
         self.trainable = nn.ModuleDict({"student": self.student})
         if cfg.distill.features:
             self.trainable["features"] = FeatureDistiller(cfg.distill.features, self.student.width, self.teacher.width)
-        self.compressor = build_compressor(self.student, cfg.compress.modifiers)
+        self.compressor = self.build_compressor(cfg.compress.modifiers)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(param_groups(self.trainable, t.weight_decay), lr=t.lr,
                                            betas=(t.beta1, t.beta2), fused=False)
-        self.compressor.attach_optimizer(self.optimizer)
+        if self.compressor:
+            self.compressor.attach_optimizer(self.optimizer)
         self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                          else contextlib.nullcontext())
         self.tokens_per_step = t.batch_size * self.data.tokens_per_sample()
@@ -90,9 +90,17 @@ class Trainer:
         self.last_checkpoint = checkpoint.latest(self.ckpt_root)
         self.train_seconds = 0.0
 
+    def build_compressor(self, modifiers):
+        """Masks and fake-quant on the student (None without modifiers: torchao is not even imported)."""
+        if not modifiers:
+            return None
+        from trainer.compress import build_compressor
+
+        return build_compressor(self.student, modifiers)
+
     # ---- state -------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"rng": {"torch": torch.get_rng_state()}, "compress": self.compressor.state_dict(),
+        return {"rng": {"torch": torch.get_rng_state()}, "compress": self.compressor.state_dict() if self.compressor else {},
                 "data": {"fingerprint": self.data.fingerprint, "seed": self.cfg.train.seed},
                 "lr_schedule": {"lr": self.cfg.train.lr, "min_lr": self.cfg.train.min_lr,
                                 "warmup_steps": self.cfg.train.warmup_steps, "max_steps": self.cfg.train.max_steps}}
@@ -104,7 +112,8 @@ class Trainer:
             return 0
         state = checkpoint.load(path, model=self.trainable, optimizer=self.optimizer, extra_template=self.extra_state())
         torch.set_rng_state(state["rng"]["torch"])
-        self.compressor.load_state_dict(state["compress"])
+        if self.compressor:
+            self.compressor.load_state_dict(state["compress"])
         if self.env.is_main:
             print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
         return int(state["step"])
@@ -157,13 +166,13 @@ class Trainer:
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step + 1, loss, self.last_checkpoint)
-        if self.compressor.active:
+        if self.compressor:
             self.compressor.mask_gradients()
         if t.grad_clip > 0:
             totals["train/grad_norm"] = nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.compressor.active:
+        if self.compressor:
             self.compressor.after_optimizer_step(step + 1)
         totals["train/lr"] = torch.tensor(lr)
         return totals
@@ -207,12 +216,12 @@ class Trainer:
                     metrics = {k: float(v) for k, v in totals.items()}
                     metrics["perf/step_ms"] = 1000 * elapsed / interval_steps
                     metrics["perf/tokens_per_s"] = self.tokens_per_step * interval_steps / elapsed
-                    if self.compressor.active:
+                    if self.compressor:
                         metrics.update(self.compressor.metrics())
                     if step % t.eval_every == 0 or step == t.max_steps:
                         last_eval = self.evaluate(self.student)
                         metrics.update(last_eval)
-                        if self.compressor.active:
+                        if self.compressor:
                             self.logger.table("compress/layers", *self.compressor.layer_table(), step=step)
                     self.logger.log(step, metrics)
                     if step % t.ckpt_every == 0 or step == stop:
@@ -232,7 +241,7 @@ class Trainer:
             return None
         staging = self.run_dir / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
-        if self.compressor.active:
+        if self.compressor:
             self.compressor.export(staging)
         else:
             models.save_dense(self.student, staging)
@@ -245,6 +254,6 @@ class Trainer:
             student_eval=last_eval, export_eval=export_eval, teacher_eval=teacher_eval,
             train_seconds=self.train_seconds, steps=self.cfg.train.max_steps,
             example=next(iter(self.data.val_batches(self.cfg.train.batch_size)))[0],
-            layer_table=self.compressor.layer_table() if self.compressor.active else None)
+            layer_table=self.compressor.layer_table() if self.compressor else None)
         self.logger.summary(summary)
         return summary

@@ -15,7 +15,13 @@ LATENCY_REPEATS = 20
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Weights the model computes with: parameters, plus quantized weights that an export keeps as buffers."""
+    count = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.Parameter):
+            count += weight.numel()
+    return count
 
 
 def folder_bytes(path: Path) -> int:

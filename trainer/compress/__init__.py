@@ -1,0 +1,328 @@
+"""Compression of the student while it trains: pruning masks, QAT phases, metrics and export.
+
+The training loop talks to one ``Compressor``, in this order::
+
+    compressor = build_compressor(student, cfg.compress.modifiers)   # before the optimizer and sharding
+    ... parallelize the student, build the optimizer ...
+    compressor.attach_optimizer(optimizer)        # creates masks; applies what is due at step 0
+    compressor.load_state_dict(state)             # on resume (template: compressor.state_dict())
+    for each step:
+        backward (all micro-batches)
+        compressor.mask_gradients()               # before clipping and the optimizer step
+        clip; optimizer.step()
+        compressor.after_optimizer_step(step)     # step = optimizer steps completed
+        compressor.metrics() / layer_table() when logging; state_dict() into every checkpoint
+    compressor.export(out_dir)
+
+Masks (bool, True = kept) are keyed by parameter name as ``named_parameters()`` spells it (a tied
+head is ``tok_emb.weight``), created with ``torch.ones_like(param)`` on first use, i.e. in
+``attach_optimizer`` after sharding, so they take the parameter's placement.
+"""
+
+from __future__ import annotations
+
+import logging
+from fnmatch import fnmatch
+from pathlib import Path
+
+# torchao announces optional CUDA/triton kernels it cannot load on a CPU machine; they are not used here.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+import torch
+import torch.nn as nn
+
+from trainer.compress import export as export_lib
+from trainer.compress import pruning, qat, stats
+from trainer.compress.schedules import SCHEDULES, Schedule
+from trainer.config import ConfigError, ModifierConfig
+from trainer.models.gpt import GPT
+
+KINDS = ("magnitude", "channel", "nm", "qat")
+PRUNING_KINDS = ("magnitude", "channel", "nm")
+OUTPUT_HEAD_NAMES = ("head", "lm_head")
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
+
+
+def validate_modifiers(modifiers: list[ModifierConfig], model_arch: str) -> None:
+    """Config checks that need no model. Raises ConfigError ("compress.modifiers.<i>.<field>: ...")."""
+    n_qat = 0
+    for i, mod in enumerate(modifiers):
+        key = f"compress.modifiers.{i}"
+        _check(mod.kind in KINDS, f"{key}.kind", f"unknown kind {mod.kind!r} (expected one of {', '.join(KINDS)})")
+        targets = list(mod.targets)
+        _check(bool(targets) and all(isinstance(t, str) and t for t in targets), f"{key}.targets",
+               "must be a non-empty list of module name patterns")
+        _check(mod.start_step >= 0, f"{key}.start_step", f"must be >= 0 (got {mod.start_step})")
+        if mod.kind == "qat":
+            n_qat += 1
+            _check(n_qat == 1, f"{key}.kind", "only one qat modifier is supported")
+            _one_of(mod.weight_bits, (8, 4), f"{key}.weight_bits")
+            _one_of(mod.act_bits, (0, 8), f"{key}.act_bits")
+            if mod.weight_bits == 4:
+                _check(mod.group_size >= 2, f"{key}.group_size", f"must be >= 2 (got {mod.group_size})")
+            if mod.freeze_step is not None:
+                _check(mod.freeze_step >= mod.start_step, f"{key}.freeze_step",
+                       f"must be >= start_step={mod.start_step} (got {mod.freeze_step})")
+            continue
+        _check(mod.every >= 1, f"{key}.every", f"must be >= 1 (got {mod.every})")
+        if mod.kind == "nm":
+            _check(mod.m >= 1, f"{key}.m", f"must be >= 1 (got {mod.m})")
+            _check(1 <= mod.n <= mod.m, f"{key}.n", f"must be in [1, m={mod.m}] (got {mod.n})")
+            continue
+        _one_of(mod.schedule, SCHEDULES, f"{key}.schedule")
+        if mod.schedule != "constant":
+            _check(mod.end_step >= mod.start_step, f"{key}.end_step",
+                   f"must be >= start_step={mod.start_step} (got {mod.end_step})")
+        _check(0 <= mod.final_sparsity < 1, f"{key}.final_sparsity", f"must be in [0, 1) (got {mod.final_sparsity})")
+        _check(0 <= mod.initial_sparsity <= mod.final_sparsity, f"{key}.initial_sparsity",
+               f"must be in [0, final_sparsity={mod.final_sparsity}] (got {mod.initial_sparsity})")
+        _one_of(mod.scope, ("layer", "global"), f"{key}.scope")
+        if mod.kind == "channel":
+            _check(model_arch == "gpt", f"{key}.kind", f"channel pruning needs a gpt student (got {model_arch})")
+            _one_of(mod.norm, (1, 2), f"{key}.norm")
+            _check(mod.scope == "layer", f"{key}.scope", "channel pruning ranks units per layer: must be layer")
+
+
+def resolve_targets(model: nn.Module, patterns: list[str], key: str) -> list[str]:
+    """Module names matched by ``patterns`` (fnmatch): ``nn.Linear`` layers, and embeddings or the
+    output head (named ``head``/``lm_head``, or a Linear whose weight is an embedding's) only by a
+    pattern equal to their name. Raises ConfigError naming ``key`` for a pattern that matches nothing."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+    def explicit_only(name: str, module: nn.Module) -> bool:
+        return (isinstance(module, nn.Embedding) or id(module.weight) in embedding_weights
+                or name.rpartition(".")[2] in OUTPUT_HEAD_NAMES)
+
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    names = []
+    for pattern in patterns:
+        matched = [name for name, m in candidates
+                   if (name == pattern if explicit_only(name, m) else fnmatch(name, pattern))]
+        _check(bool(matched), key, f"pattern {pattern!r} matches no Linear layer "
+               "(embeddings and the output head only by their exact name)")
+        names += [name for name in matched if name not in names]
+    return names
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _weight_names(model: nn.Module, module_names: list[str]) -> list[str]:
+    """The parameter names of the modules' weights, each shared weight once."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    names = [canonical[id(model.get_submodule(m).weight)] for m in module_names]
+    return list(dict.fromkeys(names))
+
+
+def _build_pruner(model: nn.Module, mod: ModifierConfig, key: str) -> pruning.Pruner:
+    modules = resolve_targets(model, list(mod.targets), f"{key}.targets")
+    one_shot = mod.kind == "nm" or mod.schedule == "constant"
+    schedule = Schedule(
+        kind="constant" if mod.kind == "nm" else mod.schedule,
+        start_step=mod.start_step,
+        end_step=mod.start_step if one_shot else mod.end_step,
+        every=mod.every,
+        initial=mod.initial_sparsity,
+        final=1.0 - mod.n / mod.m if mod.kind == "nm" else mod.final_sparsity,
+    )
+    if mod.kind == "channel":
+        groups = pruning.unit_groups(model, set(modules))
+        _check(bool(groups), f"{key}.targets", "matches no attention or MLP layer inside blocks")
+        return pruning.Pruner("channel", schedule, groups=groups, norm=mod.norm)
+    weights = _weight_names(model, modules)
+    if mod.kind == "nm":
+        for name in weights:
+            width = model.get_parameter(name).shape[-1]
+            _check(width % mod.m == 0, f"{key}.m", f"{name} has {width} inputs, not a multiple of m={mod.m}")
+    return pruning.Pruner(mod.kind, schedule, weights=weights, scope=mod.scope, n=mod.n, m=mod.m)
+
+
+def build_compressor(model: nn.Module, modifiers: list[ModifierConfig]) -> Compressor:
+    """Validate ``modifiers`` against ``model`` and prepare its QAT modules (in place).
+
+    Call before the optimizer exists and before any sharding. Raises ConfigError naming the field.
+    """
+    arch = "gpt" if isinstance(model, GPT) else type(model).__name__.lower()
+    validate_modifiers(modifiers, arch)
+    qat_phases = None
+    for i, mod in enumerate(modifiers):
+        if mod.kind != "qat":
+            continue
+        key = f"compress.modifiers.{i}"
+        modules = resolve_targets(model, list(mod.targets), f"{key}.targets")
+        try:
+            qat.prepare(model, modules, weight_bits=mod.weight_bits, group_size=mod.group_size, act_bits=mod.act_bits)
+        except ValueError as e:
+            raise ConfigError(f"{key}.targets", str(e)) from None
+        qat_phases = QATPhases(modules, mod.start_step, mod.freeze_step)
+    pruners = [_build_pruner(model, mod, f"compress.modifiers.{i}")
+               for i, mod in enumerate(modifiers) if mod.kind in PRUNING_KINDS]
+    return Compressor(model, pruners, qat_phases)
+
+
+class QATPhases:
+    """When fake-quant is on (from ``start_step``) and ranges frozen (from ``freeze_step``)."""
+
+    def __init__(self, modules: list[str], start_step: int, freeze_step: int | None):
+        self.modules, self.start_step, self.freeze_step = modules, start_step, freeze_step
+        self.enabled = False  # qat.prepare leaves fake-quant off
+        self.frozen = False
+
+    def apply(self, model: nn.Module, step: int, force: bool = False) -> None:
+        """Bring the model to the phase of ``step``; ``force`` re-sets it (flags are not checkpointed)."""
+        enabled = step >= self.start_step
+        if enabled != self.enabled or force:
+            qat.set_enabled(model, enabled)
+            self.enabled = enabled
+        frozen = self.freeze_step is not None and step >= self.freeze_step
+        if frozen and (not self.frozen or force):
+            qat.freeze_ranges(model)
+        self.frozen = frozen
+
+
+# ----------------------------------------------------------------------------- the facade
+
+
+class Compressor:
+    """Masks, schedules and QAT phases of the student; see the module docstring for the call order."""
+
+    def __init__(self, model: nn.Module, pruners: list[pruning.Pruner], qat_phases: QATPhases | None):
+        self.model = model
+        self.pruners = pruners
+        self.qat = qat_phases
+        self.active = bool(pruners) or qat_phases is not None
+        self.masks: dict[str, torch.Tensor] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step = 0  # the latest optimizer step processed; schedules never go back
+
+    # -- training-loop hooks
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer``'s state when masks change; create the masks; apply step-0 events."""
+        self.optimizer = optimizer
+        self.after_optimizer_step(self.step)
+
+    def mask_gradients(self) -> None:
+        """grad *= mask, after backward and before clipping / the optimizer step."""
+        self._ensure_masks()
+        for name, mask in self.masks.items():
+            grad = self.model.get_parameter(name).grad
+            if grad is not None:
+                grad.masked_fill_(~mask, 0.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """Update masks the schedules call for at ``step``, zero the optimizer state of newly
+        pruned entries, apply every mask in place, and set the QAT phase."""
+        self._ensure_masks()
+        self.step = step = max(step, self.step)
+        newly_pruned: dict[str, torch.Tensor] = {}
+        for pruner in self.pruners:
+            update = pruner.schedule.last_update(step)
+            if update is None or (pruner.last_update is not None and update <= pruner.last_update):
+                continue
+            params = {name: self.model.get_parameter(name) for name in pruner.param_names}
+            current = {name: self.masks[name] for name in pruner.param_names}
+            for name, mask in pruner.new_masks(params, current, update).items():
+                dropped = self.masks[name] & ~mask
+                newly_pruned[name] = newly_pruned[name] | dropped if name in newly_pruned else dropped
+                self.masks[name].copy_(mask)
+            pruner.last_update = update
+        self._zero_optimizer_state(newly_pruned)
+        self._apply_masks()
+        if self.qat is not None:
+            self.qat.apply(self.model, step)
+
+    # -- reporting
+
+    def metrics(self) -> dict[str, float]:
+        """``compress/*`` metrics measured from the weights (see ``stats``)."""
+        self._ensure_masks()
+        pruned = list(dict.fromkeys(name for p in self.pruners for name in p.weight_names))
+        return stats.summary(self.model, self.masks, pruned, qat_active=self.qat is not None and self.qat.enabled)
+
+    def layer_table(self) -> tuple[list[str], list[list]]:
+        """``[layer, shape, sparsity, bits]`` for every module a modifier targets."""
+        targeted = {name.rpartition(".")[0] for p in self.pruners for name in p.weight_names}
+        if self.qat is not None:
+            targeted |= set(self.qat.modules)
+        return stats.layer_table(self.model, [name for name, _ in self.model.named_modules() if name in targeted])
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict:
+        """Masks (bool tensors by parameter name), schedule positions and the step (plain values)."""
+        self._ensure_masks()
+        return {
+            "step": self.step,
+            "masks": {name: mask.clone() for name, mask in self.masks.items()},
+            "pruners": [{"kind": p.kind, "last_update": p.last_update} for p in self.pruners],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore masks, schedule positions and the QAT phase; re-apply the masks to the weights."""
+        self._ensure_masks()
+        kinds = [p["kind"] for p in state["pruners"]]
+        if kinds != [p.kind for p in self.pruners]:
+            raise ValueError(f"compression state holds pruners {kinds}, the config builds "
+                             f"{[p.kind for p in self.pruners]}")
+        saved = state.get("masks", {})
+        if set(saved) != set(self.masks):
+            raise ValueError(f"compression state masks {sorted(saved)} do not match {sorted(self.masks)}")
+        for name, mask in self.masks.items():
+            if tuple(saved[name].shape) != tuple(mask.shape):
+                raise ValueError(f"mask {name}: shape {tuple(saved[name].shape)} != {tuple(mask.shape)}")
+            mask.copy_(saved[name])
+        for pruner, pruner_state in zip(self.pruners, state["pruners"]):
+            pruner.last_update = pruner_state["last_update"]
+        self.step = int(state["step"])
+        self._apply_masks()
+        if self.qat is not None:
+            self.qat.apply(self.model, self.step, force=True)
+
+    # -- export
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the shipped student: thinned (GPT), masked and quantized (see ``export``)."""
+        self._ensure_masks()
+        specs = stats.quant_specs(self.model)
+        model, masks = (pruning.thin(self.model, self.masks) if isinstance(self.model, GPT)
+                        else (self.model, self.masks))
+        return export_lib.export_compressed(model, out_dir, masks, specs)
+
+    # -- internals
+
+    def _ensure_masks(self) -> None:
+        """Create an all-True mask for every parameter a pruner may mask, like the live parameter."""
+        for pruner in self.pruners:
+            for name in pruner.param_names:
+                if name not in self.masks:
+                    self.masks[name] = torch.ones_like(self.model.get_parameter(name), dtype=torch.bool)
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for name, mask in self.masks.items():
+            self.model.get_parameter(name).masked_fill_(~mask, 0.0)
+
+    def _zero_optimizer_state(self, newly_pruned: dict[str, torch.Tensor]) -> None:
+        """Zero the optimizer's per-entry state (AdamW exp_avg, exp_avg_sq; momentum) of pruned entries."""
+        if self.optimizer is None:
+            return
+        for name, pruned in newly_pruned.items():
+            param = self.model.get_parameter(name)
+            for value in self.optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.masked_fill_(pruned, 0.0)

@@ -1,0 +1,1 @@
+"""Knowledge-distillation objectives: logit divergences (losses) and hidden-state matching (features)."""

@@ -1,0 +1,290 @@
+"""Logit distillation losses: forward KL, reverse KL and a generalised Jensen-Shannon divergence.
+
+Every divergence is computed in fp32 from ``log_softmax`` of temperature-scaled logits, averaged over the
+tokens whose label is not ``ignore_index`` and multiplied by ``T**2`` (so gradient magnitudes do not shrink
+as the temperature grows). The teacher never receives gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+# div(student_rows, teacher_rows, index_rows_or_None) -> summed divergence of those rows (fp32 scalar).
+Divergence = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+
+
+def _check_args(kind: str, temperature: float, beta: float, chunk_size: Optional[int]) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown distillation loss kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """Row-wise KL(p || q) from log-probabilities over the last dim."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def token_divergence(student: Tensor, teacher: Tensor, kind: str, temperature: float, beta: float) -> Tensor:
+    """Per-token divergence of logits ``[..., V]`` in fp32 (not scaled by ``T**2``, not reduced)."""
+    logp_s = F.log_softmax(student.float() / temperature, dim=-1)
+    logp_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        return _kl(logp_t, logp_s)
+    if kind == "reverse_kl":
+        return _kl(logp_s, logp_t)
+    # log m = log(beta * p_t + (1 - beta) * p_s); log(0) = -inf keeps beta in {0, 1} finite.
+    log_m = torch.logaddexp(logp_t + _log(beta), logp_s + _log(1.0 - beta))
+    return beta * _kl(logp_t, log_m) + (1.0 - beta) * _kl(logp_s, log_m)
+
+
+def _summed_divergence(
+    student: Tensor, teacher: Tensor, indices: Optional[Tensor], *, kind: str, temperature: float, beta: float
+) -> Tensor:
+    if indices is not None:
+        student = student.gather(-1, indices)
+    return token_divergence(student, teacher, kind, temperature, beta).sum()
+
+
+def _rows(x: Optional[Tensor], rows: slice, keep: Optional[Tensor]) -> Optional[Tensor]:
+    if x is None:
+        return None
+    x = x[rows]
+    return x if keep is None else x[keep]
+
+
+def _chunked_sum(
+    student: Tensor,
+    teacher: Tensor,
+    indices: Optional[Tensor],
+    keep: Optional[Tensor],
+    div: Divergence,
+    chunk_size: int,
+    grad: Optional[Tensor] = None,
+) -> Tensor:
+    """Sum ``div`` over row chunks; when ``grad`` is given, also write d(sum)/d(student) into it."""
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    for start in range(0, student.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        sel = None if keep is None else keep[rows]
+        s, t, idx = (_rows(x, rows, sel) for x in (student, teacher, indices))
+        if grad is None:
+            total += div(s, t, idx)
+            continue
+        with torch.enable_grad():
+            s = s.detach().requires_grad_()
+            loss = div(s, t, idx)
+        (g,) = torch.autograd.grad(loss, s)
+        if sel is None:
+            grad[rows] = g
+        else:
+            grad[rows][sel] = g
+        total += loss.detach()
+    return total
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Chunked sum whose student gradient is computed chunk by chunk during forward.
+
+    Only one chunk's fp32 intermediates are alive at a time, in forward and backward alike; the saved
+    state is a single gradient buffer shaped (and typed) like the student logits.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, indices, keep, div, chunk_size):
+        grad = torch.zeros_like(student)
+        total = _chunked_sum(student, teacher, indices, keep, div, chunk_size, grad)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None, None
+
+
+def kd_loss_topk(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Distillation loss against a precomputed teacher top-k (e.g. read from a logit cache).
+
+    Args:
+        student_logits: ``[..., V]`` student logits.
+        teacher_values: ``[..., k]`` teacher logits at ``teacher_indices``.
+        teacher_indices: ``[..., k]`` vocabulary indices of those logits (integer).
+        kind, temperature, beta, labels, ignore_index, chunk_size: as in :func:`kd_loss`.
+
+    Returns:
+        fp32 scalar: ``T**2`` times the mean over kept tokens of the divergence between
+        ``softmax(teacher_values / T)`` and ``softmax(student_logits[teacher_indices] / T)``.
+    """
+    if teacher_values.shape != teacher_indices.shape:
+        raise ValueError(f"teacher values {tuple(teacher_values.shape)} and indices "
+                         f"{tuple(teacher_indices.shape)} differ in shape")
+    if teacher_values.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"teacher top-k {tuple(teacher_values.shape)} does not match student logits "
+                         f"{tuple(student_logits.shape)} outside the last dim")
+    return _kd(student_logits, teacher_values, teacher_indices.long(), kind, temperature, beta, labels,
+               ignore_index, chunk_size)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    top_k: Optional[int] = None,
+) -> Tensor:
+    """Distillation loss between student and teacher logits.
+
+    With ``p_t = softmax(teacher / T)`` and ``p_s = softmax(student / T)`` over the last dim:
+
+    - ``forward_kl``: KL(p_t || p_s)
+    - ``reverse_kl``: KL(p_s || p_t)
+    - ``jsd``: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), with m = beta * p_t + (1 - beta) * p_s
+
+    ``top_k=k`` restricts both distributions to the teacher's top-k vocabulary indices ``idx`` and
+    renormalises them there (the tail is dropped on both sides): ``p_t = softmax(teacher[idx] / T)``,
+    ``p_s = softmax(student[idx] / T)``, then the same divergence. ``top_k = V`` is the full loss.
+
+    Args:
+        student_logits: ``[..., V]`` logits (any float dtype; computed in fp32).
+        teacher_logits: ``[..., V]`` logits; detached.
+        kind: one of ``forward_kl``, ``reverse_kl``, ``jsd``.
+        temperature: softmax temperature ``T > 0``; the loss is multiplied by ``T**2``.
+        beta: mixture weight of the teacher in ``jsd`` (in ``[0, 1]``).
+        labels: ``[...]`` targets; tokens equal to ``ignore_index`` are excluded. None keeps all tokens.
+        ignore_index: label value of ignored tokens.
+        chunk_size: tokens per chunk; bounds the fp32 working set to ``chunk_size x V`` in forward and
+            backward. Same value and gradient as unchunked (no double backward).
+        top_k: restrict to the teacher's top-k logits (see above).
+
+    Returns:
+        fp32 scalar: ``T**2`` times the mean divergence over kept tokens (0 if none are kept).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if top_k is None:
+        return _kd(student_logits, teacher_logits, None, kind, temperature, beta, labels, ignore_index,
+                   chunk_size)
+    vocab = student_logits.shape[-1]
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
+    values, indices = teacher_logits.detach().topk(top_k, dim=-1)
+    return kd_loss_topk(student_logits, values, indices, kind=kind, temperature=temperature, beta=beta,
+                        labels=labels, ignore_index=ignore_index, chunk_size=chunk_size)
+
+
+def _kd(
+    student: Tensor,
+    teacher: Tensor,
+    indices: Optional[Tensor],
+    kind: str,
+    temperature: float,
+    beta: float,
+    labels: Optional[Tensor],
+    ignore_index: int,
+    chunk_size: Optional[int],
+) -> Tensor:
+    _check_args(kind, temperature, beta, chunk_size)
+    if labels is not None and labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(student.shape)} "
+                         "without the last dim")
+    student = student.reshape(-1, student.shape[-1])
+    teacher = teacher.detach().reshape(-1, teacher.shape[-1])
+    if indices is not None:
+        indices = indices.reshape(-1, indices.shape[-1])
+    keep = None if labels is None else labels.reshape(-1) != ignore_index
+    count = max(student.shape[0], 1) if keep is None else keep.sum().clamp_min(1)
+    div = partial(_summed_divergence, kind=kind, temperature=temperature, beta=beta)
+
+    if chunk_size is None:
+        everything = slice(None)
+        total = div(*(_rows(x, everything, keep) for x in (student, teacher, indices)))
+    elif torch.is_grad_enabled() and student.requires_grad:
+        total = _ChunkedDivergence.apply(student, teacher, indices, keep, div, chunk_size)
+    else:
+        total = _chunked_sum(student, teacher, indices, keep, div, chunk_size)
+    return total * (temperature**2) / count
+
+
+class KDLoss(nn.Module):
+    """Module wrapper of :func:`kd_loss` with fixed settings.
+
+    Args:
+        kind: one of ``forward_kl``, ``reverse_kl``, ``jsd``.
+        temperature: softmax temperature ``T > 0``.
+        beta: teacher weight of the ``jsd`` mixture, in ``[0, 1]``.
+        ignore_index: label value of tokens excluded from the mean.
+        chunk_size: tokens per chunk, or None for one pass.
+        top_k: restrict to the teacher's top-k logits, or None for the full vocabulary.
+    """
+
+    def __init__(
+        self,
+        kind: str = "forward_kl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        chunk_size: Optional[int] = None,
+        top_k: Optional[int] = None,
+    ):
+        super().__init__()
+        _check_args(kind, temperature, beta, chunk_size)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        self.kind, self.temperature, self.beta = kind, temperature, beta
+        self.ignore_index, self.chunk_size, self.top_k = ignore_index, chunk_size, top_k
+
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None
+    ) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            student_logits: ``[..., V]`` student logits.
+            teacher_logits: ``[..., V]`` teacher logits (detached).
+            labels: optional ``[...]`` targets; ``ignore_index`` tokens are excluded.
+
+        Returns:
+            fp32 scalar loss.
+        """
+        return kd_loss(student_logits, teacher_logits, kind=self.kind, temperature=self.temperature,
+                       beta=self.beta, labels=labels, ignore_index=self.ignore_index,
+                       chunk_size=self.chunk_size, top_k=self.top_k)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, temperature={self.temperature}, beta={self.beta}, "
+                f"chunk_size={self.chunk_size}, top_k={self.top_k}")

@@ -1,0 +1,63 @@
+"""Post-training export: ``python -m trainer.export SOURCE quantize=int8_dynamic [out=DIR] [targets=PATTERN,...]``.
+
+SOURCE is a run folder, a checkpoint folder or an export. The model (trained without QAT) gets
+its Linear layers quantized — ``int8_dynamic`` (int8 weights per channel, int8 activations per
+token), ``int8_weight`` (weights only) or ``int4_weight`` (int4 per group of 32) — and is written
+as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.models.load``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trainer import models
+from trainer.compress.export import export_compressed, quantize_dense
+from trainer.distill import teacher as source_io
+from trainer.report import folder_bytes
+
+SCHEMES = {"int8_dynamic": dict(weight_bits=8, act_bits=8), "int8_weight": dict(weight_bits=8, act_bits=0),
+           "int4_weight": dict(weight_bits=4, act_bits=0, group_size=32)}
+USAGE = f"usage: python -m trainer.export SOURCE quantize={{{'|'.join(SCHEMES)}}} [out=DIR] [targets=blocks.*,...]"
+
+
+def parse(argv: list[str]) -> tuple[Path, dict[str, str]]:
+    if not argv or "=" in argv[0]:
+        raise ValueError("SOURCE (a run folder, checkpoint or export) is required")
+    options = {}
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("quantize", "out", "targets"):
+            raise ValueError(f"unknown argument {arg!r}")
+        options[key] = value
+    if options.get("quantize") not in SCHEMES:
+        raise ValueError(f"quantize must be one of {', '.join(SCHEMES)} (got {options.get('quantize')!r})")
+    return Path(argv[0]), options
+
+
+def main(argv: list[str]) -> int:
+    try:
+        source, options = parse(argv)
+        kind, folder = source_io.resolve(source)
+    except (ValueError, source_io.TeacherPathError) as e:
+        print(f"error: {e}\n{USAGE}", file=sys.stderr)
+        return 2
+    model = source_io.load(folder)
+    scheme = options["quantize"]
+    targets = options["targets"].split(",") if "targets" in options else ["blocks.*"]
+    run_dir = folder.parent if kind == "export" else folder.parent.parent
+    out = Path(options.get("out", run_dir / f"final_{scheme}"))
+    dense_dir = out.with_name(out.name + ".dense-reference")
+    models.save_dense(model, dense_dir)
+    dense = folder_bytes(dense_dir)
+    export_compressed(quantize_dense(model, targets=targets, **SCHEMES[scheme]), out, masks={}, quant={})
+    for leftover in dense_dir.iterdir():
+        leftover.unlink()
+    dense_dir.rmdir()
+    size = folder_bytes(out)
+    print(f"wrote {out}: {size:,} bytes ({dense / size:.2f}x smaller than the fp32 export, {dense:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
