@@ -9,7 +9,6 @@ machine noise hits both. Prints a table and writes benchmarks/results/overhead.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -19,20 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import compose_config, print_table, write_json
+from benchmarks.common import compose_config, print_table, random_teacher, trainer_windows, write_json
 from trainer import data, models
 from trainer.distill.losses import kd_loss
-from trainer.loop import Trainer, build_student, param_groups
-from parallel import env as dist_env
-from trainer.schedule import lr_at
-
-
-def trainer_windows(overrides: list[str], run_dir: Path, steps: int, window: int, warmup: int) -> list[float]:
-    cfg, resolved = compose_config([*overrides, f"train.max_steps={steps}", f"logger.log_every={window}",
-                                    f"train.eval_every={steps}", f"train.ckpt_every={steps}"])
-    Trainer(cfg, run_dir, dist_env.detect(), resolved).fit()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r["step"] > warmup and r["step"] < steps]
+from trainer.loop import build_student, param_groups
+from trainer.lr_schedule import lr_at
 
 
 def bare_windows(overrides: list[str], teacher_dir: Path, steps: int, window: int, warmup: int) -> list[float]:
@@ -76,9 +66,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        teacher_dir = models.save_dense(models.build("gpt", vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64),
-                                        tmp / "teacher")
+        teacher_dir = random_teacher(tmp / "teacher")
         overrides = ["distill=kd", "teacher=path", f"teacher.checkpoint={teacher_dir}", "logger=wandb",
                      "logger.wandb.mode=offline"]
         trainer_ms, bare_ms = [], []

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         source, options = parse(argv)
         kind, folder = source_io.resolve(source)
     except (ValueError, source_io.TeacherPathError) as e:
-        print(f"error: {e}\n{USAGE}", file=sys.stderr)
+        print(f"error: {e} ({USAGE})", file=sys.stderr)
         return 2
     model = source_io.load(folder)
     scheme = options["quantize"]

@@ -21,7 +21,7 @@ from trainer.distill import teacher as teacher_io
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.losses import kd_loss
 from trainer.logging import RunLogger
-from trainer.schedule import lr_at
+from trainer.lr_schedule import lr_at
 
 
 class NonFiniteLoss(RuntimeError):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from trainer.schedule import lr_at
+from trainer.lr_schedule import lr_at
 
 KW = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
 

@@ -1,0 +1,54 @@
+"""Compression overhead: median step time of a KD run with pruning masks and int8 fake-quant active
+over the same run without compression (compress=none). Target ratio <= 1.25.
+
+Both use the real trainer (student tiny, nanoGPT-CPU-sized teacher, batch 12x64). The compressed
+run prunes from step 0 (AGP to 50% by step 20, masks then held and re-applied every step) and
+fake-quantizes from step 0, so every timed step pays for masks and fake-quant. Windows of
+``--window`` steps after ``--warmup``; rounds alternate. Writes benchmarks/results/compression_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import print_table, random_teacher, trainer_windows, write_json
+
+COMPRESSED = ["compress=prune_qat", "compress.modifiers.0.start_step=0", "compress.modifiers.0.end_step=20",
+              "compress.modifiers.0.every=10", "compress.modifiers.1.start_step=0"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=230)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = ["distill=kd", "teacher=path", f"teacher.checkpoint={random_teacher(tmp / 'teacher')}", "logger=console",
+                "logger.progress=false"]
+        plain_ms, compressed_ms = [], []
+        for r in range(args.rounds):
+            plain_ms += trainer_windows(base, tmp / f"plain{r}", args.steps, args.window, args.warmup)
+            compressed_ms += trainer_windows([*base, *COMPRESSED], tmp / f"compressed{r}", args.steps, args.window,
+                                             args.warmup)
+    plain, compressed = statistics.median(plain_ms), statistics.median(compressed_ms)
+    ratio = compressed / plain
+    print_table(["run", f"median step ms ({args.window}-step windows)", "windows"],
+                [["KD, compress=none", f"{plain:.2f}", len(plain_ms)],
+                 ["KD, compress=prune_qat (masks + int8 fake-quant)", f"{compressed:.2f}", len(compressed_ms)],
+                 ["ratio (compressed / none)", f"{ratio:.3f}", ""]])
+    path = write_json("compression_overhead", {"plain_ms": plain, "compressed_ms": compressed, "ratio": ratio,
+                                               "target_ratio": 1.25, "steps": args.steps, "window": args.window,
+                                               "warmup": args.warmup, "rounds": args.rounds, "compressed_overrides": COMPRESSED})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

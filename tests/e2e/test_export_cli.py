@@ -1,0 +1,41 @@
+"""Post-training quantization of a model trained without QAT: ``python -m trainer.export SOURCE quantize=...``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from trainer import models
+from trainer.report import folder_bytes
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models.build("gpt", vocab_size=65, n_layer=2, n_head=2, n_embd=64, block_size=32)
+    return model.eval(), models.save_dense(model, tmp_path_factory.mktemp("dense") / "final")
+
+
+@pytest.mark.parametrize("scheme, min_ratio, max_error", [("int8_dynamic", 2.5, 0.05), ("int4_weight", 3.5, 0.15)])
+def test_post_training_quantization(tmp_path, dense, scheme, min_ratio, max_error):
+    model, folder = dense
+    proc = run_cli(tmp_path, str(folder), f"quantize={scheme}", f"out={tmp_path / 'q'}", module="trainer.export")
+    assert "smaller than the fp32 export" in proc.stdout
+    quantized = models.load(tmp_path / "q")
+    assert folder_bytes(folder) / folder_bytes(tmp_path / "q") >= min_ratio
+    x = torch.randint(0, 65, (2, 32))
+    reference, approx = model(x), quantized(x)
+    assert approx.shape == reference.shape and not torch.equal(approx, reference)
+    assert (approx - reference).abs().max() < max_error * reference.abs().max()
+
+
+def test_bad_arguments_are_one_line_exit_2(tmp_path, dense):
+    _, folder = dense
+    for args in ([str(folder), "quantize=int3"], [str(tmp_path / "missing"), "quantize=int8_dynamic"], []):
+        proc = run_cli(tmp_path, *args, module="trainer.export", check=False)
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error: ")
