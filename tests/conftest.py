@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 def cli_env(tmp_path: Path) -> dict:
     """A clean environment: no W&B credentials, W&B quiet, scratch TMPDIR."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_SILENT="true", HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), PYTHONUNBUFFERED="1")
+    env.update(WANDB_SILENT="true", HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
 
 
