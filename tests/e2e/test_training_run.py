@@ -113,3 +113,25 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     assert proc.returncode == 1
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: non-finite loss") and "at step" in line
+
+
+def test_torchrun_single_process_equals_plain_python(tmp_path, teacher, reference):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainer", *RUN,
+         *kd(teacher), "logger=wandb", "logger.progress=false", "hydra.run.dir=run"],
+        cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, expected = losses(tmp_path / "run"), losses(reference)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_digits_teacher_and_distilled_student(tmp_path):
+    common = ["data=digits", "logger=console", "logger.progress=false", "train.batch_size=64", "train.warmup_steps=10",
+              "train.eval_every=100", "train.max_steps=300", "train.lr=5e-3", "train.min_lr=5e-4"]
+    run_cli(tmp_path, *common, "student=mlp_teacher", "hydra.run.dir=teacher")
+    run_cli(tmp_path, *common, "student=mlp_small", "distill=kd", "teacher=path",
+            f"teacher.checkpoint={tmp_path / 'teacher'}", "hydra.run.dir=student")
+    for name in ("teacher", "student"):
+        last = [r for r in read_metrics(tmp_path / name) if "eval/accuracy" in r][-1]
+        assert last["eval/accuracy"] > 0.85, (name, last)
+        assert last["eval/errors"] == round((1 - last["eval/accuracy"]) * 360)
