@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ CONFIG_ERROR_EXIT = 2
 
 
 def fail(message: str) -> None:
-    print(f"config error: {message}", file=sys.stderr)
+    """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun job prints the line (every rank finds it)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"config error: {message}", file=sys.stderr)
     sys.exit(CONFIG_ERROR_EXIT)
 
 

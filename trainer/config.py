@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.core.config_store import ConfigStore
+
+if TYPE_CHECKING:
+    from parallel.mesh import ParallelDims
 
 
 class ConfigError(ValueError):
@@ -93,8 +96,13 @@ class CompressConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "single"
+    strategy: str = "single"  # single | ddp | fsdp | hsdp
     backend: str = "auto"  # auto | gloo | nccl
+    dp_replicate: int = 1  # ranks holding whole replicas (DDP, HSDP's outer axis); -1 = the rest
+    dp_shard: int = 1  # ranks one replica is sharded over (FSDP2, HSDP's inner axis); -1 = the rest
+    reshard_after_forward: bool = True  # FSDP: free gathered parameters after forward (re-gather in backward)
+    cpu_offload: bool = False  # FSDP: keep sharded parameters, gradients and optimizer state on the CPU
+    param_dtype: str = "fp32"  # FSDP compute dtype: fp32 | bf16 (gradients are reduced in fp32)
 
 
 @dataclass
@@ -216,10 +224,60 @@ def validate(cfg: RunConfig) -> None:
         _check(f.weight >= 0, f"distill.features.{i}.weight", "must be >= 0")
     _one_of(cfg.logger.wandb.mode, ("online", "offline", "disabled"), "logger.wandb.mode")
     _check(cfg.logger.log_every >= 1, "logger.log_every", "must be >= 1")
-    _one_of(cfg.parallel.strategy, ("single",), "parallel.strategy")
-    _one_of(cfg.parallel.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    _validate_parallel(cfg)
     _validate_teacher(cfg)
     _validate_compress(cfg)
+
+
+STRATEGIES = ("single", "ddp", "fsdp", "hsdp")
+
+
+def world_size_from_env() -> int:
+    """The number of ranks the launcher started (torchrun's WORLD_SIZE), 1 without a launcher."""
+    from parallel.env import detect
+
+    return detect().world_size
+
+
+def parallel_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    """The run's ``ParallelDims`` (sizes inferred and checked against ``world_size``). Raises ConfigError."""
+    from parallel.mesh import ParallelDims, ParallelDimsError
+
+    try:
+        return ParallelDims(cfg.dp_replicate, cfg.dp_shard, world_size)
+    except ParallelDimsError as e:
+        raise ConfigError(f"parallel.{e.field}", e.message) from None
+
+
+def _validate_parallel(cfg: RunConfig) -> None:
+    p, t = cfg.parallel, cfg.train
+    _one_of(p.strategy, STRATEGIES, "parallel.strategy")
+    _one_of(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    _one_of(p.param_dtype, ("fp32", "bf16"), "parallel.param_dtype")
+    world = world_size_from_env()
+    if p.backend == "nccl":
+        import torch
+
+        _check(torch.cuda.is_available(), "parallel.backend", "nccl needs a CUDA GPU and none is available "
+               "(use parallel.backend=gloo or auto)")
+    if p.strategy == "single":
+        _check(world == 1, "parallel.strategy", f"single runs one process but the world size is {world} "
+               "(use parallel=ddp, fsdp or hsdp)")
+    if p.strategy == "ddp":
+        _check(p.dp_shard == 1, "parallel.dp_shard", f"must be 1 with parallel.strategy=ddp (got {p.dp_shard})")
+    if p.strategy == "fsdp":
+        _check(p.dp_replicate == 1, "parallel.dp_replicate",
+               f"must be 1 with parallel.strategy=fsdp (got {p.dp_replicate}; use parallel=hsdp)")
+    if p.strategy in ("single", "ddp"):
+        for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
+            _check(getattr(p, key) == default, f"parallel.{key}",
+                   f"applies to parallel.strategy=fsdp or hsdp only (strategy is {p.strategy})")
+    dims = parallel_dims(p, world)
+    for i, mod in enumerate(cfg.compress.modifiers):
+        _check(not (dims.fsdp_enabled and mod.kind == "channel"), f"compress.modifiers.{i}.kind",
+               "channel pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)")
+    _check(t.batch_size % (dims.dp_size * t.grad_accum) == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}")
 
 
 def needs_teacher(cfg: RunConfig) -> bool:

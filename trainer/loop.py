@@ -7,21 +7,31 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from parallel import env as dist_env
+from parallel.collectives import dp_mean, dp_sum
+from parallel.ddp import assert_replicas_equal
+from parallel.mesh import REPLICATE_AXIS
+from parallel.parallelize import no_gradient_sync, parallelize
 from trainer import checkpoint, data, models, report
-from trainer.config import RunConfig, needs_teacher
+from trainer.config import RunConfig, needs_teacher, parallel_dims
 from trainer.distill import teacher as teacher_io
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.losses import kd_loss
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
+
+if TYPE_CHECKING:
+    from trainer.compress import Compressor
 
 
 class NonFiniteLoss(RuntimeError):
@@ -34,12 +44,26 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
     """Train, export and report one run; returns the final validation loss."""
     env = dist_env.init(cfg.parallel.backend)
     try:
-        return Trainer(cfg, Path(run_dir), env, resolved_config).fit()
+        return Trainer(cfg, shared_run_dir(Path(run_dir)), env, resolved_config).fit()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         dist_env.shutdown()
+
+
+def shared_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run folder on every rank (Hydra's timestamped default can differ by a second)."""
+    if not dist.is_initialized():
+        return run_dir
+    shared = [str(run_dir)]
+    dist.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it); a tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def build_student(cfg: RunConfig, dataset) -> nn.Module:
@@ -64,7 +88,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         block = cfg.student.block_size
         self.data = data.build(cfg.data, block)
-        self.shard = data.Shard(env.rank, env.world_size, cfg.train.grad_accum)
+        self.dims = parallel_dims(cfg.parallel, env.world_size)
+        self.mesh = self.dims.build_mesh(env.device.type)
+        self.shard = data.Shard(self.dims.dp_rank(self.mesh), self.dims.dp_size, cfg.train.grad_accum)
         self.student = build_student(cfg, self.data).to(env.device)
         self.teacher = teacher_io.load(cfg.teacher.checkpoint, env.device) if needs_teacher(cfg) else None
         self.student_layers = tuple(f.student_layer for f in cfg.distill.features)
@@ -72,7 +98,10 @@ class Trainer:
         self.trainable = nn.ModuleDict({"student": self.student})
         if cfg.distill.features:
             self.trainable["features"] = FeatureDistiller(cfg.distill.features, self.student.width, self.teacher.width)
-        self.compressor = self.build_compressor(cfg.compress.modifiers)
+        self.compressor = self.build_compressor(self.student, cfg.compress.modifiers)
+        # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
+        self.parallel_modules = {name: parallelize(module, self.dims, self.mesh, cfg.parallel)
+                                 for name, module in self.trainable.items()}
         t = cfg.train
         self.optimizer = torch.optim.AdamW(param_groups(self.trainable, t.weight_decay), lr=t.lr,
                                            betas=(t.beta1, t.beta2), fused=False)
@@ -90,13 +119,37 @@ class Trainer:
         self.last_checkpoint = checkpoint.latest(self.ckpt_root)
         self.train_seconds = 0.0
 
-    def build_compressor(self, modifiers):
-        """Masks and fake-quant on the student (None without modifiers: torchao is not even imported)."""
+    @staticmethod
+    def build_compressor(student: nn.Module, modifiers):
+        """Masks and fake-quant on ``student`` (None without modifiers: torchao is not even imported)."""
         if not modifiers:
             return None
         from trainer.compress import build_compressor
 
-        return build_compressor(self.student, modifiers)
+        return build_compressor(student, modifiers)
+
+    def full_student(self) -> tuple[nn.Module | None, Compressor | None]:
+        """(student, compressor) over full tensors on rank 0, (None, None) elsewhere.
+
+        Without sharding, the live ones. Under FSDP2 a collective: the full state is gathered to
+        rank 0's CPU and loaded into a plain copy of the student with its own compressor.
+        """
+        if not self.dims.fsdp_enabled:
+            return (self.student, self.compressor) if self.env.is_main else (None, None)
+        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        compress_state = self.compressor.state_dict() if self.compressor else None
+        if compress_state is not None:
+            compress_state["masks"] = {name: full_tensor(mask).cpu() for name, mask in compress_state["masks"].items()}
+        if not self.env.is_main:
+            return None, None
+        with torch.random.fork_rng(devices=[]):  # building the copy must not advance the training RNG
+            student = build_student(self.cfg, self.data)
+        compressor = self.build_compressor(student, self.cfg.compress.modifiers)
+        student.load_state_dict(state)
+        student.train(self.student.training)
+        if compressor:
+            compressor.load_state_dict(compress_state)
+        return student.to(self.env.device), compressor
 
     # ---- state -------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -131,7 +184,7 @@ class Trainer:
             with torch.no_grad():
                 t_out = self.teacher(x, hidden_layers=self.teacher_layers)
             t_logits, t_hidden = t_out if self.teacher_layers else (t_out, None)
-        s_out = self.student(x, hidden_layers=self.student_layers)
+        s_out = self.parallel_modules["student"](x, hidden_layers=self.student_layers)
         logits, s_hidden = s_out if self.student_layers else (s_out, None)
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
         out = {"train/ce": ce, "train/loss": (1 - d.alpha) * ce}
@@ -141,7 +194,7 @@ class Trainer:
             out["distill/kd"] = kd
             out["train/loss"] = out["train/loss"] + d.alpha * kd
         if s_hidden is not None:
-            feat, parts = self.trainable["features"](s_hidden, t_hidden)
+            feat, parts = self.parallel_modules["features"](s_hidden, t_hidden)
             out.update(parts)
             out["distill/features"] = feat
             out["train/loss"] = out["train/loss"] + feat
@@ -157,11 +210,14 @@ class Trainer:
         for micro in range(t.grad_accum):
             x, y = self.data.train_batch(t.seed, step, t.batch_size, self.shard, micro)
             x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
-            with self.autocast:
-                parts = self.losses(x, y)
-            (parts["train/loss"] / t.grad_accum).backward()
+            last = micro == t.grad_accum - 1
+            with contextlib.nullcontext() if last else no_gradient_sync(self.parallel_modules.values()):
+                with self.autocast:
+                    parts = self.losses(x, y)
+                (parts["train/loss"] / t.grad_accum).backward()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / t.grad_accum
+        totals = dp_mean(totals, self.mesh)  # the global batch's values, the same on every rank
         loss = totals["train/loss"].item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -169,7 +225,7 @@ class Trainer:
         if self.compressor:
             self.compressor.mask_gradients()
         if t.grad_clip > 0:
-            totals["train/grad_norm"] = nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip)
+            totals["train/grad_norm"] = full_tensor(nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.compressor:
@@ -179,18 +235,24 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, distributed: bool = False) -> dict[str, float]:
+        """Validation metrics of ``model``: over this rank's slices, summed over all ranks, when
+        ``distributed`` (every rank calls it); else over whole batches on this rank alone."""
         was_training = model.training
         model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        for x, y in self.data.val_batches(self.cfg.train.batch_size, self.shard):
+        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, correct, count
+        shard = data.Shard(self.shard.rank, self.shard.world) if distributed else data.Shard()  # no accumulation
+        for x, y in self.data.val_batches(self.cfg.train.batch_size, shard):
             x, y = x.to(self.env.device), y.to(self.env.device)
             with self.autocast:
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            count += y.numel()
+            sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+            sums[1] += (logits.argmax(-1) == y).sum()
+            sums[2] += y.numel()
         model.train(was_training)
+        if distributed:
+            dp_sum(sums, self.mesh)
+        loss_sum, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         out = {"eval/val_loss": loss_sum / count}
         if self.data.task == "classify":
             out.update({"eval/accuracy": correct / count, "eval/errors": count - correct})
@@ -216,13 +278,12 @@ class Trainer:
                     metrics = {k: float(v) for k, v in totals.items()}
                     metrics["perf/step_ms"] = 1000 * elapsed / interval_steps
                     metrics["perf/tokens_per_s"] = self.tokens_per_step * interval_steps / elapsed
+                    evaluate = step % t.eval_every == 0 or step == t.max_steps
                     if self.compressor:
-                        metrics.update(self.compressor.metrics())
-                    if step % t.eval_every == 0 or step == t.max_steps:
-                        last_eval = self.evaluate(self.student)
+                        metrics.update(self.compression_metrics(step, table=evaluate))
+                    if evaluate:
+                        last_eval = self.evaluate(self.student, distributed=True)
                         metrics.update(last_eval)
-                        if self.compressor:
-                            self.logger.table("compress/layers", *self.compressor.layer_table(), step=step)
                     self.logger.log(step, metrics)
                     if step % t.ckpt_every == 0 or step == stop:
                         self.save_checkpoint(step)
@@ -234,26 +295,40 @@ class Trainer:
             print(report.closing_table(summary))
         return last_eval.get("eval/val_loss", float("nan"))
 
+    def compression_metrics(self, step: int, table: bool) -> dict[str, float]:
+        """``compress/*`` metrics from full tensors, also logging the per-layer table if ``table``; {} off rank 0."""
+        student, compressor = self.full_student()
+        if compressor is None:
+            return {}
+        if table:
+            self.logger.table("compress/layers", *compressor.layer_table(), step=step)
+        return compressor.metrics()
+
     def finish(self, last_eval: dict[str, float]) -> dict | None:
         """Export the student to <run_dir>/final, measure it, write report.md; the summary on rank 0."""
-        final = self.run_dir / "final"
+        if self.dims.ddp_enabled:
+            assert_replicas_equal(self.trainable, self.mesh[REPLICATE_AXIS])
+            if self.env.is_main:
+                print(f"ddp: parameters identical on all {self.dims.dp_replicate} ranks", file=sys.stderr)
+        student, compressor = self.full_student()
         if not self.env.is_main:
             return None
+        final = self.run_dir / "final"
         staging = self.run_dir / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
-        if self.compressor:
-            self.compressor.export(staging)
+        if compressor:
+            compressor.export(staging)
         else:
-            models.save_dense(self.student, staging)
+            models.save_dense(student, staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         teacher_eval = self.evaluate(self.teacher) if self.teacher is not None else None
         export_eval = self.evaluate(models.load(final).to(self.env.device))
         summary = report.write(
-            self.run_dir, cfg=self.cfg, student=self.student, teacher=self.teacher, final_dir=final,
+            self.run_dir, cfg=self.cfg, student=student, teacher=self.teacher, final_dir=final,
             student_eval=last_eval, export_eval=export_eval, teacher_eval=teacher_eval,
             train_seconds=self.train_seconds, steps=self.cfg.train.max_steps,
             example=next(iter(self.data.val_batches(self.cfg.train.batch_size)))[0],
-            layer_table=self.compressor.layer_table() if self.compressor else None)
+            layer_table=compressor.layer_table() if compressor else None)
         self.logger.summary(summary)
         return summary

@@ -101,6 +101,8 @@ def test_build_checks_against_the_model():
         build_compressor(mlp, [ModifierConfig(kind="channel", targets=["layers.*"])])
     with pytest.raises(ConfigError, match="compress.modifiers.0.targets: .*tied"):
         build_compressor(tiny_gpt(), [ModifierConfig(kind="qat", targets=["head"])])
+    with pytest.raises(ConfigError, match="compress.modifiers.0.targets: QAT target 'tok_emb': .*tied to head"):
+        build_compressor(tiny_gpt(), [ModifierConfig(kind="qat", targets=["blocks.*", "tok_emb"])])
 
 
 def test_no_modifiers_is_inactive():
@@ -267,3 +269,29 @@ def test_mlp_student_magnitude_and_qat_export(tmp_path):
     x = torch.randn(5, 64)
     with torch.no_grad():
         torch.testing.assert_close(load(out)(x), model(x), atol=1e-4, rtol=0)
+
+
+def test_pruned_and_quantized_embeddings_train_and_export_with_the_tie(tmp_path):
+    modifiers = [
+        ModifierConfig(kind="magnitude", targets=["blocks.*", "tok_emb", "pos_emb"], start_step=1, end_step=3,
+                       final_sparsity=0.5),
+        ModifierConfig(kind="qat", targets=["blocks.*", "tok_emb", "pos_emb", "head"], start_step=2, act_bits=8),
+    ]
+    model, optimizer, compressor = make_run(modifiers)
+    train(model, optimizer, compressor, range(1, 7))
+    assert model.head.weight is model.tok_emb.weight and compressor.qat.enabled
+    off = ~compressor.masks["tok_emb.weight"]
+    assert off.float().mean() == pytest.approx(0.5, abs=0.01) and (model.tok_emb.weight[off] == 0).all()
+    rows = {row[0]: row for row in compressor.layer_table()[1]}
+    assert [rows[name][3] for name in ("tok_emb", "pos_emb", "head")] == [8, 8, 8]
+    assert rows["head"][2] == rows["tok_emb"][2] == pytest.approx(0.5, abs=0.01)
+
+    metrics = compressor.metrics()
+    out = compressor.export(tmp_path / "export")
+    assert metrics["compress/model_bytes"] == stored_bytes(out)
+    shipped = load(out)
+    assert shipped.head.weight is shipped.tok_emb.weight and (shipped.tok_emb.weight[off] == 0).all()
+    x = batch(99)[:, :-1]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(x), model(x), atol=1e-4, rtol=0)

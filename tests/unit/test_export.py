@@ -1,11 +1,17 @@
-"""Compressed export: logits agree with the QAT model, pruned weights stay zero, files are small."""
+"""Compressed export: logits agree with the QAT model, pruned weights stay zero, files are small and compact."""
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from trainer.compress import build_compressor
 
 from trainer.compress import qat
 from trainer.compress.export import (
@@ -14,12 +20,20 @@ from trainer.compress.export import (
     load_compressed,
     pack_bits,
     pack_int4,
+    parse_scheme,
     quantize_dense,
+    scheme_name,
     storage_bytes,
     unpack_bits,
     unpack_int4,
 )
-from trainer.models import WEIGHTS_FILE, build, load, save_dense, unique_state_dict
+from trainer.config import ModifierConfig
+from trainer.models import CONFIG_FILE, WEIGHTS_FILE, build, load, save_dense, unique_state_dict
+from trainer.report import folder_bytes
+
+PRUNE_QAT = Path(__file__).resolve().parents[2] / "conf" / "compress" / "prune_qat.yaml"
+
+EMBEDDINGS = ["tok_emb", "pos_emb", "head"]
 
 
 def small_gpt() -> nn.Module:
@@ -31,19 +45,20 @@ def block_linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
 
 
-def qat_gpt(weight_bits: int, act_bits: int) -> nn.Module:
+def qat_gpt(weight_bits: int, act_bits: int, embeddings: bool = False) -> nn.Module:
     model = small_gpt()
-    qat.prepare(model, block_linears(model), weight_bits=weight_bits, group_size=32, act_bits=act_bits)
+    targets = block_linears(model) + (EMBEDDINGS if embeddings else [])
+    qat.prepare(model, targets, weight_bits=weight_bits, group_size=32, act_bits=act_bits)
     qat.set_enabled(model, True)
     return model.eval()
 
 
-def prune_half(model: nn.Module) -> dict[str, torch.Tensor]:
-    """50% unstructured masks on the block linears, applied in place like the Compressor does."""
+def prune_half(model: nn.Module, embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """50% unstructured masks on the block linears (and embeddings), applied in place like the Compressor does."""
     generator = torch.Generator().manual_seed(1)
     masks = {}
     with torch.no_grad():
-        for name in block_linears(model):
+        for name in block_linears(model) + (["tok_emb", "pos_emb"] if embeddings else []):
             weight = model.get_submodule(name).weight
             masks[f"{name}.weight"] = torch.rand(weight.shape, generator=generator) < 0.5
             weight.mul_(masks[f"{name}.weight"])
@@ -63,9 +78,9 @@ def test_packing_round_trips():
     assert pack_bits(flags).numel() == 10
 
 
-@pytest.mark.parametrize("weight_bits,act_bits", [(8, 8), (4, 0)])
-def test_exported_logits_match_qat_model(tmp_path, weight_bits, act_bits):
-    model = qat_gpt(weight_bits, act_bits)
+@pytest.mark.parametrize("weight_bits,act_bits,embeddings", [(8, 8, False), (4, 0, False), (8, 8, True), (4, 0, True)])
+def test_exported_logits_match_qat_model(tmp_path, weight_bits, act_bits, embeddings):
+    model = qat_gpt(weight_bits, act_bits, embeddings)
     export_compressed(model, tmp_path, {}, {})
     loaded = load(tmp_path)  # trainer.models.load dispatches on the format
     assert not loaded.training
@@ -79,51 +94,95 @@ def test_exported_logits_match_qat_model(tmp_path, weight_bits, act_bits):
 
 
 def test_masked_int8_export_keeps_pruned_weights_zero(tmp_path):
-    model = qat_gpt(8, 8)
-    masks = prune_half(model)
+    model = qat_gpt(8, 8, embeddings=True)
+    masks = prune_half(model, embeddings=True)
     export_compressed(model, tmp_path, masks, {})
     loaded = load_compressed(tmp_path)
     for key, mask in masks.items():
         weight = loaded.get_submodule(key.removesuffix(".weight")).weight
         assert torch.all(weight[~mask] == 0)
-    meta = json.loads((tmp_path / "config.json").read_text())
+    assert loaded.head.weight is loaded.tok_emb.weight and torch.all(loaded.head.weight[~masks["tok_emb.weight"]] == 0)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["format"] == "stillroom-compressed" and set(meta["sparse"]) == set(masks)
+    assert meta["quant"] == {"w8a8": sorted(block_linears(model)), "w8": ["pos_emb", "tok_emb"]}  # head: stored as tok_emb
     with torch.no_grad():
         assert (loaded(tokens()) - model(tokens())).abs().max() < 1e-4
 
 
-def test_export_is_small_and_storage_bytes_predicts_it(tmp_path):
-    model = qat_gpt(8, 8)
-    masks = prune_half(model)
-    export_compressed(model, tmp_path / "compressed", masks, {})
-    save_dense(model, tmp_path / "dense")
-    compressed_size = (tmp_path / "compressed" / WEIGHTS_FILE).stat().st_size
-    dense_size = (tmp_path / "dense" / WEIGHTS_FILE).stat().st_size
-    assert compressed_size < 0.3 * dense_size
-
-    loaded = load_compressed(tmp_path / "compressed")
-    predicted = 0
+def predicted_bytes(model: nn.Module, loaded: nn.Module) -> int:
+    """``storage_bytes`` summed over the stored tensors, nonzeros counted in the loaded model."""
+    total = 0
     for key, tensor in unique_state_dict(model).items():
-        module = model.get_submodule(key.rpartition(".")[0])
-        if key.endswith(".weight") and qat.is_quantized(module):
-            spec = qat.quant_spec(module)
-            nonzero = int((loaded.get_submodule(key.rpartition(".")[0]).weight != 0).sum())
-            predicted += storage_bytes(tensor.numel(), tuple(tensor.shape), nonzero,
-                                       spec["weight_bits"], spec["group_size"])
-        else:
-            predicted += storage_bytes(tensor.numel(), tuple(tensor.shape), int((tensor != 0).sum()), 32, 0)
-    assert predicted <= compressed_size < 1.05 * predicted
+        module_name = key.rpartition(".")[0]
+        bits, group = 32, 0
+        if key.endswith(".weight") and qat.is_quantized(model.get_submodule(module_name)):
+            spec = qat.quant_spec(model.get_submodule(module_name))
+            bits, group = spec["weight_bits"], spec["group_size"]
+        nonzero = int((loaded.get_submodule(module_name).weight if bits < 32 else tensor).count_nonzero())
+        total += storage_bytes(tensor.numel(), tuple(tensor.shape), nonzero, bits, group)
+    return total
+
+
+def blob_bytes(out_dir) -> int:
+    return sum(t.numel() * t.element_size() for t in load_file(str(out_dir / WEIGHTS_FILE)).values())
+
+
+def test_storage_bytes_predicts_the_blobs_exactly(tmp_path):
+    model = qat_gpt(8, 8, embeddings=True)
+    export_compressed(model, tmp_path, prune_half(model, embeddings=True), {})
+    assert blob_bytes(tmp_path) == predicted_bytes(model, load_compressed(tmp_path))
+    blobs = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert {name: t.dtype for name, t in blobs.items()} == {
+        "codes": torch.int8, "scales": torch.float16, "floats": torch.float32, "bitmasks": torch.uint8}
+    assert all(t.dim() == 1 for t in blobs.values())
+    config_text = (tmp_path / CONFIG_FILE).read_text()
+    assert "\n" not in config_text and ", " not in config_text  # compact JSON
 
 
 def test_storage_bytes_chooses_the_smaller_layout():
     shape = (64, 256)
     numel = math.prod(shape)
     assert storage_bytes(numel, shape, numel, 32, 0) == 4 * numel
-    assert storage_bytes(numel, shape, numel, 8, 0) == numel + 4 * 64
-    assert storage_bytes(numel, shape, numel, 4, 32) == numel // 2 + 4 * numel // 32
-    assert storage_bytes(numel, shape, numel // 2, 8, 0) == numel // 2 + numel // 8 + 4 * 64
+    assert storage_bytes(numel, shape, numel, 8, 0) == numel + 2 * 64
+    assert storage_bytes(numel, shape, numel, 4, 32) == numel // 2 + 2 * numel // 32
+    assert storage_bytes(numel, shape, numel // 2, 8, 0) == numel // 2 + numel // 8 + 2 * 64
     assert storage_bytes(numel, shape, numel // 2, 32, 0) == 2 * numel + numel // 8
-    assert storage_bytes(numel, shape, numel // 4, 4, 32) == numel // 8 + numel // 8 + 4 * numel // 32
+    assert storage_bytes(numel, shape, numel // 4, 4, 32) == numel // 8 + numel // 8 + 2 * numel // 32
+
+
+def test_schemes_round_trip():
+    for spec in ({"weight_bits": 8, "group_size": 64, "act_bits": 8}, {"weight_bits": 8, "group_size": 64, "act_bits": 0},
+                 {"weight_bits": 4, "group_size": 32, "act_bits": 0}, {"weight_bits": 4, "group_size": 16, "act_bits": 8}):
+        assert parse_scheme(scheme_name(spec), 64) == spec
+    assert [scheme_name({"weight_bits": 8, "group_size": 64, "act_bits": 8}),
+            scheme_name({"weight_bits": 4, "group_size": 32, "act_bits": 0})] == ["w8a8", "w4g32"]
+    for bad in ("w8g32", "w4", "w16", "w8a4"):
+        with pytest.raises(ValueError, match="unknown quant scheme"):
+            parse_scheme(bad, 64)
+
+
+def test_blobs_that_do_not_match_the_config_are_rejected(tmp_path):
+    model = qat_gpt(8, 8, embeddings=True)
+    export_compressed(model, tmp_path, prune_half(model, embeddings=True), {})
+    blobs = load_file(str(tmp_path / WEIGHTS_FILE))
+    save_file(blobs | {"floats": blobs["floats"][:-1].clone()}, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="blob 'floats' ends before"):
+        load_compressed(tmp_path)
+    save_file(blobs | {"codes": torch.cat([blobs["codes"], blobs["codes"][:3]])}, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match="does not describe: {'codes': 3}"):
+        load_compressed(tmp_path)
+
+
+def test_a_tied_head_is_quantized_with_its_embedding_or_not_at_all(tmp_path):
+    int8 = {"weight_bits": 8, "group_size": 64, "act_bits": 0}
+    for quant in ({"tok_emb": int8}, {"head": int8}, {"tok_emb": int8, "head": int8 | {"act_bits": 8}}):
+        with pytest.raises(ValueError, match="'head' shares its weight with 'tok_emb'"):
+            export_compressed(small_gpt(), tmp_path, {}, quant)
+    model = small_gpt().eval()
+    export_compressed(model, tmp_path, {}, {"tok_emb": int8, "head": int8})
+    table = qat.dequantize_weight(*qat.quantize_weight(model.tok_emb.weight.detach(), 8, 64))
+    loaded = load_compressed(tmp_path)
+    assert torch.equal(loaded.tok_emb.weight, table) and loaded.head.weight is loaded.tok_emb.weight
 
 
 def test_sparse_float_export_without_quantization(tmp_path):
@@ -153,3 +212,29 @@ def test_quant_argument_quantizes_plain_linears(tmp_path):
     assert isinstance(loaded.layers[0], QuantizedLinear) and type(loaded.layers[1]) is nn.Linear
     codes, scale = qat.quantize_weight(model.layers[0].weight.detach(), 4, 32)
     assert torch.equal(loaded.layers[0].weight, qat.dequantize_weight(codes, scale))
+
+
+def prune_qat_modifiers_from_step_0() -> list[ModifierConfig]:
+    """conf/compress/prune_qat.yaml, with the 50% masks and fake-quant due at step 0."""
+    modifiers = [ModifierConfig(**OmegaConf.to_container(m)) for m in OmegaConf.load(PRUNE_QAT).modifiers]
+    pruning, quantization = modifiers
+    assert pruning.final_sparsity == 0.5 and quantization.weight_bits == 8
+    return [dataclasses.replace(pruning, schedule="constant", start_step=0, end_step=0),
+            dataclasses.replace(quantization, start_step=0)]
+
+
+def test_prune_qat_export_of_the_tiny_student_is_6x_smaller_than_dense(tmp_path):
+    torch.manual_seed(0)
+    model = build("gpt", vocab_size=65, n_layer=2, n_head=2, n_embd=64, block_size=64)  # conf/student/tiny
+    dense_bytes = folder_bytes(save_dense(model, tmp_path / "dense"))
+    compressor = build_compressor(model, prune_qat_modifiers_from_step_0())
+    compressor.attach_optimizer(torch.optim.AdamW(model.parameters()))
+    assert set(compressor.masks) >= {"tok_emb.weight", "pos_emb.weight"}
+    assert compressor.metrics()["compress/sparsity"] == pytest.approx(0.5, abs=1e-3)
+    out = compressor.export(tmp_path / "final")
+    ratio = dense_bytes / folder_bytes(out)  # every file, config.json included
+    assert ratio >= 6.0, (dense_bytes, folder_bytes(out), ratio)
+    assert compressor.metrics()["compress/model_bytes"] == blob_bytes(out)
+    x = torch.randint(0, 65, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (load(out)(x) - model.eval()(x)).abs().max() < 1e-4

@@ -141,3 +141,10 @@ def test_thin_keeps_one_zero_head_when_all_heads_are_dead():
     assert small.cfg.n_heads_per_layer == [1, 4]
     x = torch.randint(0, 13, (2, 16))
     torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_thresholds_of_several_groups_in_lock_step_equal_each_alone():
+    torch.manual_seed(3)
+    groups = [[torch.randn(20, 7).abs()], [torch.rand(50), torch.randn(3, 3).abs()], [torch.zeros(4)]]
+    together = pruning.kth_thresholds(groups, 0.4)
+    assert together == [pruning.global_threshold(group, 0.4) for group in groups]

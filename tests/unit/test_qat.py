@@ -12,6 +12,7 @@ from trainer.compress import qat
 from trainer.models import build
 
 SMALLEST_NORMAL = torch.finfo(torch.float32).smallest_normal
+SMALLEST_NORMAL_FP16 = torch.finfo(torch.float16).smallest_normal
 
 
 def small_gpt() -> nn.Module:
@@ -24,10 +25,11 @@ def block_linears(model: nn.Module) -> list[str]:
 
 
 def reference_weight_fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """torchao's symmetric scheme: scale = max|w| / ((qmax - qmin) / 2), zero point 0."""
+    """torchao's symmetric scheme with fp16 scales: scale = max|w| / ((qmax - qmin) / 2), at least
+    the smallest normal fp16, rounded to fp16 (its reciprocal taken in fp16); zero point 0."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     groups = w.reshape(w.shape[0], -1, group)
-    scale = (groups.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=SMALLEST_NORMAL)
+    scale = (groups.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)).clamp(min=SMALLEST_NORMAL_FP16).half()
     q = torch.clamp(torch.round(groups * (1.0 / scale)), qmin, qmax)
     return (q * scale).reshape(w.shape)
 
@@ -58,7 +60,7 @@ def test_weight_fake_quant_matches_reference(bits, group):
     expected = reference_weight_fake_quant(linear.weight.detach(), bits, group)
     assert torch.equal(qat.fake_quantize_weight(linear).detach(), expected)
     codes, scale = qat.quantize_weight(linear.weight.detach(), bits, group)
-    assert codes.dtype == torch.int8
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float16
     assert -(2 ** (bits - 1)) <= codes.min() and codes.max() <= 2 ** (bits - 1) - 1
     assert torch.equal(qat.dequantize_weight(codes, scale), expected)
     x = torch.randn(5, 64)
@@ -111,7 +113,8 @@ def test_specs_and_bits():
 
 @pytest.mark.parametrize("names,message", [
     (["head"], "tied"),
-    (["ln_f"], "only nn.Linear"),
+    (["ln_f"], "only nn.Linear and nn.Embedding"),
+    (["tok_emb"], "tied to head"),
     (["blocks.9.mlp.fc"], "no such module"),
     (["blocks.0.mlp.proj"], "multiple of group_size"),
 ])
@@ -149,3 +152,71 @@ def test_weight_sqnr_is_finite_and_grows_with_bits():
         assert math.isfinite(sqnr[bits])
     assert sqnr[8] > sqnr[4] + 10
     assert qat.weight_sqnr_db(small_gpt()) == math.inf
+
+
+# ----------------------------------------------------------------------------- embeddings and the tied head
+
+
+def prepared_with_embeddings(bits: int = 8, group: int = 32) -> nn.Module:
+    model = small_gpt()
+    qat.prepare(model, [*block_linears(model), "tok_emb", "pos_emb", "head"], weight_bits=bits,
+                group_size=group, act_bits=8)
+    qat.set_enabled(model, True)
+    return model
+
+
+def test_prepare_keeps_the_tie_names_and_state_keys():
+    model = small_gpt()
+    params_before = dict(model.named_parameters(remove_duplicate=False))
+    keys_before = list(model.state_dict())
+    qat.prepare(model, ["tok_emb", "pos_emb", "head"], weight_bits=8, group_size=32, act_bits=8)
+    assert model.head.weight is model.tok_emb.weight
+    assert dict(model.named_parameters(remove_duplicate=False)) == params_before
+    assert list(model.state_dict()) == keys_before
+    assert model.head.weight_fake_quantizer is model.tok_emb.weight_fake_quantizer  # one quantizer, one tensor
+    assert model.head.activation_fake_quantizer is None  # the head is weight-only
+    assert qat.quant_spec(model.head) == qat.quant_spec(model.tok_emb) == {"weight_bits": 8, "group_size": 64,
+                                                                            "act_bits": 0}
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 16)])
+def test_embedding_and_head_fake_quant_equal_quantize_then_dequantize(bits, group):
+    model = prepared_with_embeddings(bits, group)
+    idx = torch.randint(0, 32, (2, 32))  # valid rows of both tables
+    for name in ("tok_emb", "pos_emb"):
+        weight = model.get_submodule(name).weight.detach()
+        table = qat.dequantize_weight(*qat.quantize_weight(weight, bits, group))
+        assert torch.equal(table, reference_weight_fake_quant(weight, bits, group))
+        assert torch.equal(qat.fake_quantize_weight(model.get_submodule(name)).detach(), table)
+        assert torch.equal(model.get_submodule(name)(idx), F.embedding(idx, table))
+    table = qat.dequantize_weight(*qat.quantize_weight(model.tok_emb.weight.detach(), bits, group))
+    features = torch.randn(2, 5, 64)
+    assert torch.equal(model.head(features), F.linear(features, table))
+
+
+def test_disabled_embeddings_are_exact_and_gradients_reach_the_tied_weight():
+    model = prepared_with_embeddings()
+    reference = small_gpt()
+    x = torch.randint(0, 65, (2, 32))
+    qat.set_enabled(model, False)
+    assert torch.equal(model(x), reference(x))
+    qat.set_enabled(model, True)
+    assert not torch.equal(model(x), reference(x))
+    model(x).square().mean().backward()
+    assert model.tok_emb.weight.grad.abs().sum() > 0 and model.pos_emb.weight.grad.abs().sum() > 0
+
+
+def test_pruned_rows_quantize_to_zero_without_nan():
+    weight = torch.randn(4, 64)
+    weight[1] = 0.0
+    codes, scale = qat.quantize_weight(weight, 8, 64)
+    assert scale[1].item() == SMALLEST_NORMAL_FP16 and not codes[1].any()
+    assert torch.isfinite(qat.dequantize_weight(codes, scale)).all()
+
+
+def test_sqnr_counts_the_shared_weight_once():
+    model = small_gpt()
+    qat.prepare(model, ["tok_emb", "head"], weight_bits=8, group_size=32, act_bits=0)
+    weight = model.tok_emb.weight.detach()
+    error = weight - qat.dequantize_weight(*qat.quantize_weight(weight, 8, 64))
+    assert qat.weight_sqnr_db(model) == pytest.approx(10 * math.log10(weight.square().sum() / error.square().sum()))

@@ -16,7 +16,8 @@ The training loop talks to one ``Compressor``, in this order::
 
 Masks (bool, True = kept) are keyed by parameter name as ``named_parameters()`` spells it (a tied
 head is ``tok_emb.weight``), created with ``torch.ones_like(param)`` on first use, i.e. in
-``attach_optimizer`` after sharding, so they take the parameter's placement.
+``attach_optimizer`` after sharding, so they take the parameter's placement: under FSDP2 a mask is a
+DTensor sharded like its parameter, and masking works on the local shards (``pruning.local``).
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class Compressor:
         for name, mask in self.masks.items():
             grad = self.model.get_parameter(name).grad
             if grad is not None:
-                grad.masked_fill_(~mask, 0.0)
+                pruning.local(grad).masked_fill_(~pruning.local(mask), 0.0)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
@@ -315,7 +316,7 @@ class Compressor:
     @torch.no_grad()
     def _apply_masks(self) -> None:
         for name, mask in self.masks.items():
-            self.model.get_parameter(name).masked_fill_(~mask, 0.0)
+            pruning.local(self.model.get_parameter(name)).masked_fill_(~pruning.local(mask), 0.0)
 
     def _zero_optimizer_state(self, newly_pruned: dict[str, torch.Tensor]) -> None:
         """Zero the optimizer's per-entry state (AdamW exp_avg, exp_avg_sq; momentum) of pruned entries."""
@@ -325,4 +326,4 @@ class Compressor:
             param = self.model.get_parameter(name)
             for value in self.optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.masked_fill_(pruned, 0.0)
+                    pruning.local(value).masked_fill_(pruning.local(pruned), 0.0)

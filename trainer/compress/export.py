@@ -1,26 +1,37 @@
-"""The student as it is shipped: quantized weights stored as integers, sparse tensors stored compactly.
+"""The student as it is shipped: integer weights, bitmask-sparse tensors, four blobs and a small config.
 
-``model.safetensors`` keys are the plain model's parameter names (tied weights once):
+The stored tensors are the plain model's state dict without tied duplicates (GPT's head reuses
+``tok_emb.weight``), in state-dict order. ``model.safetensors`` holds up to four flat blobs, each
+the concatenation of its parts over the stored tensors:
 
-- a quantized linear's ``<m>.weight`` holds int8 codes (int4: flat uint8, two codes per byte, low
-  nibble first) and ``<m>.weight.scale`` its fp32 scales ``(out, in // group_size)``; quantization
-  is symmetric, so there are no zero points.
-- a tensor whose sparse form is smaller (see ``storage_bytes``) is stored as ``<key>.bitmask``
-  (uint8; bit ``i`` of byte ``j`` is element ``8j + i`` of the flattened tensor) and
-  ``<key>.values`` (its nonzeros in row-major order, int8 / packed int4 codes or fp32).
-- everything else (embeddings, LayerNorm, biases, unquantized weights) is dense fp32: fp16 would
-  break the 1e-4 agreement with the trained model for a few percent of a compressed student's bytes.
+- ``codes`` (int8): a quantized weight's integer codes; int4 two per byte (see ``pack_int4``),
+  each tensor padded to a whole byte.
+- ``scales`` (fp16): a quantized weight's symmetric scales ``(rows, row_len // group_size)``,
+  row-major; there are no zero points.
+- ``floats`` (fp32): every other tensor (LayerNorm, biases, unquantized weights).
+- ``bitmasks`` (uint8): for a tensor stored sparse (when that is smaller, see ``storage_bytes``),
+  bit ``i`` of byte ``j`` is element ``8j + i`` of the flattened tensor, each tensor padded to a
+  whole byte; its ``codes`` / ``floats`` part then holds only the nonzero elements, row-major.
 
-``config.json``: ``{"format": "stillroom-compressed", "arch", "config", "quant": {module: spec},
-"sparse": [keys stored sparse]}``. ``load_compressed`` rebuilds the plain model and swaps each
-quantized linear for ``QuantizedLinear``. torchao's converted CPU kernels are not used: our own
-dequantize-then-matmul reproduces the fake-quantized forward bit for bit with the same primitives.
+No offsets are stored: ``load_compressed`` rebuilds the architecture from ``config.json``, walks the
+same tensors in the same order and takes from each blob what the tensor's shape, scheme and sparsity
+imply (a sparse tensor's value count is its bitmask's popcount), then checks every blob is used up.
+
+``config.json`` is compact JSON: ``{"format": "stillroom-compressed", "arch", "config", "quant":
+{scheme: [module, ...]}, "sparse": [tensor key, ...]}``. A scheme name spells a quant spec: ``w8``
+(int8 per row), ``w4g32`` (int4 per group of 32), plus ``a8`` for int8 per-token activations.
+Quantized Linears load as ``QuantizedLinear``; quantized embeddings are dequantized into a plain
+``nn.Embedding`` (GPT's head, tied to it, reads the same table). LayerNorm and other float tensors
+stay fp32: fp16 would break the 1e-4 agreement with the trained model for about 2% of the bytes.
+torchao's converted CPU kernels are not used: our own dequantize-then-matmul reproduces the
+fake-quantized forward bit for bit with the same primitives.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -32,6 +43,7 @@ from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
 from trainer.compress.qat import (
     FLOAT_BITS,
+    SCALE_DTYPE,
     activation_fake_quant_config,
     dequantize_weight,
     is_quantized,
@@ -40,6 +52,7 @@ from trainer.compress.qat import (
     quantize_weight,
     set_enabled,
     weight_is_tied,
+    weight_sharers,
 )
 from trainer.models import (
     CONFIG_FILE,
@@ -52,15 +65,17 @@ from trainer.models import (
 )
 
 COMPRESSED_FORMAT = "stillroom-compressed"
-SCALE_BYTES = 4  # fp32 scales
+SCALE_BYTES = 2  # fp16 scales
+BLOB_DTYPES = {"codes": torch.int8, "scales": SCALE_DTYPE, "floats": torch.float32, "bitmasks": torch.uint8}
+SCHEME_PATTERN = re.compile(r"w(8|4)(?:g(\d+))?(?:a(8))?")
 
 
 # ----------------------------------------------------------------------------- sizes
 
 
 def storage_bytes(numel: int, shape: tuple, nonzero: int, weight_bits: int, group_size: int) -> int:
-    """Bytes one weight tensor takes in the export: values (dense, or bitmask + nonzeros when that is
-    smaller) plus scales. ``weight_bits`` 32 = fp32; 8 = one scale per row; 4 = one per group."""
+    """Bytes one tensor adds to the blobs: values (dense, or bitmask + nonzeros when that is
+    smaller) plus fp16 scales. ``weight_bits`` 32 = fp32; 8 = one scale per row; 4 = one per group."""
     return _value_bytes(numel, nonzero, weight_bits) + SCALE_BYTES * _scale_count(
         numel, shape, weight_bits, group_size)
 
@@ -119,11 +134,30 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> shifts) & 1).flatten()[:numel].bool()
 
 
+# ----------------------------------------------------------------------------- schemes
+
+
+def scheme_name(spec: dict) -> str:
+    """``w8`` / ``w4g<group>``, plus ``a8`` with int8 activations (the int8 group is always the row)."""
+    group = f"g{spec['group_size']}" if spec["weight_bits"] == 4 else ""
+    return f"w{spec['weight_bits']}{group}" + ("a8" if spec["act_bits"] else "")
+
+
+def parse_scheme(name: str, row_len: int) -> dict:
+    """The quant spec a ``scheme_name`` spells, for a weight whose rows hold ``row_len`` elements."""
+    match = SCHEME_PATTERN.fullmatch(name)
+    if match is None or (match[1] == "4") != (match[2] is not None):
+        raise ValueError(f"unknown quant scheme {name!r}")
+    bits = int(match[1])
+    return {"weight_bits": bits, "group_size": int(match[2]) if bits == 4 else row_len,
+            "act_bits": 8 if match[3] else 0}
+
+
 # ----------------------------------------------------------------------------- runtime module
 
 
 class QuantizedLinear(nn.Module):
-    """Inference linear holding int8 codes (int4: packed, see ``pack_int4``) and fp32 scales.
+    """Inference linear holding int8 codes (int4: packed, see ``pack_int4``) and fp16 scales.
 
     Dequantizes for every matmul and, when ``act_bits == 8``, first applies torchao's int8
     per-token dynamic activation fake-quant, exactly like the QAT model's FakeQuantizedLinear.
@@ -141,7 +175,7 @@ class QuantizedLinear(nn.Module):
         else:
             qdata = torch.zeros(math.ceil(out_features * in_features / 2), dtype=torch.uint8)
         self.register_buffer("qdata", qdata)
-        self.register_buffer("scale", torch.ones(out_features, in_features // group_size))
+        self.register_buffer("scale", torch.ones(out_features, in_features // group_size, dtype=SCALE_DTYPE))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         act_config = activation_fake_quant_config(act_bits)
         self.activation_fake_quantizer = IntxFakeQuantizer(act_config) if act_config is not None else None
@@ -172,8 +206,9 @@ def export_compressed(model: nn.Module, out_dir: str | Path, masks: dict[str, to
     """Write ``config.json`` and ``model.safetensors`` of the shipped student to ``out_dir``.
 
     ``quant`` (module -> quant_spec) is merged over the specs of the model's QAT-prepared modules;
-    a plain Linear listed there is quantized post-training. ``masks`` (parameter name -> bool) are
-    applied before quantization. Pass an unsharded model (e.g. rebuilt from a gathered state dict).
+    a plain Linear or Embedding listed there is quantized post-training. ``masks`` (parameter name
+    -> bool) are applied before quantization. Pass an unsharded model (e.g. rebuilt from a gathered
+    state dict).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,24 +217,21 @@ def export_compressed(model: nn.Module, out_dir: str | Path, masks: dict[str, to
     unknown = sorted(set(masks) - set(state))
     if unknown:
         raise ValueError(f"masks for tensors that are not in the exported state: {unknown}")
-    tensors, sparse = {}, []
+    blobs = BlobWriter()
+    sparse = []
     for key, tensor in state.items():
         tensor = tensor.float()
         if key in masks:
             tensor = tensor.masked_fill(~masks[key].to(tensor.device, torch.bool), 0.0)
-        bits, module_name = FLOAT_BITS, _quantized_module_of(key, specs)
-        if module_name is not None:
-            spec = specs[module_name]
-            bits = spec["weight_bits"]
-            tensor, scale = quantize_weight(tensor, bits, spec["group_size"])
-            tensors[f"{key}.scale"] = scale
-        entries, is_sparse = _encode(key, tensor.cpu(), bits)
-        tensors.update(entries)
-        if is_sparse:
+        module_name = _quantized_module_of(key, specs)
+        if blobs.add(tensor.cpu(), None if module_name is None else specs[module_name]):
             sparse.append(key)
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE))
-    meta = {"format": COMPRESSED_FORMAT, **model_spec(model), "quant": specs, "sparse": sparse}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    save_file(blobs.tensors(), str(out / WEIGHTS_FILE))
+    quant_by_scheme = {}
+    for name, spec in specs.items():
+        quant_by_scheme.setdefault(scheme_name(spec), []).append(name)
+    meta = {"format": COMPRESSED_FORMAT, **model_spec(model), "quant": quant_by_scheme, "sparse": sparse}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, separators=(",", ":")))
     return out
 
 
@@ -209,22 +241,98 @@ def load_compressed(path: str | Path) -> nn.Module:
     if meta["format"] != COMPRESSED_FORMAT:
         raise ValueError(f"{path}: format {meta['format']!r} is not {COMPRESSED_FORMAT!r}")
     model = build_from_spec(meta)
-    specs, sparse = meta["quant"], set(meta["sparse"])
-    stored = load_file(str(Path(path) / WEIGHTS_FILE))
+    specs = {name: parse_scheme(scheme, model.get_submodule(name).weight.shape[1])
+             for scheme, names in meta["quant"].items() for name in names}
+    sparse = set(meta["sparse"])
+    blobs = BlobReader(load_file(str(Path(path) / WEIGHTS_FILE)))
     state = {}
     for key, template in unique_state_dict(model).items():
         module_name = _quantized_module_of(key, specs)
-        bits = FLOAT_BITS if module_name is None else specs[module_name]["weight_bits"]
-        state[key] = _decode(stored, key, tuple(template.shape), bits, key in sparse)
-    for name, spec in specs.items():
-        linear = model.get_submodule(name)
-        model.set_submodule(name, QuantizedLinear(linear.in_features, linear.out_features,
-                                                  linear.bias is not None, **spec))
-        codes = state.pop(f"{name}.weight")
-        state[f"{name}.qdata"] = pack_int4(codes) if spec["weight_bits"] == 4 else codes
-        state[f"{name}.scale"] = stored[f"{name}.weight.scale"]
+        spec = None if module_name is None else specs[module_name]
+        values, scale = blobs.take_tensor(tuple(template.shape), spec, key in sparse)
+        if spec is None:
+            state[key] = values
+        elif isinstance(model.get_submodule(module_name), nn.Embedding):
+            state[key] = dequantize_weight(values, scale)
+        else:
+            linear = model.get_submodule(module_name)
+            model.set_submodule(module_name, QuantizedLinear(linear.in_features, linear.out_features,
+                                                             linear.bias is not None, **spec))
+            state[f"{module_name}.qdata"] = pack_int4(values) if spec["weight_bits"] == 4 else values
+            state[f"{module_name}.scale"] = scale
+    blobs.check_used_up(path)
     load_weights(model, state)
     return model.eval()
+
+
+class BlobWriter:
+    """Appends each tensor's parts to the blobs (see the module docstring)."""
+
+    def __init__(self):
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in BLOB_DTYPES}
+
+    def add(self, tensor: torch.Tensor, spec: dict | None) -> bool:
+        """Store fp32 ``tensor``, quantized by ``spec`` unless None; returns whether it went sparse."""
+        values, bits = tensor, FLOAT_BITS
+        if spec is not None:
+            bits = spec["weight_bits"]
+            values, scale = quantize_weight(tensor, bits, spec["group_size"])
+            self.parts["scales"].append(scale.flatten())
+        nonzero = values != 0
+        sparse = _stores_sparse(values.numel(), int(nonzero.sum()), bits)
+        if sparse:
+            self.parts["bitmasks"].append(pack_bits(nonzero))
+            values = values[nonzero]
+        if bits == FLOAT_BITS:
+            self.parts["floats"].append(values.flatten())
+        else:
+            self.parts["codes"].append(pack_int4(values).view(torch.int8) if bits == 4 else values.flatten())
+        return sparse
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The non-empty blobs, each one flat contiguous tensor of its dtype."""
+        return {name: torch.cat(parts).to(BLOB_DTYPES[name]).contiguous()
+                for name, parts in self.parts.items() if parts}
+
+
+class BlobReader:
+    """Takes each tensor's parts from the blobs, in the order ``BlobWriter`` wrote them."""
+
+    def __init__(self, blobs: dict[str, torch.Tensor]):
+        self.blobs = blobs
+        self.used = dict.fromkeys(blobs, 0)
+
+    def take(self, name: str, count: int) -> torch.Tensor:
+        blob = self.blobs.get(name, torch.empty(0, dtype=BLOB_DTYPES[name]))
+        start = self.used.get(name, 0)
+        if start + count > blob.numel():
+            raise ValueError(f"{WEIGHTS_FILE}: blob {name!r} ends before the tensors that config.json describes")
+        self.used[name] = start + count
+        return blob[start:start + count]
+
+    def take_tensor(self, shape: tuple, spec: dict | None, sparse: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fp32 values, None) or (int8 codes, fp16 scales) of one tensor of ``shape``."""
+        numel = math.prod(shape)
+        nonzero = unpack_bits(self.take("bitmasks", math.ceil(numel / 8)), numel) if sparse else None
+        count = numel if nonzero is None else int(nonzero.sum())
+        scale = None
+        if spec is None:
+            values = self.take("floats", count)
+        else:
+            bits, group = spec["weight_bits"], spec["group_size"]
+            scale = self.take("scales", shape[0] * (shape[1] // group)).view(shape[0], -1)
+            codes = self.take("codes", _dense_bytes(count, bits))
+            values = unpack_int4(codes.view(torch.uint8), count) if bits == 4 else codes
+        if nonzero is not None:
+            values = values.new_zeros(numel).masked_scatter(nonzero, values)
+        return values.reshape(shape), scale
+
+    def check_used_up(self, path: str | Path) -> None:
+        left = {name: blob.numel() - self.used[name] for name, blob in self.blobs.items()
+                if blob.numel() != self.used[name]}
+        if left:
+            raise ValueError(f"{path}: {WEIGHTS_FILE} holds data that config.json does not describe: {left}")
 
 
 def quantize_dense(model: nn.Module, weight_bits: int = 8, group_size: int = 32, act_bits: int = 8,
@@ -241,48 +349,43 @@ def quantize_dense(model: nn.Module, weight_bits: int = 8, group_size: int = 32,
 
 
 def _export_specs(model: nn.Module, quant: dict) -> dict:
-    """Quant specs of the QAT modules overridden by ``quant``, normalised and checked."""
-    specs = {name: quant_spec(module) for name, module in model.named_modules() if is_quantized(module)}
-    for name, spec in quant.items():
-        linear = model.get_submodule(name)
-        if weight_is_tied(model, linear):
-            raise ValueError(f"cannot quantize {name!r}: its weight is tied to another parameter")
-        bits, group = spec["weight_bits"], spec["group_size"]
-        if bits == 8:
-            group = linear.in_features
-        elif bits != 4 or linear.in_features % group:
-            raise ValueError(f"{name!r}: unsupported quant spec {spec} for in_features={linear.in_features}")
-        specs[name] = {"weight_bits": bits, "group_size": group, "act_bits": spec.get("act_bits", 0)}
+    """Quant specs of the QAT modules overridden by ``quant``, normalised and checked, by module name.
+
+    A weight shared by several modules is stored once, under the first; the others (GPT's head)
+    must be quantized with the same weight scheme, weight-only, and are left out: they load as
+    plain modules over the shared dequantized weight.
+    """
+    requested = {name: quant_spec(module) for name, module in model.named_modules() if is_quantized(module)}
+    specs = {name: _normalized_spec(model, name, spec) for name, spec in (requested | dict(quant)).items()}
+    shared = {tuple(weight_sharers(model, model.get_submodule(name))) for name in specs}
+    for owner, *sharers in shared:
+        for sharer in sharers:
+            spec = specs.pop(sharer, None)
+            if spec is None or owner not in specs or spec["act_bits"] or _weight_scheme(spec) != _weight_scheme(specs[owner]):
+                raise ValueError(f"{sharer!r} shares its weight with {owner!r}: quantize both with the same "
+                                 f"weight scheme and {sharer!r} without activation quantization, or neither")
     return dict(sorted(specs.items()))
+
+
+def _normalized_spec(model: nn.Module, name: str, spec: dict) -> dict:
+    module = model.get_submodule(name)
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        raise ValueError(f"cannot quantize {name!r}: only Linear and Embedding weights are supported")
+    bits, group, act_bits = spec["weight_bits"], spec["group_size"], spec.get("act_bits", 0)
+    row_len = module.weight.shape[1]
+    if bits == 8:
+        group = row_len
+    elif bits != 4 or group < 2 or row_len % group:
+        raise ValueError(f"{name!r}: unsupported quant spec {spec} for rows of {row_len}")
+    if act_bits not in (0, 8) or (act_bits and isinstance(module, nn.Embedding)):
+        raise ValueError(f"{name!r}: unsupported act_bits={act_bits}")
+    return {"weight_bits": bits, "group_size": group, "act_bits": act_bits}
+
+
+def _weight_scheme(spec: dict) -> tuple[int, int]:
+    return spec["weight_bits"], spec["group_size"]
 
 
 def _quantized_module_of(key: str, specs: dict) -> str | None:
     module_name, _, leaf = key.rpartition(".")
     return module_name if leaf == "weight" and module_name in specs else None
-
-
-def _to_storage(values: torch.Tensor, bits: int) -> torch.Tensor:
-    return pack_int4(values) if bits == 4 else values
-
-
-def _encode(key: str, tensor: torch.Tensor, bits: int) -> tuple[dict[str, torch.Tensor], bool]:
-    """Stored entries of one tensor (float32 or int8 codes) and whether they are sparse."""
-    nonzero = tensor != 0
-    if _stores_sparse(tensor.numel(), int(nonzero.sum()), bits):
-        return {f"{key}.bitmask": pack_bits(nonzero), f"{key}.values": _to_storage(tensor[nonzero], bits)}, True
-    return {key: _to_storage(tensor, bits)}, False
-
-
-def _decode(stored: dict, key: str, shape: tuple, bits: int, is_sparse: bool) -> torch.Tensor:
-    """Inverse of ``_encode``: the tensor (float32, or int8 codes) of ``shape``."""
-    numel = math.prod(shape)
-    if not is_sparse:
-        data = stored[key]
-        return (unpack_int4(data, numel) if bits == 4 else data).reshape(shape)
-    nonzero = unpack_bits(stored[f"{key}.bitmask"], numel)
-    values = stored[f"{key}.values"]
-    if bits == 4:
-        values = unpack_int4(values, int(nonzero.sum()))
-    dense = values.new_zeros(numel)
-    dense[nonzero] = values
-    return dense.reshape(shape)

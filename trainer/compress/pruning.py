@@ -2,8 +2,9 @@
 
 Masks are bool tensors shaped like their parameter (True = kept). The pruning functions take
 the current masks and return subsets of them, so nothing pruned comes back. Their math is
-elementwise or uses small reductions (per row, per unit, counts), so it can move to parameter
-shards; ``thin`` needs full tensors.
+elementwise or uses small reductions (per row, per unit, counts). Magnitude and N:M pruning run on
+FSDP2 shards (DTensors): elementwise ops stay local and thresholds all-reduce counts. Channel
+pruning and ``thin`` need full tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from trainer.compress import qat
 from trainer.compress.schedules import Schedule
@@ -26,28 +29,56 @@ def _float32_from_bits(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def global_threshold(tensors: list[torch.Tensor], sparsity: float) -> float:
-    """The k-th smallest value over ``tensors`` (non-negative scores), k = round(sparsity * total).
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place changes reach the parameter); a tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-    Pruning every entry ``<= threshold`` removes k entries (more only on ties). Found by
-    bisection over float32 bit patterns (at most 31 rounds; non-negative floats order like their
-    bits), each round needing only one count per tensor: scalars that a sharded run all-reduces.
-    Returns -inf when k is 0.
+
+def _sum_over_shards(counts: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum per-rank ``counts`` over the mesh axes that ``tensors`` (all placed alike) are sharded on."""
+    layouts = {(t.device_mesh, t.placements) for t in tensors if isinstance(t, DTensor)}
+    if not layouts:
+        return counts
+    assert len(layouts) == 1 and all(isinstance(t, DTensor) for t in tensors), \
+        "pruning thresholds need all tensors sharded alike (one FSDP mesh)"
+    ((mesh, placements),) = layouts
+    reduced = counts.to(mesh.device_type)  # CPU-offloaded shards on a GPU mesh reduce on the GPU
+    for axis, placement in enumerate(placements):
+        if placement.is_shard():
+            dist.all_reduce(reduced, group=mesh.get_group(axis))
+    return reduced.to(counts.device)
+
+
+def kth_thresholds(groups: list[list[torch.Tensor]], sparsity: float) -> list[float]:
+    """For each group of non-negative score tensors, its k-th smallest value, k = round(sparsity * numel).
+
+    Pruning every entry ``<= threshold`` removes k entries of the group (more only on ties). Found
+    by bisection over float32 bit patterns (at most 31 rounds; non-negative floats order like their
+    bits), all groups in lock-step, each round needing one count per group: for DTensor shards, one
+    all-reduce of that count vector over the shard axes, so no weight leaves its rank. A group's
+    threshold is -inf when its k is 0.
     """
-    total = sum(t.numel() for t in tensors)
-    k = round(sparsity * total)
-    if k <= 0:
-        return -math.inf
-    below, at_or_above = -1, FLOAT32_INF_BITS  # count(<= below) < k <= count(<= at_or_above)
-    while at_or_above - below > 1:
-        mid = (below + at_or_above) // 2
-        threshold = _float32_from_bits(mid)
-        count = sum(int((t <= threshold).sum()) for t in tensors)
-        if count >= k:
-            at_or_above = mid
-        else:
-            below = mid
-    return _float32_from_bits(at_or_above)
+    flat = [t for group in groups for t in group]
+    shards = [[local(t) for t in group] for group in groups]
+    ks = [round(sparsity * sum(t.numel() for t in group)) for group in groups]  # DTensor numel is global
+    below = [-1] * len(groups)  # count(<= below) < k <= count(<= at_or_above)
+    at_or_above = [FLOAT32_INF_BITS] * len(groups)
+    while any(k > 0 and hi - lo > 1 for k, lo, hi in zip(ks, below, at_or_above)):
+        mids = [(lo + hi) // 2 for lo, hi in zip(below, at_or_above)]
+        local_counts = [sum(int((t <= _float32_from_bits(mid)).sum()) for t in group) for group, mid in zip(shards, mids)]
+        counts = _sum_over_shards(torch.tensor(local_counts, dtype=torch.int64), flat).tolist()
+        for i, (k, mid, count) in enumerate(zip(ks, mids, counts)):
+            if k > 0 and at_or_above[i] - below[i] > 1:
+                if count >= k:
+                    at_or_above[i] = mid
+                else:
+                    below[i] = mid
+    return [_float32_from_bits(hi) if k > 0 else -math.inf for k, hi in zip(ks, at_or_above)]
+
+
+def global_threshold(tensors: list[torch.Tensor], sparsity: float) -> float:
+    """The k-th smallest value over all of ``tensors`` (see ``kth_thresholds``)."""
+    return kth_thresholds([tensors], sparsity)[0]
 
 
 def magnitude_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,14 +90,24 @@ def magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Ten
                     sparsity: float, scope: str) -> dict[str, torch.Tensor]:
     """Prune the smallest |w|: per tensor (``scope="layer"``) or over all of them (``"global"``)."""
     scores = {name: magnitude_scores(w, masks[name]) for name, w in weights.items()}
+    groups = [list(scores.values())] if scope == "global" else [[s] for s in scores.values()]
+    thresholds = kth_thresholds(groups, sparsity)
     if scope == "global":
-        threshold = global_threshold(list(scores.values()), sparsity)
-        return {name: masks[name] & (s > threshold) for name, s in scores.items()}
-    return {name: masks[name] & (s > global_threshold([s], sparsity)) for name, s in scores.items()}
+        thresholds = thresholds * len(scores)
+    return {name: masks[name] & (s > threshold) for (name, s), threshold in zip(scores.items(), thresholds)}
 
 
 def nm_mask(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` largest |w| in every group of ``m`` consecutive entries along the last (input) dim."""
+    """Keep the ``n`` largest |w| in every group of ``m`` consecutive entries along the last (input) dim.
+
+    A DTensor weight must be sharded by rows (FSDP2's ``Shard(0)``), so every group is on one rank.
+    """
+    if isinstance(weight, DTensor):
+        assert all(not p.is_shard() or p.dim == 0 for p in weight.placements), \
+            f"N:M pruning needs row-sharded weights, got {weight.placements}"
+        kept = nm_mask(weight.to_local(), mask.to_local(), n, m)
+        return DTensor.from_local(kept, mask.device_mesh, mask.placements, run_check=False,
+                                  shape=mask.shape, stride=mask.stride())
     scores = weight.detach().abs().float().masked_fill(~mask, -1.0).reshape(-1, m)
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n, dim=1).indices, True)
     return mask & keep.view_as(mask)
@@ -207,7 +248,7 @@ def plan_thinning(model: nn.Module, masks: dict[str, torch.Tensor]) -> ThinPlan:
     """
     fixed_width = {
         name for name, module in model.named_modules()
-        if qat.is_quantized(module) and qat.quant_spec(module)["group_size"] < module.in_features
+        if qat.is_quantized(module) and qat.quant_spec(module)["group_size"] < module.weight.shape[1]
     }
     widths, index = {}, {}
     for group in unit_groups(model):

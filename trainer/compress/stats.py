@@ -1,8 +1,11 @@
 """Compression metrics measured from the weights themselves (not from the schedules' intent).
 
 Model size and bits describe the export (``Compressor.export``): the thinned GPT, masked,
-QAT targets stored as integers at their QAT bits (whether or not fake-quant is on yet), the
-rest fp32, each tensor dense or sparse, whichever ``export.storage_bytes`` says is smaller.
+QAT targets (Linears and embeddings; a tied head is stored once, as its embedding) stored as
+integers at their QAT bits with fp16 scales (whether or not fake-quant is on yet), the rest fp32,
+each tensor dense or sparse, whichever ``export.storage_bytes`` says is smaller.
+``compress/model_bytes`` is exactly the size of the export's blobs; the folder adds its
+``config.json`` and the safetensors header (about 1 KB for a GPT).
 """
 
 from __future__ import annotations

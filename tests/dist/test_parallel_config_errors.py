@@ -1,0 +1,57 @@
+"""Bad parallel inputs stop every rank before a process group exists: one line naming the key, exit code 2.
+
+The checks read the world size from the launcher's environment, so most cases run ``python -m trainer``
+with torchrun's variables set (a second each); one case goes through torchrun itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import FAST, cli_env
+
+pytestmark = pytest.mark.dist
+
+CASES = {
+    "sizes do not multiply to the world": (4, ["parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=3"],
+                                           "parallel.dp_shard: dp_replicate=2 x dp_shard=3 = 6 ranks, but the world size is 4"),
+    "world not divisible for -1": (4, ["parallel=hsdp", "parallel.dp_replicate=3"], "parallel.dp_shard: -1 (infer)"),
+    "both inferred": (2, ["parallel=hsdp", "parallel.dp_replicate=-1"], "parallel.dp_shard: only one of"),
+    "single on two ranks": (2, ["parallel=single"], "parallel.strategy: single runs one process"),
+    "ddp that shards": (2, ["parallel=ddp", "parallel.dp_shard=2"], "parallel.dp_shard: must be 1"),
+    "fsdp that replicates": (4, ["parallel=fsdp", "parallel.dp_replicate=2"], "parallel.dp_replicate: must be 1"),
+    "batch not divisible": (2, ["parallel=fsdp", "train.batch_size=6", "train.grad_accum=2"],
+                            "train.batch_size: 6 is not divisible by data-parallel size 2 x train.grad_accum=2"),
+    "unknown param dtype": (2, ["parallel=fsdp", "parallel.param_dtype=fp16"], "parallel.param_dtype: must be one of"),
+    "bf16 params under ddp": (2, ["parallel=ddp", "parallel.param_dtype=bf16"], "parallel.param_dtype: applies to"),
+    "channel pruning on shards": (2, ["parallel=fsdp", "compress=prune_channel"], "compress.modifiers.0.kind: channel"),
+    "nccl without a gpu": (2, ["parallel=ddp", "parallel.backend=nccl"], "parallel.backend: nccl needs a CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_parallel_input_is_one_line_exit_2(tmp_path, name):
+    world, overrides, expected = CASES[name]
+    if "nccl" in name and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = cli_env(tmp_path) | {"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {expected}"), proc.stderr
+    assert not list(tmp_path.glob("outputs/*")), "nothing may be written before the config is valid"
+
+
+def test_under_torchrun_the_ranks_exit_2_and_rank_0_prints_the_line(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
+               *FAST, "parallel=fsdp", "train.batch_size=5"]
+    proc = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
+    assert lines == ["config error: train.batch_size: 5 is not divisible by data-parallel size 2 x train.grad_accum=1"]
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # torchrun's failure summary (its own traceback)
