@@ -1,7 +1,8 @@
 """Compression overhead: median step time of a KD run with pruning masks and int8 fake-quant active
 over the same run without compression (compress=none). Target ratio <= 1.25.
 
-Both use the real trainer (student tiny, nanoGPT-CPU-sized teacher, batch 12x64). The compressed
+Both use the real trainer (nanoGPT-CPU-sized teacher, batch 12x64), for each student in
+``--students`` (default: the quickstart's ``tiny``, 2/2/64, and ``nano_cpu``, 4/4/128). The compressed
 run prunes from step 0 (AGP to 50% by step 20, masks then held and re-applied every step) and
 fake-quantizes from step 0, so every timed step pays for masks and fake-quant. Windows of
 ``--window`` steps after ``--warmup``; rounds alternate. Writes benchmarks/results/compression_overhead.json.
@@ -27,26 +28,29 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--students", default="tiny,nano_cpu")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
+    rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = ["distill=kd", "teacher=path", f"teacher.checkpoint={random_teacher(tmp / 'teacher')}", "logger=console",
-                "logger.progress=false"]
-        plain_ms, compressed_ms = [], []
-        for r in range(args.rounds):
-            plain_ms += trainer_windows(base, tmp / f"plain{r}", args.steps, args.window, args.warmup)
-            compressed_ms += trainer_windows([*base, *COMPRESSED], tmp / f"compressed{r}", args.steps, args.window,
-                                             args.warmup)
-    plain, compressed = statistics.median(plain_ms), statistics.median(compressed_ms)
-    ratio = compressed / plain
-    print_table(["run", f"median step ms ({args.window}-step windows)", "windows"],
-                [["KD, compress=none", f"{plain:.2f}", len(plain_ms)],
-                 ["KD, compress=prune_qat (masks + int8 fake-quant)", f"{compressed:.2f}", len(compressed_ms)],
-                 ["ratio (compressed / none)", f"{ratio:.3f}", ""]])
-    path = write_json("compression_overhead", {"plain_ms": plain, "compressed_ms": compressed, "ratio": ratio,
-                                               "target_ratio": 1.25, "steps": args.steps, "window": args.window,
-                                               "warmup": args.warmup, "rounds": args.rounds, "compressed_overrides": COMPRESSED})
+        teacher = random_teacher(tmp / "teacher")
+        for student in args.students.split(","):
+            base = [f"student={student}", "distill=kd", "teacher=path", f"teacher.checkpoint={teacher}",
+                    "logger=console", "logger.progress=false"]
+            plain_ms, compressed_ms = [], []
+            for r in range(args.rounds):
+                plain_ms += trainer_windows(base, tmp / f"{student}-plain{r}", args.steps, args.window, args.warmup)
+                compressed_ms += trainer_windows([*base, *COMPRESSED], tmp / f"{student}-compressed{r}", args.steps,
+                                                 args.window, args.warmup)
+            plain, compressed = statistics.median(plain_ms), statistics.median(compressed_ms)
+            results[student] = {"plain_ms": plain, "compressed_ms": compressed, "ratio": compressed / plain,
+                                "windows": len(plain_ms)}
+            rows.append([student, f"{plain:.2f}", f"{compressed:.2f}", f"{compressed / plain:.3f}"])
+    print_table(["student", "compress=none ms", "prune_qat ms (masks + int8 fake-quant)", "ratio"], rows)
+    path = write_json("compression_overhead", {"students": results, "target_ratio": 1.25, "steps": args.steps,
+                                               "window": args.window, "warmup": args.warmup, "rounds": args.rounds,
+                                               "compressed_overrides": COMPRESSED})
     print(f"wrote {path}")
 
 
