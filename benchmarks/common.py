@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
@@ -25,6 +26,16 @@ def compose_config(overrides: list[str]) -> tuple[RunConfig, dict]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+def timing_parser(description: str) -> argparse.ArgumentParser:
+    """The options every step-time benchmark takes: steps per run, window size, warm-up, rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=230)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    return parser
 
 
 def random_teacher(path: Path) -> Path:

@@ -10,24 +10,19 @@ fake-quantizes from step 0, so every timed step pays for masks and fake-quant. W
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import print_table, random_teacher, trainer_windows, write_json
+from benchmarks.common import timing_parser, print_table, random_teacher, trainer_windows, write_json
 
 COMPRESSED = ["compress=prune_qat", "compress.modifiers.0.start_step=0", "compress.modifiers.0.end_step=20",
               "compress.modifiers.0.every=10", "compress.modifiers.1.start_step=0"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=230)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = timing_parser(__doc__)
     parser.add_argument("--students", default="tiny,nano_cpu")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")

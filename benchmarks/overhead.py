@@ -8,7 +8,6 @@ machine noise hits both. Prints a table and writes benchmarks/results/overhead.j
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import compose_config, print_table, random_teacher, trainer_windows, write_json
+from benchmarks.common import timing_parser, compose_config, print_table, random_teacher, trainer_windows, write_json
 from trainer import data, models
 from trainer.distill.losses import kd_loss
 from trainer.loop import build_student, param_groups
@@ -57,11 +56,7 @@ def bare_windows(overrides: list[str], teacher_dir: Path, steps: int, window: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=230)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = timing_parser(__doc__)
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     with tempfile.TemporaryDirectory() as tmp:
