@@ -18,14 +18,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
 
-import torch
 import torch.distributed as dist
 
 from benchmarks.common import compose_config, print_table, write_json
 from parallel import env as dist_env
-from trainer.compress.pruning import local
+from trainer.metrics import state_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "memory-result: "
@@ -33,11 +31,6 @@ OVERRIDES = ["data=shakespeare", "student=nano_cpu", "compress=prune_qat", "comp
              "logger=console", "logger.progress=false", "train.batch_size=8", "train.max_steps=2"]
 STRATEGIES = {"single": ["parallel=single"], "ddp": ["parallel=ddp"], "fsdp": ["parallel=fsdp"]}
 PARTS = ("params", "grads", "optimizer", "masks")
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes this rank holds for ``tensors`` (the local shard of a DTensor)."""
-    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def measure(overrides: list[str]) -> dict[str, int]:
@@ -51,12 +44,7 @@ def measure(overrides: list[str]) -> dict[str, int]:
         trainer.train_step(0)
         x, y = trainer.data.train_batch(cfg.train.seed, 1, cfg.train.batch_size, trainer.shard)
         trainer.losses(x, y)["train/loss"].backward()
-        params = list(trainer.trainable.parameters())
-        state = trainer.optimizer.state.values()
-        row = {"params": tensor_bytes(params),
-               "grads": tensor_bytes(p.grad for p in params if p.grad is not None),
-               "optimizer": tensor_bytes(v for s in state for v in s.values() if isinstance(v, torch.Tensor)),
-               "masks": tensor_bytes(trainer.compressor.masks.values())}
+        row = state_bytes(list(trainer.trainable.parameters()), trainer.optimizer, trainer.compressor.masks.values())
         trainer.logger.close()
     return row
 

@@ -37,7 +37,7 @@ def teacher(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, teacher) -> Path:
     """An uninterrupted KD run of STEPS steps with W&B offline."""
     root = tmp_path_factory.mktemp("reference")
-    run_cli(root, *RUN, "distill=kd", f"teacher=path", f"teacher.checkpoint={teacher}", "logger=wandb",
+    run_cli(root, *RUN, "distill=kd", "teacher=path", f"teacher.checkpoint={teacher}", "logger=wandb",
             "logger.progress=false", "hydra.run.dir=run")
     return root / "run"
 
