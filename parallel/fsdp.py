@@ -12,7 +12,8 @@ PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: compute in the pa
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str, reshard_after_forward: bool,
                cpu_offload: bool) -> nn.Module:
-    """Shard ``model`` in place: each of ``model.blocks`` (if any) is its own unit, the root holds the rest.
+    """Shard ``model`` in place: each of ``model.blocks`` (a list or, in a pipeline stage, a dict) is its own
+    unit, the root holds the rest.
 
     A 1-D ``mesh`` shards (FSDP); a 2-D ``(replicate, shard)`` mesh shards over the inner axis and
     replicates over the outer one (HSDP). Parameters become DTensors: build the optimizer after
@@ -26,7 +27,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str, reshard_
         mp_policy=MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[param_dtype], reduce_dtype=torch.float32),
         offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy(),
     )
-    for block in getattr(model, "blocks", ()):
+    blocks = getattr(model, "blocks", ())
+    for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model

@@ -1,20 +1,24 @@
-"""Data-parallel sizes (``ParallelDims``) and the DeviceMesh they describe.
+"""Parallel sizes (``ParallelDims``) and the DeviceMesh they describe.
 
-The mesh always has two named axes, ``dp_replicate`` (outer) and ``dp_shard`` (inner), either
-of size 1: DDP replicates over ``dp_replicate``, FSDP2 shards over ``dp_shard`` and HSDP does
-both. Every rank is a data-parallel rank, so the data shard is the rank's place in the flattened
-``(dp_replicate, dp_shard)`` grid.
+The mesh always has two named data-parallel axes, ``dp_replicate`` (outer) and ``dp_shard``
+(inner), either of size 1: DDP replicates over ``dp_replicate``, FSDP2 shards over ``dp_shard`` and
+HSDP does both. With pipeline parallelism a ``pp`` axis comes first (outermost): the ranks of one
+``pp`` slice hold the successive stages of one replica. The data shard is the rank's place in the
+flattened ``(dp_replicate, dp_shard)`` grid, so the stages of one pipeline read the same rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 REPLICATE_AXIS = "dp_replicate"
 SHARD_AXIS = "dp_shard"
+PP_AXIS = "pp"
 MESH_AXES = (REPLICATE_AXIS, SHARD_AXIS)
+SIZES = ("dp_replicate", "dp_shard", "pp")
 INFER = -1
 
 
@@ -28,32 +32,35 @@ class ParallelDimsError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Data-parallel sizes over ``world_size`` ranks; ``-1`` in one of them means "the rest"."""
+    """Sizes over ``world_size`` ranks; ``-1`` in one of ``dp_replicate``, ``dp_shard``, ``pp`` means "the rest"."""
 
     dp_replicate: int
     dp_shard: int
     world_size: int
+    pp: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "dp_shard"):
+        for name in SIZES:
             size = getattr(self, name)
             if size != INFER and size < 1:
                 raise ParallelDimsError(name, f"must be >= 1 or -1 (infer) (got {size})")
-        if self.dp_replicate == INFER and self.dp_shard == INFER:
-            raise ParallelDimsError("dp_shard", "only one of dp_replicate and dp_shard may be -1 (infer)")
-        if INFER in (self.dp_replicate, self.dp_shard):
-            known_name, known = (("dp_replicate", self.dp_replicate) if self.dp_shard == INFER
-                                 else ("dp_shard", self.dp_shard))
-            inferred_name = "dp_shard" if self.dp_shard == INFER else "dp_replicate"
-            if self.world_size % known:
-                raise ParallelDimsError(inferred_name, f"-1 (infer) needs the world size {self.world_size} "
-                                        f"to be divisible by {known_name}={known}")
-            object.__setattr__(self, inferred_name, self.world_size // known)
-        if self.dp_replicate * self.dp_shard != self.world_size:
-            raise ParallelDimsError(
-                "dp_shard" if self.dp_shard != 1 else "dp_replicate",
-                f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} = "
-                f"{self.dp_replicate * self.dp_shard} ranks, but the world size is {self.world_size}")
+        inferred = [name for name in SIZES if getattr(self, name) == INFER]
+        if len(inferred) > 1:
+            raise ParallelDimsError(inferred[1], f"only one of {', '.join(inferred)} may be -1 (infer)")
+        known = [(name, getattr(self, name)) for name in SIZES if name not in inferred]
+        if inferred:
+            product = math.prod(size for _, size in known)
+            if self.world_size % product:
+                factors = " x ".join(f"{name}={size}" for name, size in known if size != 1)
+                raise ParallelDimsError(inferred[0], f"-1 (infer) needs the world size {self.world_size} "
+                                        f"to be divisible by {factors}")
+            object.__setattr__(self, inferred[0], self.world_size // product)
+        sizes = [(name, getattr(self, name)) for name in SIZES if name != "pp" or self.pp != 1]
+        if math.prod(size for _, size in sizes) != self.world_size:
+            at_fault = "pp" if self.pp != 1 else "dp_shard" if self.dp_shard != 1 else "dp_replicate"
+            factors = " x ".join(f"{name}={size}" for name, size in sizes)
+            raise ParallelDimsError(at_fault, f"{factors} = {math.prod(size for _, size in sizes)} ranks, "
+                                    f"but the world size is {self.world_size}")
 
     @property
     def dp_size(self) -> int:
@@ -73,15 +80,28 @@ class ParallelDims:
         """Parameters are replicated and gradients all-reduced (DDP)."""
         return self.dp_replicate > 1 and self.dp_shard == 1
 
+    @property
+    def pp_enabled(self) -> bool:
+        """The student is split into pipeline stages over the ``pp`` axis."""
+        return self.pp > 1
+
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """The ``(dp_replicate, dp_shard)`` mesh; None for one rank (no process group needed)."""
+        """The ``(dp_replicate, dp_shard)`` mesh, ``(pp, dp_replicate, dp_shard)`` with pipeline parallelism;
+        None for one rank (no process group needed)."""
         if self.world_size == 1:
             return None
+        if self.pp_enabled:
+            return init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
+                                    mesh_dim_names=(PP_AXIS, *MESH_AXES))
         return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=MESH_AXES)
+
+    def dp_mesh(self, mesh: DeviceMesh | None) -> DeviceMesh | None:
+        """The ``(dp_replicate, dp_shard)`` part of ``mesh``: the ranks that hold the same stage."""
+        return mesh[MESH_AXES] if mesh is not None and self.pp_enabled else mesh
 
     def dp_rank(self, mesh: DeviceMesh | None) -> int:
         """This rank's index among the data-parallel ranks (which slice of the global batch it reads)."""
         if mesh is None:
             return 0
-        replicate, shard = mesh.get_coordinate()
+        *_, replicate, shard = mesh.get_coordinate()
         return replicate * self.dp_shard + shard

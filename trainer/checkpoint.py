@@ -32,6 +32,9 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"
 METADATA_FILE = ".metadata"
+# Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not per
+# group: pipeline stages hold different parameters in their groups, and any layout can load any other.
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 
@@ -112,7 +115,7 @@ def save(root: Path, step: int, *, model, optimizer, extra: dict, model_spec: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     extra_tensors, extra_plain = split_state(extra)
     state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
     with _single_process_is_fine():
@@ -133,12 +136,13 @@ def save(root: Path, step: int, *, model, optimizer, extra: dict, model_spec: di
 
 def load(path: Path, *, model, optimizer, extra_template: dict) -> dict:
     """Load model and optimizer in place; return the extra state (tensors filled like the template)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     extra_tensors, _ = split_state(extra_template)
     state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
     with _single_process_is_fine():
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=OPTIM_OPTIONS)
     plain = json.loads((path / STATE_FILE).read_text())
     return join_state(state["extra"], plain)
 

@@ -35,7 +35,10 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     checkpoint: Optional[str] = None  # export folder, run dir, or checkpoint folder
-    placement: str = "replicate"
+    placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
+    param_dtype: str = "fp32"  # shard: dtype the gathered teacher computes in (fp32 | bf16)
+    cache_dir: Optional[str] = None  # cache: folder written by `python -m trainer.cache` (same overrides)
+    cache_dtype: str = "fp32"  # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16)
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
     recipe: list[str] = field(default_factory=list)
 
@@ -96,13 +99,17 @@ class CompressConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "single"  # single | ddp | fsdp | hsdp
+    strategy: str = "single"  # single | ddp | fsdp | hsdp | pipeline
     backend: str = "auto"  # auto | gloo | nccl
     dp_replicate: int = 1  # ranks holding whole replicas (DDP, HSDP's outer axis); -1 = the rest
     dp_shard: int = 1  # ranks one replica is sharded over (FSDP2, HSDP's inner axis); -1 = the rest
     reshard_after_forward: bool = True  # FSDP: free gathered parameters after forward (re-gather in backward)
     cpu_offload: bool = False  # FSDP: keep sharded parameters, gradients and optimizer state on the CPU
     param_dtype: str = "fp32"  # FSDP compute dtype: fp32 | bf16 (gradients are reduced in fp32)
+    pp: int = 1  # pipeline stages the student is split into (parallel.strategy=pipeline); -1 = the rest
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    microbatches: int = 1  # pipeline micro-batches per rank and step (in place of train.grad_accum)
+    stages_per_rank: int = 1  # interleaved_1f1b: stages each rank holds (stage s runs on pipeline rank s % pp)
 
 
 @dataclass
@@ -229,7 +236,8 @@ def validate(cfg: RunConfig) -> None:
     _validate_compress(cfg)
 
 
-STRATEGIES = ("single", "ddp", "fsdp", "hsdp")
+STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "pipeline")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 def world_size_from_env() -> int:
@@ -244,7 +252,7 @@ def parallel_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
     from parallel.mesh import ParallelDims, ParallelDimsError
 
     try:
-        return ParallelDims(cfg.dp_replicate, cfg.dp_shard, world_size)
+        return ParallelDims(cfg.dp_replicate, cfg.dp_shard, world_size, pp=cfg.pp)
     except ParallelDimsError as e:
         raise ConfigError(f"parallel.{e.field}", e.message) from None
 
@@ -254,6 +262,7 @@ def _validate_parallel(cfg: RunConfig) -> None:
     _one_of(p.strategy, STRATEGIES, "parallel.strategy")
     _one_of(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
     _one_of(p.param_dtype, ("fp32", "bf16"), "parallel.param_dtype")
+    _one_of(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
     world = world_size_from_env()
     if p.backend == "nccl":
         import torch
@@ -272,22 +281,80 @@ def _validate_parallel(cfg: RunConfig) -> None:
         for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
             _check(getattr(p, key) == default, f"parallel.{key}",
                    f"applies to parallel.strategy=fsdp or hsdp only (strategy is {p.strategy})")
+    if p.strategy != "pipeline":
+        for key in ("pp", "microbatches", "stages_per_rank"):
+            _check(getattr(p, key) == 1, f"parallel.{key}",
+                   f"applies to parallel.strategy=pipeline only (strategy is {p.strategy})")
     dims = parallel_dims(p, world)
     for i, mod in enumerate(cfg.compress.modifiers):
         _check(not (dims.fsdp_enabled and mod.kind == "channel"), f"compress.modifiers.{i}.kind",
                "channel pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)")
+    if dims.pp_enabled:
+        _validate_pipeline(cfg, dims)
+        return
     _check(t.batch_size % (dims.dp_size * t.grad_accum) == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}")
+
+
+def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
+    """What pipeline parallelism (``dims.pp`` > 1) needs, and the combinations it does not support."""
+    p, t, s = cfg.parallel, cfg.train, cfg.student
+    if not dims.fsdp_enabled:
+        for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
+            _check(getattr(p, key) == default, f"parallel.{key}",
+                   "applies to FSDP2 inside the stages only (set parallel.dp_shard > 1)")
+    _check(s.arch == "gpt", "parallel.pp", f"pipeline parallelism splits a gpt student at block boundaries "
+           f"(student.arch is {s.arch})")
+    _check(p.stages_per_rank >= 1, "parallel.stages_per_rank", f"must be >= 1 (got {p.stages_per_rank})")
+    stages = dims.pp * p.stages_per_rank
+    _check(stages <= s.n_layer, "parallel.pp", f"{stages} pipeline stages for {s.n_layer} blocks "
+           "(student.n_layer): every stage needs at least one block")
+    _check(p.microbatches >= 1, "parallel.microbatches", f"must be >= 1 (got {p.microbatches})")
+    if p.pp_schedule == "interleaved_1f1b":
+        _check(p.stages_per_rank >= 2, "parallel.stages_per_rank",
+               f"must be >= 2 with parallel.pp_schedule=interleaved_1f1b (got {p.stages_per_rank})")
+        _check(p.microbatches % dims.pp == 0, "parallel.microbatches",
+               f"{p.microbatches} is not a multiple of parallel.pp={dims.pp} (interleaved_1f1b)")
+    else:
+        _check(p.stages_per_rank == 1, "parallel.stages_per_rank",
+               f"must be 1 with parallel.pp_schedule={p.pp_schedule} (got {p.stages_per_rank}; use interleaved_1f1b)")
+    if p.pp_schedule == "1f1b":
+        _check(p.microbatches >= dims.pp, "parallel.microbatches",
+               f"1f1b needs at least as many micro-batches as stages: {p.microbatches} < parallel.pp={dims.pp}")
+    _check(t.grad_accum == 1, "train.grad_accum",
+           f"must be 1 with pipeline parallelism: set parallel.microbatches instead (got {t.grad_accum})")
+    _check(t.batch_size % (dims.dp_size * p.microbatches) == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x "
+           f"parallel.microbatches={p.microbatches}")
+    _check(not cfg.distill.features, "distill.features",
+           f"feature distillation is not supported with pipeline parallelism (parallel.pp={dims.pp}): "
+           "the student's hidden states live on different stages")
+    _check(cfg.teacher.placement == "replicate", "teacher.placement",
+           f"must be replicate with pipeline parallelism: the teacher runs whole on the last stage "
+           f"(got {cfg.teacher.placement})")
+    for i, mod in enumerate(cfg.compress.modifiers):
+        _check(not (mod.kind == "magnitude" and mod.scope == "global"), f"compress.modifiers.{i}.scope",
+               "global magnitude pruning ranks weights across stages: not supported with pipeline "
+               "parallelism (use scope=layer)")
 
 
 def needs_teacher(cfg: RunConfig) -> bool:
     return cfg.distill.loss != "none" or bool(cfg.distill.features)
 
 
+TEACHER_PLACEMENTS = ("replicate", "shard", "cache")
+
+
 def _validate_teacher(cfg: RunConfig) -> None:
     from trainer import data
     from trainer.distill import teacher
 
+    tc = cfg.teacher
+    _one_of(tc.placement, TEACHER_PLACEMENTS, "teacher.placement")
+    _one_of(tc.param_dtype, ("fp32", "bf16"), "teacher.param_dtype")
+    _one_of(tc.cache_dtype, ("fp32", "bf16", "fp16"), "teacher.cache_dtype")
+    _check(tc.param_dtype == "fp32" or tc.placement == "shard", "teacher.param_dtype",
+           f"applies to teacher.placement=shard only (placement is {tc.placement})")
     if not needs_teacher(cfg):
         _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
         return
@@ -312,6 +379,26 @@ def _validate_teacher(cfg: RunConfig) -> None:
     for i, f in enumerate(cfg.distill.features):
         _check(0 <= f.student_layer <= s_layers, f"distill.features.{i}.student_layer", f"must be in [0, {s_layers}]")
         _check(0 <= f.teacher_layer <= t_layers, f"distill.features.{i}.teacher_layer", f"must be in [0, {t_layers}]")
+    if tc.placement == "shard":
+        dp = parallel_dims(cfg.parallel, world_size_from_env()).dp_size
+        _check(dp > 1, "teacher.placement", "shard needs more than one data-parallel rank "
+               "(launch with torchrun and parallel=ddp, fsdp or hsdp; or use teacher.placement=replicate)")
+    if tc.placement == "cache":
+        _validate_cache(cfg)
+
+
+def _validate_cache(cfg: RunConfig) -> None:
+    """A cached teacher: logits only, and a complete cache written for this teacher, data and batch layout."""
+    from trainer.distill import cache
+
+    _check(not cfg.distill.features, "distill.features",
+           "feature distillation needs the teacher's hidden states: not available with teacher.placement=cache")
+    _check(cfg.teacher.cache_dir is not None, "teacher.cache_dir",
+           "teacher.placement=cache needs teacher.cache_dir=PATH (written by python -m trainer.cache)")
+    try:
+        cache.check(cfg)
+    except cache.CacheError as e:
+        raise ConfigError("teacher.cache_dir", str(e)) from None
 
 
 def _validate_compress(cfg: RunConfig) -> None:

@@ -22,13 +22,15 @@ from parallel.collectives import dp_mean, dp_sum
 from parallel.ddp import assert_replicas_equal
 from parallel.mesh import REPLICATE_AXIS
 from parallel.parallelize import no_gradient_sync, parallelize
+from parallel.pipeline import build_pipeline
+from parallel.teacher import TeacherOutput, build_teacher
 from trainer import checkpoint, data, models, report
-from trainer.config import RunConfig, needs_teacher, parallel_dims
-from trainer.distill import teacher as teacher_io
+from trainer.config import DistillConfig, RunConfig, needs_teacher, parallel_dims
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.losses import kd_loss
+from trainer.distill.losses import kd_loss, kd_loss_topk
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
+from trainer.metrics import held_bytes
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
@@ -74,6 +76,50 @@ def build_student(cfg: RunConfig, dataset) -> nn.Module:
                         n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout, bias=s.bias)
 
 
+def logit_losses(logits: torch.Tensor, y: torch.Tensor, teacher: TeacherOutput | None,
+                 d: DistillConfig) -> dict[str, torch.Tensor]:
+    """``train/ce``, ``distill/kd`` (with a KD loss) and ``train/loss`` = (1 - alpha) * CE + alpha * KD of a batch."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    out = {"train/ce": ce, "train/loss": (1 - d.alpha) * ce}
+    if d.loss != "none":
+        options = dict(kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size)
+        kd = (kd_loss_topk(logits, *teacher.topk, **options) if teacher.topk is not None
+              else kd_loss(logits, teacher.logits, top_k=d.top_k, **options))
+        out["distill/kd"] = kd
+        out["train/loss"] = out["train/loss"] + d.alpha * kd
+    return out
+
+
+class PipelineLoss:
+    """The pipeline's loss on the last stage, per micro-batch: the teacher's logits, then ``logit_losses``.
+
+    The target packs the micro-batch's tokens and labels as ``[rows, tokens, 2]``, so the teacher runs on
+    the micro-batch the student saw, as ``Trainer.losses`` does under accumulation. Returns the loss over
+    ``microbatches`` (the pipeline does not rescale gradients) and keeps the step's averaged terms.
+    """
+
+    def __init__(self, teacher: nn.Module | None, distill: DistillConfig, microbatches: int):
+        self.teacher, self.distill, self.microbatches = teacher, distill, microbatches
+        self.keys = ["train/ce", "train/loss"] + (["distill/kd"] if distill.loss != "none" else [])
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x, y = target.unbind(-1)
+        t_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = TeacherOutput(logits=self.teacher(x))
+        parts = logit_losses(logits, y, t_out, self.distill)
+        for key, value in parts.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value.detach() / self.microbatches
+        return parts["train/loss"] / self.microbatches
+
+    def pop_totals(self) -> dict[str, torch.Tensor]:
+        """The terms averaged over the micro-batches since the last call."""
+        totals, self.totals = self.totals, {}
+        return totals
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """nanoGPT's split: matrices decay, vectors (norms, biases) do not."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -92,16 +138,28 @@ class Trainer:
         self.mesh = self.dims.build_mesh(env.device.type)
         self.shard = data.Shard(self.dims.dp_rank(self.mesh), self.dims.dp_size, cfg.train.grad_accum)
         self.student = build_student(cfg, self.data).to(env.device)
-        self.teacher = teacher_io.load(cfg.teacher.checkpoint, env.device) if needs_teacher(cfg) else None
+        self.teacher = build_teacher(cfg, self.dims, env.device, self.shard) if needs_teacher(cfg) else None
         self.student_layers = tuple(f.student_layer for f in cfg.distill.features)
-        self.teacher_layers = tuple(f.teacher_layer for f in cfg.distill.features)
         self.trainable = nn.ModuleDict({"student": self.student})
         if cfg.distill.features:
-            self.trainable["features"] = FeatureDistiller(cfg.distill.features, self.student.width, self.teacher.width)
+            self.trainable["features"] = FeatureDistiller(cfg.distill.features, self.student.width,
+                                                          self.teacher.module.width)
         self.compressor = self.build_compressor(self.student, cfg.compress.modifiers)
+        self.student_spec = models.model_spec(self.student)
+        self.dp_mesh = self.dims.dp_mesh(self.mesh)
+        self.pipeline = None
+        if self.dims.pp_enabled:
+            # From here on the student is this rank's stages; the compressor covers their parameters.
+            self.pipeline_loss = PipelineLoss(self.teacher.module if self.teacher else None, cfg.distill,
+                                              cfg.parallel.microbatches)
+            rows = cfg.train.batch_size // (self.dims.dp_size * cfg.parallel.microbatches)
+            self.pipeline = build_pipeline(self.student, self.dims, self.mesh, cfg.parallel, loss_fn=self.pipeline_loss,
+                                           microbatch=(rows, block), device=env.device)
+            self.student = self.trainable["student"] = self.pipeline.part
+            self.compressor = self.compressor.for_part(self.student) if self.compressor else None
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
-        self.parallel_modules = {name: parallelize(module, self.dims, self.mesh, cfg.parallel)
-                                 for name, module in self.trainable.items()}
+        self.parallel_modules = {} if self.pipeline else {
+            name: parallelize(module, self.dims, self.mesh, cfg.parallel) for name, module in self.trainable.items()}
         t = cfg.train
         self.optimizer = torch.optim.AdamW(param_groups(self.trainable, t.weight_decay), lr=t.lr,
                                            betas=(t.beta1, t.beta2), fused=False)
@@ -131,15 +189,18 @@ class Trainer:
     def full_student(self) -> tuple[nn.Module | None, Compressor | None]:
         """(student, compressor) over full tensors on rank 0, (None, None) elsewhere.
 
-        Without sharding, the live ones. Under FSDP2 a collective: the full state is gathered to
-        rank 0's CPU and loaded into a plain copy of the student with its own compressor.
+        Without sharding or stages, the live ones. Under FSDP2 or pipelining a collective: the full state
+        is gathered to rank 0's CPU and loaded into a plain copy of the student with its own compressor.
         """
-        if not self.dims.fsdp_enabled:
+        if self.pipeline is not None:
+            state, compress_state = self.gather_stages()
+        elif self.dims.fsdp_enabled:
+            state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            compress_state = self.compressor.state_dict() if self.compressor else None
+            if compress_state is not None:
+                compress_state["masks"] = {name: full_tensor(mask).cpu() for name, mask in compress_state["masks"].items()}
+        else:
             return (self.student, self.compressor) if self.env.is_main else (None, None)
-        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        compress_state = self.compressor.state_dict() if self.compressor else None
-        if compress_state is not None:
-            compress_state["masks"] = {name: full_tensor(mask).cpu() for name, mask in compress_state["masks"].items()}
         if not self.env.is_main:
             return None, None
         with torch.random.fork_rng(devices=[]):  # building the copy must not advance the training RNG
@@ -150,6 +211,21 @@ class Trainer:
         if compressor:
             compressor.load_state_dict(compress_state)
         return student.to(self.env.device), compressor
+
+    def gather_stages(self) -> tuple[dict | None, dict | None]:
+        """(model state, compression state) of the whole student, from every stage's full tensors, on rank 0's
+        CPU; (None, None) elsewhere. A collective: every rank calls it."""
+        state = {name: full_tensor(tensor).detach().cpu() for name, tensor in self.student.state_dict().items()}
+        compress_state = self.compressor.state_dict() if self.compressor else None
+        if compress_state is not None:
+            compress_state["masks"] = {name: full_tensor(mask).cpu() for name, mask in compress_state["masks"].items()}
+        stages = self.pipeline.gather_to_first((state, compress_state)) if self.shard.rank == 0 else None
+        if not self.env.is_main:
+            return None, None
+        state = {name: tensor for stage_state, _ in stages for name, tensor in stage_state.items()}
+        if compress_state is not None:  # steps and schedule positions are the same on every stage
+            compress_state["masks"] = {name: mask for _, stage in stages for name, mask in stage["masks"].items()}
+        return state, compress_state
 
     # ---- state -------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -174,27 +250,18 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         self.last_checkpoint = checkpoint.save(
             self.ckpt_root, step, model=self.trainable, optimizer=self.optimizer, extra=self.extra_state(),
-            model_spec=models.model_spec(self.student), keep_last=self.cfg.train.keep_last)
+            model_spec=self.student_spec, keep_last=self.cfg.train.keep_last)
 
     # ---- one step ----------------------------------------------------------------------
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The loss terms of micro-batch ``micro`` of step ``step`` (inputs ``x``, labels ``y``)."""
         d = self.cfg.distill
-        t_logits = t_hidden = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_out = self.teacher(x, hidden_layers=self.teacher_layers)
-            t_logits, t_hidden = t_out if self.teacher_layers else (t_out, None)
+        t_out = self.teacher(x, step, micro) if self.teacher is not None else None
         s_out = self.parallel_modules["student"](x, hidden_layers=self.student_layers)
         logits, s_hidden = s_out if self.student_layers else (s_out, None)
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        out = {"train/ce": ce, "train/loss": (1 - d.alpha) * ce}
-        if d.loss != "none":
-            kd = kd_loss(logits, t_logits, kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y,
-                         chunk_size=d.chunk_size, top_k=d.top_k)
-            out["distill/kd"] = kd
-            out["train/loss"] = out["train/loss"] + d.alpha * kd
+        out = logit_losses(logits, y, t_out, d)
         if s_hidden is not None:
-            feat, parts = self.parallel_modules["features"](s_hidden, t_hidden)
+            feat, parts = self.parallel_modules["features"](s_hidden, t_out.hidden)
             out.update(parts)
             out["distill/features"] = feat
             out["train/loss"] = out["train/loss"] + feat
@@ -206,18 +273,8 @@ class Trainer:
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals: dict[str, torch.Tensor] = {}
-        for micro in range(t.grad_accum):
-            x, y = self.data.train_batch(t.seed, step, t.batch_size, self.shard, micro)
-            x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
-            last = micro == t.grad_accum - 1
-            with contextlib.nullcontext() if last else no_gradient_sync(self.parallel_modules.values()):
-                with self.autocast:
-                    parts = self.losses(x, y)
-                (parts["train/loss"] / t.grad_accum).backward()
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value.detach() / t.grad_accum
-        totals = dp_mean(totals, self.mesh)  # the global batch's values, the same on every rank
+        # The global batch's values, the same on every rank.
+        totals = self.pipeline_forward_backward(step) if self.pipeline else self.forward_backward(step)
         loss = totals["train/loss"].item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -225,7 +282,8 @@ class Trainer:
         if self.compressor:
             self.compressor.mask_gradients()
         if t.grad_clip > 0:
-            totals["train/grad_norm"] = full_tensor(nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip))
+            totals["train/grad_norm"] = (self.pipeline.clip_grad_norm_(t.grad_clip) if self.pipeline else
+                                         full_tensor(nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.compressor:
@@ -233,25 +291,65 @@ class Trainer:
         totals["train/lr"] = torch.tensor(lr)
         return totals
 
+    def forward_backward(self, step: int) -> dict[str, torch.Tensor]:
+        """Forward and backward of step ``step``'s micro-batches (gradients synced after the last); the loss terms
+        averaged over them and over the data-parallel ranks."""
+        t = self.cfg.train
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(t.grad_accum):
+            x, y = self.data.train_batch(t.seed, step, t.batch_size, self.shard, micro)
+            x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+            last = micro == t.grad_accum - 1
+            with contextlib.nullcontext() if last else no_gradient_sync(self.parallel_modules.values()):
+                with self.autocast:
+                    parts = self.losses(x, y, step, micro)
+                (parts["train/loss"] / t.grad_accum).backward()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value.detach() / t.grad_accum
+        return dp_mean(totals, self.dp_mesh)
+
+    def pipeline_forward_backward(self, step: int) -> dict[str, torch.Tensor]:
+        """``forward_backward`` through the pipeline: the schedule splits this rank's rows into micro-batches,
+        the last stage computes the losses, and its averages reach every rank."""
+        t = self.cfg.train
+        x, y = self.data.train_batch(t.seed, step, t.batch_size, self.shard)
+        x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+        with self.autocast:
+            self.pipeline.step(x, target=torch.stack([x, y], dim=-1))
+        self.pipeline.sync_tied_grads()
+        keys = self.pipeline_loss.keys
+        if self.pipeline.has_last:
+            totals = dp_mean(self.pipeline_loss.pop_totals(), self.dp_mesh)
+            values = torch.stack([totals[key].float() for key in keys])
+        else:
+            values = torch.zeros(len(keys), device=self.env.device)
+        return dict(zip(keys, self.pipeline.broadcast_from_last(values).unbind()))
+
     # ---- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, distributed: bool = False) -> dict[str, float]:
         """Validation metrics of ``model``: over this rank's slices, summed over all ranks, when
-        ``distributed`` (every rank calls it); else over whole batches on this rank alone."""
+        ``distributed`` (every rank calls it; a pipelined student runs through its stages); else over
+        whole batches on this rank alone."""
         was_training = model.training
         model.eval()
+        pipelined = distributed and self.pipeline is not None
         sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, correct, count
         shard = data.Shard(self.shard.rank, self.shard.world) if distributed else data.Shard()  # no accumulation
         for x, y in self.data.val_batches(self.cfg.train.batch_size, shard):
             x, y = x.to(self.env.device), y.to(self.env.device)
             with self.autocast:
-                logits = model(x)
+                logits = self.pipeline.forward(x) if pipelined else model(x)
+            if logits is None:
+                continue  # not the last stage: that one scores the batch
             sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
             sums[1] += (logits.argmax(-1) == y).sum()
             sums[2] += y.numel()
         model.train(was_training)
         if distributed:
-            dp_sum(sums, self.mesh)
+            dp_sum(sums, self.dp_mesh)
+        if pipelined:
+            self.pipeline.broadcast_from_last(sums)
         loss_sum, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         out = {"eval/val_loss": loss_sum / count}
         if self.data.task == "classify":
@@ -278,6 +376,8 @@ class Trainer:
                     metrics = {k: float(v) for k, v in totals.items()}
                     metrics["perf/step_ms"] = 1000 * elapsed / interval_steps
                     metrics["perf/tokens_per_s"] = self.tokens_per_step * interval_steps / elapsed
+                    if self.teacher is not None and self.pipeline is None:
+                        metrics.update(self.teacher_metrics(interval_steps))
                     evaluate = step % t.eval_every == 0 or step == t.max_steps
                     if self.compressor:
                         metrics.update(self.compression_metrics(step, table=evaluate))
@@ -295,6 +395,13 @@ class Trainer:
             print(report.closing_table(summary))
         return last_eval.get("eval/val_loss", float("nan"))
 
+    def teacher_metrics(self, steps: int) -> dict[str, float]:
+        """``distill/teacher_ms``: time per step the student waited on the teacher over the last ``steps``;
+        ``distill/teacher_param_bytes``: the teacher parameter bytes this rank holds (0 for a cache)."""
+        module = self.teacher.module
+        return {"distill/teacher_ms": 1000 * self.teacher.pop_wait_seconds() / steps,
+                "distill/teacher_param_bytes": float(held_bytes(module.parameters()) if module is not None else 0)}
+
     def compression_metrics(self, step: int, table: bool) -> dict[str, float]:
         """``compress/*`` metrics from full tensors, also logging the per-layer table if ``table``; {} off rank 0."""
         student, compressor = self.full_student()
@@ -310,6 +417,10 @@ class Trainer:
             assert_replicas_equal(self.trainable, self.mesh[REPLICATE_AXIS])
             if self.env.is_main:
                 print(f"ddp: parameters identical on all {self.dims.dp_replicate} ranks", file=sys.stderr)
+        if self.pipeline is not None:
+            self.pipeline.assert_tied_weights_equal()
+            if self.env.is_main:
+                print("pipeline: tied tok_emb.weight identical on the first and the last stage", file=sys.stderr)
         student, compressor = self.full_student()
         if not self.env.is_main:
             return None
@@ -322,10 +433,12 @@ class Trainer:
             models.save_dense(student, staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        teacher_eval = self.evaluate(self.teacher) if self.teacher is not None else None
+        # Only a replicated teacher is whole on rank 0: a sharded one's forward is a collective, a cache has none.
+        teacher = self.teacher.module if self.teacher is not None and self.teacher.placement == "replicate" else None
+        teacher_eval = self.evaluate(teacher) if teacher is not None else None
         export_eval = self.evaluate(models.load(final).to(self.env.device))
         summary = report.write(
-            self.run_dir, cfg=self.cfg, student=student, teacher=self.teacher, final_dir=final,
+            self.run_dir, cfg=self.cfg, student=student, teacher=teacher, final_dir=final,
             student_eval=last_eval, export_eval=export_eval, teacher_eval=teacher_eval,
             train_seconds=self.train_seconds, steps=self.cfg.train.max_steps,
             example=next(iter(self.data.val_batches(self.cfg.train.batch_size)))[0],

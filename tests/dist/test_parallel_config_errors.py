@@ -30,6 +30,23 @@ CASES = {
     "bf16 params under ddp": (2, ["parallel=ddp", "parallel.param_dtype=bf16"], "parallel.param_dtype: applies to"),
     "channel pruning on shards": (2, ["parallel=fsdp", "compress=prune_channel"], "compress.modifiers.0.kind: channel"),
     "nccl without a gpu": (2, ["parallel=ddp", "parallel.backend=nccl"], "parallel.backend: nccl needs a CUDA GPU"),
+    "pipeline sizes do not multiply": (4, ["parallel=pipeline", "parallel.pp=3"],
+                                       "parallel.pp: dp_replicate=1 x dp_shard=1 x pp=3 = 3 ranks, but the world size is 4"),
+    "more stages than blocks": (4, ["parallel=pipeline"], "parallel.pp: 4 pipeline stages for 2 blocks"),
+    "pp outside the pipeline strategy": (2, ["parallel=ddp", "parallel.pp=2"], "parallel.pp: applies to"),
+    "1f1b with fewer micro-batches than stages": (2, ["parallel=pipeline", "parallel.microbatches=1"],
+                                                  "parallel.microbatches: 1f1b needs at least as many"),
+    "pipeline batch not divisible": (4, ["parallel=pipeline", "parallel.pp=2", "parallel.dp_shard=2",
+                                         "train.batch_size=12"],
+                                     "train.batch_size: 12 is not divisible by data-parallel size 2 x "
+                                     "parallel.microbatches=4"),
+    "accumulation under a pipeline": (2, ["parallel=pipeline", "train.grad_accum=2"], "train.grad_accum: must be 1"),
+    "feature distillation across stages": (2, ["parallel=pipeline", "distill=kd_features"],
+                                           "distill.features: feature distillation is not supported"),
+    "global pruning across stages": (2, ["parallel=pipeline", "compress=prune_agp", "compress.modifiers.0.scope=global"],
+                                     "compress.modifiers.0.scope: global magnitude pruning"),
+    "interleaved with one stage per rank": (2, ["parallel=pipeline", "parallel.pp_schedule=interleaved_1f1b"],
+                                            "parallel.stages_per_rank: must be >= 2"),
 }
 
 

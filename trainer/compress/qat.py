@@ -5,7 +5,9 @@ group of ``group_size`` row elements, with fp16 scales; activations int8 asymmet
 (dynamic) or none.
 
 ``prepare`` swaps ``nn.Linear`` / ``nn.Embedding`` modules for torchao's ``FakeQuantizedLinear`` /
-``FakeQuantizedEmbedding`` through ``quantize_(model, QATConfig(..., step="prepare"), filter_fn=...)``.
+``FakeQuantizedEmbedding`` through ``quantize_(model, QATConfig(..., step="prepare"), filter_fn=...)``,
+then installs ``fused_fake_quant.FusedIntxFakeQuantizer`` (torchao's quantizer with the same config and
+bitwise the same numbers, in one autograd node per call) as their weight and activation quantizers.
 The swap keeps the same ``weight``/``bias`` Parameter objects (so ties survive) and the fake
 quantizers hold no parameters or buffers, so parameter names, state-dict keys and optimizer state
 are unchanged. Fake-quant starts disabled; ``set_enabled`` flips torchao's ``enabled`` flag on every
@@ -35,6 +37,8 @@ from torchao.quantization import quantize_
 from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, IntxFakeQuantizeConfig, QATConfig
 from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
 from torchao.quantization.utils import get_group_qparams_symmetric
+
+from trainer.compress.fused_fake_quant import FusedIntxFakeQuantizer
 
 WEIGHT_DTYPES = {8: torch.int8, 4: torch.int4}
 FLOAT_BITS = 32
@@ -102,12 +106,22 @@ def prepare(model: nn.Module, module_names: list[str], *, weight_bits: int, grou
         if selected:
             config = QATConfig(activation_config=act_config, weight_config=weight_config, step="prepare")
             quantize_(model, config, filter_fn=lambda module, fqn, selected=selected: fqn in selected)
+    for name in names:
+        _fuse_quantizers(model.get_submodule(name))
     for name in sorted(weight_only):
         first, *others = weight_sharers(model, model.get_submodule(name))
         for other in others:
             model.get_submodule(other).weight_fake_quantizer = model.get_submodule(first).weight_fake_quantizer
     for name in names:
         _set_module_enabled(model.get_submodule(name), False)
+
+
+def _fuse_quantizers(module: nn.Module) -> None:
+    """Replace torchao's fake quantizers of a freshly prepared module by fused ones (same configs)."""
+    for attr in ("weight_fake_quantizer", "activation_fake_quantizer"):
+        quantizer = getattr(module, attr, None)
+        if quantizer is not None:
+            setattr(module, attr, FusedIntxFakeQuantizer(quantizer.config))
 
 
 def _check_preparable(model: nn.Module, name: str, names: set[str], weight_bits: int, group_size: int) -> None:

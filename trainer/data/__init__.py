@@ -124,8 +124,7 @@ def _char_data(cfg: DataConfig, block_size: int) -> TokenData:
     lookup = torch.full((max(map(ord, chars)) + 1,), -1, dtype=torch.int64)
     lookup[torch.tensor([ord(c) for c in chars])] = torch.arange(len(chars))
     tokens = lookup[torch.tensor([ord(c) for c in text])]
-    return TokenData(tokens, chars, cfg.val_fraction, block_size, cfg.eval_batches,
-                     hashlib.sha256(raw).hexdigest()[:16])
+    return TokenData(tokens, chars, cfg.val_fraction, block_size, cfg.eval_batches, fingerprint(cfg))
 
 
 def _synthetic_data(cfg: DataConfig, block_size: int) -> TokenData:
@@ -139,7 +138,17 @@ def _synthetic_data(cfg: DataConfig, block_size: int) -> TokenData:
     cumulative = transition.cumsum(1)
     for i in range(1, cfg.synthetic_tokens):
         tokens[i] = torch.searchsorted(cumulative[tokens[i - 1]], draws[i]).clamp(max=v - 1)
-    return TokenData(tokens, v, cfg.val_fraction, block_size, cfg.eval_batches, f"synthetic-{v}-{cfg.synthetic_tokens}")
+    return TokenData(tokens, v, cfg.val_fraction, block_size, cfg.eval_batches, fingerprint(cfg))
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """The data set's ``fingerprint`` without tokenizing it: the corpus hash, or the generator's settings."""
+    if cfg.name == "synthetic":
+        return f"synthetic-{cfg.synthetic_vocab}-{cfg.synthetic_tokens}"
+    if cfg.name == "digits":
+        return DigitsData(cfg.val_fraction).fingerprint
+    path = Path(cfg.path) if cfg.path else SHAKESPEARE
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def vocab_size(cfg: DataConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -38,6 +39,18 @@ def spec(path: str | Path) -> dict:
         return models.read_export_config(folder) if kind == "export" else checkpoint.read_model_spec(folder)
     except (ValueError, OSError) as e:
         raise TeacherPathError(str(e)) from e
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 (16 hex digits) of the teacher's files: every file under the resolved folder, names and bytes."""
+    _, folder = resolve(path)
+    digest = hashlib.sha256()
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def load(path: str | Path, device: torch.device = torch.device("cpu")) -> nn.Module:

@@ -1,0 +1,123 @@
+"""The teacher as a placement over the mesh: one callable the loop asks for a micro-batch's teacher output.
+
+- ``replicate``: a whole frozen copy on every rank.
+- ``shard``: FSDP2 over every data-parallel rank (one flat axis), frozen, forward only, parameters resharded
+  after each forward, so a rank holds about 1/N of the teacher between forwards.
+- ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from parallel.fsdp import apply_fsdp
+from parallel.mesh import ParallelDims
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
+    from trainer.data import Shard
+    from trainer.distill.cache import CacheReader
+
+TEACHER_AXIS = "teacher_dp"
+
+
+@dataclass
+class TeacherOutput:
+    """Full logits ``[..., V]`` (live teachers) or a top-k ``(raw logit values, vocabulary indices)`` pair, each
+    ``[..., k]`` (a cache); hidden states by layer when asked for."""
+
+    logits: torch.Tensor | None = None
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+    hidden: dict[int, torch.Tensor] | None = None
+
+
+class Teacher:
+    """``teacher(x, step, micro)``: the teacher's output for micro-batch ``micro`` of step ``step`` (input ``x``).
+
+    ``module`` is the live model (None for a cache). Every call adds to the time the student waited on it
+    (on a GPU the call synchronizes, so that is the teacher's compute, not its kernel launches).
+    """
+
+    placement: str
+    module: nn.Module | None = None
+
+    def __init__(self) -> None:
+        self.wait_seconds = 0.0
+
+    def __call__(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        start = time.perf_counter()
+        out = self.forward(x, step, micro)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.wait_seconds += time.perf_counter() - start
+        return out
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        raise NotImplementedError
+
+    def pop_wait_seconds(self) -> float:
+        """Seconds spent in the teacher since the last call."""
+        waited, self.wait_seconds = self.wait_seconds, 0.0
+        return waited
+
+
+class LiveTeacher(Teacher):
+    """A frozen model in memory (``replicate`` or ``shard``); ``step`` and ``micro`` are not needed."""
+
+    def __init__(self, module: nn.Module, placement: str, hidden_layers: tuple[int, ...] = ()):
+        super().__init__()
+        self.module, self.placement, self.hidden_layers = module, placement, hidden_layers
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        out = self.module(x, hidden_layers=self.hidden_layers)
+        logits, hidden = out if self.hidden_layers else (out, None)
+        return TeacherOutput(logits=logits, hidden=hidden)
+
+
+class CachedTeacher(Teacher):
+    """Top-k logits read from a cache: the rows of the step's global batch that ``shard`` reads in ``micro``."""
+
+    placement = "cache"
+
+    def __init__(self, reader: CacheReader, shard: Shard):
+        super().__init__()
+        self.reader, self.shard = reader, shard
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        from trainer.data import local_slice
+
+        rows = local_slice(torch.arange(self.reader.manifest.key.batch_size), self.shard, micro)
+        values, indices, _ = self.reader.read(step, rows)
+        tokens = x.shape[:1] if x.is_floating_point() else x.shape  # features: one prediction per sample
+        values, indices = (t.reshape(*tokens, -1).to(x.device, non_blocking=True) for t in (values, indices))
+        return TeacherOutput(topk=(values, indices))
+
+
+def teacher_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """One flat axis over every data-parallel rank (DDP's replicas and FSDP's shards alike)."""
+    assert not dims.pp_enabled, "a sharded teacher spans the data-parallel ranks only (no pipeline stages)"
+    return init_device_mesh(device_type, (dims.dp_size,), mesh_dim_names=(TEACHER_AXIS,))
+
+
+def build_teacher(cfg: RunConfig, dims: ParallelDims, device: torch.device, shard: Shard) -> Teacher:
+    """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use."""
+    from trainer.distill import cache
+    from trainer.distill import teacher as teacher_io
+
+    placement = cfg.teacher.placement
+    if placement == "cache":
+        manifest = cache.check(cfg)
+        return CachedTeacher(cache.CacheReader(Path(cfg.teacher.cache_dir), manifest), shard)
+    module = teacher_io.load(cfg.teacher.checkpoint, device)
+    if placement == "shard":
+        apply_fsdp(module, teacher_mesh(dims, device.type), param_dtype=cfg.teacher.param_dtype,
+                   reshard_after_forward=True, cpu_offload=False)
+    return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features))

@@ -1,0 +1,87 @@
+"""Teacher placements on 2 ranks (torchrun, gloo): ``shard`` equals ``replicate`` with half the teacher per rank,
+and ``python -m trainer.cache`` on 2 ranks writes the same cache as one process, in 2 shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, cli_env, read_metrics
+
+pytestmark = pytest.mark.dist
+
+STEPS = 6
+RUN = [*FAST, "distill=kd", "teacher=path", "teacher.checkpoint=t/final", f"train.max_steps={STEPS}",
+       "logger.log_every=1", "train.eval_every=3", "distill.temperature=2.0"]
+EXACT = 1e-5
+
+
+def env(tmp_path: Path) -> dict:
+    return cli_env(tmp_path) | {"OMP_NUM_THREADS": "1"}
+
+
+def launch(root: Path, nproc: int, module: str, name: str, *overrides: str) -> None:
+    """``python -m module`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m module`` into ``root/name``."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    command = [sys.executable, *torchrun, "-m", module, *RUN, *overrides, f"hydra.run.dir={name}"]
+    proc = subprocess.run(command, cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def by_step(run_dir: Path) -> dict[int, dict]:
+    return {row["step"]: row for row in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A folder with a small teacher (``t/final``) trained by the CLI."""
+    root = tmp_path_factory.mktemp("placement")
+    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, "train.max_steps=20", "student.n_layer=2",
+                           "student.n_embd=48", "hydra.run.dir=t"], cwd=root, env=env(root), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def replicate(root) -> Path:
+    launch(root, 2, "trainer", "replicate", "parallel=fsdp")
+    return root / "replicate"
+
+
+@pytest.mark.parametrize("student", ["fsdp", "ddp"])
+def test_sharded_teacher_equals_replicated_with_half_the_bytes(root, replicate, student):
+    launch(root, 2, "trainer", f"shard_{student}", f"parallel={student}", "teacher.placement=shard")
+    got, want = by_step(root / f"shard_{student}"), by_step(replicate)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        for key in ("train/loss", "distill/kd", "eval/val_loss"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=EXACT), (step, key)
+    whole, held = want[STEPS]["distill/teacher_param_bytes"], got[STEPS]["distill/teacher_param_bytes"]
+    print(f"teacher parameter bytes on rank 0: replicate {whole:.0f}, shard ({student} student) {held:.0f}")
+    assert 0.45 * whole <= held <= 0.55 * whole
+
+
+def test_bf16_sharded_teacher_is_close(root, replicate):
+    launch(root, 2, "trainer", "shard_bf16", "parallel=fsdp", "teacher.placement=shard", "teacher.param_dtype=bf16")
+    got, want = by_step(root / "shard_bf16"), by_step(replicate)
+    for step, expected in want.items():
+        assert got[step]["train/loss"] == pytest.approx(expected["train/loss"], rel=1e-2), step
+        assert got[step]["distill/kd"] == pytest.approx(expected["distill/kd"], rel=0.1, abs=2e-3), step
+
+
+def test_two_rank_cache_build_equals_one_process(root):
+    launch(root, 1, "trainer.cache", "cache1", "distill.top_k=8", "teacher.cache_dir=one")
+    launch(root, 2, "trainer.cache", "cache2", "distill.top_k=8", "teacher.cache_dir=two", "parallel=ddp")
+    one, two = (json.loads((root / name / "manifest.json").read_text()) for name in ("one", "two"))
+    assert one["shards"] == [[0, STEPS]] and two["shards"] == [[0, STEPS // 2], [STEPS // 2, STEPS]]
+    assert one["key"] == two["key"]
+    for name in ("values.bin", "indices.bin", "lse.bin"):
+        whole = (root / "one" / "shard_00000" / name).read_bytes()
+        halves = b"".join((root / "two" / f"shard_{i:05d}" / name).read_bytes() for i in range(2))
+        assert halves == whole, name
