@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ class TeacherOutput:
     hidden: dict[int, torch.Tensor] | None = None
 
 
-class Teacher:
+class Teacher(ABC):
     """``teacher(x, step, micro)``: the teacher's output for micro-batch ``micro`` of step ``step`` (input ``x``).
 
     ``module`` is the live model (None for a cache). Every call adds to the time the student waited on it
@@ -59,8 +60,9 @@ class Teacher:
         self.wait_seconds += time.perf_counter() - start
         return out
 
+    @abstractmethod
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        raise NotImplementedError
+        """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
 
     def pop_wait_seconds(self) -> float:
         """Seconds spent in the teacher since the last call."""
