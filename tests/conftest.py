@@ -39,3 +39,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # A few-second synthetic run: tiny GPT, 16-token windows.
 FAST = ["data=synthetic", "student.block_size=16", "student.n_embd=32", "logger=console", "logger.progress=false",
         "train.batch_size=8", "train.warmup_steps=2"]
+
+
+def train_small_teacher(root: Path) -> Path:
+    """A small teacher trained by the CLI itself (plain training, distill=none) into ``root/t``; its export."""
+    run_cli(root, *FAST, "train.max_steps=20", "student.n_layer=2", "student.n_embd=48", "hydra.run.dir=t")
+    return root / "t" / "final"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import FAST, cli_env, read_metrics
+from tests.conftest import FAST, cli_env, read_metrics, train_small_teacher
 
 pytestmark = pytest.mark.dist
 
@@ -89,11 +89,7 @@ def export_val_loss(run: Path) -> float:
 def teacher(tmp_path_factory) -> Path:
     """A small teacher trained by the CLI (plain training, distill=none)."""
     root = tmp_path_factory.mktemp("teacher")
-    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, "train.max_steps=20", "student.n_layer=2",
-                           "student.n_embd=48", "hydra.run.dir=t"], cwd=root, env=env(root), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "t" / "final"
+    return train_small_teacher(root)
 
 
 @pytest.fixture(scope="module")

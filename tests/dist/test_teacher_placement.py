@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, read_metrics
+from tests.conftest import FAST, cli_env, read_metrics, train_small_teacher
 
 pytestmark = pytest.mark.dist
 
@@ -40,10 +40,7 @@ def by_step(run_dir: Path) -> dict[int, dict]:
 def root(tmp_path_factory) -> Path:
     """A folder with a small teacher (``t/final``) trained by the CLI."""
     root = tmp_path_factory.mktemp("placement")
-    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, "train.max_steps=20", "student.n_layer=2",
-                           "student.n_embd=48", "hydra.run.dir=t"], cwd=root, env=env(root), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_small_teacher(root)
     return root
 
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, read_metrics, run_cli, train_small_teacher
 from trainer.__main__ import CONF_DIR
 from trainer.config import ConfigError, RunConfig, register_configs, validate
 
@@ -33,7 +33,7 @@ FP16_VALUES = 1e-3  # the loss with fp16-stored logits (measured: 8.5e-5 relativ
 def root(tmp_path_factory) -> Path:
     """A folder with a small teacher (``t/final``) trained by the CLI."""
     root = tmp_path_factory.mktemp("cache")
-    run_cli(root, *FAST, "train.max_steps=20", "student.n_layer=2", "student.n_embd=48", "hydra.run.dir=t")
+    train_small_teacher(root)
     return root
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, cli_env, read_metrics, run_cli
+from tests.conftest import FAST, cli_env, read_metrics, run_cli, train_small_teacher
 from trainer import checkpoint, data, models
 from trainer.config import DataConfig
 
@@ -29,8 +29,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def teacher(tmp_path_factory) -> Path:
     """A small teacher trained by the CLI itself (plain training = distill=none)."""
     root = tmp_path_factory.mktemp("teacher")
-    run_cli(root, *FAST, "train.max_steps=20", "student.n_layer=2", "student.n_embd=48", "hydra.run.dir=t")
-    return root / "t" / "final"
+    return train_small_teacher(root)
 
 
 @pytest.fixture(scope="module")
