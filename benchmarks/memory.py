@@ -43,7 +43,7 @@ def measure(overrides: list[str]) -> dict[str, int]:
         trainer = Trainer(cfg, Path(tmp), env, resolved)
         trainer.train_step(0)
         x, y = trainer.data.train_batch(cfg.train.seed, 1, cfg.train.batch_size, trainer.shard)
-        trainer.losses(x, y)["train/loss"].backward()
+        trainer.losses(x, y, 1, 0)["train/loss"].backward()
         row = state_bytes(list(trainer.trainable.parameters()), trainer.optimizer, trainer.compressor.masks.values())
         trainer.logger.close()
     return row

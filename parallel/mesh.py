@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 REPLICATE_AXIS = "dp_replicate"
@@ -90,10 +92,13 @@ class ParallelDims:
         None for one rank (no process group needed)."""
         if self.world_size == 1:
             return None
-        if self.pp_enabled:
-            return init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
-                                    mesh_dim_names=(PP_AXIS, *MESH_AXES))
-        return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=MESH_AXES)
+        shape, names = ((self.pp, self.dp_replicate, self.dp_shard), (PP_AXIS, *MESH_AXES)) if self.pp_enabled \
+            else ((self.dp_replicate, self.dp_shard), MESH_AXES)
+        if self.world_size < dist.get_world_size():
+            # Teacher ranks beside the student: the mesh is the first world_size ranks. Every rank of the world
+            # builds it (its groups are made collectively); a rank outside it has no coordinate.
+            return DeviceMesh(device_type, torch.arange(self.world_size).reshape(shape), mesh_dim_names=names)
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
     def dp_mesh(self, mesh: DeviceMesh | None) -> DeviceMesh | None:
         """The ``(dp_replicate, dp_shard)`` part of ``mesh``: the ranks that hold the same stage."""

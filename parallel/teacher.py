@@ -4,6 +4,7 @@
 - ``shard``: FSDP2 over every data-parallel rank (one flat axis), frozen, forward only, parameters resharded
   after each forward, so a rank holds about 1/N of the teacher between forwards.
 - ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch).
+- ``remote``: the teacher on ranks of its own (``parallel.remote``); this rank sends inputs, receives logits.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims
+from parallel.remote import RemoteClient, Roles
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -64,6 +67,13 @@ class Teacher(ABC):
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
 
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's full logits of an evaluation batch ``x`` (not timed; a live or remote teacher only)."""
+        return self.forward(x, -1, -1).logits
+
+    def close(self) -> None:
+        """Release what the teacher holds beyond the run (remote: tell the teacher rank this student is done)."""
+
     def pop_wait_seconds(self) -> float:
         """Seconds spent in the teacher since the last call."""
         waited, self.wait_seconds = self.wait_seconds, 0.0
@@ -102,6 +112,22 @@ class CachedTeacher(Teacher):
         values, indices = (t.reshape(*tokens, -1).to(x.device, non_blocking=True) for t in (values, indices))
         return TeacherOutput(topk=(values, indices))
 
+class RemoteTeacher(Teacher):
+    """Logits from a dedicated teacher rank; the next training micro-batch's are requested ahead (see
+    ``parallel.remote``). ``step`` -1 marks an evaluation batch."""
+
+    placement = "remote"
+
+    def __init__(self, client: RemoteClient):
+        super().__init__()
+        self.client = client
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        return TeacherOutput(logits=self.client.logits(x, None if step < 0 else (step, micro)))
+
+    def close(self) -> None:
+        self.client.close()
+
 
 def teacher_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     """One flat axis over every data-parallel rank (DDP's replicas and FSDP's shards alike)."""
@@ -109,16 +135,24 @@ def teacher_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (dims.dp_size,), mesh_dim_names=(TEACHER_AXIS,))
 
 
-def build_teacher(cfg: RunConfig, dims: ParallelDims, device: torch.device, shard: Shard) -> Teacher:
-    """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use."""
+def build_teacher(cfg: RunConfig, dims: ParallelDims, device: torch.device, shard: Shard, vocab: int,
+                  next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None]) -> Teacher:
+    """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use.
+
+    A remote teacher asks ``next_input((step, micro))`` for the micro-batch after ``(step, micro)`` to request
+    it ahead; its logits have ``vocab`` entries.
+    """
     from trainer.distill import cache
     from trainer.distill import teacher as teacher_io
 
     placement = cfg.teacher.placement
+    if placement == "remote":
+        roles = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks)
+        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), vocab, next_input))
     if placement == "cache":
         manifest = cache.check(cfg)
         return CachedTeacher(cache.CacheReader(Path(cfg.teacher.cache_dir), manifest), shard)
-    module = teacher_io.load(cfg.teacher.checkpoint, device)
+    module = teacher_io.load_for_run(cfg, device)
     if placement == "shard":
         apply_fsdp(module, teacher_mesh(dims, device.type), param_dtype=cfg.teacher.param_dtype,
                    reshard_after_forward=True, cpu_offload=False)

@@ -45,3 +45,18 @@ def train_small_teacher(root: Path) -> Path:
     """A small teacher trained by the CLI itself (plain training, distill=none) into ``root/t``; its export."""
     run_cli(root, *FAST, "train.max_steps=20", "student.n_layer=2", "student.n_embd=48", "hydra.run.dir=t")
     return root / "t" / "final"
+
+
+def save_hf_teachers(root: Path, vocab: int, padded: int, n_embd: int) -> None:
+    """A 2-layer GPT-2 (transformers, seed 0) saved as ``root/hf{vocab}``, and with its embeddings padded to
+    ``padded`` tokens as ``root/hf{padded}`` (the same logits on the first ``vocab``)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=n_embd, vocab_size=vocab, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(root / f"hf{vocab}")
+    model.resize_token_embeddings(padded, mean_resizing=False)
+    model.save_pretrained(root / f"hf{padded}")

@@ -24,8 +24,8 @@ CONFIG_ERROR_EXIT = 2
 
 
 def fail(message: str) -> None:
-    """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun job prints the line (every rank finds it)."""
-    if os.environ.get("RANK", "0") == "0":
+    """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun or srun job prints the line (every rank finds it)."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         print(f"config error: {message}", file=sys.stderr)
     sys.exit(CONFIG_ERROR_EXIT)
 

@@ -48,7 +48,7 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     if dist.is_initialized():
         dist.barrier()
     manifest = cache.read_manifest(root)
-    teacher = teacher_io.load(cfg.teacher.checkpoint, env.device)
+    teacher = teacher_io.load_for_run(cfg, env.device)
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                 else contextlib.nullcontext())
     rows = t.batch_size // t.grad_accum  # the teacher runs on the micro-batches of a one-process run

@@ -2,24 +2,33 @@
 
 Layout: ``<run_dir>/ckpt/step_0000500/`` holds the DCP files (model, optimizer, compression
 tensors, RNG), ``trainer_state.json`` (step, LR schedule, data position, plain compression
-state) and ``model.json`` (the architecture, so a teacher can be rebuilt from it). Each is
-written to ``.tmp-step_*`` and renamed when complete, so a kill at any moment leaves the
-previous checkpoint loadable. Nothing is unpickled: DCP tensors and JSON only.
+state), ``model.json`` (the architecture, so a teacher can be rebuilt from it) and
+``manifest.json`` (every other file's size, and the SHA-256 of the small ones). Each is
+written to ``.tmp-step_*`` and renamed when complete, so a kill or a disk error at any moment
+leaves the previous checkpoint loadable. Nothing is unpickled: DCP tensors and JSON only.
+
+Faults: ``load`` checks the manifest before reading a tensor, so a truncated or garbled file is
+named (``CorruptCheckpoint``) and ``load_newest`` falls back to the checkpoint before it; a
+checkpoint of another architecture is refused (``ModelMismatch``); ``save`` turns a write error
+on any rank into ``CheckpointWriteError`` on every rank, with the previous checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,14 +37,35 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from parallel import groups
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"
 METADATA_FILE = ".metadata"
+MANIFEST_FILE = "manifest.json"
+# Tensor files can be tens of GB: their size is checked (truncation is what kills and full disks cause), not
+# their hash, which would reread every byte at each save and resume. Every other file is small and hashed.
+TENSOR_SUFFIX = ".distcp"
 # Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not per
 # group: pipeline stages hold different parameters in their groups, and any layout can load any other.
 OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message names it and says why, on one line."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A file of the checkpoint is missing, truncated or garbled."""
+
+
+class ModelMismatch(CheckpointError):
+    """The checkpoint holds another model architecture than the one being trained."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, I/O error); nothing was replaced or deleted."""
 
 
 @contextlib.contextmanager
@@ -52,7 +82,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=groups.trainer_group())
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -108,55 +138,213 @@ def join_state(tensors: dict, plain: dict, prefix: str = "") -> dict:
 
 
 def save(root: Path, step: int, *, model, optimizer, extra: dict, model_spec: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, then drop all but the ``keep_last`` newest."""
+    """Write checkpoint ``step`` atomically, then drop all but the ``keep_last`` newest.
+
+    Raises CheckpointWriteError on every rank when any rank fails to write; the temporary folder is removed
+    and the existing checkpoints are left as they were.
+    """
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
+    try:
+        _on_main(lambda: _fresh_dir(tmp))
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
+        extra_tensors, extra_plain = split_state(extra)
+        state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
+        with _single_process_is_fine():
+            dcp.save(state, checkpoint_id=str(tmp), process_group=groups.trainer_group())
+        _on_main(lambda: _publish(tmp, final, model_spec, {"step": step, **extra_plain}))
+    except (OSError, CheckpointException) as e:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(root)
+        kept = f"the newest checkpoint is still {previous}" if previous else "no earlier checkpoint exists"
+        why = f"{_reason(e)}{_free_space(root)}"
+        raise CheckpointWriteError(f"could not write checkpoint {final} ({why}); {kept}") from e
     if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
-    extra_tensors, extra_plain = split_state(extra)
-    state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
-    with _single_process_is_fine():
-        dcp.save(state, checkpoint_id=str(tmp))
-    if is_main():
-        _write_json(tmp / MODEL_FILE, model_spec)
-        _write_json(tmp / STATE_FILE, {"step": step, **extra_plain})
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
         for old in list_complete(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def load(path: Path, *, model, optimizer, extra_template: dict) -> dict:
-    """Load model and optimizer in place; return the extra state (tensors filled like the template)."""
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _publish(tmp: Path, final: Path, model_spec: dict, trainer_state: dict) -> None:
+    """Complete the temporary folder (JSON files, manifest last) and rename it to ``final``."""
+    _write_json(tmp / MODEL_FILE, model_spec)
+    _write_json(tmp / STATE_FILE, trainer_state)
+    _write_json(tmp / MANIFEST_FILE, {"files": _describe_files(tmp)})
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _on_main(action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 only; its OSError is raised on every rank, so no rank waits on a failed one."""
+    error = None
+    if is_main():
+        try:
+            action()
+        except OSError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=groups.trainer_group())
+        error = box[0]
+    if error is not None:
+        raise OSError(error)
+
+
+def _describe_files(folder: Path) -> dict[str, dict]:
+    """{name: {"bytes", "sha256" (not for tensor files)}} of every file in ``folder`` but the manifest."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name == MANIFEST_FILE or not path.is_file():
+            continue
+        files[path.name] = {"bytes": path.stat().st_size}
+        if not path.name.endswith(TENSOR_SUFFIX):
+            files[path.name]["sha256"] = _sha256(path)
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _free_space(path: Path) -> str:
+    """``"; N MiB free there"`` for the file system of ``path`` (a full disk's errors rarely say so), or ""."""
+    try:
+        return f"; {shutil.disk_usage(path).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return ""
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying what went wrong: the first failing rank's exception inside a DCP CheckpointException, or
+    the OSError behind it (a full disk surfaces from torch.save as "unexpected pos", the OSError as its context)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = error.failures[min(error.failures)][0]
+    chain = [error]
+    while (link := chain[-1].__cause__ or chain[-1].__context__) is not None and link not in chain:
+        chain.append(link)
+    error = next((e for e in chain if isinstance(e, OSError)), error)
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def verify(path: Path) -> None:
+    """Raise CorruptCheckpoint naming the first file of checkpoint ``path`` that is missing, truncated or garbled.
+
+    Checked against ``manifest.json``; a checkpoint written before manifests existed only has its JSON files
+    parsed, and a garbled tensor file of it surfaces when ``load`` reads it.
+    """
+    manifest = path / MANIFEST_FILE
+    if manifest.exists():
+        files = _read_json(manifest).get("files")
+        if not isinstance(files, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                                                  for entry in files.values()):
+            raise CorruptCheckpoint(f"{manifest} is garbled (no list of files and sizes)")
+        for name, expected in files.items():
+            file = path / name
+            if not file.is_file():
+                raise CorruptCheckpoint(f"{file} is missing")
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                how = "truncated" if size < expected["bytes"] else "garbled"
+                raise CorruptCheckpoint(f"{file} is {how}: {size} bytes, {expected['bytes']} when written")
+            if "sha256" in expected and _sha256(file) != expected["sha256"]:
+                raise CorruptCheckpoint(f"{file} is garbled (its SHA-256 differs from the one written)")
+    for name in (STATE_FILE, MODEL_FILE):
+        _read_json(path / name)
+
+
+def check_model(path: Path, model_spec: dict) -> None:
+    """Raise ModelMismatch when checkpoint ``path`` was written for another architecture than ``model_spec``."""
+    saved, wanted = read_model_spec(path), json.loads(json.dumps(model_spec))
+    if saved == wanted:
+        return
+    if saved.get("arch") != wanted.get("arch"):
+        difference = f"arch {saved.get('arch')} there, {wanted.get('arch')} here"
+    else:
+        there, here = saved.get("config", {}), wanted.get("config", {})
+        difference = ", ".join(f"{key} {there.get(key)} there, {here.get(key)} here"
+                               for key in sorted(set(there) | set(here)) if there.get(key) != here.get(key))
+    raise ModelMismatch(f"checkpoint {path} holds another model than this config ({difference}); resume it with "
+                        "the same model config, or train in another hydra.run.dir")
+
+
+def load(path: Path, *, model, optimizer, extra_template: dict, model_spec: dict | None = None) -> dict:
+    """Load model and optimizer in place; return the extra state (tensors filled like the template).
+
+    Raises CorruptCheckpoint (naming the file or the error) when the checkpoint cannot be read: the model may
+    then hold some of its tensors, so load another checkpoint or stop. With ``model_spec``, raises ModelMismatch
+    before reading any tensor when the checkpoint holds another architecture.
+    """
+    verify(path)
+    if model_spec is not None:
+        check_model(path, model_spec)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     extra_tensors, _ = split_state(extra_template)
     state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
-    with _single_process_is_fine():
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with _single_process_is_fine():
+            dcp.load(state, checkpoint_id=str(path), process_group=groups.trainer_group())
+    except (Exception, CheckpointException) as e:
+        raise CorruptCheckpoint(f"{path} could not be read ({_reason(e)})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=OPTIM_OPTIONS)
-    plain = json.loads((path / STATE_FILE).read_text())
-    return join_state(state["extra"], plain)
+    return join_state(state["extra"], _read_json(path / STATE_FILE))
+
+
+def load_newest(candidates: list[Path], *, model, optimizer, extra_template: dict,
+                model_spec: dict) -> tuple[Path, dict, list[str]]:
+    """Load the newest usable of ``candidates`` (oldest first): (its path, its extra state, why each newer one
+    was skipped). A corrupt checkpoint is skipped for the one before it; ModelMismatch is raised at once for one
+    of another model, CheckpointError when none is usable. Nothing is deleted either way.
+    """
+    skipped = []
+    for path in reversed(candidates):
+        try:
+            state = load(path, model=model, optimizer=optimizer, extra_template=extra_template, model_spec=model_spec)
+            return path, state, skipped
+        except CorruptCheckpoint as e:
+            skipped.append(str(e))
+    raise CheckpointError(f"no usable checkpoint: {'; '.join(skipped)}. Nothing was deleted: move them away, "
+                          "or start over with train.resume=never")
 
 
 def load_model_weights(path: Path, model) -> None:
-    """Load only the model weights of a checkpoint (e.g. a teacher) into ``model``."""
+    """Load only the model weights of a checkpoint (e.g. a teacher) into ``model``, in this process alone (no
+    collective: a teacher rank loads its teacher while the student ranks do other work)."""
     state = {"model": get_model_state_dict(model)}
-    with _single_process_is_fine():
-        dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
 
 
 def read_model_spec(path: Path) -> dict:
     return json.loads((path / MODEL_FILE).read_text())
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; CorruptCheckpoint naming the file when it is missing or not one."""
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{path} is missing")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(value, dict):
+        raise CorruptCheckpoint(f"{path} is garbled (not a JSON object)")
+    return value
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -34,7 +34,8 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    checkpoint: Optional[str] = None  # export folder, run dir, or checkpoint folder
+    checkpoint: Optional[str] = None  # export folder, run dir, checkpoint folder, or Hugging Face causal-LM folder
+    vocab: str = "strict"  # strict: same vocabulary as the student | slice: cut a larger one to the student's
     placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
     param_dtype: str = "fp32"  # shard: dtype the gathered teacher computes in (fp32 | bf16)
     cache_dir: Optional[str] = None  # cache: folder written by `python -m trainer.cache` (same overrides)
@@ -110,6 +111,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     microbatches: int = 1  # pipeline micro-batches per rank and step (in place of train.grad_accum)
     stages_per_rank: int = 1  # interleaved_1f1b: stages each rank holds (stage s runs on pipeline rank s % pp)
+    teacher_ranks: int = 0  # teacher.placement=remote: the last K ranks of the world serve the teacher
 
 
 @dataclass
@@ -248,11 +250,12 @@ def world_size_from_env() -> int:
 
 
 def parallel_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
-    """The run's ``ParallelDims`` (sizes inferred and checked against ``world_size``). Raises ConfigError."""
+    """The student's ``ParallelDims`` over the ``world_size`` ranks less the teacher ranks (sizes inferred and
+    checked). Raises ConfigError."""
     from parallel.mesh import ParallelDims, ParallelDimsError
 
     try:
-        return ParallelDims(cfg.dp_replicate, cfg.dp_shard, world_size, pp=cfg.pp)
+        return ParallelDims(cfg.dp_replicate, cfg.dp_shard, world_size - cfg.teacher_ranks, pp=cfg.pp)
     except ParallelDimsError as e:
         raise ConfigError(f"parallel.{e.field}", e.message) from None
 
@@ -264,13 +267,15 @@ def _validate_parallel(cfg: RunConfig) -> None:
     _one_of(p.param_dtype, ("fp32", "bf16"), "parallel.param_dtype")
     _one_of(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
     world = world_size_from_env()
+    _validate_teacher_ranks(cfg, world)
+    student_ranks = world - p.teacher_ranks
     if p.backend == "nccl":
         import torch
 
         _check(torch.cuda.is_available(), "parallel.backend", "nccl needs a CUDA GPU and none is available "
                "(use parallel.backend=gloo or auto)")
     if p.strategy == "single":
-        _check(world == 1, "parallel.strategy", f"single runs one process but the world size is {world} "
+        _check(student_ranks == 1, "parallel.strategy", f"single runs one process but the student has {student_ranks} ranks "
                "(use parallel=ddp, fsdp or hsdp)")
     if p.strategy == "ddp":
         _check(p.dp_shard == 1, "parallel.dp_shard", f"must be 1 with parallel.strategy=ddp (got {p.dp_shard})")
@@ -294,6 +299,22 @@ def _validate_parallel(cfg: RunConfig) -> None:
         return
     _check(t.batch_size % (dims.dp_size * t.grad_accum) == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}")
+
+
+def _validate_teacher_ranks(cfg: RunConfig, world: int) -> None:
+    """``parallel.teacher_ranks`` goes with ``teacher.placement=remote``, and leaves the student a rank."""
+    k = cfg.parallel.teacher_ranks
+    if cfg.teacher.placement != "remote" or not needs_teacher(cfg):
+        _check(k == 0, "parallel.teacher_ranks", f"applies to teacher.placement=remote only (got {k}; placement is "
+               f"{cfg.teacher.placement})")
+        return
+    _check(k >= 1, "parallel.teacher_ranks", f"teacher.placement=remote needs at least one teacher rank (got {k})")
+    _check(k < world, "parallel.teacher_ranks", f"{k} teacher ranks leave no student rank in a world of {world} "
+           f"(launch more processes, e.g. torchrun --nproc_per_node={k + 1})")
+    _check(not cfg.distill.features, "distill.features",
+           "feature distillation is not supported with teacher.placement=remote (only logits are sent back)")
+    _check(cfg.student.arch == "gpt", "teacher.placement",
+           f"remote sends token batches to the teacher ranks: it needs a gpt student (student.arch is {cfg.student.arch})")
 
 
 def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
@@ -342,7 +363,8 @@ def needs_teacher(cfg: RunConfig) -> bool:
     return cfg.distill.loss != "none" or bool(cfg.distill.features)
 
 
-TEACHER_PLACEMENTS = ("replicate", "shard", "cache")
+TEACHER_PLACEMENTS = ("replicate", "shard", "cache", "remote")
+TEACHER_VOCAB = ("strict", "slice")
 
 
 def _validate_teacher(cfg: RunConfig) -> None:
@@ -353,6 +375,9 @@ def _validate_teacher(cfg: RunConfig) -> None:
     _one_of(tc.placement, TEACHER_PLACEMENTS, "teacher.placement")
     _one_of(tc.param_dtype, ("fp32", "bf16"), "teacher.param_dtype")
     _one_of(tc.cache_dtype, ("fp32", "bf16", "fp16"), "teacher.cache_dtype")
+    _one_of(tc.vocab, TEACHER_VOCAB, "teacher.vocab")
+    _check(tc.vocab == "strict" or cfg.student.arch == "gpt", "teacher.vocab",
+           f"slice cuts a language model's vocabulary: not for a {cfg.student.arch} student")
     _check(tc.param_dtype == "fp32" or tc.placement == "shard", "teacher.param_dtype",
            f"applies to teacher.placement=shard only (placement is {tc.placement})")
     if not needs_teacher(cfg):
@@ -372,8 +397,18 @@ def _validate_teacher(cfg: RunConfig) -> None:
     s_vocab = data.vocab_size(cfg.data)
     _check(spec["arch"] == cfg.student.arch, "teacher.checkpoint",
            f"{path} holds a {spec['arch']} model but the student is a {cfg.student.arch}")
-    _check(t_vocab == s_vocab, "teacher.checkpoint",
-           f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name})")
+    if tc.vocab == "slice":
+        _check(t_vocab >= s_vocab, "teacher.vocab",
+               f"slice cuts a larger teacher vocabulary, but the teacher's {t_vocab} is smaller than the student's "
+               f"{s_vocab} (data={cfg.data.name})")
+    else:
+        hint = f"; teacher.vocab=slice uses its first {s_vocab} logits" if t_vocab > s_vocab else ""
+        _check(t_vocab == s_vocab, "teacher.checkpoint",
+               f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name}){hint}")
+    t_context = t_cfg.get("block_size")
+    if cfg.student.arch == "gpt" and t_context is not None:
+        _check(cfg.student.block_size <= t_context, "student.block_size",
+               f"{cfg.student.block_size} is longer than the teacher's context of {t_context} tokens")
     t_layers = t_cfg.get("n_layer", len(t_cfg.get("hidden", [])))
     s_layers = cfg.student.n_layer if cfg.student.arch == "gpt" else len(cfg.student.hidden)
     for i, f in enumerate(cfg.distill.features):

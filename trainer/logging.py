@@ -1,7 +1,9 @@
 """Run logging: fans metrics out to a console progress bar, <run_dir>/metrics.jsonl and W&B.
 
 Only the main process writes anything; on every other rank each method is a no-op.
-W&B is best effort: any W&B failure is reported once and W&B is switched off, training goes on.
+W&B is best effort: online mode without an API key, or with a server that cannot be reached, logs offline
+(one warning line; `wandb sync` uploads it later); any other W&B failure is reported once and W&B is switched
+off, training goes on.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import secrets
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
@@ -23,6 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_INIT_TIMEOUT_S = 30.0  # wandb.init gives up (and we go on without W&B) after this
+WANDB_PROBE_TIMEOUT_S = 5.0  # an online run whose W&B server does not answer within this logs offline
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
 WANDB_FINISH_TIMEOUT_S = 60.0  # run.finish stops waiting for uploads after this; `wandb sync` can resume
 
 
@@ -43,13 +50,34 @@ def _has_wandb_api_key() -> bool:
     """Whether W&B credentials exist locally (WANDB_API_KEY or a netrc entry); no network, no prompt."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    host = urlsplit(_wandb_base_url()).netloc
     path = os.environ.get("NETRC") or Path.home() / ".netrc"
     try:
         creds = netrc.netrc(path).authenticators(host)
     except (OSError, netrc.NetrcParseError):
         return False
     return bool(creds and creds[2])
+
+
+def _wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", WANDB_DEFAULT_URL)
+
+
+def _unreachable(url: str, timeout: float) -> str | None:
+    """Why the server at ``url`` cannot be reached (refused, no route, DNS, timeout), or None when it answers.
+
+    wandb.init itself retries an unreachable server until its init timeout; this answers in ``timeout`` at most.
+    Any HTTP answer, an error status included, means the server is there. Proxies from the environment apply.
+    """
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        return str(e.reason)
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -175,27 +203,40 @@ class RunLogger:
             return
         try:
             call(self._run)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - W&B is best effort
             self._run = None
             self.warn(f"W&B {what} failed ({type(e).__name__}: {e}); W&B is off for the rest of this run")
 
     def _init_wandb(self, mode: str, config: dict, project: str, entity: str | None,
                     name: str | None, tags: list[str] | None) -> Any:
-        if mode == "online" and not _has_wandb_api_key():
-            mode = "offline"
-            self.warn(f"no W&B API key (WANDB_API_KEY or ~/.netrc): logging offline under "
-                      f"{self.run_dir / 'wandb'}; upload later with `wandb sync`")
+        """The W&B run; online mode logs offline (one warning) when it has no key or cannot reach W&B."""
         try:
             import wandb
-
-            settings = wandb.Settings(console="off", silent=True, init_timeout=WANDB_INIT_TIMEOUT_S,
-                                      finish_timeout=WANDB_FINISH_TIMEOUT_S)
-            return wandb.init(dir=self.run_dir, id=self._wandb_id(), resume="allow", mode=mode,
-                              project=project, entity=entity, name=name, tags=tags, config=config,
-                              settings=settings)
-        except Exception as e:
-            self.warn(f"W&B init failed ({type(e).__name__}: {e}); continuing without W&B")
+        except Exception as e:  # noqa: BLE001 - a broken install only turns W&B off
+            self.warn(f"W&B unavailable ({type(e).__name__}: {e}); continuing without W&B")
             return None
+        offline = f"logging offline under {self.run_dir / 'wandb'}; upload later with `wandb sync`"
+        if mode == "online" and not _has_wandb_api_key():
+            mode = "offline"
+            self.warn(f"no W&B API key (WANDB_API_KEY or ~/.netrc): {offline}")
+        elif mode == "online" and (problem := _unreachable(_wandb_base_url(), WANDB_PROBE_TIMEOUT_S)):
+            mode = "offline"
+            self.warn(f"W&B server {_wandb_base_url()} unreachable ({problem}): {offline}")
+        settings = wandb.Settings(console="off", silent=True, init_timeout=WANDB_INIT_TIMEOUT_S,
+                                  finish_timeout=WANDB_FINISH_TIMEOUT_S)
+        for attempt in ("online", "offline") if mode == "online" else (mode,):
+            try:
+                return wandb.init(dir=self.run_dir, id=self._wandb_id(), resume="allow", mode=attempt,
+                                  project=project, entity=entity, name=name, tags=tags, config=config,
+                                  settings=settings)
+            except Exception as e:  # noqa: BLE001 - any W&B failure: offline, or on without W&B
+                reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                if attempt == "online":
+                    self.warn(f"W&B online init failed ({reason}): {offline}")
+                    wandb.teardown()  # else the failed run keeps this id registered and offline init refuses it
+                else:
+                    self.warn(f"W&B init failed ({reason}); continuing without W&B")
+        return None
 
     def _wandb_id(self) -> str:
         """The run's persistent W&B id, created on first use, so a resumed run continues it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import sys
 import time
@@ -14,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from parallel import env as dist_env
+from parallel import groups, remote
 from parallel.collectives import dp_mean, dp_sum
 from parallel.ddp import assert_replicas_equal
 from parallel.mesh import REPLICATE_AXIS
@@ -30,10 +31,12 @@ from trainer.distill.features import FeatureDistiller
 from trainer.distill.losses import kd_loss, kd_loss_topk
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
-from trainer.metrics import held_bytes
+from trainer.metrics import held_bytes, peak_memory_bytes, state_bytes
+from trainer.preemption import PREEMPTED_EXIT, Preempted, StopRequests
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
+    from trainer.compress.stats import ParamCounts
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,12 +49,33 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
     """Train, export and report one run; returns the final validation loss."""
     env = dist_env.init(cfg.parallel.backend)
     try:
-        return Trainer(cfg, shared_run_dir(Path(run_dir)), env, resolved_config).fit()
+        run_dir = shared_run_dir(Path(run_dir))
+        if cfg.parallel.teacher_ranks:
+            roles = remote.Roles(env.world_size, cfg.parallel.teacher_ranks)
+            groups.set_student_ranks(roles.students)
+            if roles.is_teacher(env.rank):
+                return serve_teacher(cfg, roles, env)
+        return Trainer(cfg, run_dir, env, resolved_config).fit()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        if env.is_main:
+            print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     finally:
         dist_env.shutdown()
+
+
+def serve_teacher(cfg: RunConfig, roles: remote.Roles, env: dist_env.DistEnv) -> float:
+    """A teacher rank's whole run: answer its students' requests with the teacher's logits until they stop."""
+    from trainer.distill import teacher as teacher_io
+
+    parallel_dims(cfg.parallel, env.world_size).build_mesh(env.device.type)  # its groups need every rank
+    module = teacher_io.load_for_run(cfg, env.device)
+    served = remote.serve(module, roles.served_by(env.rank), env.device)
+    print(f"teacher rank {env.rank}: served {served} requests of ranks {roles.served_by(env.rank)}", file=sys.stderr)
+    return float("nan")
 
 
 def shared_run_dir(run_dir: Path) -> Path:
@@ -138,7 +162,8 @@ class Trainer:
         self.mesh = self.dims.build_mesh(env.device.type)
         self.shard = data.Shard(self.dims.dp_rank(self.mesh), self.dims.dp_size, cfg.train.grad_accum)
         self.student = build_student(cfg, self.data).to(env.device)
-        self.teacher = build_teacher(cfg, self.dims, env.device, self.shard) if needs_teacher(cfg) else None
+        self.teacher = build_teacher(cfg, self.dims, env.device, self.shard, getattr(self.data, "vocab_size", 0),
+                                     self.next_micro_batch) if needs_teacher(cfg) else None
         self.student_layers = tuple(f.student_layer for f in cfg.distill.features)
         self.trainable = nn.ModuleDict({"student": self.student})
         if cfg.distill.features:
@@ -168,13 +193,17 @@ class Trainer:
         self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                          else contextlib.nullcontext())
         self.tokens_per_step = t.batch_size * self.data.tokens_per_sample()
+        self.last_checkpoint: Path | None = None  # the newest good checkpoint: set by resume and each save
         self.start_step = self.resume()
+        # W&B's config shows the sizes this run resolved (-1 = infer replaced) and the world size.
+        sizes = {"world_size": env.world_size, "dp_replicate": self.dims.dp_replicate,
+                 "dp_shard": self.dims.dp_shard, "pp": self.dims.pp}
+        resolved_config = {**resolved_config, "parallel": {**resolved_config.get("parallel", {}), **sizes}}
         self.logger = RunLogger(
             run_dir, config=resolved_config, total_steps=t.max_steps, start_step=self.start_step,
             is_main=env.is_main, progress=cfg.logger.progress, wandb_mode=cfg.logger.wandb.mode,
             wandb_project=cfg.logger.wandb.project, wandb_entity=cfg.logger.wandb.entity,
             wandb_name=cfg.logger.wandb.name or cfg.name, wandb_tags=list(cfg.logger.wandb.tags))
-        self.last_checkpoint = checkpoint.latest(self.ckpt_root)
         self.train_seconds = 0.0
 
     @staticmethod
@@ -189,28 +218,38 @@ class Trainer:
     def full_student(self) -> tuple[nn.Module | None, Compressor | None]:
         """(student, compressor) over full tensors on rank 0, (None, None) elsewhere.
 
-        Without sharding or stages, the live ones. Under FSDP2 or pipelining a collective: the full state
-        is gathered to rank 0's CPU and loaded into a plain copy of the student with its own compressor.
+        Without sharding or stages, the live ones. Under FSDP2 a collective that streams the sharded state into a
+        plain copy of the student on rank 0, one tensor at a time (rank 0 holds one full model, never a second);
+        under pipelining the stages' states are gathered to rank 0 and loaded into that copy.
         """
+        if self.pipeline is None and not self.dims.fsdp_enabled:
+            return (self.student, self.compressor) if self.env.is_main else (None, None)
+        student, compressor = self.plain_student() if self.env.is_main else (None, None)
         if self.pipeline is not None:
             state, compress_state = self.gather_stages()
-        elif self.dims.fsdp_enabled:
-            state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if student is not None:
+                student.load_state_dict(state)
+        else:
+            target = student.state_dict() if student is not None else None
+            for name, tensor in self.student.state_dict().items():
+                whole = full_tensor(tensor.detach().to(self.env.device))  # CPU-offloaded shards gather on the device
+                if target is not None:
+                    target[name].copy_(whole)
             compress_state = self.compressor.state_dict() if self.compressor else None
             if compress_state is not None:
                 compress_state["masks"] = {name: full_tensor(mask).cpu() for name, mask in compress_state["masks"].items()}
-        else:
-            return (self.student, self.compressor) if self.env.is_main else (None, None)
-        if not self.env.is_main:
+        if student is None:
             return None, None
-        with torch.random.fork_rng(devices=[]):  # building the copy must not advance the training RNG
-            student = build_student(self.cfg, self.data)
-        compressor = self.build_compressor(student, self.cfg.compress.modifiers)
-        student.load_state_dict(state)
-        student.train(self.student.training)
         if compressor:
             compressor.load_state_dict(compress_state)
-        return student.to(self.env.device), compressor
+        return student, compressor
+
+    def plain_student(self) -> tuple[nn.Module, Compressor | None]:
+        """A new unsharded student, in the live one's train/eval mode, with its own compressor."""
+        with torch.random.fork_rng(devices=[]):  # building the copy must not advance the training RNG
+            student = build_student(self.cfg, self.data).to(self.env.device)
+        student.train(self.student.training)
+        return student, self.build_compressor(student, self.cfg.compress.modifiers)
 
     def gather_stages(self) -> tuple[dict | None, dict | None]:
         """(model state, compression state) of the whole student, from every stage's full tensors, on rank 0's
@@ -227,6 +266,15 @@ class Trainer:
             compress_state["masks"] = {name: mask for _, stage in stages for name, mask in stage["masks"].items()}
         return state, compress_state
 
+    def next_micro_batch(self, key: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
+        """The (step, micro) after ``key`` and its inputs on this rank; None after the run's last micro-batch."""
+        t = self.cfg.train
+        step, micro = key[0] + (key[1] + 1) // t.grad_accum, (key[1] + 1) % t.grad_accum
+        if step >= (t.stop_at_step or t.max_steps):
+            return None
+        x, _ = self.data.train_batch(t.seed, step, t.batch_size, self.shard, micro)
+        return (step, micro), x.to(self.env.device)
+
     # ---- state -------------------------------------------------------------------------
     def extra_state(self) -> dict:
         return {"rng": {"torch": torch.get_rng_state()}, "compress": self.compressor.state_dict() if self.compressor else {},
@@ -235,22 +283,45 @@ class Trainer:
                                 "warmup_steps": self.cfg.train.warmup_steps, "max_steps": self.cfg.train.max_steps}}
 
     def resume(self) -> int:
+        """The step to start at: 0, or that of the newest usable checkpoint, loaded in place. A corrupt checkpoint is
+        named and the one before it used; one of another model, or none usable, stops the run (nothing deleted)."""
         mode = self.cfg.train.resume
-        path = None if mode == "never" else checkpoint.latest(self.ckpt_root) if mode == "auto" else Path(mode)
-        if path is None:
+        candidates = {"never": [], "auto": checkpoint.list_complete(self.ckpt_root)}.get(mode, [Path(mode)])
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if not candidates:
+            if restarts and mode == "auto" and self.env.is_main:
+                print(f"warning: torchrun restart {restarts} found no checkpoint in {self.ckpt_root}: starting at step "
+                      "0; pin hydra.run.dir so that restarted workers find the run's checkpoints", file=sys.stderr)
             return 0
-        state = checkpoint.load(path, model=self.trainable, optimizer=self.optimizer, extra_template=self.extra_state())
+        try:
+            path, state, skipped = checkpoint.load_newest(
+                candidates, model=self.trainable, optimizer=self.optimizer, extra_template=self.extra_state(),
+                model_spec=self.student_spec)
+        except checkpoint.CheckpointError as e:
+            mismatch = isinstance(e, checkpoint.ModelMismatch)
+            if self.env.is_main:
+                print(f"{'config error: student' if mismatch else 'error'}: {e}", file=sys.stderr)
+            sys.exit(2 if mismatch else 1)
         torch.set_rng_state(state["rng"]["torch"])
         if self.compressor:
             self.compressor.load_state_dict(state["compress"])
         if self.env.is_main:
+            for problem in skipped:
+                print(f"warning: {problem}; using the checkpoint before it", file=sys.stderr)
             print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
+        self.last_checkpoint = path
         return int(state["step"])
 
     def save_checkpoint(self, step: int) -> None:
-        self.last_checkpoint = checkpoint.save(
-            self.ckpt_root, step, model=self.trainable, optimizer=self.optimizer, extra=self.extra_state(),
-            model_spec=self.student_spec, keep_last=self.cfg.train.keep_last)
+        """Checkpoint step ``step``; a write error (disk full, I/O) stops the run, the previous checkpoint intact."""
+        try:
+            self.last_checkpoint = checkpoint.save(
+                self.ckpt_root, step, model=self.trainable, optimizer=self.optimizer, extra=self.extra_state(),
+                model_spec=self.student_spec, keep_last=self.cfg.train.keep_last)
+        except checkpoint.CheckpointWriteError as e:
+            if self.env.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
     # ---- one step ----------------------------------------------------------------------
     def losses(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -267,8 +338,9 @@ class Trainer:
             out["train/loss"] = out["train/loss"] + feat
         return out
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """Optimizer step ``step`` (0-based): accumulate, check, clip, step, compress."""
+    def train_step(self, step: int, measure_memory: bool = False) -> dict[str, float]:
+        """Optimizer step ``step`` (0-based): accumulate, check, clip, step, compress. With ``measure_memory``,
+        also the ``memory/*`` figures of every rank, taken after the optimizer step while gradients exist."""
         t = self.cfg.train
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps)
         for group in self.optimizer.param_groups:
@@ -285,6 +357,8 @@ class Trainer:
             totals["train/grad_norm"] = (self.pipeline.clip_grad_norm_(t.grad_clip) if self.pipeline else
                                          full_tensor(nn.utils.clip_grad_norm_(self.trainable.parameters(), t.grad_clip)))
         self.optimizer.step()
+        if measure_memory:
+            totals.update(self.memory_metrics())
         self.optimizer.zero_grad(set_to_none=True)
         if self.compressor:
             self.compressor.after_optimizer_step(step + 1)
@@ -330,11 +404,14 @@ class Trainer:
     def evaluate(self, model: nn.Module, distributed: bool = False) -> dict[str, float]:
         """Validation metrics of ``model``: over this rank's slices, summed over all ranks, when
         ``distributed`` (every rank calls it; a pipelined student runs through its stages); else over
-        whole batches on this rank alone."""
+        whole batches on this rank alone. A distributed eval with a live or remote teacher (not pipelined) adds
+        ``distill/agreement`` (top-1 agreement of student and teacher) and ``distill/teacher_entropy`` (nats)."""
         was_training = model.training
         model.eval()
         pipelined = distributed and self.pipeline is not None
-        sums = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, correct, count
+        # A cache has no logits for evaluation batches.
+        with_teacher = distributed and not pipelined and self.teacher is not None and self.teacher.placement != "cache"
+        sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, correct, count, agree, entropy
         shard = data.Shard(self.shard.rank, self.shard.world) if distributed else data.Shard()  # no accumulation
         for x, y in self.data.val_batches(self.cfg.train.batch_size, shard):
             x, y = x.to(self.env.device), y.to(self.env.device)
@@ -345,6 +422,11 @@ class Trainer:
             sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
             sums[1] += (logits.argmax(-1) == y).sum()
             sums[2] += y.numel()
+            if with_teacher:
+                teacher_logits = self.teacher.eval_logits(x)
+                log_p = F.log_softmax(teacher_logits.float(), dim=-1)
+                sums[3] += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+                sums[4] -= (log_p.exp() * log_p).sum()
         model.train(was_training)
         if distributed:
             dp_sum(sums, self.dp_mesh)
@@ -352,6 +434,8 @@ class Trainer:
             self.pipeline.broadcast_from_last(sums)
         loss_sum, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         out = {"eval/val_loss": loss_sum / count}
+        if with_teacher:
+            out.update({"distill/agreement": sums[3].item() / count, "distill/teacher_entropy": sums[4].item() / count})
         if self.data.task == "classify":
             out.update({"eval/accuracy": correct / count, "eval/errors": count - correct})
         return out
@@ -364,9 +448,10 @@ class Trainer:
         last_eval: dict[str, float] = {}
         interval_start, interval_steps = time.perf_counter(), 0
         step = self.start_step
+        stops = StopRequests(self.env.device).install()
         try:
             while step < stop:
-                totals = self.train_step(step)
+                totals = self.train_step(step, measure_memory=(step + 1) % log_every == 0 or step + 1 == stop)
                 step += 1
                 interval_steps += 1
                 self.logger.progress(step, {"loss": totals["train/loss"].item()})
@@ -388,12 +473,38 @@ class Trainer:
                     if step % t.ckpt_every == 0 or step == stop:
                         self.save_checkpoint(step)
                     interval_start, interval_steps = time.perf_counter(), 0
+                if step < stop and stops.agreed():
+                    self.checkpoint_and_stop(step, stops.signal_name)
             summary = self.finish(last_eval) if step == t.max_steps else None
         finally:
+            stops.restore()
+            if self.teacher is not None:
+                self.teacher.close()
             self.logger.close()
         if summary is not None:
             print(report.closing_table(summary))
         return last_eval.get("eval/val_loss", float("nan"))
+
+    def checkpoint_and_stop(self, step: int, signal_name: str) -> None:
+        """After a stop request: make sure step ``step`` is checkpointed, then raise Preempted (every rank)."""
+        if self.last_checkpoint != checkpoint.step_dir(self.ckpt_root, step):
+            self.save_checkpoint(step)
+        raise Preempted(signal_name, step, self.last_checkpoint)
+
+    def memory_metrics(self) -> dict[str, torch.Tensor]:
+        """``memory/rank{r}/{params,grads,optimizer,masks,peak}_bytes`` of every rank (a collective): the training
+        state each rank holds (local shards only) and its peak memory (CUDA max allocated, or CPU peak RSS)."""
+        masks = self.compressor.masks.values() if self.compressor else ()
+        held = state_bytes(list(self.trainable.parameters()), self.optimizer, masks)
+        held["peak"] = peak_memory_bytes(self.env.device)
+        mine = torch.tensor(list(held.values()), dtype=torch.float64, device=self.env.device)
+        ranks = [mine]
+        if dist.is_initialized():
+            group = groups.trainer_group()
+            ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(ranks, mine, group=group)
+        return {f"memory/rank{rank}/{kind}_bytes": value
+                for rank, values in enumerate(ranks) for kind, value in zip(held, values.unbind())}
 
     def teacher_metrics(self, steps: int) -> dict[str, float]:
         """``distill/teacher_ms``: time per step the student waited on the teacher over the last ``steps``;
@@ -403,13 +514,41 @@ class Trainer:
                 "distill/teacher_param_bytes": float(held_bytes(module.parameters()) if module is not None else 0)}
 
     def compression_metrics(self, step: int, table: bool) -> dict[str, float]:
-        """``compress/*`` metrics from full tensors, also logging the per-layer table if ``table``; {} off rank 0."""
+        """``compress/*`` metrics, also logging the per-layer table if ``table``; {} off rank 0.
+
+        A sharded or pipelined student is measured from counts over each rank's local shards (no weight is
+        gathered); others, and students a ``channel`` modifier thins, from full tensors.
+        """
+        from trainer.compress import stats
+
+        if (self.dims.fsdp_enabled or self.pipeline is not None) and self.compressor.counts_are_exact:
+            counts = self.whole_model_counts()
+            if counts is None:
+                return {}
+            if table:
+                self.logger.table("compress/layers", *stats.table_from_counts(counts), step=step)
+            return stats.summary_from_counts(counts, qat_active=self.compressor.qat_active)
         student, compressor = self.full_student()
         if compressor is None:
             return {}
         if table:
             self.logger.table("compress/layers", *compressor.layer_table(), step=step)
         return compressor.metrics()
+
+    def whole_model_counts(self) -> dict[str, ParamCounts] | None:
+        """The student's ``stats.ParamCounts`` summed over shards and merged over pipeline stages, on rank 0;
+        None elsewhere. A collective: every rank calls it."""
+        counts = self.compressor.shard_counts()
+        if self.pipeline is None:
+            return counts if self.env.is_main else None
+        stages = self.pipeline.gather_to_first(counts) if self.shard.rank == 0 else None
+        if not self.env.is_main:
+            return None
+        merged: dict[str, ParamCounts] = {}
+        for stage in stages:  # the tied embedding is on the first and the last stage: counted once
+            for name, param_counts in stage.items():
+                merged.setdefault(name, param_counts)
+        return merged
 
     def finish(self, last_eval: dict[str, float]) -> dict | None:
         """Export the student to <run_dir>/final, measure it, write report.md; the summary on rank 0."""

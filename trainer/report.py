@@ -38,7 +38,10 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def dense_export_bytes(model: nn.Module) -> int:
-    """Bytes on disk of the model written as a dense fp32 export (measured by writing it)."""
+    """Bytes on disk of the model written as a dense fp32 export (measured by writing it); for a model Stillroom
+    does not export (a Hugging Face or vocabulary-sliced teacher), its fp32 parameter bytes."""
+    if not isinstance(model, tuple(cls for cls, _ in models.ARCHES.values())):
+        return 4 * sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         return folder_bytes(models.save_dense(model, tmp))
 

@@ -45,6 +45,13 @@ CASES = {
                                            "distill.features: feature distillation is not supported"),
     "global pruning across stages": (2, ["parallel=pipeline", "compress=prune_agp", "compress.modifiers.0.scope=global"],
                                      "compress.modifiers.0.scope: global magnitude pruning"),
+    "teacher ranks fill the world": (2, ["parallel=ddp", "distill=kd", "teacher.placement=remote",
+                                         "parallel.teacher_ranks=2"],
+                                     "parallel.teacher_ranks: 2 teacher ranks leave no student rank in a world of 2"),
+    "teacher ranks without remote": (2, ["parallel=ddp", "distill=kd", "parallel.teacher_ranks=1"],
+                                     "parallel.teacher_ranks: applies to teacher.placement=remote only"),
+    "remote without teacher ranks": (2, ["parallel=ddp", "distill=kd", "teacher.placement=remote"],
+                                     "parallel.teacher_ranks: teacher.placement=remote needs at least one teacher rank"),
     "interleaved with one stage per rank": (2, ["parallel=pipeline", "parallel.pp_schedule=interleaved_1f1b"],
                                             "parallel.stages_per_rank: must be >= 2"),
 }

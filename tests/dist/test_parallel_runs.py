@@ -60,7 +60,8 @@ def by_step(run_dir: Path) -> dict[int, dict]:
 
 
 def assert_same_curve(run: Path, reference: Path, after_fake_quant: float = EXACT) -> None:
-    """Loss, eval loss and grad norm at every step; sparsity and nonzero weights identical."""
+    """Loss, eval loss and grad norm at every step; sparsity, nonzero weights and export bytes identical (a sharded
+    run measures them from counts over its local shards)."""
     got, want = by_step(run), by_step(reference)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step, expected in want.items():
@@ -68,7 +69,7 @@ def assert_same_curve(run: Path, reference: Path, after_fake_quant: float = EXAC
         for key in ("train/loss", "train/ce", "distill/kd", "eval/val_loss"):
             if key in expected:
                 assert got[step][key] == pytest.approx(expected[key], rel=rel), (step, key)
-        for key in ("compress/sparsity", "compress/nonzero_params"):
+        for key in ("compress/sparsity", "compress/nonzero_params", "compress/model_bytes"):
             assert got[step][key] == expected[key], (step, key)
     assert want[STEPS]["compress/sparsity"] == 0.5 and want[STEPS]["compress/qat_active"] == 1.0
 
@@ -115,10 +116,29 @@ def test_ddp_matches_single_process_and_replicas_stay_identical(runs, teacher, r
     assert export_difference(runs / "ddp", reference2) <= 1e-5
 
 
-def test_fsdp_matches_single_process(runs, teacher, reference2):
+@pytest.fixture(scope="module")
+def fsdp2(runs, teacher) -> Path:
     torchrun(runs, teacher, 2, "fsdp", "parallel=fsdp")
-    assert_same_curve(runs / "fsdp", reference2)
-    assert export_difference(runs / "fsdp", reference2) <= 1e-5
+    return runs / "fsdp"
+
+
+def test_fsdp_matches_single_process(fsdp2, reference2):
+    assert_same_curve(fsdp2, reference2)
+    assert export_difference(fsdp2, reference2) <= 1e-5
+
+
+def test_fsdp_ranks_log_their_half_of_the_training_state(fsdp2, reference2):
+    """``memory/rank{r}/*``: the two shards' parameter, gradient, optimizer and mask bytes add up to the single
+    process's, each rank holding about half; peak memory is measured (nonzero) on each rank."""
+    got, want = by_step(fsdp2)[STEPS], by_step(reference2)[STEPS]
+    assert "memory/rank1/params_bytes" not in want
+    for kind in ("params", "grads", "optimizer", "masks"):
+        whole = want[f"memory/rank0/{kind}_bytes"]
+        halves = [got[f"memory/rank{r}/{kind}_bytes"] for r in range(2)]
+        # AdamW's per-parameter step counters are scalars that every rank keeps whole.
+        assert whole > 0 and sum(halves) == pytest.approx(whole, rel=1e-3 if kind == "optimizer" else 0), kind
+        assert max(halves) <= 0.55 * whole, kind
+    assert all(got[f"memory/rank{r}/peak_bytes"] > 0 for r in range(2))
 
 
 @pytest.fixture(scope="module")
@@ -133,21 +153,38 @@ def test_hsdp_2x2_matches_single_process(hsdp4, reference4):
     assert export_val_loss(hsdp4) == pytest.approx(export_val_loss(reference4), rel=AFTER_FAKE_QUANT)
 
 
-def test_two_agents_over_loopback_equal_one_node_of_four(runs, teacher, hsdp4):
-    """``torchrun --nnodes=2 --nproc_per_node=2`` twice (c10d rendezvous on 127.0.0.1): HSDP across "nodes"."""
+def two_agents(runs: Path, teacher: Path, name: str, *overrides: str) -> Path:
+    """``torchrun --nnodes=2 --nproc_per_node=2`` twice (c10d rendezvous on 127.0.0.1) into ``runs/name``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=loopback", "-m", "trainer",
-               *RUN, f"teacher.checkpoint={teacher}", *HSDP_2X2, "hydra.run.dir=two_nodes"]
-    logs = [runs / f"agent{i}.log" for i in range(2)]
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}", "-m", "trainer",
+               *RUN, f"teacher.checkpoint={teacher}", *overrides, f"hydra.run.dir={name}"]
+    logs = [runs / f"{name}_agent{i}.log" for i in range(2)]
     agents = [subprocess.Popen(command, cwd=runs, env=env(runs), stdout=log.open("w"), stderr=subprocess.STDOUT)
               for log in logs]
     codes = [agent.wait(timeout=300) for agent in agents]
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
-    assert_same_curve(runs / "two_nodes", hsdp4)
-    assert export_difference(runs / "two_nodes", hsdp4) <= 1e-5
+    return runs / name
+
+
+def test_two_agents_over_loopback_equal_one_node_of_four(runs, teacher, hsdp4):
+    """HSDP across two "nodes" equals the same run on one node of four."""
+    run = two_agents(runs, teacher, "two_nodes", *HSDP_2X2)
+    assert_same_curve(run, hsdp4)
+    assert export_difference(run, hsdp4) <= 1e-5
+
+
+def test_two_agents_with_the_teacher_sharded_across_nodes(runs, teacher, hsdp4):
+    """The teacher FSDP2-sharded over all 4 ranks of both "nodes" (a quarter each) gives the run of the
+    replicated teacher."""
+    run = two_agents(runs, teacher, "two_nodes_shard", *HSDP_2X2, "teacher.placement=shard")
+    assert_same_curve(run, hsdp4)
+    assert export_difference(run, hsdp4) <= 1e-5
+    got, want = by_step(run)[STEPS], by_step(hsdp4)[STEPS]
+    assert 0.2 * want["distill/teacher_param_bytes"] <= got["distill/teacher_param_bytes"] \
+        <= 0.3 * want["distill/teacher_param_bytes"]
 
 
 def test_ddp_accumulation_with_no_sync_matches_single_process(runs, teacher, reference4):

@@ -82,3 +82,22 @@ def test_two_rank_cache_build_equals_one_process(root):
         whole = (root / "one" / "shard_00000" / name).read_bytes()
         halves = b"".join((root / "two" / f"shard_{i:05d}" / name).read_bytes() for i in range(2))
         assert halves == whole, name
+
+
+@pytest.mark.parametrize("teacher_ranks", [1, 2])
+def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teacher_ranks):
+    """2 student ranks (DDP) + ``teacher_ranks`` dedicated teacher ranks: the same KD loss at every step, and the
+    same top-1 agreement and teacher entropy at evals, as the teacher replicated on the 2 student ranks."""
+    name = f"remote_{teacher_ranks}"
+    launch(root, 2 + teacher_ranks, "trainer", name, "parallel=ddp", "teacher.placement=remote",
+           f"parallel.teacher_ranks={teacher_ranks}")
+    got, want = by_step(root / name), by_step(replicate)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        for key in ("train/loss", "distill/kd", "eval/val_loss", "distill/agreement", "distill/teacher_entropy"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=EXACT), (step, key)
+    assert 0 < want[STEPS]["distill/agreement"] <= 1 and want[STEPS]["distill/teacher_entropy"] > 0
+    assert got[STEPS]["distill/teacher_param_bytes"] == 0  # the student ranks hold no teacher
+    assert all(f"memory/rank{r}/params_bytes" in got[STEPS] for r in range(2))
+    assert "memory/rank2/params_bytes" not in got[STEPS]  # teacher ranks are not among the trainer's ranks

@@ -18,8 +18,8 @@ real_save = dcp.save
 writes = []
 
 
-def save_then_die(state, *, checkpoint_id):
-    real_save(state, checkpoint_id=checkpoint_id)
+def save_then_die(state, *, checkpoint_id, **options):
+    real_save(state, checkpoint_id=checkpoint_id, **options)
     writes.append(checkpoint_id)
     if len(writes) == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)

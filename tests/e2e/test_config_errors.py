@@ -58,7 +58,8 @@ def test_teacher_that_is_not_a_checkpoint(tmp_path, teachers):
                    check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"config error: teacher.checkpoint: {teachers['junk']} is not a Stillroom export, run folder or checkpoint"]
+        (f"config error: teacher.checkpoint: {teachers['junk']} is not a Stillroom export, run folder or checkpoint, "
+         "nor a Hugging Face causal-LM folder")]
 
 
 def test_teacher_vocabulary_differs(tmp_path, teachers):

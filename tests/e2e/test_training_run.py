@@ -66,6 +66,12 @@ def test_wandb_offline_run_holds_the_same_losses(reference):
         assert history[step]["train/loss"] == pytest.approx(loss, rel=1e-7)
     config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["distill"]["loss"] == "forward_kl" and config["train"]["max_steps"] == STEPS
+    assert {k: config["parallel"][k] for k in ("world_size", "dp_replicate", "dp_shard", "pp")} == \
+        {"world_size": 1, "dp_replicate": 1, "dp_shard": 1, "pp": 1}
+    last = history[max(history)]
+    params, optimizer = last["memory/rank0/params_bytes"], last["memory/rank0/optimizer_bytes"]
+    assert params > 0 and last["memory/rank0/grads_bytes"] == params and last["memory/rank0/peak_bytes"] > params
+    assert 2 * params <= optimizer <= 2 * params + 4096  # AdamW's two moments, plus a step counter per tensor
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path, teacher, reference):

@@ -295,3 +295,28 @@ def test_pruned_and_quantized_embeddings_train_and_export_with_the_tie(tmp_path)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(shipped(x), model(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_metrics_from_shard_counts_equal_the_whole_model_metrics(weight_bits):
+    """The counts path (used under sharding) gives the same sizes, sparsity and SQNR as the full-tensor path."""
+    modifiers = [ModifierConfig(kind="magnitude", targets=["blocks.*", "tok_emb"], schedule="agp",
+                                final_sparsity=0.6, start_step=1, end_step=4, every=1),
+                 ModifierConfig(kind="qat", targets=["blocks.*", "tok_emb", "head"], weight_bits=weight_bits,
+                                group_size=16, start_step=3)]
+    model, optimizer, compressor = make_run(modifiers)
+    train(model, optimizer, compressor, range(1, 6))
+    from trainer.compress import stats
+
+    counts = compressor.shard_counts()
+    want, got = compressor.metrics(), stats.summary_from_counts(counts, qat_active=compressor.qat_active)
+    assert want["compress/qat_active"] == 1.0 and 0.55 < want["compress/sparsity"] < 0.65
+    assert sorted(got) == sorted(want)
+    for key in ("compress/model_bytes", "compress/nonzero_params", "compress/sparsity", "compress/qat_active"):
+        assert got[key] == want[key], key
+    for key in ("compress/weight_bits", "compress/ratio"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got["compress/weight_sqnr_db"] == pytest.approx(want["compress/weight_sqnr_db"], rel=1e-6)  # fp64 sums
+    _, rows = stats.table_from_counts(counts)
+    _, want_rows = compressor.layer_table()
+    assert {row[0]: row[2:] for row in rows} == {row[0]: row[2:] for row in want_rows if row[0] != "head"}

@@ -272,7 +272,31 @@ class Compressor:
         """``compress/*`` metrics measured from the weights (see ``stats``)."""
         self._ensure_masks()
         pruned = list(dict.fromkeys(name for p in self.pruners for name in p.weight_names))
-        return stats.summary(self.model, self.masks, pruned, qat_active=self.qat is not None and self.qat.enabled)
+        return stats.summary(self.model, self.masks, pruned, qat_active=self.qat_active)
+
+    @property
+    def qat_active(self) -> bool:
+        """Whether fake-quant is on at the current step."""
+        return self.qat is not None and self.qat.enabled
+
+    @property
+    def counts_are_exact(self) -> bool:
+        """Whether ``stats.summary_from_counts`` gives this compressor's export size (no ``channel`` thinning)."""
+        return all(p.kind != "channel" for p in self.pruners)
+
+    @torch.no_grad()
+    def shard_counts(self) -> dict[str, stats.ParamCounts]:
+        """``stats.ParamCounts`` of the parameters this rank holds, summed over their shards (every rank of the
+        shard axes calls it; a collective on one small vector)."""
+        self._ensure_masks()
+        pruned = [name for p in self.pruners for name in p.weight_names]
+        counts = stats.local_counts(self.model, self.masks, pruned)
+        if counts:
+            stacked = torch.tensor([c.counts for c in counts.values()], dtype=torch.float64)
+            summed = pruning.sum_over_shards(stacked, list(self.model.parameters()))
+            for c, row in zip(counts.values(), summed.tolist()):
+                c.counts = row
+        return counts
 
     def layer_table(self) -> tuple[list[str], list[list]]:
         """``[layer, shape, sparsity, bits]`` for every module a modifier targets."""

@@ -34,7 +34,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _sum_over_shards(counts: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+def sum_over_shards(counts: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Sum per-rank ``counts`` over the mesh axes that ``tensors`` (all placed alike) are sharded on."""
     layouts = {(t.device_mesh, t.placements) for t in tensors if isinstance(t, DTensor)}
     if not layouts:
@@ -66,7 +66,7 @@ def kth_thresholds(groups: list[list[torch.Tensor]], sparsity: float) -> list[fl
     while any(k > 0 and hi - lo > 1 for k, lo, hi in zip(ks, below, at_or_above)):
         mids = [(lo + hi) // 2 for lo, hi in zip(below, at_or_above)]
         local_counts = [sum(int((t <= _float32_from_bits(mid)).sum()) for t in group) for group, mid in zip(shards, mids)]
-        counts = _sum_over_shards(torch.tensor(local_counts, dtype=torch.int64), flat).tolist()
+        counts = sum_over_shards(torch.tensor(local_counts, dtype=torch.int64), flat).tolist()
         for i, (k, mid, count) in enumerate(zip(ks, mids, counts)):
             if k > 0 and at_or_above[i] - below[i] > 1:
                 if count >= k:

@@ -6,9 +6,17 @@ integers at their QAT bits with fp16 scales (whether or not fake-quant is on yet
 each tensor dense or sparse, whichever ``export.storage_bytes`` says is smaller.
 ``compress/model_bytes`` is exactly the size of the export's blobs; the folder adds its
 ``config.json`` and the safetensors header (about 1 KB for a GPT).
+
+Under sharding the same metrics come from per-parameter counts over each rank's local shard, summed
+over the shards (``local_counts`` -> ``pruning.sum_over_shards`` -> ``summary_from_counts``), so no
+weight leaves its rank. The counts see tensors unthinned: exact for every modifier but ``channel``,
+whose thinned export a GPT needs whole tensors to plan.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,6 +27,20 @@ from trainer.models.gpt import GPT
 
 FP32_BYTES = 4
 TABLE_COLUMNS = ["layer", "shape", "sparsity", "bits"]
+COUNT_FIELDS = ("numel", "zeros", "stored_nonzero", "signal", "noise")
+
+
+@dataclass
+class ParamCounts:
+    """One parameter's figures: its global shape and export scheme, and ``COUNT_FIELDS`` summed over the
+    shards counted so far (numel and zeros of the weight, nonzeros of its stored values, and for a
+    quantized weight sum w^2 and sum (w - q(w))^2)."""
+
+    shape: tuple[int, ...]
+    pruned: bool
+    bits: int
+    group_size: int
+    counts: list[float]
 
 
 def zero_fraction(tensors: list[torch.Tensor]) -> float:
@@ -95,4 +117,65 @@ def layer_table(model: nn.Module, module_names: list[str]) -> tuple[list[str], l
         module = model.get_submodule(name)
         weight = module.weight
         rows.append([name, "x".join(map(str, weight.shape)), zero_fraction([weight]), qat.module_bits(module)])
+    return TABLE_COLUMNS, rows
+
+
+def weight_specs(model: nn.Module) -> dict[str, dict]:
+    """``{parameter name: quant spec}`` of the QAT-prepared modules' weights, a shared weight under its first name."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(m.weight)]: spec for name, spec in quant_specs(model).items()
+            for m in [model.get_submodule(name)] if id(m.weight) in names}
+
+
+@torch.no_grad()
+def local_counts(model: nn.Module, masks: dict[str, torch.Tensor], pruned_weights: list[str]) -> dict[str, ParamCounts]:
+    """``ParamCounts`` of every parameter (tied ones once) over this rank's local shard of it."""
+    specs, pruned = weight_specs(model), set(pruned_weights)
+    out = {}
+    for name, param in model.named_parameters():
+        weight = pruning.local(param).detach().float()
+        if name in masks:
+            weight = weight.masked_fill(~pruning.local(masks[name]), 0.0)
+        spec = specs.get(name)
+        bits, group_size = (spec["weight_bits"], spec["group_size"]) if spec else (qat.FLOAT_BITS, 0)
+        stored_nonzero, signal, noise = int(weight.count_nonzero()), 0.0, 0.0
+        if spec and weight.numel():
+            codes, scale = qat.quantize_weight(weight, bits, group_size)
+            stored_nonzero = int(codes.count_nonzero())
+            signal = weight.double().square().sum().item()
+            noise = (weight - qat.dequantize_weight(codes, scale)).double().square().sum().item()
+        zeros = weight.numel() - int(pruning.local(param).count_nonzero())
+        out[name] = ParamCounts(tuple(param.shape), name in pruned, bits, group_size,
+                                [float(weight.numel()), float(zeros), float(stored_nonzero), signal, noise])
+    return out
+
+
+def summary_from_counts(counts: dict[str, ParamCounts], qat_active: bool) -> dict[str, float]:
+    """The ``compress/*`` metrics of ``summary`` from whole-model ``counts`` (see the module docstring)."""
+    def total(field: str, where=lambda c: True) -> float:
+        i = COUNT_FIELDS.index(field)
+        return sum(c.counts[i] for c in counts.values() if where(c))
+
+    model_bytes = sum(export.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size)
+                      for c in counts.values())
+    numel = total("numel")
+    pruned_numel = total("numel", lambda c: c.pruned)
+    metrics = {
+        "compress/sparsity": total("zeros", lambda c: c.pruned) / pruned_numel if pruned_numel else 0.0,
+        "compress/nonzero_params": numel - total("zeros"),
+        "compress/weight_bits": sum(c.bits * c.counts[0] for c in counts.values()) / max(numel, 1),
+        "compress/model_bytes": float(model_bytes),
+        "compress/ratio": FP32_BYTES * numel / model_bytes,
+        "compress/qat_active": float(qat_active),
+    }
+    if qat_active:
+        noise = total("noise")
+        metrics["compress/weight_sqnr_db"] = math.inf if noise == 0.0 else 10.0 * math.log10(total("signal") / noise)
+    return metrics
+
+
+def table_from_counts(counts: dict[str, ParamCounts]) -> tuple[list[str], list[list]]:
+    """``layer_table``'s columns and rows from whole-model ``counts``: every pruned or quantized weight."""
+    rows = [[name.rpartition(".")[0], "x".join(map(str, c.shape)), c.counts[1] / c.counts[0] if c.counts[0] else 0.0,
+             c.bits] for name, c in counts.items() if c.pruned or c.bits != qat.FLOAT_BITS]
     return TABLE_COLUMNS, rows

@@ -1,25 +1,39 @@
-"""Find, describe and load a frozen teacher from a Stillroom export, run folder or checkpoint."""
+"""Find, describe and load a frozen teacher: a Stillroom export, run folder or checkpoint, or a Hugging Face
+causal-LM folder on local disk."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from trainer import checkpoint, models
+from trainer.distill import hf
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
 
 
 class TeacherPathError(ValueError):
-    """The teacher path does not exist or is not a Stillroom export or checkpoint."""
+    """The teacher path does not exist or is not a Stillroom or Hugging Face model."""
 
 
 def resolve(path: str | Path) -> tuple[str, Path]:
-    """Return ("export" | "checkpoint", folder) for an export, a run folder, or a checkpoint."""
+    """Return ("export" | "checkpoint" | "hf", folder) for an export, a run folder, a checkpoint, or a Hugging
+    Face folder (a config.json naming its model type, and weights)."""
     p = Path(path)
     if not p.exists():
         raise TeacherPathError(f"{path} does not exist")
+    if hf.names_hf_model(p):
+        if not hf.weight_files(p):
+            raise TeacherPathError(f"{path} has a Hugging Face config.json but no weights "
+                                   "(model.safetensors or pytorch_model.bin)")
+        return "hf", p
     if (p / models.CONFIG_FILE).is_file():
         return "export", p
     if checkpoint.is_complete(p) and (p / checkpoint.MODEL_FILE).is_file():
@@ -29,14 +43,19 @@ def resolve(path: str | Path) -> tuple[str, Path]:
     newest = checkpoint.latest(p / "ckpt")
     if newest is not None:
         return "checkpoint", newest
-    raise TeacherPathError(f"{path} is not a Stillroom export, run folder or checkpoint")
+    weights = hf.weight_files(p)
+    if weights:
+        raise TeacherPathError(f"{path} has weights ({weights[0]}) but no {models.CONFIG_FILE}")
+    raise TeacherPathError(f"{path} is not a Stillroom export, run folder or checkpoint, "
+                           "nor a Hugging Face causal-LM folder")
 
 
 def spec(path: str | Path) -> dict:
     """The teacher's architecture ({"arch", "config"}) without loading its weights."""
     kind, folder = resolve(path)
+    read = {"export": models.read_export_config, "checkpoint": checkpoint.read_model_spec, "hf": hf.spec}[kind]
     try:
-        return models.read_export_config(folder) if kind == "export" else checkpoint.read_model_spec(folder)
+        return read(folder)
     except (ValueError, OSError) as e:
         raise TeacherPathError(str(e)) from e
 
@@ -53,13 +72,57 @@ def fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load(path: str | Path, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The teacher in eval mode with gradients off (frozen)."""
+class VocabSlice(nn.Module):
+    """A teacher whose logits keep only the first ``vocab_size`` entries: a padded teacher vocabulary cut to the
+    student's (``teacher.vocab=slice``). Hidden states, ``width`` and ``blocks`` are the teacher's own."""
+
+    def __init__(self, teacher: nn.Module, vocab_size: int):
+        super().__init__()
+        self.teacher, self.vocab_size = teacher, vocab_size
+
+    @property
+    def width(self) -> int:
+        return self.teacher.width
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.teacher.blocks
+
+    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
+        out = self.teacher(idx, hidden_layers=hidden_layers)
+        if hidden_layers:
+            logits, hidden = out
+            return logits[..., : self.vocab_size], hidden
+        return out[..., : self.vocab_size]
+
+
+def load(path: str | Path, device: torch.device = torch.device("cpu"), vocab_size: int | None = None) -> nn.Module:
+    """The teacher in eval mode with gradients off (frozen); with ``vocab_size`` smaller than the teacher's
+    vocabulary, its logits cut to that many entries (one warning line, on rank 0)."""
     kind, folder = resolve(path)
-    if kind == "export":
+    if kind == "hf":
+        try:
+            model = hf.load(folder)
+        except ValueError as e:
+            raise TeacherPathError(str(e)) from None
+    elif kind == "export":
         model = models.load(folder)
     else:
         model = models.build_from_spec(checkpoint.read_model_spec(folder))
         checkpoint.load_model_weights(folder, model)
+    teacher_vocab = spec(path)["config"].get("vocab_size") if vocab_size is not None else None
+    if teacher_vocab is not None and vocab_size < teacher_vocab:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: teacher.vocab=slice: the teacher's {teacher_vocab} logits are cut to the student's "
+                  f"first {vocab_size}", file=sys.stderr)
+        model = VocabSlice(model, vocab_size)
     model.requires_grad_(False)
     return model.to(device).eval()
+
+
+def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice``."""
+    from trainer import data
+
+    vocab_size = data.vocab_size(cfg.data) if cfg.teacher.vocab == "slice" else None
+    return load(cfg.teacher.checkpoint, device, vocab_size=vocab_size)

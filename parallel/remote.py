@@ -1,0 +1,131 @@
+"""Dedicated teacher ranks (``teacher.placement=remote``): the last K ranks of the world hold the teacher.
+
+Student rank ``s`` of ``S`` is served by teacher rank ``S + s % K``. A request is three point-to-point messages
+on the pair: a header ``[kind, sequence, rows, tokens]``, the input tokens ``[rows, tokens]``, and the reply, the
+teacher's logits ``[rows, tokens, vocab]`` (fp32). A teacher rank serves its students round-robin in rank order
+(every student makes the same sequence of requests: the same steps, micro-batches and eval batches), so no
+message needs an any-source receive and the protocol runs on gloo and NCCL alike.
+
+The student overlaps the teacher with its own step: as soon as it has a micro-batch's logits it sends the next
+micro-batch's inputs (batches are a pure function of the step), so the teacher computes them while the student
+runs forward and backward. Closing drains a request still in flight and sends a stop header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+REQUEST, STOP = 1, 0
+HEADER_TAG = 0
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which ranks train the student and which serve the teacher, in a world of ``world_size`` ranks."""
+
+    world_size: int
+    teacher_ranks: int
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.teacher_ranks < self.world_size, \
+            f"{self.teacher_ranks} teacher ranks need a world of more ranks (world size {self.world_size})"
+
+    @property
+    def students(self) -> list[int]:
+        return list(range(self.world_size - self.teacher_ranks))
+
+    def is_teacher(self, rank: int) -> bool:
+        return rank >= len(self.students)
+
+    def server_of(self, student: int) -> int:
+        """The teacher rank that serves ``student``."""
+        return len(self.students) + student % self.teacher_ranks
+
+    def served_by(self, teacher: int) -> list[int]:
+        """The students ``teacher`` serves, in the order it serves them."""
+        return [s for s in self.students if self.server_of(s) == teacher]
+
+
+@torch.no_grad()
+def serve(module: nn.Module, students: list[int], device: torch.device) -> int:
+    """Answer ``students``' requests with ``module``'s logits until each has sent a stop; returns the count served."""
+    open_students, served = list(students), 0
+    while open_students:
+        for student in list(open_students):
+            header = torch.empty(4, dtype=torch.int64, device=device)
+            dist.recv(header, src=student, tag=HEADER_TAG)
+            kind, sequence, rows, tokens = header.tolist()
+            if kind == STOP:
+                open_students.remove(student)
+                continue
+            x = torch.empty(rows, tokens, dtype=torch.int64, device=device)
+            dist.recv(x, src=student, tag=sequence)
+            logits = module(x).float().contiguous()
+            dist.send(logits, dst=student, tag=sequence)
+            served += 1
+    return served
+
+
+class PendingLogits:
+    """A request in flight: the sends to wait for and the reply being received."""
+
+    def __init__(self, server: int, sequence: int, x: torch.Tensor, vocab: int):
+        self.header = torch.tensor([REQUEST, sequence, *x.shape], dtype=torch.int64, device=x.device)
+        self.x = x.contiguous()
+        self.logits = torch.empty(*x.shape, vocab, device=x.device)
+        self.works = [dist.isend(self.header, server, tag=HEADER_TAG), dist.isend(self.x, server, tag=sequence),
+                      dist.irecv(self.logits, server, tag=sequence)]
+
+    def wait(self) -> torch.Tensor:
+        for work in self.works:
+            work.wait()
+        return self.logits
+
+
+class RemoteClient:
+    """The student side: ``logits(x, key)`` from the serving teacher rank, the next key's request sent ahead.
+
+    ``next_input(key)`` gives the inputs and key of the micro-batch after ``key`` (None after the last), so
+    the teacher computes them while the student trains on the current one.
+    """
+
+    def __init__(self, server: int, vocab: int, next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None]):
+        self.server, self.vocab, self.next_input = server, vocab, next_input
+        self.sequence = 0
+        self.ahead: tuple[tuple, PendingLogits] | None = None
+
+    def request(self, x: torch.Tensor) -> PendingLogits:
+        self.sequence += 1
+        return PendingLogits(self.server, self.sequence, x, self.vocab)
+
+    def logits(self, x: torch.Tensor, key: tuple | None) -> torch.Tensor:
+        """The teacher's logits of ``x``; ``key`` (step, micro) names a training micro-batch, None an eval batch."""
+        if key is None:
+            return self.request(x).wait()
+        if self.ahead is not None and self.ahead[0] == key:
+            pending = self.ahead[1]
+        else:
+            self.drain()
+            pending = self.request(x)
+        self.ahead = None
+        following = self.next_input(key)
+        if following is not None:
+            next_key, next_x = following
+            self.ahead = (next_key, self.request(next_x))
+        return pending.wait()
+
+    def drain(self) -> None:
+        """Receive a request still in flight (its logits are not needed)."""
+        if self.ahead is not None:
+            self.ahead[1].wait()
+            self.ahead = None
+
+    def close(self) -> None:
+        """Drain, then tell the server this student is done."""
+        self.drain()
+        dist.send(torch.tensor([STOP, 0, 0, 0], dtype=torch.int64), self.server, tag=HEADER_TAG)

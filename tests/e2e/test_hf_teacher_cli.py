@@ -1,0 +1,89 @@
+"""``python -m trainer distill=kd teacher.checkpoint=<Hugging Face folder>``: a GPT-2 saved by transformers
+teaches a Stillroom student; a padded vocabulary needs ``teacher.vocab=slice``, and then gives exactly the losses
+of the unpadded teacher (live and through the cache); a broken folder is one config-error line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, read_metrics, run_cli, save_hf_teachers
+
+pytestmark = pytest.mark.e2e
+transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")
+
+STEPS = 4
+VOCAB = 65  # Tiny Shakespeare's characters
+RUN = [*(arg for arg in FAST if not arg.startswith("data=")), "data=shakespeare", "distill=kd", "distill.alpha=0.5",
+       "distill.temperature=2.0", f"train.max_steps={STEPS}", "logger.log_every=1", "train.eval_every=2"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """``hf65``: a 2-layer GPT-2 on the student's vocabulary; ``hf80``: the same model, embeddings padded to 80."""
+    root = tmp_path_factory.mktemp("hf_teacher")
+    save_hf_teachers(root, VOCAB, 80, n_embd=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def live65(root) -> list[dict]:
+    run_cli(root, *RUN, "teacher.checkpoint=hf65", "hydra.run.dir=live65")
+    return read_metrics(root / "live65")
+
+
+def kd_by_step(rows: list[dict]) -> dict[int, float]:
+    return {row["step"]: row["distill/kd"] for row in rows if "distill/kd" in row}
+
+
+def test_hf_teacher_distills_a_student(root, live65):
+    kd = kd_by_step(live65)
+    assert sorted(kd) == list(range(1, STEPS + 1)) and all(value > 0 for value in kd.values())
+    n_params = transformers.GPT2LMHeadModel.from_pretrained(root / "hf65").num_parameters()
+    assert live65[-1]["distill/teacher_param_bytes"] == 4 * n_params
+    report = json.loads((root / "live65" / "report.json").read_text())
+    teacher_row = next(row for row in report["models"] if row["model"] == "teacher")
+    assert teacher_row["params"] == n_params and teacher_row["val_loss"] > 0
+
+
+def test_padded_vocabulary_is_refused_without_slice(root):
+    proc = run_cli(root, *RUN, "teacher.checkpoint=hf80", "hydra.run.dir=refused", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        ("config error: teacher.checkpoint: teacher vocabulary 80 differs from the student's 65 (data=shakespeare); "
+         "teacher.vocab=slice uses its first 65 logits")]
+    assert not (root / "refused").exists()
+
+
+def test_sliced_padded_teacher_equals_the_unpadded_one(root, live65):
+    proc = run_cli(root, *RUN, "teacher.checkpoint=hf80", "teacher.vocab=slice", "hydra.run.dir=sliced")
+    warnings = [line for line in proc.stderr.splitlines() if "teacher.vocab=slice" in line]
+    assert warnings == ["warning: teacher.vocab=slice: the teacher's 80 logits are cut to the student's first 65"]
+    got, want = kd_by_step(read_metrics(root / "sliced")), kd_by_step(live65)
+    assert sorted(got) == sorted(want)
+    for step, expected in want.items():
+        assert got[step] == pytest.approx(expected, rel=1e-6), step
+
+
+def test_cache_of_a_sliced_teacher_equals_the_unpadded_one(root, live65):
+    cache = [*RUN, "teacher.checkpoint=hf80", "teacher.vocab=slice", "teacher.cache_dir=cache80"]
+    run_cli(root, *cache, "hydra.run.dir=build", module="trainer.cache")
+    assert json.loads((root / "cache80" / "manifest.json").read_text())["key"]["vocab"] == VOCAB
+    run_cli(root, *cache, "teacher.placement=cache", "hydra.run.dir=cached")
+    got, want = kd_by_step(read_metrics(root / "cached")), kd_by_step(live65)
+    for step, expected in want.items():
+        assert got[step] == pytest.approx(expected, rel=1e-5), step
+
+
+def test_broken_folder_is_one_config_error_line(root, tmp_path):
+    broken = tmp_path / "no_weights"
+    broken.mkdir()
+    (broken / "config.json").write_text((root / "hf65" / "config.json").read_text())
+    proc = run_cli(tmp_path, *RUN, f"teacher.checkpoint={broken}", "hydra.run.dir=run", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        (f"config error: teacher.checkpoint: {broken} has a Hugging Face config.json but no weights "
+         "(model.safetensors or pytorch_model.bin)")]
+    assert not (tmp_path / "run").exists() and sorted(p.name for p in broken.iterdir()) == ["config.json"]

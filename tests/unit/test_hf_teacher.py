@@ -1,0 +1,143 @@
+"""A Hugging Face causal LM as a teacher: the wrapper reproduces the model's own outputs, a padded vocabulary is
+sliced, and folders that are not a usable model are refused with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, RunConfig, validate
+from trainer.distill import teacher as teacher_io
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")
+
+
+def save_tiny_gpt2(folder: Path, vocab_size: int = 65, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 saved with ``save_pretrained`` (config.json + model.safetensors)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf65(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("hf65"))
+
+
+@pytest.fixture(scope="module")
+def hf80(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("hf80"), vocab_size=80)
+
+
+def reference(folder: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    return model
+
+
+def test_logits_equal_the_hf_models_own(hf65):
+    x = torch.randint(0, 65, (3, 16))
+    teacher = teacher_io.load(hf65)
+    with torch.no_grad():
+        got, want = teacher(x), reference(hf65)(input_ids=x).logits
+    assert got.shape == (3, 16, 65)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert teacher.width == 32 and len(teacher.blocks) == 2
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_hidden_layers_match_output_hidden_states(hf65):
+    """Layers 0..n-1 equal HF's hidden states; layer n is the last block's output before the final norm, as in
+    Stillroom's GPT (HF's last hidden state is after ``ln_f``)."""
+    x = torch.randint(0, 65, (2, 12))
+    model = reference(hf65)
+    with torch.no_grad():
+        logits, hidden = teacher_io.load(hf65)(x, hidden_layers=(0, 1, 2))
+        out = model(input_ids=x, output_hidden_states=True)
+    assert sorted(hidden) == [0, 1, 2]
+    for layer in (0, 1):
+        torch.testing.assert_close(hidden[layer], out.hidden_states[layer], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.transformer.ln_f(hidden[2]), out.hidden_states[2])
+    assert not torch.allclose(hidden[2], out.hidden_states[2])
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=0)
+
+
+def test_padded_vocabulary_is_sliced(hf80):
+    x = torch.randint(0, 65, (2, 8))
+    full = teacher_io.load(hf80)
+    sliced = teacher_io.load(hf80, vocab_size=65)
+    with torch.no_grad():
+        whole = full(x)
+        cut, hidden = sliced(x, hidden_layers=(1,))
+    assert whole.shape[-1] == 80 and cut.shape[-1] == 65
+    torch.testing.assert_close(cut, whole[..., :65], rtol=0, atol=0)
+    assert sliced.width == full.width and len(sliced.blocks) == 2 and list(hidden) == [1]
+
+
+def test_resolve_and_spec(hf65):
+    assert teacher_io.resolve(hf65) == ("hf", hf65)
+    spec = teacher_io.spec(hf65)
+    assert spec["arch"] == "gpt"
+    assert spec["config"] == {"vocab_size": 65, "n_layer": 2, "n_embd": 32, "block_size": 64}
+
+
+def copy_without(src: Path, dst: Path, *missing: str) -> Path:
+    dst.mkdir()
+    for file in src.iterdir():
+        if file.name not in missing:
+            (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("no_weights", "has a Hugging Face config.json but no weights"),
+    ("no_config", "has weights (model.safetensors) but no config.json"),
+    ("unknown_model_type", "transformers cannot read it"),
+    ("not_json", "not valid JSON"),
+    ("not_causal_lm", "which transformers does not run as a causal LM"),
+    ("empty", "is not a Stillroom export, run folder or checkpoint, nor a Hugging Face causal-LM folder"),
+])
+def test_broken_folders_are_refused_with_one_line(hf65, tmp_path, broken, message):
+    folder = copy_without(hf65, tmp_path / broken, *{"no_weights": ["model.safetensors"],
+                                                     "no_config": ["config.json"],
+                                                     "empty": [f.name for f in hf65.iterdir()]}.get(broken, []))
+    config = folder / "config.json"
+    if broken == "unknown_model_type":
+        config.write_text(json.dumps({"model_type": "no_such_model", "architectures": ["NoSuchForCausalLM"]}))
+    if broken == "not_json":
+        config.write_text("{this is not json")
+    if broken == "not_causal_lm":
+        config.write_text(json.dumps(transformers.DistilBertConfig(dim=32, n_layers=2).to_dict()))
+    with pytest.raises(teacher_io.TeacherPathError) as raised:
+        teacher_io.spec(folder)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def run_config(checkpoint: Path, **teacher) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.name = "shakespeare"  # 65 characters
+    cfg.distill.loss, cfg.distill.alpha = "forward_kl", 0.5
+    cfg.student.block_size = 32
+    cfg.teacher.checkpoint = str(checkpoint)
+    for key, value in teacher.items():
+        setattr(cfg.teacher, key, value)
+    return cfg
+
+
+def test_validation_of_vocabularies_and_context(hf65, hf80):
+    validate(run_config(hf65))
+    with pytest.raises(ConfigError, match="teacher vocabulary 80 differs from the student's 65.*teacher.vocab=slice"):
+        validate(run_config(hf80))
+    validate(run_config(hf80, vocab="slice"))
+    with pytest.raises(ConfigError, match="teacher.vocab: must be one of strict, slice"):
+        validate(run_config(hf80, vocab="crop"))
+    cfg = run_config(hf65)
+    cfg.student.block_size = 128
+    with pytest.raises(ConfigError, match="student.block_size: 128 is longer than the teacher's context of 64"):
+        validate(cfg)

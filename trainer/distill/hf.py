@@ -1,0 +1,138 @@
+"""A Hugging Face causal LM from a folder on local disk, as a Stillroom teacher.
+
+The wrapped model has the teacher interface of ``trainer/models/gpt.py``: ``module(x, hidden_layers=(...))``
+returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings, ``i`` = the output of block ``i``,
+before the final norm), ``.width`` and ``.blocks`` (the transformer layers: FSDP2's units under
+``teacher.placement=shard``). ``transformers`` is the optional extra ``hf``, imported only here and never
+allowed to download anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # whole, or sharded with an index
+
+
+def names_hf_model(folder: Path) -> bool:
+    """Whether ``folder/config.json`` is a Hugging Face config (it names ``model_type`` or ``architectures``)."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ("model_type" in meta or "architectures" in meta)
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The Hugging Face weight files (or shard indexes) present in ``folder``."""
+    return [name for name in WEIGHT_FILES if (folder / name).is_file()]
+
+
+def _transformers():
+    """``transformers``, offline, quiet; ValueError naming the extra when it is not installed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError("a Hugging Face teacher needs transformers: pip install 'stillroom[hf]'") from e
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def read_config(folder: Path):
+    """The folder's ``PretrainedConfig``, checked to be a causal LM (ValueError, one line, if not)."""
+    transformers = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder / CONFIG_FILE}: transformers cannot read it ({_first_line(e)})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{folder} holds a {config.model_type} model, which transformers does not run as a causal LM")
+    return config
+
+
+def spec(folder: Path) -> dict:
+    """What config validation compares: {"arch": "gpt", "config": {vocab_size, n_layer, n_embd, block_size}}."""
+    config = read_config(folder)
+    return {"arch": "gpt", "source": "hf", "model_type": config.model_type,
+            "config": {"vocab_size": config.vocab_size, "n_layer": config.num_hidden_layers,
+                       "n_embd": config.hidden_size,
+                       "block_size": getattr(config, "max_position_embeddings", None)}}
+
+
+def _layers_path(model: nn.Module, n_layer: int) -> str:
+    """The dotted name of the model's list of ``n_layer`` transformer layers (``transformer.h``, ``model.layers``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layer:
+            return name
+    raise ValueError(f"cannot find the {n_layer} transformer layers of this {type(model).__name__}")
+
+
+class HFCausalLM(nn.Module):
+    """A ``transformers`` causal LM behind the teacher interface (logits, hidden states by layer, width, blocks)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.layers_path = _layers_path(model, model.config.num_hidden_layers)
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    def _record(self, hidden_layers: tuple[int, ...], hidden: dict[int, torch.Tensor]) -> list:
+        """Hooks that store the input of block 0 (layer 0) and the output of block ``i - 1`` (layer ``i``)."""
+        def block_input(_module, args, kwargs):
+            hidden[0] = args[0] if args else kwargs["hidden_states"]
+
+        def block_output(layer: int):
+            def hook(_module, _args, output):
+                hidden[layer] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        blocks = self.blocks
+        handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)] if 0 in hidden_layers else []
+        handles += [blocks[layer - 1].register_forward_hook(block_output(layer)) for layer in hidden_layers if layer]
+        return handles
+
+    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
+        hidden: dict[int, torch.Tensor] = {}
+        handles = self._record(hidden_layers, hidden)
+        try:
+            logits = self.model(input_ids=idx, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return (logits, hidden) if hidden_layers else logits
+
+
+def load(folder: Path) -> HFCausalLM:
+    """The folder's causal LM in fp32 on CPU, eval mode, gradients off."""
+    transformers = _transformers()
+    read_config(folder)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{folder}: transformers cannot load the model ({_first_line(e)})") from None
+    module = HFCausalLM(model.float())
+    module.requires_grad_(False)
+    return module.eval()
