@@ -24,3 +24,37 @@ def dp_mean(values: dict[str, torch.Tensor], mesh: DeviceMesh | None) -> dict[st
     stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
     dp_sum(stacked, mesh).div_(mesh.size())
     return dict(zip(values, stacked.unbind()))
+
+
+class PairwiseGradients:
+    """Sums micro-batch gradients as a balanced tree, (g0+g1)+(g2+g3), the order in which a data-parallel run's
+    collectives add its ranks' gradients, instead of autograd's running sum ((g0+g1)+g2)+g3.
+
+    Call ``push`` after each micro-batch's backward (it takes the gradients out of ``.grad``) and ``finish``
+    after the last (it puts the sum back). A partial sum of 2^k micro-batches merges with the next one of
+    the same size, like a binary counter; what is left is added earliest first.
+    """
+
+    def __init__(self, parameters: list[torch.Tensor]):
+        self.parameters = parameters
+        self.partials: list[tuple[int, list[torch.Tensor | None]]] = []
+
+    def push(self) -> None:
+        node = (1, [p.grad for p in self.parameters])
+        for p in self.parameters:
+            p.grad = None
+        while self.partials and self.partials[-1][0] == node[0]:
+            size, earlier = self.partials.pop()
+            node = (2 * size, [_add(a, b) for a, b in zip(earlier, node[1])])
+        self.partials.append(node)
+
+    def finish(self) -> None:
+        total = self.partials.pop()[1]
+        while self.partials:
+            total = [_add(a, b) for a, b in zip(self.partials.pop()[1], total)]
+        for p, grad in zip(self.parameters, total):
+            p.grad = grad
+
+
+def _add(earlier: torch.Tensor | None, later: torch.Tensor | None) -> torch.Tensor | None:
+    return later if earlier is None else earlier if later is None else earlier + later

@@ -106,6 +106,13 @@ def restart_store(world_size: int) -> dist.Store:
     return dist.PrefixStore(f"stillroom/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def wait_for_all() -> None:
+    """Every rank reaches this before any goes on (at the end of a run: a gloo rank that destroys its group
+    and exits while another still works was seen to abort, "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

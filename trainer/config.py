@@ -142,6 +142,9 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # How one process sums its micro-batches' gradients: sequential ((g0+g1)+g2)+g3, or pairwise
+    # (g0+g1)+(g2+g3), the order of the collectives of an N-rank run, which it then reproduces bit for bit.
+    accum_order: str = "sequential"
     seed: int = 1337
     eval_every: int = 250
     ckpt_every: int = 500
@@ -194,6 +197,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1 (got {t.batch_size})")
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    _one_of(t.accum_order, ("sequential", "pairwise"), "train.accum_order")
     for key in ("eval_every", "ckpt_every", "keep_last"):
         _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1 (got {getattr(t, key)})")
     _one_of(t.precision, ("fp32", "bf16"), "train.precision")
@@ -297,6 +301,8 @@ def _validate_parallel(cfg: RunConfig) -> None:
     if dims.pp_enabled:
         _validate_pipeline(cfg, dims)
         return
+    _check(t.accum_order == "sequential" or student_ranks == 1, "train.accum_order",
+           f"pairwise applies to one process (on {student_ranks} ranks gradients are synced inside the last backward)")
     _check(t.batch_size % (dims.dp_size * t.grad_accum) == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}")
 

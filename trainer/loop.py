@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from parallel import env as dist_env
 from parallel import groups, remote
-from parallel.collectives import dp_mean, dp_sum
+from parallel.collectives import PairwiseGradients, dp_mean, dp_sum
 from parallel.ddp import assert_replicas_equal
 from parallel.mesh import REPLICATE_AXIS
 from parallel.parallelize import no_gradient_sync, parallelize
@@ -50,18 +50,24 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
     env = dist_env.init(cfg.parallel.backend)
     try:
         run_dir = shared_run_dir(Path(run_dir))
-        if cfg.parallel.teacher_ranks:
-            roles = remote.Roles(env.world_size, cfg.parallel.teacher_ranks)
+        roles = remote.Roles(env.world_size, cfg.parallel.teacher_ranks) if cfg.parallel.teacher_ranks else None
+        if roles:
             groups.set_student_ranks(roles.students)
-            if roles.is_teacher(env.rank):
-                return serve_teacher(cfg, roles, env)
-        return Trainer(cfg, run_dir, env, resolved_config).fit()
+        if roles and roles.is_teacher(env.rank):
+            val_loss = serve_teacher(cfg, roles, env)
+        else:
+            val_loss = Trainer(cfg, run_dir, env, resolved_config).fit()
+        dist_env.wait_for_all()
+        return val_loss
+    # Both stops happen on every rank at the same step (the loss and the stop flag are reduced over ranks).
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
+        dist_env.wait_for_all()
         sys.exit(1)
     except Preempted as e:
         if env.is_main:
             print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr)
+        dist_env.wait_for_all()
         sys.exit(PREEMPTED_EXIT)
     finally:
         dist_env.shutdown()
@@ -370,6 +376,7 @@ class Trainer:
         averaged over them and over the data-parallel ranks."""
         t = self.cfg.train
         totals: dict[str, torch.Tensor] = {}
+        pairwise = PairwiseGradients(list(self.trainable.parameters())) if t.accum_order == "pairwise" else None
         for micro in range(t.grad_accum):
             x, y = self.data.train_batch(t.seed, step, t.batch_size, self.shard, micro)
             x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
@@ -378,8 +385,12 @@ class Trainer:
                 with self.autocast:
                     parts = self.losses(x, y, step, micro)
                 (parts["train/loss"] / t.grad_accum).backward()
+            if pairwise:
+                pairwise.push()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach() / t.grad_accum
+        if pairwise:
+            pairwise.finish()
         return dp_mean(totals, self.dp_mesh)
 
     def pipeline_forward_backward(self, step: int) -> dict[str, torch.Tensor]:

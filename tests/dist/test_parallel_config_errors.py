@@ -52,6 +52,8 @@ CASES = {
                                      "parallel.teacher_ranks: applies to teacher.placement=remote only"),
     "remote without teacher ranks": (2, ["parallel=ddp", "distill=kd", "teacher.placement=remote"],
                                      "parallel.teacher_ranks: teacher.placement=remote needs at least one teacher rank"),
+    "pairwise accumulation on two ranks": (2, ["parallel=ddp", "train.accum_order=pairwise", "train.grad_accum=2"],
+                                           "train.accum_order: pairwise applies to one process"),
     "interleaved with one stage per rank": (2, ["parallel=pipeline", "parallel.pp_schedule=interleaved_1f1b"],
                                             "parallel.stages_per_rank: must be >= 2"),
 }

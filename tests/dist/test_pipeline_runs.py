@@ -9,7 +9,8 @@ One sum has another order: the tied embedding's gradient is (its embedding part 
 per micro-batch. That is a last-bit difference in ``tok_emb``; the curves agree to about 1e-7 (measured: at most
 6e-7 relative, ``distill/kd``) and the final weights to 6e-8, also after fake-quant in the 2-stage runs. A weight
 on an int8 rounding boundary can flip a code, though (see ``test_parallel_runs``): the interleaved run (4 blocks)
-agrees to 1e-7 before fake-quant and to 3e-5 after it, so after fake-quant the bound is 1e-4.
+agrees to 1e-7 before fake-quant and to 3.4e-5 after it, so its bound after fake-quant is 1e-4; the 2-stage
+runs (alone and x 2 FSDP shards) are held to 1e-5 at every step.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.dist import test_parallel_runs
-from tests.dist.test_parallel_runs import AFTER_FAKE_QUANT, assert_same_curve, by_step, export_val_loss, single, torchrun
+from tests.dist.test_parallel_runs import EXACT, assert_same_curve, by_step, export_val_loss, single, torchrun
 from trainer import checkpoint
 
 pytestmark = pytest.mark.dist
 
 teacher = test_parallel_runs.teacher  # the same fixture (module scope: one small teacher for this module)
 
+INTERLEAVED_AFTER_FAKE_QUANT = 1e-4
 PIPELINE_2 = ["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"]
 TIED = "pipeline: tied tok_emb.weight identical on the first and the last stage"
 
@@ -43,11 +45,11 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def assert_same_run(run: Path, reference: Path, weights: float | None = 1e-5) -> None:
+def assert_same_run(run: Path, reference: Path, weights: float | None = 1e-5, after_fake_quant: float = EXACT) -> None:
     """The curve (see ``assert_same_curve``), the export's loss and the final weights within ``weights``
     (None: not compared, for a run where a flipped int8 code moved them further)."""
-    assert_same_curve(run, reference, after_fake_quant=AFTER_FAKE_QUANT)
-    assert export_val_loss(run) == pytest.approx(export_val_loss(reference), rel=AFTER_FAKE_QUANT)
+    assert_same_curve(run, reference, after_fake_quant=after_fake_quant)
+    assert export_val_loss(run) == pytest.approx(export_val_loss(reference), rel=after_fake_quant)
     got, want = final_weights(run), final_weights(reference)
     assert sorted(got) == sorted(want)
     if weights is not None:
@@ -82,7 +84,8 @@ def test_interleaved_1f1b_two_stages_per_rank_matches_single_process(runs, teach
     reference = single(runs, teacher, "single_accum2_4blocks", "train.grad_accum=2", four_blocks)
     torchrun(runs, teacher, 2, "pp2_interleaved", *PIPELINE_2, four_blocks,
              "parallel.pp_schedule=interleaved_1f1b", "parallel.stages_per_rank=2")
-    assert_same_run(runs / "pp2_interleaved", reference, weights=None)  # measured: 3e-4 after an int8 code flip
+    # Measured: the curve within 3.4e-5 after fake-quant, the weights within 3e-4 (a flipped int8 code).
+    assert_same_run(runs / "pp2_interleaved", reference, weights=None, after_fake_quant=INTERLEAVED_AFTER_FAKE_QUANT)
 
 
 @pytest.mark.parametrize("first, then", [("pipeline", "pipeline"), ("pipeline", "single"), ("single", "pipeline")])
