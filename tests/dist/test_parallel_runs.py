@@ -151,7 +151,7 @@ def hsdp4(runs, teacher) -> Path:
 
 def test_hsdp_2x2_matches_single_process(hsdp4, reference4):
     assert_same_curve(hsdp4, reference4)
-    assert export_val_loss(hsdp4) == pytest.approx(export_val_loss(reference4), rel=EXACT)
+    assert export_difference(hsdp4, reference4) <= 1e-5
 
 
 def two_agents(runs: Path, teacher: Path, name: str, *overrides: str) -> Path:
@@ -191,7 +191,7 @@ def test_two_agents_with_the_teacher_sharded_across_nodes(runs, teacher, hsdp4):
 def test_ddp_accumulation_with_no_sync_matches_single_process(runs, teacher, reference4):
     torchrun(runs, teacher, 2, "ddp_accum2", "parallel=ddp", "train.grad_accum=2")
     assert_same_curve(runs / "ddp_accum2", reference4)
-    assert export_val_loss(runs / "ddp_accum2") == pytest.approx(export_val_loss(reference4), rel=EXACT)
+    assert export_difference(runs / "ddp_accum2", reference4) <= 1e-5
 
 
 @pytest.mark.parametrize("first, then", [("fsdp2", "single"), ("single", "fsdp2")])
