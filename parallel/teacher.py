@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import safe_open
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims
@@ -129,6 +132,36 @@ class RemoteTeacher(Teacher):
         self.client.close()
 
 
+def load_sharded_export(cfg: RunConfig, shard: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Module:
+    """A dense GPT export as a frozen FSDP2-sharded teacher, never whole on any rank: built on the meta device,
+    sharded by ``shard``, then each parameter's local rows read from the safetensors file."""
+    from trainer import models
+    from trainer.distill import teacher as teacher_io
+
+    folder = teacher_io.resolve(cfg.teacher.checkpoint)[1]
+    with torch.device("meta"):
+        module = models.build_from_spec(models.read_export_config(folder))
+    shard(module)
+    module.to_empty(device=device)
+    with safe_open(str(folder / models.WEIGHTS_FILE), framework="pt") as weights, torch.no_grad():
+        for name, param in module.named_parameters():  # a tied weight once, under the name it is stored by
+            local = param.to_local() if isinstance(param, DTensor) else param
+            start = local_row_offset(param)
+            local.copy_(weights.get_slice(name)[start:start + local.shape[0]])
+    sliced = teacher_io.slice_vocabulary(module, cfg.teacher.checkpoint, teacher_io.run_vocab_size(cfg))
+    return teacher_io.freeze(sliced, device)
+
+
+def local_row_offset(param: torch.Tensor) -> int:
+    """The first row of ``param``'s local shard: FSDP2 splits dim 0 like ``torch.chunk`` over its shard ranks."""
+    if not isinstance(param, DTensor):
+        return 0
+    (placement,), mesh = param.placements, param.device_mesh
+    assert placement.is_shard(0), f"expected a dim-0 shard, got {placement}"
+    rows_per_rank = -(-param.shape[0] // mesh.size())
+    return min(mesh.get_local_rank() * rows_per_rank, param.shape[0])
+
+
 def teacher_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     """One flat axis over every data-parallel rank (DDP's replicas and FSDP's shards alike)."""
     assert not dims.pp_enabled, "a sharded teacher spans the data-parallel ranks only (no pipeline stages)"
@@ -152,8 +185,12 @@ def build_teacher(cfg: RunConfig, dims: ParallelDims, device: torch.device, shar
     if placement == "cache":
         manifest = cache.check(cfg)
         return CachedTeacher(cache.CacheReader(Path(cfg.teacher.cache_dir), manifest), shard)
-    module = teacher_io.load_for_run(cfg, device)
     if placement == "shard":
-        apply_fsdp(module, teacher_mesh(dims, device.type), param_dtype=cfg.teacher.param_dtype,
-                   reshard_after_forward=True, cpu_offload=False)
+        mesh = teacher_mesh(dims, device.type)
+        shard = functools.partial(apply_fsdp, mesh=mesh, param_dtype=cfg.teacher.param_dtype,
+                                  reshard_after_forward=True, cpu_offload=False)
+        module = load_sharded_export(cfg, shard, device) if teacher_io.is_dense_gpt_export(cfg.teacher.checkpoint) \
+            else shard(teacher_io.load_for_run(cfg, device))
+    else:
+        module = teacher_io.load_for_run(cfg, device)
     return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features))

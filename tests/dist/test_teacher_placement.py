@@ -101,3 +101,18 @@ def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teac
     assert got[STEPS]["distill/teacher_param_bytes"] == 0  # the student ranks hold no teacher
     assert all(f"memory/rank{r}/params_bytes" in got[STEPS] for r in range(2))
     assert "memory/rank2/params_bytes" not in got[STEPS]  # teacher ranks are not among the trainer's ranks
+
+
+def test_teacher_sharded_over_three_ranks_with_uneven_rows_equals_replicated(root):
+    """A dense export is loaded straight into its shards (each rank reads its own rows of the file); over 3 ranks
+    the 32-row embedding splits 11/11/10, and the run equals the replicated teacher's on the same 3 ranks."""
+    three = ["parallel=ddp", "train.batch_size=6"]
+    launch(root, 3, "trainer", "replicate_3", *three)
+    launch(root, 3, "trainer", "shard_3", *three, "teacher.placement=shard")
+    got, want = by_step(root / "shard_3"), by_step(root / "replicate_3")
+    for step, expected in want.items():
+        for key in ("train/loss", "distill/kd", "eval/val_loss"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=EXACT), (step, key)
+    whole, held = want[STEPS]["distill/teacher_param_bytes"], got[STEPS]["distill/teacher_param_bytes"]
+    assert held <= (1 / 3 + 0.05) * whole

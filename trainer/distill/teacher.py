@@ -110,19 +110,41 @@ def load(path: str | Path, device: torch.device = torch.device("cpu"), vocab_siz
     else:
         model = models.build_from_spec(checkpoint.read_model_spec(folder))
         checkpoint.load_model_weights(folder, model)
+    return freeze(slice_vocabulary(model, path, vocab_size), device)
+
+
+def slice_vocabulary(model: nn.Module, path: str | Path, vocab_size: int | None) -> nn.Module:
+    """``model`` (the teacher at ``path``) with its logits cut to ``vocab_size`` when that is smaller than its
+    vocabulary (one warning line, on rank 0); else ``model`` itself."""
     teacher_vocab = spec(path)["config"].get("vocab_size") if vocab_size is not None else None
-    if teacher_vocab is not None and vocab_size < teacher_vocab:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"warning: teacher.vocab=slice: the teacher's {teacher_vocab} logits are cut to the student's "
-                  f"first {vocab_size}", file=sys.stderr)
-        model = VocabSlice(model, vocab_size)
+    if teacher_vocab is None or vocab_size >= teacher_vocab:
+        return model
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: teacher.vocab=slice: the teacher's {teacher_vocab} logits are cut to the student's "
+              f"first {vocab_size}", file=sys.stderr)
+    return VocabSlice(model, vocab_size)
+
+
+def freeze(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``, in eval mode, without gradients."""
     model.requires_grad_(False)
     return model.to(device).eval()
 
 
-def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice``."""
+def run_vocab_size(cfg: RunConfig) -> int | None:
+    """The student's vocabulary when ``teacher.vocab=slice`` (the teacher's logits are cut to it), else None."""
     from trainer import data
 
-    vocab_size = data.vocab_size(cfg.data) if cfg.teacher.vocab == "slice" else None
-    return load(cfg.teacher.checkpoint, device, vocab_size=vocab_size)
+    return data.vocab_size(cfg.data) if cfg.teacher.vocab == "slice" else None
+
+
+def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice``."""
+    return load(cfg.teacher.checkpoint, device, vocab_size=run_vocab_size(cfg))
+
+
+def is_dense_gpt_export(path: str | Path) -> bool:
+    """Whether the teacher at ``path`` is a dense (fp32 safetensors) Stillroom GPT export."""
+    kind, folder = resolve(path)
+    return kind == "export" and models.read_export_config(folder).get("format") == models.DENSE_FORMAT \
+        and spec(path)["arch"] == "gpt"
