@@ -32,7 +32,7 @@ class Roles:
     teacher_ranks: int
 
     def __post_init__(self) -> None:
-        assert 1 <= self.teacher_ranks < self.world_size, \
+        assert 0 < self.teacher_ranks < self.world_size, \
             f"{self.teacher_ranks} teacher ranks need a world of more ranks (world size {self.world_size})"
 
     @property
