@@ -6,6 +6,7 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -25,7 +26,8 @@ def compose_config(overrides: list[str]) -> tuple[RunConfig, dict]:
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+    # A structured config's to_object is its dataclass; its container, a dict.
+    return cast(RunConfig, OmegaConf.to_object(cfg)), cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
 def timing_parser(description: str) -> argparse.ArgumentParser:
@@ -39,23 +41,36 @@ def timing_parser(description: str) -> argparse.ArgumentParser:
 
 
 def random_teacher(path: Path) -> Path:
-    """A teacher export of nanoGPT's CPU size (4/4/128, Tiny Shakespeare vocabulary); its weights do not matter for speed."""
+    """A teacher export of nanoGPT's CPU size (4/4/128, Tiny Shakespeare vocabulary); its weights do not matter
+    for speed."""
     torch.manual_seed(0)
     return models.save_dense(models.build("gpt", vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64), path)
 
 
 def trainer_windows(overrides: list[str], run_dir: Path, steps: int, window: int, warmup: int) -> list[float]:
-    """Run the real trainer in-process; return its ``perf/step_ms`` per ``window``-step log interval after ``warmup``."""
-    cfg, resolved = compose_config([*overrides, f"train.max_steps={steps}", f"logger.log_every={window}",
-                                    f"train.eval_every={steps}", f"train.ckpt_every={steps}"])
+    """Run the real trainer in-process; return its ``perf/step_ms`` per ``window``-step log interval after
+    ``warmup``."""
+    cfg, resolved = compose_config(
+        [
+            *overrides,
+            f"train.max_steps={steps}",
+            f"logger.log_every={window}",
+            f"train.eval_every={steps}",
+            f"train.ckpt_every={steps}",
+        ]
+    )
     Trainer(cfg, run_dir, dist_env.detect(), resolved).fit()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and warmup < r["step"] < steps]
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
 
 
 def write_json(name: str, payload: dict) -> Path:

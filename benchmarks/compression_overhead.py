@@ -15,10 +15,15 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import timing_parser, print_table, random_teacher, trainer_windows, write_json
+from benchmarks.common import print_table, random_teacher, timing_parser, trainer_windows, write_json
 
-COMPRESSED = ["compress=prune_qat", "compress.modifiers.0.start_step=0", "compress.modifiers.0.end_step=20",
-              "compress.modifiers.0.every=10", "compress.modifiers.1.start_step=0"]
+COMPRESSED = [
+    "compress=prune_qat",
+    "compress.modifiers.0.start_step=0",
+    "compress.modifiers.0.end_step=20",
+    "compress.modifiers.0.every=10",
+    "compress.modifiers.1.start_step=0",
+]
 
 
 def main() -> None:
@@ -27,25 +32,45 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     rows, results = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         teacher = random_teacher(tmp / "teacher")
         for student in args.students.split(","):
-            base = [f"student={student}", "distill=kd", "teacher=path", f"teacher.checkpoint={teacher}",
-                    "logger=console", "logger.progress=false"]
+            base = [
+                f"student={student}",
+                "distill=kd",
+                "teacher=path",
+                f"teacher.checkpoint={teacher}",
+                "logger=console",
+                "logger.progress=false",
+            ]
             plain_ms, compressed_ms = [], []
             for r in range(args.rounds):
                 plain_ms += trainer_windows(base, tmp / f"{student}-plain{r}", args.steps, args.window, args.warmup)
-                compressed_ms += trainer_windows([*base, *COMPRESSED], tmp / f"{student}-compressed{r}", args.steps,
-                                                 args.window, args.warmup)
+                compressed_ms += trainer_windows(
+                    [*base, *COMPRESSED], tmp / f"{student}-compressed{r}", args.steps, args.window, args.warmup
+                )
             plain, compressed = statistics.median(plain_ms), statistics.median(compressed_ms)
-            results[student] = {"plain_ms": plain, "compressed_ms": compressed, "ratio": compressed / plain,
-                                "windows": len(plain_ms)}
+            results[student] = {
+                "plain_ms": plain,
+                "compressed_ms": compressed,
+                "ratio": compressed / plain,
+                "windows": len(plain_ms),
+            }
             rows.append([student, f"{plain:.2f}", f"{compressed:.2f}", f"{compressed / plain:.3f}"])
     print_table(["student", "compress=none ms", "prune_qat ms (masks + int8 fake-quant)", "ratio"], rows)
-    path = write_json("compression_overhead", {"students": results, "target_ratio": 1.25, "steps": args.steps,
-                                               "window": args.window, "warmup": args.warmup, "rounds": args.rounds,
-                                               "compressed_overrides": COMPRESSED})
+    path = write_json(
+        "compression_overhead",
+        {
+            "students": results,
+            "target_ratio": 1.25,
+            "steps": args.steps,
+            "window": args.window,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "compressed_overrides": COMPRESSED,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -1,7 +1,7 @@
 """GPU training throughput of distillation: a ~110M-parameter GPT student learning from a ~4x larger teacher.
 
 bf16 autocast (fp32 master weights, fused AdamW), the teacher frozen in bf16, the trainer's own loss
-(``trainer.loop.logit_losses``: (1 - alpha) * CE + alpha * T^2 * forward KL), random tokens (speed
+(``trainer.distill.losses.logit_losses``: (1 - alpha) * CE + alpha * T^2 * forward KL), random tokens (speed
 does not depend on the data). Each mode (eager, then ``torch.compile`` of the whole forward + loss)
 is timed over ``--steps`` steps after ``--warmup``. Reports tokens/s, MFU, peak memory and the
 device into ``benchmarks/results/gpu.json``.
@@ -22,21 +22,36 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from benchmarks.common import RESULTS, machine, print_table
-from parallel.teacher import TeacherOutput
 from trainer import models
+from trainer.build import param_groups
 from trainer.config import DistillConfig
-from trainer.loop import logit_losses, param_groups
+from trainer.distill.losses import logit_losses
+from trainer.distill.placement import TeacherOutput
+from trainer.models.gpt import GPTConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), first match on the device name wins.
 PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
-    ("H800", 989.0), ("H20", 148.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.0), ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
 ]
 DISTILL = DistillConfig(loss="forward_kl", alpha=0.5, temperature=2.0)
 
@@ -50,21 +65,28 @@ class Shape:
     n_embd: int
 
 
-FULL = {"student": Shape(12, 12, 768), "teacher": Shape(20, 20, 1280), "vocab": 32768, "block": 1024, "batch": 16}
-TINY = {"student": Shape(2, 2, 64), "teacher": Shape(2, 2, 128), "vocab": 256, "block": 64, "batch": 4}
+FULL: dict[str, Any] = {
+    "student": Shape(12, 12, 768),
+    "teacher": Shape(20, 20, 1280),
+    "vocab": 32768,
+    "block": 1024,
+    "batch": 16,
+}
+TINY: dict[str, Any] = {"student": Shape(2, 2, 64), "teacher": Shape(2, 2, 128), "vocab": 256, "block": 64, "batch": 4}
 
 
 def build_gpt(shape: Shape, vocab: int, block: int, device: torch.device | str) -> nn.Module:
     """A freshly initialised GPT of ``shape``, created directly on ``device`` (``meta`` to count parameters)."""
     with torch.device(device):
-        return models.build("gpt", vocab_size=vocab, block_size=block, n_layer=shape.n_layer, n_head=shape.n_head,
-                            n_embd=shape.n_embd)
+        return models.build(
+            "gpt", vocab_size=vocab, block_size=block, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd
+        )
 
 
 def forward_flops_per_token(model: nn.Module, block: int) -> float:
     """2 x matmul weights (the tied head counted as the matmul it is) + 4 x layers x context x width."""
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    cfg = model.cfg
+    cfg = cast(GPTConfig, model.cfg)  # a GPT (build_gpt)
     return 2.0 * matmul_weights + 4.0 * cfg.n_layer * block * cfg.n_embd
 
 
@@ -86,8 +108,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_steps(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
-                tokens: torch.Tensor) -> torch.Tensor:
+def train_steps(
+    student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, tokens: torch.Tensor
+) -> torch.Tensor:
     """One optimizer step per batch of ``tokens`` ``[steps, batch, block + 1]``; the last step's loss."""
     loss = torch.zeros((), device=tokens.device)
     for batch in tokens:
@@ -114,8 +137,7 @@ def run_mode(compiled: bool, sizes: dict, device: torch.device, steps: int, warm
     student = build_gpt(sizes["student"], sizes["vocab"], sizes["block"], device)
     teacher = build_gpt(sizes["teacher"], sizes["vocab"], sizes["block"], device).to(torch.bfloat16).eval()
     teacher.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(student, 0.1), lr=3e-4, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(student, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     loss_fn = torch.compile(forward_loss) if compiled else forward_loss
     batch, block = sizes["batch"], sizes["block"]
     tokens = torch.randint(sizes["vocab"], (warmup + steps, batch, block + 1), device=device)
@@ -124,11 +146,18 @@ def run_mode(compiled: bool, sizes: dict, device: torch.device, steps: int, warm
     _, warmup_seconds = timed(device, train_steps, student, teacher, optimizer, loss_fn, tokens[:warmup])
     loss, seconds = timed(device, train_steps, student, teacher, optimizer, loss_fn, tokens[warmup:])
     step_flops = batch * block * (3 * forward_flops_per_token(student, block) + forward_flops_per_token(teacher, block))
-    return {"mode": "torch.compile" if compiled else "eager", "steps": steps, "warmup": warmup,
-            "warmup_seconds": round(warmup_seconds, 2), "step_ms": 1000 * seconds / steps,
-            "tokens_per_s": batch * block * steps / seconds, "achieved_tflops": step_flops * steps / seconds / 1e12,
-            "final_loss": float(loss), "step_flops": step_flops,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "mode": "torch.compile" if compiled else "eager",
+        "steps": steps,
+        "warmup": warmup,
+        "warmup_seconds": round(warmup_seconds, 2),
+        "step_ms": 1000 * seconds / steps,
+        "tokens_per_s": batch * block * steps / seconds,
+        "achieved_tflops": step_flops * steps / seconds / 1e12,
+        "final_loss": float(loss),
+        "step_flops": step_flops,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -156,33 +185,55 @@ def main() -> None:
         sizes["batch"] = args.batch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
-    params = {role: sum(p.numel() for p in build_gpt(sizes[role], sizes["vocab"], sizes["block"], "meta").parameters())
-              for role in ("student", "teacher")}
-    print(f"{name}: student {params['student'] / 1e6:.1f}M, teacher {params['teacher'] / 1e6:.1f}M parameters "
-          f"({params['teacher'] / params['student']:.2f}x), batch {sizes['batch']} x {sizes['block']} tokens", flush=True)
+    params = {
+        role: sum(p.numel() for p in build_gpt(sizes[role], sizes["vocab"], sizes["block"], "meta").parameters())
+        for role in ("student", "teacher")
+    }
+    print(
+        f"{name}: student {params['student'] / 1e6:.1f}M, teacher {params['teacher'] / 1e6:.1f}M parameters "
+        f"({params['teacher'] / params['student']:.2f}x), batch {sizes['batch']} x {sizes['block']} tokens",
+        flush=True,
+    )
     results = []
     for mode in args.modes.split(","):
         try:
             result = run_mode(mode == "compile", sizes, device, args.steps, args.warmup)
-        except Exception as e:  # noqa: BLE001 - one failing mode (e.g. out of memory) must not lose the other's figures
+        except Exception as e:  # one failing mode (e.g. out of memory) must not lose the other's figures
             result = {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         result["mfu"] = result["achieved_tflops"] / peak if peak and "error" not in result else None
         results.append(result)
         print(json.dumps(result), flush=True)
-    rows = [[r["mode"], f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", f"{r['achieved_tflops']:.1f}",
-             "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-             "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"] if "error" not in r
-            else [r["mode"], r["error"], "", "", "", ""] for r in results]
+    rows = [
+        [
+            r["mode"],
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_ms']:.1f}",
+            f"{r['achieved_tflops']:.1f}",
+            "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+            "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
+        ]
+        if "error" not in r
+        else [r["mode"], r["error"], "", "", "", ""]
+        for r in results
+    ]
     print_table(["mode", "tokens/s", "step ms", "TFLOP/s", "MFU", "peak GiB"], rows)
     if args.tiny and args.out == RESULTS / "gpu.json":
         return  # a smoke test never replaces the real figures
-    payload = {"command": "python -m benchmarks.gpu", "device": name, "peak_bf16_tflops": peak,
-               "cuda": torch.version.cuda, "precision": "bf16 autocast, fp32 master weights; teacher in bf16",
-               "distill": {"loss": DISTILL.loss, "alpha": DISTILL.alpha, "temperature": DISTILL.temperature},
-               "student": {**dataclasses.asdict(sizes["student"]), "params": params["student"]},
-               "teacher": {**dataclasses.asdict(sizes["teacher"]), "params": params["teacher"]},
-               "vocab": sizes["vocab"], "block": sizes["block"], "batch": sizes["batch"], "modes": results,
-               "machine": machine()}
+    payload = {
+        "command": "python -m benchmarks.gpu",
+        "device": name,
+        "peak_bf16_tflops": peak,
+        "cuda": torch.version.cuda,
+        "precision": "bf16 autocast, fp32 master weights; teacher in bf16",
+        "distill": {"loss": DISTILL.loss, "alpha": DISTILL.alpha, "temperature": DISTILL.temperature},
+        "student": {**dataclasses.asdict(sizes["student"]), "params": params["student"]},
+        "teacher": {**dataclasses.asdict(sizes["teacher"]), "params": params["teacher"]},
+        "vocab": sizes["vocab"],
+        "block": sizes["block"],
+        "batch": sizes["batch"],
+        "modes": results,
+        "machine": machine(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}")

@@ -27,8 +27,16 @@ from trainer.metrics import state_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "memory-result: "
-OVERRIDES = ["data=shakespeare", "student=nano_cpu", "compress=prune_qat", "compress.modifiers.0.start_step=0",
-             "logger=console", "logger.progress=false", "train.batch_size=8", "train.max_steps=2"]
+OVERRIDES = [
+    "data=shakespeare",
+    "student=nano_cpu",
+    "compress=prune_qat",
+    "compress.modifiers.0.start_step=0",
+    "logger=console",
+    "logger.progress=false",
+    "train.batch_size=8",
+    "train.max_steps=2",
+]
 STRATEGIES = {"single": ["parallel=single"], "ddp": ["parallel=ddp"], "fsdp": ["parallel=fsdp"]}
 PARTS = ("params", "grads", "optimizer", "masks")
 
@@ -36,15 +44,19 @@ PARTS = ("params", "grads", "optimizer", "masks")
 def measure(overrides: list[str]) -> dict[str, int]:
     """This rank's training-state bytes for the run ``overrides`` describe (call under torchrun or alone)."""
     from trainer.loop import Trainer
+    from trainer.runtime import DataParallelRuntime
 
     cfg, resolved = compose_config(overrides)
     env = dist_env.init(cfg.parallel.backend)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), env, resolved)
         trainer.train_step(0)
-        x, y = trainer.data.train_batch(cfg.train.seed, 1, cfg.train.batch_size, trainer.shard)
-        trainer.losses(x, y, 1, 0)["train/loss"].backward()
-        row = state_bytes(list(trainer.trainable.parameters()), trainer.optimizer, trainer.compressor.masks.values())
+        runtime = trainer.runtime
+        assert isinstance(runtime, DataParallelRuntime)  # STRATEGIES has no pipeline
+        assert runtime.compressor is not None  # OVERRIDES compress the student
+        x, y = trainer.parts.batches.train(1)
+        runtime.losses(x, y, 1, 0)["train/loss"].backward()
+        row = state_bytes(list(runtime.trainable.parameters()), trainer.optimizer, runtime.compressor.masks.values())
         trainer.logger.close()
     return row
 
@@ -52,7 +64,7 @@ def measure(overrides: list[str]) -> dict[str, int]:
 def worker(overrides: list[str]) -> None:
     """Measure on every rank; rank 0 prints the per-rank rows as one JSON line."""
     row = measure(overrides)
-    rows = [row]
+    rows: list[dict[str, int] | None] = [row]
     if dist.is_initialized():
         rows = [None] * dist.get_world_size()
         dist.all_gather_object(rows, row)
@@ -66,13 +78,16 @@ def launch(strategy: str, nproc: int) -> list[dict[str, int]]:
     args = ["-m", "benchmarks.memory", "--worker", *OVERRIDES, *STRATEGIES[strategy]]
     if strategy != "single":
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"{strategy} x{nproc} failed:\n{proc.stderr[-3000:]}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX))
-    return json.loads(line[len(RESULT_PREFIX):])
+    return json.loads(line[len(RESULT_PREFIX) :])
 
 
 def main() -> None:
@@ -88,16 +103,37 @@ def main() -> None:
     for strategy, nproc in configs:
         rows = launch(strategy, nproc)
         worst = {part: max(r[part] for r in rows) for part in PARTS}
-        results.append({"strategy": strategy, "nproc": nproc, "per_rank_max": worst, "per_rank": rows,
-                        "total_per_rank": sum(worst.values())})
+        results.append(
+            {
+                "strategy": strategy,
+                "nproc": nproc,
+                "per_rank_max": worst,
+                "per_rank": rows,
+                "total_per_rank": sum(worst.values()),
+            }
+        )
     single = results[0]["total_per_rank"]
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
-    table = [[r["strategy"], r["nproc"], *(mib(r["per_rank_max"][p]) for p in PARTS), mib(r["total_per_rank"]),
-              f"{r['total_per_rank'] / single:.2f}"] for r in results]
+    table = [
+        [
+            r["strategy"],
+            r["nproc"],
+            *(mib(r["per_rank_max"][p]) for p in PARTS),
+            mib(r["total_per_rank"]),
+            f"{r['total_per_rank'] / single:.2f}",
+        ]
+        for r in results
+    ]
     print_table(["strategy", "ranks", *(f"{p} MiB" for p in PARTS), "total MiB/rank", "vs 1 process"], table)
-    path = write_json("memory", {"results": results, "overrides": OVERRIDES,
-                                 "setup": "largest rank's bytes of the student's parameters, gradients (after "
-                                          "backward), AdamW state (after one step) and pruning masks; gloo, CPU"})
+    path = write_json(
+        "memory",
+        {
+            "results": results,
+            "overrides": OVERRIDES,
+            "setup": "largest rank's bytes of the student's parameters, gradients (after "
+            "backward), AdamW state (after one step) and pruning masks; gloo, CPU",
+        },
+    )
     print(f"wrote {path}")
 
 

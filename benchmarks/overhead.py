@@ -13,14 +13,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import timing_parser, compose_config, print_table, random_teacher, trainer_windows, write_json
-from trainer import data, models
+from benchmarks.common import compose_config, print_table, random_teacher, timing_parser, trainer_windows, write_json
+from trainer import data, exports
+from trainer.build import build_student, param_groups
+from trainer.config import sequence_length
 from trainer.distill.losses import kd_loss
-from trainer.loop import build_student, param_groups
 from trainer.lr_schedule import lr_at
 
 
@@ -28,9 +30,9 @@ def bare_windows(overrides: list[str], teacher_dir: Path, steps: int, window: in
     cfg, _ = compose_config(overrides)
     t, d = cfg.train, cfg.distill
     torch.manual_seed(t.seed)
-    dataset = data.build(cfg.data, cfg.student.block_size)
-    student = build_student(cfg, dataset)
-    teacher = models.load(teacher_dir).requires_grad_(False)
+    dataset = data.build(cfg.data, sequence_length(cfg))
+    student = build_student(cfg)
+    teacher = exports.load(teacher_dir).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     shard = data.Shard()
     times = []
@@ -59,26 +61,43 @@ def main() -> None:
     parser = timing_parser(__doc__)
     args = parser.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         teacher_dir = random_teacher(tmp / "teacher")
-        overrides = ["distill=kd", "teacher=path", f"teacher.checkpoint={teacher_dir}", "logger=wandb",
-                     "logger.wandb.mode=offline"]
+        overrides = [
+            "distill=kd",
+            "teacher=path",
+            f"teacher.checkpoint={teacher_dir}",
+            "logger=wandb",
+            "logger.wandb.mode=offline",
+        ]
         trainer_ms, bare_ms = [], []
         for r in range(args.rounds):
             trainer_ms += trainer_windows(overrides, tmp / f"run{r}", args.steps, args.window, args.warmup)
             bare_ms += bare_windows(overrides, teacher_dir, args.steps, args.window, args.warmup)
     trainer_median, bare_median = statistics.median(trainer_ms), statistics.median(bare_ms)
     ratio = trainer_median / bare_median
-    rows = [["bare PyTorch loop", f"{bare_median:.2f}", len(bare_ms)],
-            ["stillroom trainer", f"{trainer_median:.2f}", len(trainer_ms)],
-            ["ratio (trainer / bare)", f"{ratio:.3f}", ""]]
+    rows: list[list[Any]] = [
+        ["bare PyTorch loop", f"{bare_median:.2f}", len(bare_ms)],
+        ["stillroom trainer", f"{trainer_median:.2f}", len(trainer_ms)],
+        ["ratio (trainer / bare)", f"{ratio:.3f}", ""],
+    ]
     print_table(["loop", f"median step ms ({args.window}-step windows)", "windows"], rows)
-    path = write_json("overhead", {"bare_ms": bare_median, "trainer_ms": trainer_median, "ratio": ratio,
-                                   "target_ratio": 1.05, "steps": args.steps, "window": args.window,
-                                   "warmup": args.warmup, "rounds": args.rounds,
-                                   "setup": "KD forward_kl T=2, student tiny (2/2/64), teacher 4/4/128, batch 12x64, "
-                                            "AdamW, clip 1.0, progress bar + metrics.jsonl + W&B offline"})
+    path = write_json(
+        "overhead",
+        {
+            "bare_ms": bare_median,
+            "trainer_ms": trainer_median,
+            "ratio": ratio,
+            "target_ratio": 1.05,
+            "steps": args.steps,
+            "window": args.window,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "setup": "KD forward_kl T=2, student tiny (2/2/64), teacher 4/4/128, batch 12x64, "
+            "AdamW, clip 1.0, progress bar + metrics.jsonl + W&B offline",
+        },
+    )
     print(f"wrote {path}")
 
 

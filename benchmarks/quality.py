@@ -30,6 +30,7 @@ from pathlib import Path
 from benchmarks import readme_results
 from benchmarks.common import RESULTS, compose_config, machine, print_table
 from trainer import data
+from trainer.config import sequence_length
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "outputs" / "benchmarks" / "quality"
@@ -54,8 +55,11 @@ class Variant:
 def pruning_schedule(steps: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The quickstart's pruning/QAT timing (200-1200 of 2,000 steps) scaled to ``steps``: (prune_agp, prune_qat)."""
     start, end, every = steps // 10, steps * 6 // 10, max(1, steps // 40)
-    prune = (f"compress.modifiers.0.start_step={start}", f"compress.modifiers.0.end_step={end}",
-             f"compress.modifiers.0.every={every}")
+    prune = (
+        f"compress.modifiers.0.start_step={start}",
+        f"compress.modifiers.0.end_step={end}",
+        f"compress.modifiers.0.every={every}",
+    )
     return prune, (*prune, f"compress.modifiers.1.start_step={end}")
 
 
@@ -84,8 +88,11 @@ DIGITS_VARIANTS = [
 
 def stat(values: list[float]) -> dict:
     """Mean and sample standard deviation (0 for a single value) over seeds."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def display_path(path: Path) -> str:
@@ -97,14 +104,19 @@ def read_run(run_dir: Path) -> dict:
     """A finished run's figures: report.json's models and time, and its curves from metrics.jsonl."""
     report = json.loads((run_dir / "report.json").read_text())
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "table" not in r]
-    run = {"run_dir": display_path(run_dir), "steps": report["steps"], "train_seconds": report["train_seconds"],
-           "models": {m["model"]: m for m in report["models"]},
-           "val_curve": [[r["step"], r["eval/val_loss"]] for r in rows if "eval/val_loss" in r]}
+    run = {
+        "run_dir": display_path(run_dir),
+        "steps": report["steps"],
+        "train_seconds": report["train_seconds"],
+        "models": {m["model"]: m for m in report["models"]},
+        "val_curve": [[r["step"], r["eval/val_loss"]] for r in rows if "eval/val_loss" in r],
+    }
     if any("eval/errors" in r for r in rows):
         run["errors_curve"] = [[r["step"], r["eval/errors"]] for r in rows if "eval/errors" in r]
     if any("compress/sparsity" in r for r in rows):
-        run["compress_curve"] = [[r["step"], *(r[f"compress/{k}"] for k in COMPRESS_KEYS)]
-                                 for r in rows if "compress/sparsity" in r]
+        run["compress_curve"] = [
+            [r["step"], *(r[f"compress/{k}"] for k in COMPRESS_KEYS)] for r in rows if "compress/sparsity" in r
+        ]
     return run
 
 
@@ -113,8 +125,12 @@ class Runner:
 
     def __init__(self, out: Path, total: int, threads: int | None):
         self.out, self.total, self.done = out, total, 0
-        self.env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.env = {
+            **os.environ,
+            "WANDB_SILENT": "true",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         if threads:
             self.env["OMP_NUM_THREADS"] = str(threads)
 
@@ -123,8 +139,15 @@ class Runner:
         figures and wall time."""
         run_dir = run_dir or self.out / name
         shutil.rmtree(run_dir, ignore_errors=True)
-        command = [sys.executable, "-m", "trainer", *overrides, "logger=console", "logger.progress=false",
-                   f"hydra.run.dir={run_dir}"]
+        command = [
+            sys.executable,
+            "-m",
+            "trainer",
+            *overrides,
+            "logger=console",
+            "logger.progress=false",
+            f"hydra.run.dir={run_dir}",
+        ]
         start = time.perf_counter()
         proc = subprocess.run(command, check=False, cwd=REPO, env=self.env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -135,8 +158,11 @@ class Runner:
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}), log {log}:\n{proc.stderr[-2000:]}")
         self.done += 1
         run = {**read_run(run_dir), "wall_seconds": round(wall, 1), "overrides": overrides}
-        print(f"[{self.done}/{self.total}] {name}: val loss {run['val_curve'][-1][1]:.4f}, "
-              f"{run['train_seconds']:.1f} s training, {wall:.0f} s wall", flush=True)
+        print(
+            f"[{self.done}/{self.total}] {name}: val loss {run['val_curve'][-1][1]:.4f}, "
+            f"{run['train_seconds']:.1f} s training, {wall:.0f} s wall",
+            flush=True,
+        )
         return run
 
 
@@ -151,6 +177,7 @@ def ensure_teacher(runner: Runner, quick: bool) -> tuple[Path, bool]:
     """
     cfg, _ = compose_config(STUDENT_BASE)
     recipe = [o for o in cfg.teacher.recipe if not o.startswith("hydra.")]  # the run folder is pinned below
+    assert cfg.teacher.checkpoint is not None  # the student's teacher config names its checkpoint
     run_dir = (REPO / cfg.teacher.checkpoint).parent
     if quick:
         run_dir = runner.out / "shakespeare" / "teacher"
@@ -164,62 +191,113 @@ def ensure_teacher(runner: Runner, quick: bool) -> tuple[Path, bool]:
 
 def shakespeare_table(runner: Runner, teacher_dir: Path, steps: int, seeds: list[int]) -> dict:
     cfg, _ = compose_config([*STUDENT_BASE, "distill=kd"])
-    base = [*STUDENT_BASE, f"teacher.checkpoint={teacher_dir / 'final'}", f"train.max_steps={steps}",
-            f"train.eval_every={max(1, steps // VAL_CURVE_POINTS)}", f"train.ckpt_every={steps}"]
+    base = [
+        *STUDENT_BASE,
+        f"teacher.checkpoint={teacher_dir / 'final'}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={max(1, steps // VAL_CURVE_POINTS)}",
+        f"train.ckpt_every={steps}",
+    ]
     variants = []
     for v in shakespeare_variants(steps):
-        runs = [{"seed": s, **runner.train(f"shakespeare/{v.key}/seed{s}", [*base, *v.overrides, f"train.seed={s}"])}
-                for s in seeds]
-        variants.append({"key": v.key, "label": v.label, "overrides": list(v.overrides), "runs": runs,
-                         "student": model_stats(runs, "student (fp32 dense)")})
+        runs = [
+            {"seed": s, **runner.train(f"shakespeare/{v.key}/seed{s}", [*base, *v.overrides, f"train.seed={s}"])}
+            for s in seeds
+        ]
+        variants.append(
+            {
+                "key": v.key,
+                "label": v.label,
+                "overrides": list(v.overrides),
+                "runs": runs,
+                "student": model_stats(runs, "student (fp32 dense)"),
+            }
+        )
         if v.key == "prune_qat":
             variants[-1]["export"] = model_stats(runs, "student (export)")
     # The teacher's figures from its own run; its latency as the distilled runs measured it, beside their students.
     teacher_report = json.loads((teacher_dir / "report.json").read_text())
     own = next(m for m in teacher_report["models"] if m["model"] == "student (fp32 dense)")
     teacher_rows = [run["models"]["teacher"] for v in variants for run in v["runs"] if "teacher" in run["models"]]
-    teacher = {"run_dir": display_path(teacher_dir), "recipe": list(cfg.teacher.recipe), "steps": teacher_report["steps"],
-               "train_seconds": stat([teacher_report["train_seconds"]]),
-               **{k: stat([own[k]]) for k in ("val_loss", "params", "bytes")},
-               "latency_ms": stat([r["latency_ms"] for r in teacher_rows])}
-    return {"steps": steps, "seeds": seeds, "base_overrides": base, "teacher": teacher, "variants": variants,
-            "student_arch": _arch(cfg.student), "teacher_arch": _teacher_arch(teacher_dir),
-            "distill": {"alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature, "beta": cfg.distill.beta},
-            "latency_batch": [cfg.train.batch_size, cfg.student.block_size]}
+    teacher = {
+        "run_dir": display_path(teacher_dir),
+        "recipe": list(cfg.teacher.recipe),
+        "steps": teacher_report["steps"],
+        "train_seconds": stat([teacher_report["train_seconds"]]),
+        **{k: stat([own[k]]) for k in ("val_loss", "params", "bytes")},
+        "latency_ms": stat([r["latency_ms"] for r in teacher_rows]),
+    }
+    return {
+        "steps": steps,
+        "seeds": seeds,
+        "base_overrides": base,
+        "teacher": teacher,
+        "variants": variants,
+        "student_arch": _arch(cfg.student),
+        "teacher_arch": _teacher_arch(teacher_dir),
+        "distill": {"alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature, "beta": cfg.distill.beta},
+        "latency_batch": [cfg.train.batch_size, sequence_length(cfg)],
+    }
 
 
 def model_stats(runs: list[dict], model: str) -> dict:
     """Mean and std over seeds of one report row's figures, and of the training time."""
     rows = [run["models"][model] for run in runs]
-    return {**{k: stat([r[k] for r in rows]) for k in ("val_loss", "params", "bytes", "latency_ms")},
-            "train_seconds": stat([run["train_seconds"] for run in runs])}
+    return {
+        **{k: stat([r[k] for r in rows]) for k in ("val_loss", "params", "bytes", "latency_ms")},
+        "train_seconds": stat([run["train_seconds"] for run in runs]),
+    }
 
 
 def digits_table(runner: Runner, steps: int, seeds: list[int]) -> dict:
-    base = [*DIGITS_BASE, f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 10)}",
-            f"train.ckpt_every={steps}"]
+    base = [
+        *DIGITS_BASE,
+        f"train.max_steps={steps}",
+        f"train.eval_every={max(1, steps // 10)}",
+        f"train.ckpt_every={steps}",
+    ]
     runs: dict[str, list[dict]] = {v.key: [] for v in DIGITS_VARIANTS}
     for s in seeds:
         for v in DIGITS_VARIANTS:
-            extra = [f"teacher.checkpoint={runner.out / f'digits/teacher/seed{s}' / 'final'}"] if v.key == "distilled" else []
-            runs[v.key].append({"seed": s, **runner.train(f"digits/{v.key}/seed{s}",
-                                                          [*base, *v.overrides, *extra, f"train.seed={s}"])})
+            extra = (
+                [f"teacher.checkpoint={runner.out / f'digits/teacher/seed{s}' / 'final'}"]
+                if v.key == "distilled"
+                else []
+            )
+            runs[v.key].append(
+                {"seed": s, **runner.train(f"digits/{v.key}/seed{s}", [*base, *v.overrides, *extra, f"train.seed={s}"])}
+            )
     cfg, _ = compose_config([*DIGITS_BASE, "distill=kd"])
     rows = []
     for v in DIGITS_VARIANTS:
         student = compose_config([*DIGITS_BASE, *v.overrides[:1]])[0].student
-        rows.append({"key": v.key, "label": v.label, "arch": _arch(student), "overrides": list(v.overrides),
-                     "runs": runs[v.key], "errors": stat([r["errors_curve"][-1][1] for r in runs[v.key]]),
-                     "hinton_mnist_errors": HINTON_MNIST_ERRORS[v.key]})
-    test_examples = len(data.build(cfg.data, cfg.student.block_size).y_val)
-    return {"steps": steps, "seeds": seeds, "base_overrides": base, "rows": rows, "test_examples": test_examples,
-            "distill": {"alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature}}
+        rows.append(
+            {
+                "key": v.key,
+                "label": v.label,
+                "arch": _arch(student),
+                "overrides": list(v.overrides),
+                "runs": runs[v.key],
+                "errors": stat([r["errors_curve"][-1][1] for r in runs[v.key]]),
+                "hinton_mnist_errors": HINTON_MNIST_ERRORS[v.key],
+            }
+        )
+    test_examples = len(data.build(cfg.data, sequence_length(cfg)).y_val)
+    return {
+        "steps": steps,
+        "seeds": seeds,
+        "base_overrides": base,
+        "rows": rows,
+        "test_examples": test_examples,
+        "distill": {"alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature},
+    }
 
 
-def _arch(model_cfg) -> str:
-    if model_cfg.arch == "mlp":
-        return f"MLP {'-'.join(map(str, model_cfg.hidden))}" + (f", dropout {model_cfg.dropout}" if model_cfg.dropout else "")
-    return f"GPT {model_cfg.n_layer} layers / {model_cfg.n_head} heads / {model_cfg.n_embd} wide"
+def _arch(model_cfg: dict) -> str:
+    if model_cfg["arch"] == "mlp":
+        dropout = model_cfg.get("dropout", 0.0)
+        return f"MLP {'-'.join(map(str, model_cfg['hidden']))}" + (f", dropout {dropout}" if dropout else "")
+    return f"GPT {model_cfg['n_layer']} layers / {model_cfg['n_head']} heads / {model_cfg['n_embd']} wide"
 
 
 def _teacher_arch(teacher_dir: Path) -> str:
@@ -242,8 +320,12 @@ def plot_val_loss(shakespeare: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for v in shakespeare["variants"]:
         ax.plot(*mean_curve([r["val_curve"] for r in v["runs"]], 1), label=v["label"], marker=".")
-    ax.axhline(shakespeare["teacher"]["val_loss"]["mean"], color="black", linestyle="--",
-               label=f"teacher ({shakespeare['teacher']['steps']} steps)")
+    ax.axhline(
+        shakespeare["teacher"]["val_loss"]["mean"],
+        color="black",
+        linestyle="--",
+        label=f"teacher ({shakespeare['teacher']['steps']} steps)",
+    )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats / character)")
     ax.set_title(f"Tiny Shakespeare, tiny student, mean over {len(shakespeare['seeds'])} seed(s)")
@@ -265,7 +347,7 @@ def plot_compression(shakespeare: dict, path: Path) -> None:
         curves = [r["compress_curve"] for r in v["runs"]]
         for ax, column in zip(axes, (1, 2, 3)):
             steps, values = mean_curve(curves, column)
-            line, = ax.plot(steps, [y / 1024 for y in values] if column == 3 else values, label=v["label"])
+            (line,) = ax.plot(steps, [y / 1024 for y in values] if column == 3 else values, label=v["label"])
         qat_start = next((row[0] for row in curves[0] if row[4]), None)
         if qat_start is not None:
             for ax in axes:
@@ -288,12 +370,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps of every Shakespeare student")
     parser.add_argument("--digits-steps", type=int, default=1000, help="optimizer steps of every digits net")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per row (train.seed 1337, 1338, ...)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of each run; 0 = torch's default. Runs go one at a time; on a shared "
-                             "2-core machine a second OpenMP thread waits on the busy core and steps got ~10x slower")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of each run; 0 = torch's default. Runs go one at a time; on a shared "
+        "2-core machine a second OpenMP thread waits on the busy core and steps got ~10x slower",
+    )
     parser.add_argument("--out", type=Path, default=None, help="run folders (default outputs/benchmarks/quality)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: few steps, one seed; JSON, plots and README fragment go under --out only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: few steps, one seed; JSON, plots and README fragment go under --out only",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.digits_steps, args.seeds = QUICK["steps"], QUICK["digits_steps"], QUICK["seeds"]
@@ -308,8 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     results_dir = args.out if args.quick else RESULTS
     results_dir.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
-    runner = Runner(args.out, total=len(seeds) * (len(shakespeare_variants(args.steps)) + len(DIGITS_VARIANTS)),
-                    threads=args.threads)
+    runner = Runner(
+        args.out,
+        total=len(seeds) * (len(shakespeare_variants(args.steps)) + len(DIGITS_VARIANTS)),
+        threads=args.threads,
+    )
     teacher_dir, teacher_trained = ensure_teacher(runner, args.quick)
     shakespeare = shakespeare_table(runner, teacher_dir, args.steps, seeds)
     digits = digits_table(runner, args.digits_steps, seeds)
@@ -318,22 +410,30 @@ def main(argv: list[str] | None = None) -> None:
     plot_compression(shakespeare, plots["compression"])
     results = {
         "command": " ".join(["python -m benchmarks.quality", *argv]),
-        "quick": args.quick, "wall_seconds": round(time.perf_counter() - started, 1),
-        "teacher_trained_in_this_run": teacher_trained, "threads": args.threads,
+        "quick": args.quick,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "teacher_trained_in_this_run": teacher_trained,
+        "threads": args.threads,
         "load_average": {"start": load_at_start[0], "end": os.getloadavg()[0]},
         "machine": {**machine(), "cpu_count": os.cpu_count()},
         "plots": {name: path.name for name, path in plots.items()},
-        "shakespeare": shakespeare, "digits": digits}
+        "shakespeare": shakespeare,
+        "digits": digits,
+    }
     json_path = results_dir / "quality.json"
     json_path.write_text(json.dumps(results, indent=1))
-    for title, (columns, rows) in (("Tiny Shakespeare", readme_results.shakespeare_rows(results)),
-                                   ("digits (test errors)", readme_results.digits_rows(results))):
+    for title, (columns, rows) in (
+        ("Tiny Shakespeare", readme_results.shakespeare_rows(results)),
+        ("digits (test errors)", readme_results.digits_rows(results)),
+    ):
         print(f"\n{title}")
         print_table(columns, rows)
     readme = args.out / "README_results.md" if args.quick else readme_results.README
     readme_results.write(results, results_dir, readme)
-    print(f"\nwrote {json_path}, {', '.join(p.name for p in plots.values())} and the results section of {readme}; "
-          f"{results['wall_seconds'] / 60:.1f} min")
+    print(
+        f"\nwrote {json_path}, {', '.join(p.name for p in plots.values())} and the results section of {readme}; "
+        f"{results['wall_seconds'] / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

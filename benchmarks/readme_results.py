@@ -38,19 +38,42 @@ def shakespeare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """The Tiny Shakespeare table: teacher, every student row, and the export of the last one."""
     sh = results["shakespeare"]
     scratch = variants(results)["scratch"]["student"]["val_loss"]["mean"]
-    columns = ["model", "steps", "val loss", "Δ vs scratch", "params", "bytes on disk", "CPU latency (ms)",
-               "training (s)"]
+    columns = [
+        "model",
+        "steps",
+        "val loss",
+        "Δ vs scratch",
+        "params",
+        "bytes on disk",
+        "CPU latency (ms)",
+        "training (s)",
+    ]
 
     def row(label: str, steps: int, figures: dict, train: str, is_scratch: bool = False) -> list[str]:
         delta = "—" if is_scratch else f"{figures['val_loss']['mean'] - scratch:+.4f}"
-        return [label, f"{steps:,}", fmt(figures["val_loss"], 4), delta, count(figures["params"]),
-                count(figures["bytes"]), fmt(figures["latency_ms"], 2), train]
+        return [
+            label,
+            f"{steps:,}",
+            fmt(figures["val_loss"], 4),
+            delta,
+            count(figures["params"]),
+            count(figures["bytes"]),
+            fmt(figures["latency_ms"], 2),
+            train,
+        ]
 
     t = sh["teacher"]
     rows = [row(f"teacher ({t['steps']:,} steps by its recipe)", t["steps"], t, fmt(t["train_seconds"], 1))]
     for v in sh["variants"]:
-        rows.append(row(v["label"], sh["steps"], v["student"], fmt(v["student"]["train_seconds"], 1),
-                        is_scratch=v["key"] == "scratch"))
+        rows.append(
+            row(
+                v["label"],
+                sh["steps"],
+                v["student"],
+                fmt(v["student"]["train_seconds"], 1),
+                is_scratch=v["key"] == "scratch",
+            )
+        )
         if "export" in v:
             rows.append(row("↳ its export (int8 codes + sparse bitmask)", sh["steps"], v["export"], "(same run)"))
     return columns, rows
@@ -58,10 +81,23 @@ def shakespeare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def digits_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     d = results["digits"]
-    columns = ["net", "architecture", f"test errors (of {d['test_examples']})", "per seed",
-               "Hinton et al. 2015, MNIST (of 10,000)"]
-    rows = [[r["label"], r["arch"], fmt(r["errors"], 1), ", ".join(str(run["errors_curve"][-1][1]) for run in r["runs"]),
-             str(r["hinton_mnist_errors"])] for r in d["rows"]]
+    columns = [
+        "net",
+        "architecture",
+        f"test errors (of {d['test_examples']})",
+        "per seed",
+        "Hinton et al. 2015, MNIST (of 10,000)",
+    ]
+    rows = [
+        [
+            r["label"],
+            r["arch"],
+            fmt(r["errors"], 1),
+            ", ".join(str(run["errors_curve"][-1][1]) for run in r["runs"]),
+            str(r["hinton_mnist_errors"]),
+        ]
+        for r in d["rows"]
+    ]
     return columns, rows
 
 
@@ -78,19 +114,25 @@ def distillation_finding(results: dict) -> str:
     best = min(distilled, key=lambda v: v["student"]["val_loss"]["mean"])
     better = [v for v in distilled if v["student"]["val_loss"]["mean"] < scratch["mean"]]
     d = sh["distill"]
-    tried = (f"forward KL, reverse KL and JSD (β={d['beta']}) at α={d['alpha']}, T={d['temperature']}, and forward KL "
-             "plus hidden-state matching (the `conf/distill` defaults); no other settings were searched")
+    tried = (
+        f"forward KL, reverse KL and JSD (β={d['beta']}) at α={d['alpha']}, T={d['temperature']}, and forward KL "
+        "plus hidden-state matching (the `conf/distill` defaults); no other settings were searched"
+    )
     b = best["student"]["val_loss"]
     if not better:
-        return (f"**The distilled student is not better than the student from scratch at {sh['steps']:,} steps**: the "
-                f"best distilled row ({best['label']}) reaches {b['mean']:.4f} against {scratch['mean']:.4f} from "
-                f"scratch. What was tried: {tried}.")
+        return (
+            f"**The distilled student is not better than the student from scratch at {sh['steps']:,} steps**: the "
+            f"best distilled row ({best['label']}) reaches {b['mean']:.4f} against {scratch['mean']:.4f} from "
+            f"scratch. What was tried: {tried}."
+        )
     margin = scratch["mean"] - b["mean"]
     spread = max(scratch["std"], b["std"])
     noise = ("larger than" if margin > spread else "within") + f" the spread over seeds (std up to {spread:.4f})"
-    return (f"At {sh['steps']:,} steps, {len(better)} of {len(distilled)} distilled students reach a lower validation "
-            f"loss than the student from scratch; the best, {best['label']}, by {margin:.4f} nats/char "
-            f"({b['mean']:.4f} against {scratch['mean']:.4f}), {noise}. Settings: {tried}.")
+    return (
+        f"At {sh['steps']:,} steps, {len(better)} of {len(distilled)} distilled students reach a lower validation "
+        f"loss than the student from scratch; the best, {best['label']}, by {margin:.4f} nats/char "
+        f"({b['mean']:.4f} against {scratch['mean']:.4f}), {noise}. Settings: {tried}."
+    )
 
 
 def export_finding(results: dict) -> str:
@@ -100,11 +142,13 @@ def export_finding(results: dict) -> str:
     ratio = dense_bytes / export_bytes
     met = "meets" if ratio >= EXPORT_TARGET_RATIO else "**misses**"
     reference = by_key["forward_kl"]["student"]
-    return (f"The pruned + int8 QAT export is {ratio:.2f}x smaller on disk than the fp32 student "
-            f"({export_bytes:,.0f} against {dense_bytes:,.0f} bytes; this {met} the {EXPORT_TARGET_RATIO:g}x target), "
-            f"at val loss {pq['export']['val_loss']['mean']:.4f} (the dense forward-KL student: "
-            f"{reference['val_loss']['mean']:.4f}) and {pq['export']['latency_ms']['mean']:.2f} ms CPU latency "
-            f"(dense: {reference['latency_ms']['mean']:.2f} ms).")
+    return (
+        f"The pruned + int8 QAT export is {ratio:.2f}x smaller on disk than the fp32 student "
+        f"({export_bytes:,.0f} against {dense_bytes:,.0f} bytes; this {met} the {EXPORT_TARGET_RATIO:g}x target), "
+        f"at val loss {pq['export']['val_loss']['mean']:.4f} (the dense forward-KL student: "
+        f"{reference['val_loss']['mean']:.4f}) and {pq['export']['latency_ms']['mean']:.2f} ms CPU latency "
+        f"(dense: {reference['latency_ms']['mean']:.2f} ms)."
+    )
 
 
 def digits_finding(results: dict) -> str:
@@ -113,85 +157,105 @@ def digits_finding(results: dict) -> str:
     gap = rows["scratch"] - rows["teacher"]
     theirs = (h["scratch"] - h["distilled"]) / (h["scratch"] - h["teacher"])
     if gap <= 0:
-        return (f"Here the small net from scratch makes no more errors than the teacher ({rows['scratch']:.1f} against "
-                f"{rows['teacher']:.1f}), so there is no gap for distillation to close.")
+        return (
+            f"Here the small net from scratch makes no more errors than the teacher ({rows['scratch']:.1f} against "
+            f"{rows['teacher']:.1f}), so there is no gap for distillation to close."
+        )
     closed = (rows["scratch"] - rows["distilled"]) / gap
     spread = max(r["errors"]["std"] for r in results["digits"]["rows"] if r["key"] != "teacher")
     noise = "larger than" if abs(rows["scratch"] - rows["distilled"]) > spread else "within"
-    return (f"Distillation closes {closed:.0%} of the gap between the small net from scratch and the teacher "
-            f"({rows['scratch']:.1f} → {rows['distilled']:.1f} errors; teacher {rows['teacher']:.1f}), a difference "
-            f"{noise} the spread over seeds (std up to {spread:.1f} errors); Hinton et al. closed {theirs:.0%} on "
-            "MNIST (146 → 74; teacher 67).")
+    return (
+        f"Distillation closes {closed:.0%} of the gap between the small net from scratch and the teacher "
+        f"({rows['scratch']:.1f} → {rows['distilled']:.1f} errors; teacher {rows['teacher']:.1f}), a difference "
+        f"{noise} the spread over seeds (std up to {spread:.1f} errors); Hinton et al. closed {theirs:.0%} on "
+        "MNIST (146 → 74; teacher 67)."
+    )
 
 
 def reproduce_line(results: dict) -> str:
     m = results["machine"]
     threads = f"OMP_NUM_THREADS={results['threads']} per run" if results["threads"] else "torch's default threads"
-    teacher = ("including training the teacher" if results["teacher_trained_in_this_run"]
-               else "reusing the quickstart's teacher")
-    return (f"Reproduce with `{results['command']}`: it took {results['wall_seconds'] / 60:.1f} minutes on "
-            f"{m['cpu_count']} CPU cores ({m['cpu']}, torch {m['torch']}, {threads}; the machine was shared, load "
-            f"average {results['load_average']['start']:.1f} at the start and {results['load_average']['end']:.1f} at "
-            f"the end), {teacher}. Every figure comes from the runs' own `report.json` and `metrics.jsonl`.")
+    teacher = (
+        "including training the teacher"
+        if results["teacher_trained_in_this_run"]
+        else "reusing the quickstart's teacher"
+    )
+    return (
+        f"Reproduce with `{results['command']}`: it took {results['wall_seconds'] / 60:.1f} minutes on "
+        f"{m['cpu_count']} CPU cores ({m['cpu']}, torch {m['torch']}, {threads}; the machine was shared, load "
+        f"average {results['load_average']['start']:.1f} at the start and {results['load_average']['end']:.1f} at "
+        f"the end), {teacher}. Every figure comes from the runs' own `report.json` and `metrics.jsonl`."
+    )
 
 
 def shakespeare_setup(results: dict) -> str:
     sh = results["shakespeare"]
     start, end = sh["steps"] // 10, sh["steps"] * 6 // 10
-    return (f"Every student is the quickstart's {sh['student_arch']} trained {sh['steps']:,} steps (batch 12 x 64 "
-            f"characters, the quickstart's LR schedule), mean ± std over {len(sh['seeds'])} seeds "
-            f"({', '.join(map(str, sh['seeds']))}); the teacher is the quickstart's {sh['teacher_arch']}. Pruning and "
-            "QAT follow `conf/compress` with the quickstart's timing scaled to the budget (AGP over steps "
-            f"{start:,}-{end:,}, int8 QAT from step {end:,}). Latency: median of {LATENCY_REPEATS} CPU forward "
-            f"passes on a fixed batch of {' x '.join(map(str, sh['latency_batch']))} tokens, the teacher's measured "
-            "in the distilled runs beside their students; training: the loop's time (no start-up, export or report), "
-            "the teacher's from its own run's report.")
+    return (
+        f"Every student is the quickstart's {sh['student_arch']} trained {sh['steps']:,} steps (batch 12 x 64 "
+        f"characters, the quickstart's LR schedule), mean ± std over {len(sh['seeds'])} seeds "
+        f"({', '.join(map(str, sh['seeds']))}); the teacher is the quickstart's {sh['teacher_arch']}. Pruning and "
+        "QAT follow `conf/compress` with the quickstart's timing scaled to the budget (AGP over steps "
+        f"{start:,}-{end:,}, int8 QAT from step {end:,}). Latency: median of {LATENCY_REPEATS} CPU forward "
+        f"passes on a fixed batch of {' x '.join(map(str, sh['latency_batch']))} tokens, the teacher's measured "
+        "in the distilled runs beside their students; training: the loop's time (no start-up, export or report), "
+        "the teacher's from its own run's report."
+    )
 
 
 def digits_setup(results: dict) -> str:
     dg = results["digits"]
-    return (f"Each net trained {dg['steps']:,} steps (batch 64) per seed ({', '.join(map(str, dg['seeds']))}); the "
-            f"distilled net learns from the teacher of its seed (α={dg['distill']['alpha']}, "
-            f"T={dg['distill']['temperature']}). Errors on the {dg['test_examples']} held-out digits; Hinton et al.'s "
-            "figures are on MNIST's 10,000 test images with larger nets (1200-1200 teacher, 800-800 small net).")
+    return (
+        f"Each net trained {dg['steps']:,} steps (batch 64) per seed ({', '.join(map(str, dg['seeds']))}); the "
+        f"distilled net learns from the teacher of its seed (α={dg['distill']['alpha']}, "
+        f"T={dg['distill']['temperature']}). Errors on the {dg['test_examples']} held-out digits; Hinton et al.'s "
+        "figures are on MNIST's 10,000 test images with larger nets (1200-1200 teacher, 800-800 small net)."
+    )
 
 
 def render(results: dict, results_dir: Path, readme: Path) -> str:
     """The section between the markers (markers included), image paths relative to ``readme``."""
-    image = {name: Path(os.path.relpath(results_dir / file, readme.parent)).as_posix()
-             for name, file in results["plots"].items()}
-    return "\n".join([
-        START,
-        "<!-- generated by `python -m benchmarks.readme_results` from benchmarks/results/quality.json -->",
-        "",
-        reproduce_line(results),
-        "",
-        "### Tiny Shakespeare: distillation and compression at equal steps",
-        "",
-        shakespeare_setup(results),
-        "",
-        markdown_table(*shakespeare_rows(results)),
-        "",
-        f"- {distillation_finding(results)}",
-        f"- {export_finding(results)}",
-        "",
-        f"![validation loss against steps]({image['val_loss']})",
-        "",
-        f"![sparsity and bits against steps]({image['compression']})",
-        "",
-        ("Compressed rows, from `compress/*` in `metrics.jsonl` (mean over seeds): the pruned weights' sparsity, "
-         "and the export's bits per weight and size as they would be at that step (QAT targets count as int8 from "
-         "the start, since that is how the export stores them; the dotted line marks where fake-quant starts)."),
-        "",
-        "### scikit-learn digits, in the manner of Hinton et al. 2015",
-        "",
-        digits_setup(results),
-        "",
-        markdown_table(*digits_rows(results)),
-        "",
-        f"- {digits_finding(results)}",
-        END,
-    ])
+    image = {
+        name: Path(os.path.relpath(results_dir / file, readme.parent)).as_posix()
+        for name, file in results["plots"].items()
+    }
+    return "\n".join(
+        [
+            START,
+            "<!-- generated by `python -m benchmarks.readme_results` from benchmarks/results/quality.json -->",
+            "",
+            reproduce_line(results),
+            "",
+            "### Tiny Shakespeare: distillation and compression at equal steps",
+            "",
+            shakespeare_setup(results),
+            "",
+            markdown_table(*shakespeare_rows(results)),
+            "",
+            f"- {distillation_finding(results)}",
+            f"- {export_finding(results)}",
+            "",
+            f"![validation loss against steps]({image['val_loss']})",
+            "",
+            f"![sparsity and bits against steps]({image['compression']})",
+            "",
+            (
+                "Compressed rows, from `compress/*` in `metrics.jsonl` (mean over seeds): the pruned weights' "
+                "sparsity, and the export's bits per weight and size as they would be at that step (QAT targets "
+                "count as int8 from the start, since that is how the export stores them; the dotted line marks where "
+                "fake-quant starts)."
+            ),
+            "",
+            "### scikit-learn digits, in the manner of Hinton et al. 2015",
+            "",
+            digits_setup(results),
+            "",
+            markdown_table(*digits_rows(results)),
+            "",
+            f"- {digits_finding(results)}",
+            END,
+        ]
+    )
 
 
 def write(results: dict, results_dir: Path, readme: Path) -> None:

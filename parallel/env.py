@@ -89,11 +89,16 @@ def init(backend: str = "auto") -> DistEnv:
         if env.device.type == "cuda":
             torch.cuda.set_device(env.device)
         if env.launcher == "slurm":
-            dist.init_process_group(backend=env.backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size)
+            dist.init_process_group(
+                backend=env.backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+            )
         elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend=env.backend, store=restart_store(env.world_size), rank=env.rank,
-                                    world_size=env.world_size)
+            dist.init_process_group(
+                backend=env.backend, store=restart_store(env.world_size), rank=env.rank, world_size=env.world_size
+            )
         else:
             dist.init_process_group(backend=env.backend)
     return env

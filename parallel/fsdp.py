@@ -1,6 +1,9 @@
-"""FSDP2 (``fully_shard``) per transformer block, then the root; HSDP when given a 2-D mesh."""
+"""FSDP2 (``fully_shard``) per decoder layer, then the root; HSDP when given a 2-D mesh."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -10,9 +13,16 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 PARAM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: compute in the parameters' own dtype
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str, reshard_after_forward: bool,
-               cpu_offload: bool) -> nn.Module:
-    """Shard ``model`` in place: each of ``model.blocks`` (a list or, in a pipeline stage, a dict) is its own
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    units: Iterable[nn.Module],
+    param_dtype: str,
+    reshard_after_forward: bool,
+    cpu_offload: bool,
+) -> nn.Module:
+    """Shard ``model`` in place: each of ``units`` (its decoder layers, from the model protocol) is its own
     unit, the root holds the rest.
 
     A 1-D ``mesh`` shards (FSDP); a 2-D ``(replicate, shard)`` mesh shards over the inner axis and
@@ -21,14 +31,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str, reshard_
     """
     assert mesh.ndim in (1, 2), f"FSDP needs a 1-D or (replicate, shard) mesh, got {mesh}"
     assert param_dtype in PARAM_DTYPES, f"param_dtype must be one of {list(PARAM_DTYPES)}, got {param_dtype}"
-    options = dict(
+    options: dict[str, Any] = dict(
         mesh=mesh,
         reshard_after_forward=reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[param_dtype], reduce_dtype=torch.float32),
         offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy(),
     )
-    blocks = getattr(model, "blocks", ())
-    for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
-        fully_shard(block, **options)
+    for unit in units:
+        fully_shard(unit, **options)
     fully_shard(model, **options)
     return model

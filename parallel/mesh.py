@@ -54,15 +54,18 @@ class ParallelDims:
             product = math.prod(size for _, size in known)
             if self.world_size % product:
                 factors = " x ".join(f"{name}={size}" for name, size in known if size != 1)
-                raise ParallelDimsError(inferred[0], f"-1 (infer) needs the world size {self.world_size} "
-                                        f"to be divisible by {factors}")
+                raise ParallelDimsError(
+                    inferred[0], f"-1 (infer) needs the world size {self.world_size} to be divisible by {factors}"
+                )
             object.__setattr__(self, inferred[0], self.world_size // product)
         sizes = [(name, getattr(self, name)) for name in SIZES if name != "pp" or self.pp != 1]
         if math.prod(size for _, size in sizes) != self.world_size:
             at_fault = "pp" if self.pp != 1 else "dp_shard" if self.dp_shard != 1 else "dp_replicate"
             factors = " x ".join(f"{name}={size}" for name, size in sizes)
-            raise ParallelDimsError(at_fault, f"{factors} = {math.prod(size for _, size in sizes)} ranks, "
-                                    f"but the world size is {self.world_size}")
+            raise ParallelDimsError(
+                at_fault,
+                f"{factors} = {math.prod(size for _, size in sizes)} ranks, but the world size is {self.world_size}",
+            )
 
     @property
     def dp_size(self) -> int:
@@ -92,8 +95,11 @@ class ParallelDims:
         None for one rank (no process group needed)."""
         if self.world_size == 1:
             return None
-        shape, names = ((self.pp, self.dp_replicate, self.dp_shard), (PP_AXIS, *MESH_AXES)) if self.pp_enabled \
+        shape, names = (
+            ((self.pp, self.dp_replicate, self.dp_shard), (PP_AXIS, *MESH_AXES))
+            if self.pp_enabled
             else ((self.dp_replicate, self.dp_shard), MESH_AXES)
+        )
         if self.world_size < dist.get_world_size():
             # Teacher ranks beside the student: the mesh is the first world_size ranks. Every rank of the world
             # builds it (its groups are made collectively); a rank outside it has no coordinate.
@@ -108,5 +114,7 @@ class ParallelDims:
         """This rank's index among the data-parallel ranks (which slice of the global batch it reads)."""
         if mesh is None:
             return 0
-        *_, replicate, shard = mesh.get_coordinate()
+        coordinate = mesh.get_coordinate()
+        assert coordinate is not None  # None only on a rank outside the mesh; every rank is in its own
+        *_, replicate, shard = coordinate
         return replicate * self.dp_shard + shard

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -18,8 +19,11 @@ if TYPE_CHECKING:
     from trainer.config import ParallelConfig
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig) -> nn.Module:
-    """Apply FSDP2 / HSDP (in place) or DDP (a wrapper) to ``model``; return the module to train with.
+def parallelize(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: ParallelConfig, units: Iterable[nn.Module] = ()
+) -> nn.Module:
+    """Apply FSDP2 / HSDP (in place, each of ``units`` its own FSDP unit) or DDP (a wrapper) to ``model``;
+    return the module to train with.
 
     Call after QAT is prepared and before the optimizer is built. Under FSDP2 the returned
     module is ``model`` itself (now holding DTensor shards); under DDP it wraps ``model``, whose
@@ -28,8 +32,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     if dims.fsdp_enabled:
         assert mesh is not None, "FSDP needs a mesh"
         dp_mesh = mesh[(REPLICATE_AXIS, SHARD_AXIS)] if dims.hsdp_enabled else mesh[SHARD_AXIS]
-        return apply_fsdp(model, dp_mesh, param_dtype=cfg.param_dtype,
-                          reshard_after_forward=cfg.reshard_after_forward, cpu_offload=cfg.cpu_offload)
+        return apply_fsdp(
+            model,
+            dp_mesh,
+            units=units,
+            param_dtype=cfg.param_dtype,
+            reshard_after_forward=cfg.reshard_after_forward,
+            cpu_offload=cfg.cpu_offload,
+        )
     if dims.ddp_enabled:
         assert mesh is not None, "DDP needs a mesh"
         return apply_ddp(model, mesh[REPLICATE_AXIS])

@@ -13,8 +13,8 @@ runs forward and backward. Closing drains a request still in flight and sends a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,8 +32,9 @@ class Roles:
     teacher_ranks: int
 
     def __post_init__(self) -> None:
-        assert 0 < self.teacher_ranks < self.world_size, \
+        assert 0 < self.teacher_ranks < self.world_size, (
             f"{self.teacher_ranks} teacher ranks need a world of more ranks (world size {self.world_size})"
+        )
 
     @property
     def students(self) -> list[int]:
@@ -78,11 +79,15 @@ class PendingLogits:
         self.header = torch.tensor([REQUEST, sequence, *x.shape], dtype=torch.int64, device=x.device)
         self.x = x.contiguous()
         self.logits = torch.empty(*x.shape, vocab, device=x.device)
-        self.works = [dist.isend(self.header, server, tag=HEADER_TAG), dist.isend(self.x, server, tag=sequence),
-                      dist.irecv(self.logits, server, tag=sequence)]
+        self.works = [
+            dist.isend(self.header, server, tag=HEADER_TAG),
+            dist.isend(self.x, server, tag=sequence),
+            dist.irecv(self.logits, server, tag=sequence),
+        ]
 
     def wait(self) -> torch.Tensor:
         for work in self.works:
+            assert work is not None  # isend/irecv return None only on a rank outside the group
             work.wait()
         return self.logits
 

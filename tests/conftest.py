@@ -16,16 +16,28 @@ REPO = Path(__file__).resolve().parent.parent
 def cli_env(tmp_path: Path) -> dict:
     """A clean environment: no W&B credentials, W&B quiet, scratch TMPDIR."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_SILENT="true", HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update(
+        WANDB_SILENT="true",
+        HOME=str(tmp_path),
+        NETRC=str(tmp_path / "netrc"),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
     return env
 
 
-def run_cli(tmp_path: Path, *overrides: str, module: str = "trainer", timeout: float = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    tmp_path: Path, *overrides: str, module: str = "trainer", timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python -m trainer OVERRIDES`` with cwd=tmp_path; fails the test with the output when it fails."""
-    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=tmp_path, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
@@ -37,8 +49,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 # A few-second synthetic run: tiny GPT, 16-token windows.
-FAST = ["data=synthetic", "student.block_size=16", "student.n_embd=32", "logger=console", "logger.progress=false",
-        "train.batch_size=8", "train.warmup_steps=2"]
+FAST = [
+    "data=synthetic",
+    "student.block_size=16",
+    "student.n_embd=32",
+    "logger=console",
+    "logger.progress=false",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+]
 
 
 def train_small_teacher(root: Path) -> Path:
@@ -54,8 +73,9 @@ def save_hf_teachers(root: Path, vocab: int, padded: int, n_embd: int) -> None:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=n_embd, vocab_size=vocab, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=n_embd, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config)
     model.save_pretrained(root / f"hf{vocab}")
     model.resize_token_embeddings(padded, mean_resizing=False)

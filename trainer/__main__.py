@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -15,24 +18,31 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import ConfigError, RunConfig, register_configs, validate
+from trainer.config import ConfigError, RunConfig, register_configs
+from trainer.preflight import unknown_keys, validate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
-MAX_PREFLIGHT_COMBINATIONS = 64
 CONFIG_ERROR_EXIT = 2
 
 
-def fail(message: str) -> None:
-    """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun or srun job prints the line (every rank finds it)."""
+def fail(message: str) -> NoReturn:
+    """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun or srun job prints the line (every rank finds it).
+    Under torchrun each rank also writes the line to its error file, so torchrun's summary names the cause."""
+    line = f"config error: {message}"
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-        print(f"config error: {message}", file=sys.stderr)
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # the format torch.distributed.elastic's ErrorHandler writes and torchrun's summary reads
+        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        Path(error_file).write_text(json.dumps({"message": record}))
     sys.exit(CONFIG_ERROR_EXIT)
 
 
 def describe_error(error: BaseException) -> str:
     """One line naming the key, from Hydra/OmegaConf's (often multi-line, nested) exceptions."""
-    chain, seen = [], error
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
     while seen is not None:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
@@ -61,15 +71,56 @@ def job_overrides(argv: list[str]) -> list[str] | None:
 
 
 def sweep_combinations(overrides: list[str]) -> list[list[str]]:
-    """Expand sweeps (``a=1,2``) into the overrides of each job, at most MAX_PREFLIGHT_COMBINATIONS."""
-    choices = []
+    """Expand sweeps (``a=1,2``) into the overrides of each job (every combination, however many)."""
+    choices: list[list[str]] = []
     for parsed in OverridesParser.create().parse_overrides(overrides):
         key = parsed.get_key_element()
         if parsed.is_sweep_override():
             choices.append([f"{key}={v}" for v in parsed.sweep_string_iterator()])
         else:
-            choices.append([f"{key}={parsed.get_value_element_as_str()}" if not parsed.is_delete() else parsed.input_line])
-    return [list(c) for c in itertools.islice(itertools.product(*choices), MAX_PREFLIGHT_COMBINATIONS)]
+            choices.append(
+                # hydra types input_line Optional; the parser sets it on every override it returns
+                [
+                    f"{key}={parsed.get_value_element_as_str()}"
+                    if not parsed.is_delete()
+                    else cast(str, parsed.input_line)
+                ]
+            )
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def check_group_options(overrides: list[str]) -> None:
+    """A config group option that does not exist (``student=huge``, ``experiment=nope``) names all the available
+    ones (Hydra skips a missing optional ``experiment`` silently)."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        group = Path(CONF_DIR) / key
+        if not sep or key.startswith("hydra") or not group.is_dir() or value in ("null", ""):
+            continue
+        available = sorted(p.stem for p in group.glob("*.yaml"))
+        if value not in available:
+            fail(f"{key}: no option {value!r} (available: {', '.join(available)})")
+
+
+def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
+    """A pinned ``hydra.run.dir`` must be a folder (or not exist yet), and ``train.resume=never`` must not start
+    over in one that holds a run (the next rerun would resume its checkpoints, its metrics would mix with these)."""
+    pinned = [arg.partition("=")[2] for arg in argv if arg.lstrip("+").startswith("hydra.run.dir=")]
+    if not pinned:
+        return
+    from trainer import checkpoint
+
+    run_dir = Path(pinned[-1]).absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"hydra.run.dir: {run_dir} is a file, not a folder")
+    held = [p.name for p in checkpoint.list_complete(run_dir / "ckpt")] if run_dir.is_dir() else []
+    if (run_dir / "metrics.jsonl").exists():
+        held.append("metrics.jsonl")
+    if cfg.train.resume == "never" and held:
+        fail(
+            f"train.resume: never, but {run_dir} holds a run ({', '.join(held)}): pin another hydra.run.dir, "
+            "or delete that one"
+        )
 
 
 def preflight(argv: list[str]) -> None:
@@ -79,17 +130,23 @@ def preflight(argv: list[str]) -> None:
         return
     try:
         combinations = sweep_combinations(overrides)
-    except Exception as e:  # noqa: BLE001 - any parse error is reported as one line
+    except Exception as e:  # any parse error is reported as one line
         fail(describe_error(e))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for combination in combinations:
+            check_group_options(combination)
             try:
-                cfg = compose(config_name="config", overrides=combination)
-                validate(OmegaConf.to_object(cfg))
+                dict_cfg = compose(config_name="config", overrides=combination)
+                unknown = unknown_keys(dict_cfg)
+                if unknown:
+                    raise ConfigError(unknown[0], "not a key of the run config")
+                cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
+                validate(cfg)
             except ConfigError as e:
                 fail(str(e))
-            except Exception as e:  # noqa: BLE001 - composition errors become one line
+            except Exception as e:  # composition errors become one line
                 fail(describe_error(e))
+            check_run_dir(argv, cfg)
 
 
 def train_teacher_if_missing(cfg: RunConfig) -> None:
@@ -108,13 +165,13 @@ def hydra_entry(dict_cfg: DictConfig) -> float | None:
     from trainer.loop import run
 
     try:
-        cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+        cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
         validate(cfg)
         train_teacher_if_missing(cfg)
     except ConfigError as e:
         fail(str(e))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run(cfg, run_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    return run(cfg, run_dir, cast(dict[str, Any], OmegaConf.to_container(dict_cfg, resolve=True)))
 
 
 def main() -> None:

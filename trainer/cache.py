@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from typing import cast
 
 import hydra
 import torch
@@ -19,20 +20,27 @@ from omegaconf import DictConfig, OmegaConf
 from parallel import env as dist_env
 from trainer import data
 from trainer.__main__ import CONF_DIR, fail, preflight
-from trainer.config import ConfigError, RunConfig, register_configs, validate
+from trainer.config import ConfigError, RunConfig, register_configs, sequence_length
 from trainer.distill import cache
 from trainer.distill import teacher as teacher_io
+from trainer.preflight import validate
 
 
 def prepare(root: Path, manifest: cache.Manifest) -> None:
     """Write ``manifest`` to a new cache; keep an existing cache's (and its shard layout) when it is the same cache."""
     if (root / cache.MANIFEST).is_file():
         existing = cache.read_manifest(root)
-        same = (existing.key, existing.steps, existing.positions, existing.values_dtype) == \
-               (manifest.key, manifest.steps, manifest.positions, manifest.values_dtype)
+        same = (existing.key, existing.steps, existing.positions, existing.values_dtype) == (
+            manifest.key,
+            manifest.steps,
+            manifest.positions,
+            manifest.values_dtype,
+        )
         if not same:
-            raise cache.CacheError(f"{root} holds a different cache (another teacher, data, k, seed, batch layout, "
-                                   "steps or teacher.cache_dtype): remove it or choose another teacher.cache_dir")
+            raise cache.CacheError(
+                f"{root} holds a different cache (another teacher, data, k, seed, batch layout, "
+                "steps or teacher.cache_dtype): remove it or choose another teacher.cache_dir"
+            )
         return
     root.mkdir(parents=True, exist_ok=True)
     cache.write_json_atomic(root / cache.MANIFEST, manifest.to_json())
@@ -40,17 +48,27 @@ def prepare(root: Path, manifest: cache.Manifest) -> None:
 
 def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     """Write (or finish) the cache of ``cfg``'s run: this rank's shards; returns the manifest."""
+    assert cfg.teacher.cache_dir is not None  # hydra_entry refuses a run without it
     root, t = Path(cfg.teacher.cache_dir), cfg.train
-    dataset = data.build(cfg.data, cfg.student.block_size)
+    dataset = data.build(cfg.data, sequence_length(cfg))
     if env.is_main:
-        prepare(root, cache.new_manifest(cache.expected_key(cfg), t.max_steps, dataset.tokens_per_sample(),
-                                         cfg.teacher.cache_dtype, env.world_size))
+        prepare(
+            root,
+            cache.new_manifest(
+                cache.expected_key(cfg),
+                t.max_steps,
+                dataset.tokens_per_sample(),
+                cfg.teacher.cache_dtype,
+                env.world_size,
+            ),
+        )
     if dist.is_initialized():
         dist.barrier()
     manifest = cache.read_manifest(root)
     teacher = teacher_io.load_for_run(cfg, env.device)
-    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
+    )
     rows = t.batch_size // t.grad_accum  # the teacher runs on the micro-batches of a one-process run
     for shard in range(env.rank, len(manifest.shards), env.world_size):
         writer = cache.ShardWriter(root, manifest, shard)
@@ -67,11 +85,12 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_entry(dict_cfg: DictConfig) -> None:
     try:
-        cfg: RunConfig = OmegaConf.to_object(dict_cfg)
+        cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
         validate(cfg)
         if cfg.teacher.checkpoint is None:
-            raise ConfigError("teacher.checkpoint",
-                              "python -m trainer.cache needs a teacher (set teacher.checkpoint=PATH)")
+            raise ConfigError(
+                "teacher.checkpoint", "python -m trainer.cache needs a teacher (set teacher.checkpoint=PATH)"
+            )
         if cfg.teacher.cache_dir is None:
             raise ConfigError("teacher.cache_dir", "python -m trainer.cache needs teacher.cache_dir=PATH to write to")
     except ConfigError as e:
@@ -85,9 +104,12 @@ def hydra_entry(dict_cfg: DictConfig) -> None:
         dist_env.shutdown()
     if env.is_main:
         k = manifest.key
-        print(f"teacher cache {cfg.teacher.cache_dir}: {manifest.steps} steps x {k.batch_size} samples x "
-              f"{manifest.positions} positions, top-{k.k} of {k.vocab} ({manifest.values_dtype} values), "
-              f"{len(manifest.shards)} shards", file=sys.stderr)
+        print(
+            f"teacher cache {cfg.teacher.cache_dir}: {manifest.steps} steps x {k.batch_size} samples x "
+            f"{manifest.positions} positions, top-{k.k} of {k.vocab} ({manifest.values_dtype} values), "
+            f"{len(manifest.shards)} shards",
+            file=sys.stderr,
+        )
 
 
 def main() -> None:

@@ -24,10 +24,12 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from parallel import groups
 
+STUDENT = "student"  # the student's key among a run's trainable modules (and so in its checkpoints)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"
@@ -129,7 +132,7 @@ def join_state(tensors: dict, plain: dict, prefix: str = "") -> dict:
     for name, tensor in tensors.items():
         if not name.startswith(prefix):
             continue
-        parts = name[len(prefix):].split("/")
+        parts = name[len(prefix) :].split("/")
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -202,7 +205,7 @@ def _on_main(action: Callable[[], None]) -> None:
 
 def _describe_files(folder: Path) -> dict[str, dict]:
     """{name: {"bytes", "sha256" (not for tensor files)}} of every file in ``folder`` but the manifest."""
-    files = {}
+    files: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.iterdir()):
         if path.name == MANIFEST_FILE or not path.is_file():
             continue
@@ -250,8 +253,9 @@ def verify(path: Path) -> None:
     manifest = path / MANIFEST_FILE
     if manifest.exists():
         files = _read_json(manifest).get("files")
-        if not isinstance(files, dict) or not all(isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
-                                                  for entry in files.values()):
+        if not isinstance(files, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) for entry in files.values()
+        ):
             raise CorruptCheckpoint(f"{manifest} is garbled (no list of files and sizes)")
         for name, expected in files.items():
             file = path / name
@@ -276,10 +280,15 @@ def check_model(path: Path, model_spec: dict) -> None:
         difference = f"arch {saved.get('arch')} there, {wanted.get('arch')} here"
     else:
         there, here = saved.get("config", {}), wanted.get("config", {})
-        difference = ", ".join(f"{key} {there.get(key)} there, {here.get(key)} here"
-                               for key in sorted(set(there) | set(here)) if there.get(key) != here.get(key))
-    raise ModelMismatch(f"checkpoint {path} holds another model than this config ({difference}); resume it with "
-                        "the same model config, or train in another hydra.run.dir")
+        difference = ", ".join(
+            f"{key} {there.get(key)} there, {here.get(key)} here"
+            for key in sorted(set(there) | set(here))
+            if there.get(key) != here.get(key)
+        )
+    raise ModelMismatch(
+        f"checkpoint {path} holds another model than this config ({difference}); resume it with "
+        "the same model config, or train in another hydra.run.dir"
+    )
 
 
 def load(path: Path, *, model, optimizer, extra_template: dict, model_spec: dict | None = None) -> dict:
@@ -294,40 +303,46 @@ def load(path: Path, *, model, optimizer, extra_template: dict, model_spec: dict
         check_model(path, model_spec)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     extra_tensors, _ = split_state(extra_template)
-    state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
     try:
         with _single_process_is_fine():
             dcp.load(state, checkpoint_id=str(path), process_group=groups.trainer_group())
     except (Exception, CheckpointException) as e:
         raise CorruptCheckpoint(f"{path} could not be read ({_reason(e)})") from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=OPTIM_OPTIONS)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIM_OPTIONS
+    )
     return join_state(state["extra"], _read_json(path / STATE_FILE))
 
 
-def load_newest(candidates: list[Path], *, model, optimizer, extra_template: dict,
-                model_spec: dict) -> tuple[Path, dict, list[str]]:
+def load_newest(
+    candidates: list[Path], *, model, optimizer, extra_template: dict, model_spec: dict
+) -> tuple[Path, dict, list[str]]:
     """Load the newest usable of ``candidates`` (oldest first): (its path, its extra state, why each newer one
     was skipped). A corrupt checkpoint is skipped for the one before it; ModelMismatch is raised at once for one
     of another model, CheckpointError when none is usable. Nothing is deleted either way.
     """
-    skipped = []
+    skipped: list[str] = []
     for path in reversed(candidates):
         try:
             state = load(path, model=model, optimizer=optimizer, extra_template=extra_template, model_spec=model_spec)
             return path, state, skipped
         except CorruptCheckpoint as e:
             skipped.append(str(e))
-    raise CheckpointError(f"no usable checkpoint: {'; '.join(skipped)}. Nothing was deleted: move them away, "
-                          "or start over with train.resume=never")
+    raise CheckpointError(
+        f"no usable checkpoint: {'; '.join(skipped)}. Nothing was deleted: move them away, "
+        "or start over with train.resume=never"
+    )
 
 
-def load_model_weights(path: Path, model) -> None:
-    """Load only the model weights of a checkpoint (e.g. a teacher) into ``model``, in this process alone (no
-    collective: a teacher rank loads its teacher while the student ranks do other work)."""
-    state = {"model": get_model_state_dict(model)}
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load only the student's weights of a checkpoint into ``model`` (e.g. a teacher, or a model to export), in
+    this process alone (no collective: a teacher rank loads its teacher while the student ranks do other work).
+    A checkpoint holds the run's trainable modules, the student under ``STUDENT``."""
+    holder = nn.ModuleDict({STUDENT: model})
+    state = {"model": get_model_state_dict(holder)}
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    set_model_state_dict(holder, state["model"], options=StateDictOptions(strict=True))
 
 
 def read_model_spec(path: Path) -> dict:

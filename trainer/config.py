@@ -1,10 +1,14 @@
-"""Typed run configuration (Hydra structured configs) and the checks that run before anything starts."""
+"""Typed run configuration (Hydra structured configs); each node checks its own values (``check``).
+
+Checks that need files, the environment, the model or several nodes at once are in ``trainer/preflight.py``,
+which runs these first (``check_nodes``). Nothing here imports the modules that read the config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -17,41 +21,67 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
-        self.key = key
+        self.key, self.message = key, message
 
 
-@dataclass
-class ModelConfig:
-    arch: str = "gpt"  # gpt | mlp
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 64
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False
-    hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp only
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
+
+
+DATA_TASKS = {"shakespeare": "lm", "synthetic": "lm", "digits": "classify"}
+STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "pipeline")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+TEACHER_PLACEMENTS = ("replicate", "shard", "cache", "remote")
+TEACHER_VOCAB = ("strict", "slice")
+
+
+# The student node is ``arch`` (a model family, see trainer/models/protocol.py) plus the fields of that family's
+# config dataclass (GPTConfig, MLPConfig, ...), which checks them; the data fills in the vocabulary or input size.
+TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.0}
 
 
 @dataclass
 class TeacherConfig:
-    checkpoint: Optional[str] = None  # export folder, run dir, checkpoint folder, or Hugging Face causal-LM folder
+    checkpoint: str | None = None  # export folder, run dir, checkpoint folder, or Hugging Face causal-LM folder
     vocab: str = "strict"  # strict: same vocabulary as the student | slice: cut a larger one to the student's
     placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
     param_dtype: str = "fp32"  # shard: dtype the gathered teacher computes in (fp32 | bf16)
-    cache_dir: Optional[str] = None  # cache: folder written by `python -m trainer.cache` (same overrides)
+    cache_dir: str | None = None  # cache: folder written by `python -m trainer.cache` (same overrides)
     cache_dtype: str = "fp32"  # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16)
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
     recipe: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        _one_of(self.placement, TEACHER_PLACEMENTS, "placement")
+        _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
+        _one_of(self.cache_dtype, ("fp32", "bf16", "fp16"), "cache_dtype")
+        _one_of(self.vocab, TEACHER_VOCAB, "vocab")
+        _check(
+            self.param_dtype == "fp32" or self.placement == "shard",
+            "param_dtype",
+            f"applies to teacher.placement=shard only (placement is {self.placement})",
+        )
 
 
 @dataclass
 class DataConfig:
     name: str = "shakespeare"  # shakespeare | digits | synthetic
-    path: Optional[str] = None  # text corpus (default: the packaged Tiny Shakespeare)
+    path: str | None = None  # text corpus (default: the packaged Tiny Shakespeare)
     val_fraction: float = 0.1
     eval_batches: int = 20
     synthetic_vocab: int = 32
     synthetic_tokens: int = 20000
+
+    def check(self) -> None:
+        _one_of(self.name, tuple(DATA_TASKS), "name")
+        _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
+        _check(self.eval_batches >= 1, "eval_batches", "must be >= 1")
+        _check(self.synthetic_vocab >= 2, "synthetic_vocab", f"must be >= 2 (got {self.synthetic_vocab})")
 
 
 @dataclass
@@ -61,16 +91,29 @@ class FeatureConfig:
     loss: str = "mse"  # mse | cosine
     weight: float = 1.0
 
+    def check(self) -> None:
+        _one_of(self.loss, ("mse", "cosine"), "loss")
+        _check(self.weight >= 0, "weight", "must be >= 0")
+
 
 @dataclass
 class DistillConfig:
-    loss: str = "none"  # none | forward_kl | reverse_kl | jsd
+    loss: str = "none"  # none | one of trainer.distill.losses.KINDS (forward_kl | reverse_kl | jsd)
     alpha: float = 0.0
     temperature: float = 1.0
     beta: float = 0.5
-    top_k: Optional[int] = None
-    chunk_size: Optional[int] = None
+    top_k: int | None = None
+    chunk_size: int | None = None
     features: list[FeatureConfig] = field(default_factory=list)
+
+    def check(self) -> None:  # the loss kinds are distill.losses' (checked in the preflight)
+        _check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1] (got {self.alpha})")
+        _check(0 <= self.beta <= 1, "beta", f"must be in [0, 1] (got {self.beta})")
+        if self.top_k is not None:
+            _check(self.top_k >= 1, "top_k", "must be >= 1")
+        if self.chunk_size is not None:
+            _check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
 
 
 @dataclass
@@ -90,7 +133,7 @@ class ModifierConfig:
     weight_bits: int = 8  # 8 | 4
     group_size: int = 32
     act_bits: int = 0  # 8 (dynamic per token) | 0 (none)
-    freeze_step: Optional[int] = None
+    freeze_step: int | None = None
 
 
 @dataclass
@@ -113,14 +156,45 @@ class ParallelConfig:
     stages_per_rank: int = 1  # interleaved_1f1b: stages each rank holds (stage s runs on pipeline rank s % pp)
     teacher_ranks: int = 0  # teacher.placement=remote: the last K ranks of the world serve the teacher
 
+    def check(self) -> None:
+        _one_of(self.strategy, STRATEGIES, "strategy")
+        _one_of(self.backend, ("auto", "gloo", "nccl"), "backend")
+        _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
+        _one_of(self.pp_schedule, PP_SCHEDULES, "pp_schedule")
+        if self.strategy == "ddp":
+            _check(self.dp_shard == 1, "dp_shard", f"must be 1 with parallel.strategy=ddp (got {self.dp_shard})")
+        if self.strategy == "fsdp":
+            _check(
+                self.dp_replicate == 1,
+                "dp_replicate",
+                f"must be 1 with parallel.strategy=fsdp (got {self.dp_replicate}; use parallel=hsdp)",
+            )
+        if self.strategy in ("single", "ddp"):
+            for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
+                _check(
+                    getattr(self, key) == default,
+                    key,
+                    f"applies to parallel.strategy=fsdp or hsdp only (strategy is {self.strategy})",
+                )
+        if self.strategy != "pipeline":
+            for key in ("pp", "microbatches", "stages_per_rank"):
+                _check(
+                    getattr(self, key) == 1,
+                    key,
+                    f"applies to parallel.strategy=pipeline only (strategy is {self.strategy})",
+                )
+
 
 @dataclass
 class WandbConfig:
     mode: str = "online"  # online | offline | disabled
     project: str = "stillroom"
-    entity: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None
     tags: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        _one_of(self.mode, ("online", "offline", "disabled"), "mode")
 
 
 @dataclass
@@ -128,6 +202,9 @@ class LoggerConfig:
     progress: bool = True
     log_every: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self) -> None:
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
 
 
 @dataclass
@@ -151,13 +228,36 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
     precision: str = "fp32"  # fp32 | bf16
-    stop_at_step: Optional[int] = None  # end this invocation early (checkpointed), resumable
+    stop_at_step: int | None = None  # end this invocation early (checkpointed), resumable
+
+    def check(self) -> None:
+        _check(self.max_steps >= 1, "max_steps", f"must be >= 1 (got {self.max_steps})")
+        _check(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, train.lr] (got {self.min_lr})")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        for key in ("beta1", "beta2"):
+            _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1) (got {getattr(self, key)})")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, 0 = off (got {self.grad_clip})")
+        _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1 (got {self.grad_accum})")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            "batch_size",
+            f"{self.batch_size} is not divisible by train.grad_accum={self.grad_accum}",
+        )
+        _one_of(self.accum_order, ("sequential", "pairwise"), "accum_order")
+        for key in ("eval_every", "ckpt_every", "keep_last"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        _one_of(self.precision, ("fp32", "bf16"), "precision")
+        if self.stop_at_step is not None:
+            _check(1 <= self.stop_at_step <= self.max_steps, "stop_at_step", "must be in [1, train.max_steps]")
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: dict[str, Any] = field(default_factory=lambda: dict(TINY_GPT))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -169,88 +269,34 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    """The schema Hydra composes into; the ``student`` group fills the student node whole."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig(student={}))
 
 
-KD_LOSSES = ("none", "forward_kl", "reverse_kl", "jsd")
-TASK_ARCH = {"shakespeare": "gpt", "synthetic": "gpt", "digits": "mlp"}
+def check_nodes(node: Any, prefix: str = "") -> None:
+    """Run every node's own ``check`` (depth first, in field order); a ConfigError names the full key."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            check_nodes(item, f"{prefix}{i}.")
+        return
+    if not dataclasses.is_dataclass(node):
+        return
+    if hasattr(node, "check"):
+        try:
+            node.check()
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}{e.key}", e.message) from None
+    for f in dataclasses.fields(node):
+        check_nodes(getattr(node, f.name), f"{prefix}{f.name}.")
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
+def needs_teacher(cfg: RunConfig) -> bool:
+    return cfg.distill.loss != "none" or bool(cfg.distill.features)
 
 
-def _one_of(value, allowed, key: str) -> None:
-    _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Semantic checks that need no model and no process group. Raises ConfigError."""
-    t, d, s = cfg.train, cfg.distill, cfg.student
-    _check(t.max_steps >= 1, "train.max_steps", f"must be >= 1 (got {t.max_steps})")
-    _check(t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
-    _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr] (got {t.min_lr})")
-    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0 (got {t.warmup_steps})")
-    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, 0 = off (got {t.grad_clip})")
-    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1 (got {t.grad_accum})")
-    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1 (got {t.batch_size})")
-    _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
-           f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    _one_of(t.accum_order, ("sequential", "pairwise"), "train.accum_order")
-    for key in ("eval_every", "ckpt_every", "keep_last"):
-        _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1 (got {getattr(t, key)})")
-    _one_of(t.precision, ("fp32", "bf16"), "train.precision")
-    if t.resume not in ("auto", "never"):
-        from trainer import checkpoint
-
-        path = Path(t.resume)
-        _check(checkpoint.is_complete(path), "train.resume",
-               f"must be auto, never or a complete checkpoint folder ({t.resume} is not one)")
-    if t.stop_at_step is not None:
-        _check(1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step", "must be in [1, train.max_steps]")
-
-    _one_of(cfg.data.name, tuple(TASK_ARCH), "data.name")
-    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
-    _check(cfg.data.eval_batches >= 1, "data.eval_batches", "must be >= 1")
-    if cfg.data.path is not None:
-        _check(Path(cfg.data.path).is_file(), "data.path", f"{cfg.data.path} does not exist")
-    _one_of(s.arch, ("gpt", "mlp"), "student.arch")
-    _check(s.arch == TASK_ARCH[cfg.data.name], "student.arch",
-           f"data={cfg.data.name} needs a {TASK_ARCH[cfg.data.name]} student (got {s.arch})")
-    if s.arch == "gpt":
-        for key in ("n_layer", "n_head", "n_embd", "block_size"):
-            _check(getattr(s, key) >= 1, f"student.{key}", "must be >= 1")
-        _check(s.n_embd % s.n_head == 0, "student.n_embd", f"{s.n_embd} is not divisible by student.n_head={s.n_head}")
-    _check(0 <= s.dropout < 1, "student.dropout", "must be in [0, 1)")
-
-    _one_of(d.loss, KD_LOSSES, "distill.loss")
-    _check(d.temperature > 0, "distill.temperature", f"must be > 0 (got {d.temperature})")
-    _check(0 <= d.alpha <= 1, "distill.alpha", f"must be in [0, 1] (got {d.alpha})")
-    _check(0 <= d.beta <= 1, "distill.beta", f"must be in [0, 1] (got {d.beta})")
-    if d.top_k is not None:
-        _check(d.top_k >= 1, "distill.top_k", "must be >= 1")
-    if d.chunk_size is not None:
-        _check(d.chunk_size >= 1, "distill.chunk_size", "must be >= 1")
-    for i, f in enumerate(d.features):
-        _one_of(f.loss, ("mse", "cosine"), f"distill.features.{i}.loss")
-        _check(f.weight >= 0, f"distill.features.{i}.weight", "must be >= 0")
-    _one_of(cfg.logger.wandb.mode, ("online", "offline", "disabled"), "logger.wandb.mode")
-    _check(cfg.logger.log_every >= 1, "logger.log_every", "must be >= 1")
-    _validate_parallel(cfg)
-    _validate_teacher(cfg)
-    _validate_compress(cfg)
-
-
-STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "pipeline")
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def world_size_from_env() -> int:
-    """The number of ranks the launcher started (torchrun's WORLD_SIZE), 1 without a launcher."""
-    from parallel.env import detect
-
-    return detect().world_size
+def sequence_length(cfg: RunConfig) -> int:
+    """Tokens per training window: the student's ``block_size`` (1 for a model without one)."""
+    return int(cfg.student.get("block_size", 1))
 
 
 def parallel_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -262,193 +308,3 @@ def parallel_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
         return ParallelDims(cfg.dp_replicate, cfg.dp_shard, world_size - cfg.teacher_ranks, pp=cfg.pp)
     except ParallelDimsError as e:
         raise ConfigError(f"parallel.{e.field}", e.message) from None
-
-
-def _validate_parallel(cfg: RunConfig) -> None:
-    p, t = cfg.parallel, cfg.train
-    _one_of(p.strategy, STRATEGIES, "parallel.strategy")
-    _one_of(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
-    _one_of(p.param_dtype, ("fp32", "bf16"), "parallel.param_dtype")
-    _one_of(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
-    world = world_size_from_env()
-    _validate_teacher_ranks(cfg, world)
-    student_ranks = world - p.teacher_ranks
-    if p.backend == "nccl":
-        import torch
-
-        _check(torch.cuda.is_available(), "parallel.backend", "nccl needs a CUDA GPU and none is available "
-               "(use parallel.backend=gloo or auto)")
-    if p.strategy == "single":
-        _check(student_ranks == 1, "parallel.strategy", f"single runs one process but the student has {student_ranks} ranks "
-               "(use parallel=ddp, fsdp or hsdp)")
-    if p.strategy == "ddp":
-        _check(p.dp_shard == 1, "parallel.dp_shard", f"must be 1 with parallel.strategy=ddp (got {p.dp_shard})")
-    if p.strategy == "fsdp":
-        _check(p.dp_replicate == 1, "parallel.dp_replicate",
-               f"must be 1 with parallel.strategy=fsdp (got {p.dp_replicate}; use parallel=hsdp)")
-    if p.strategy in ("single", "ddp"):
-        for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
-            _check(getattr(p, key) == default, f"parallel.{key}",
-                   f"applies to parallel.strategy=fsdp or hsdp only (strategy is {p.strategy})")
-    if p.strategy != "pipeline":
-        for key in ("pp", "microbatches", "stages_per_rank"):
-            _check(getattr(p, key) == 1, f"parallel.{key}",
-                   f"applies to parallel.strategy=pipeline only (strategy is {p.strategy})")
-    dims = parallel_dims(p, world)
-    for i, mod in enumerate(cfg.compress.modifiers):
-        _check(not (dims.fsdp_enabled and mod.kind == "channel"), f"compress.modifiers.{i}.kind",
-               "channel pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)")
-    if dims.pp_enabled:
-        _validate_pipeline(cfg, dims)
-        return
-    _check(t.accum_order == "sequential" or student_ranks == 1, "train.accum_order",
-           f"pairwise applies to one process (on {student_ranks} ranks gradients are synced inside the last backward)")
-    _check(t.batch_size % (dims.dp_size * t.grad_accum) == 0, "train.batch_size",
-           f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}")
-
-
-def _validate_teacher_ranks(cfg: RunConfig, world: int) -> None:
-    """``parallel.teacher_ranks`` goes with ``teacher.placement=remote``, and leaves the student a rank."""
-    k = cfg.parallel.teacher_ranks
-    if cfg.teacher.placement != "remote" or not needs_teacher(cfg):
-        _check(k == 0, "parallel.teacher_ranks", f"applies to teacher.placement=remote only (got {k}; placement is "
-               f"{cfg.teacher.placement})")
-        return
-    _check(k >= 1, "parallel.teacher_ranks", f"teacher.placement=remote needs at least one teacher rank (got {k})")
-    _check(k < world, "parallel.teacher_ranks", f"{k} teacher ranks leave no student rank in a world of {world} "
-           f"(launch more processes, e.g. torchrun --nproc_per_node={k + 1})")
-    _check(not cfg.distill.features, "distill.features",
-           "feature distillation is not supported with teacher.placement=remote (only logits are sent back)")
-    _check(cfg.student.arch == "gpt", "teacher.placement",
-           f"remote sends token batches to the teacher ranks: it needs a gpt student (student.arch is {cfg.student.arch})")
-
-
-def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
-    """What pipeline parallelism (``dims.pp`` > 1) needs, and the combinations it does not support."""
-    p, t, s = cfg.parallel, cfg.train, cfg.student
-    if not dims.fsdp_enabled:
-        for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
-            _check(getattr(p, key) == default, f"parallel.{key}",
-                   "applies to FSDP2 inside the stages only (set parallel.dp_shard > 1)")
-    _check(s.arch == "gpt", "parallel.pp", f"pipeline parallelism splits a gpt student at block boundaries "
-           f"(student.arch is {s.arch})")
-    _check(p.stages_per_rank >= 1, "parallel.stages_per_rank", f"must be >= 1 (got {p.stages_per_rank})")
-    stages = dims.pp * p.stages_per_rank
-    _check(stages <= s.n_layer, "parallel.pp", f"{stages} pipeline stages for {s.n_layer} blocks "
-           "(student.n_layer): every stage needs at least one block")
-    _check(p.microbatches >= 1, "parallel.microbatches", f"must be >= 1 (got {p.microbatches})")
-    if p.pp_schedule == "interleaved_1f1b":
-        _check(p.stages_per_rank >= 2, "parallel.stages_per_rank",
-               f"must be >= 2 with parallel.pp_schedule=interleaved_1f1b (got {p.stages_per_rank})")
-        _check(p.microbatches % dims.pp == 0, "parallel.microbatches",
-               f"{p.microbatches} is not a multiple of parallel.pp={dims.pp} (interleaved_1f1b)")
-    else:
-        _check(p.stages_per_rank == 1, "parallel.stages_per_rank",
-               f"must be 1 with parallel.pp_schedule={p.pp_schedule} (got {p.stages_per_rank}; use interleaved_1f1b)")
-    if p.pp_schedule == "1f1b":
-        _check(p.microbatches >= dims.pp, "parallel.microbatches",
-               f"1f1b needs at least as many micro-batches as stages: {p.microbatches} < parallel.pp={dims.pp}")
-    _check(t.grad_accum == 1, "train.grad_accum",
-           f"must be 1 with pipeline parallelism: set parallel.microbatches instead (got {t.grad_accum})")
-    _check(t.batch_size % (dims.dp_size * p.microbatches) == 0, "train.batch_size",
-           f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x "
-           f"parallel.microbatches={p.microbatches}")
-    _check(not cfg.distill.features, "distill.features",
-           f"feature distillation is not supported with pipeline parallelism (parallel.pp={dims.pp}): "
-           "the student's hidden states live on different stages")
-    _check(cfg.teacher.placement == "replicate", "teacher.placement",
-           f"must be replicate with pipeline parallelism: the teacher runs whole on the last stage "
-           f"(got {cfg.teacher.placement})")
-    for i, mod in enumerate(cfg.compress.modifiers):
-        _check(not (mod.kind == "magnitude" and mod.scope == "global"), f"compress.modifiers.{i}.scope",
-               "global magnitude pruning ranks weights across stages: not supported with pipeline "
-               "parallelism (use scope=layer)")
-
-
-def needs_teacher(cfg: RunConfig) -> bool:
-    return cfg.distill.loss != "none" or bool(cfg.distill.features)
-
-
-TEACHER_PLACEMENTS = ("replicate", "shard", "cache", "remote")
-TEACHER_VOCAB = ("strict", "slice")
-
-
-def _validate_teacher(cfg: RunConfig) -> None:
-    from trainer import data
-    from trainer.distill import teacher
-
-    tc = cfg.teacher
-    _one_of(tc.placement, TEACHER_PLACEMENTS, "teacher.placement")
-    _one_of(tc.param_dtype, ("fp32", "bf16"), "teacher.param_dtype")
-    _one_of(tc.cache_dtype, ("fp32", "bf16", "fp16"), "teacher.cache_dtype")
-    _one_of(tc.vocab, TEACHER_VOCAB, "teacher.vocab")
-    _check(tc.vocab == "strict" or cfg.student.arch == "gpt", "teacher.vocab",
-           f"slice cuts a language model's vocabulary: not for a {cfg.student.arch} student")
-    _check(tc.param_dtype == "fp32" or tc.placement == "shard", "teacher.param_dtype",
-           f"applies to teacher.placement=shard only (placement is {tc.placement})")
-    if not needs_teacher(cfg):
-        _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
-        return
-    _check(cfg.teacher.checkpoint is not None, "teacher.checkpoint",
-           f"distill.loss={cfg.distill.loss} needs a teacher (set teacher.checkpoint=PATH)")
-    path = Path(cfg.teacher.checkpoint)
-    if not path.exists() and cfg.teacher.recipe:
-        return  # trained by the recipe before the run starts, then checked again
-    try:
-        spec = teacher.spec(path)
-    except teacher.TeacherPathError as e:
-        raise ConfigError("teacher.checkpoint", str(e)) from None
-    t_cfg = spec["config"]
-    t_vocab = t_cfg.get("vocab_size", t_cfg.get("n_classes"))
-    s_vocab = data.vocab_size(cfg.data)
-    _check(spec["arch"] == cfg.student.arch, "teacher.checkpoint",
-           f"{path} holds a {spec['arch']} model but the student is a {cfg.student.arch}")
-    if tc.vocab == "slice":
-        _check(t_vocab >= s_vocab, "teacher.vocab",
-               f"slice cuts a larger teacher vocabulary, but the teacher's {t_vocab} is smaller than the student's "
-               f"{s_vocab} (data={cfg.data.name})")
-    else:
-        hint = f"; teacher.vocab=slice uses its first {s_vocab} logits" if t_vocab > s_vocab else ""
-        _check(t_vocab == s_vocab, "teacher.checkpoint",
-               f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name}){hint}")
-    t_context = t_cfg.get("block_size")
-    if cfg.student.arch == "gpt" and t_context is not None:
-        _check(cfg.student.block_size <= t_context, "student.block_size",
-               f"{cfg.student.block_size} is longer than the teacher's context of {t_context} tokens")
-    t_layers = t_cfg.get("n_layer", len(t_cfg.get("hidden", [])))
-    s_layers = cfg.student.n_layer if cfg.student.arch == "gpt" else len(cfg.student.hidden)
-    for i, f in enumerate(cfg.distill.features):
-        _check(0 <= f.student_layer <= s_layers, f"distill.features.{i}.student_layer", f"must be in [0, {s_layers}]")
-        _check(0 <= f.teacher_layer <= t_layers, f"distill.features.{i}.teacher_layer", f"must be in [0, {t_layers}]")
-    if tc.placement == "shard":
-        dp = parallel_dims(cfg.parallel, world_size_from_env()).dp_size
-        _check(dp > 1, "teacher.placement", "shard needs more than one data-parallel rank "
-               "(launch with torchrun and parallel=ddp, fsdp or hsdp; or use teacher.placement=replicate)")
-    if tc.placement == "cache":
-        _validate_cache(cfg)
-
-
-def _validate_cache(cfg: RunConfig) -> None:
-    """A cached teacher: logits only, and a complete cache written for this teacher, data and batch layout."""
-    from trainer.distill import cache
-
-    _check(not cfg.distill.features, "distill.features",
-           "feature distillation needs the teacher's hidden states: not available with teacher.placement=cache")
-    _check(cfg.teacher.cache_dir is not None, "teacher.cache_dir",
-           "teacher.placement=cache needs teacher.cache_dir=PATH (written by python -m trainer.cache)")
-    try:
-        cache.check(cfg)
-    except cache.CacheError as e:
-        raise ConfigError("teacher.cache_dir", str(e)) from None
-
-
-def _validate_compress(cfg: RunConfig) -> None:
-    if not cfg.compress.modifiers:
-        return
-    from trainer.compress import validate_modifiers
-
-    try:
-        validate_modifiers(cfg.compress.modifiers, cfg.student.arch)
-    except ValueError as e:
-        key, _, message = str(e).partition(": ")
-        raise ConfigError(key, message) from None

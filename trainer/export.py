@@ -3,7 +3,7 @@
 SOURCE is a run folder, a checkpoint folder or an export. The model (trained without QAT) gets
 its Linear layers quantized — ``int8_dynamic`` (int8 weights per channel, int8 activations per
 token), ``int8_weight`` (weights only) or ``int4_weight`` (int4 per group of 32) — and is written
-as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.models.load``.
+as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.exports.load``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,18 @@ from pathlib import Path
 from trainer import models
 from trainer.compress.export import export_compressed, quantize_dense
 from trainer.distill import teacher as source_io
+from trainer.models.protocol import family_of
 from trainer.report import folder_bytes
 
-SCHEMES = {"int8_dynamic": dict(weight_bits=8, act_bits=8), "int8_weight": dict(weight_bits=8, act_bits=0),
-           "int4_weight": dict(weight_bits=4, act_bits=0, group_size=32)}
-USAGE = f"usage: python -m trainer.export SOURCE quantize={{{'|'.join(SCHEMES)}}} [out=DIR] [targets=blocks.*,...]"
+SCHEMES = {
+    "int8_dynamic": dict(weight_bits=8, act_bits=8),
+    "int8_weight": dict(weight_bits=8, act_bits=0),
+    "int4_weight": dict(weight_bits=4, act_bits=0, group_size=32),
+}
+USAGE = (
+    f"usage: python -m trainer.export SOURCE quantize={{{'|'.join(SCHEMES)}}} [out=DIR] "
+    "[targets=PATTERN,...] (default: the Linear layers of the decoder layers)"
+)
 
 
 def parse(argv: list[str]) -> tuple[Path, dict[str, str]]:
@@ -44,9 +51,15 @@ def main(argv: list[str]) -> int:
         return 2
     model = source_io.load(folder)
     scheme = options["quantize"]
-    targets = options["targets"].split(",") if "targets" in options else ["blocks.*"]
+    targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_attr}.*"]
     run_dir = folder.parent if kind == "export" else folder.parent.parent
     out = Path(options.get("out", run_dir / f"final_{scheme}"))
+    if out.exists():
+        print(
+            f"error: out: {out} already exists (an export is never written over another; choose another out=DIR)",
+            file=sys.stderr,
+        )
+        return 2
     dense_dir = out.with_name(out.name + ".dense-reference")
     models.save_dense(model, dense_dir)
     dense = folder_bytes(dense_dir)

@@ -134,11 +134,9 @@ class RunLogger:
             _truncate_after(metrics, start_step)
         self._file = metrics.open("a", encoding="utf-8")
         if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr,
-                             unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, unit="step", dynamic_ncols=True)
         if wandb_mode != "disabled":
-            self._run = self._init_wandb(wandb_mode, dict(config), wandb_project, wandb_entity,
-                                         wandb_name, wandb_tags)
+            self._run = self._init_wandb(wandb_mode, dict(config), wandb_project, wandb_entity, wandb_name, wandb_tags)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append {"step": step, **metrics} to metrics.jsonl and log the metrics to W&B at `step`."""
@@ -194,6 +192,7 @@ class RunLogger:
             self._file = None
 
     def _write(self, record: dict) -> None:
+        assert self._file is not None  # callers return first when there is no metrics file (not rank 0)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -203,16 +202,17 @@ class RunLogger:
             return
         try:
             call(self._run)
-        except Exception as e:  # noqa: BLE001 - W&B is best effort
+        except Exception as e:  # W&B is best effort
             self._run = None
             self.warn(f"W&B {what} failed ({type(e).__name__}: {e}); W&B is off for the rest of this run")
 
-    def _init_wandb(self, mode: str, config: dict, project: str, entity: str | None,
-                    name: str | None, tags: list[str] | None) -> Any:
+    def _init_wandb(
+        self, mode: str, config: dict, project: str, entity: str | None, name: str | None, tags: list[str] | None
+    ) -> Any:
         """The W&B run; online mode logs offline (one warning) when it has no key or cannot reach W&B."""
         try:
             import wandb
-        except Exception as e:  # noqa: BLE001 - a broken install only turns W&B off
+        except Exception as e:  # a broken install only turns W&B off
             self.warn(f"W&B unavailable ({type(e).__name__}: {e}); continuing without W&B")
             return None
         offline = f"logging offline under {self.run_dir / 'wandb'}; upload later with `wandb sync`"
@@ -222,14 +222,24 @@ class RunLogger:
         elif mode == "online" and (problem := _unreachable(_wandb_base_url(), WANDB_PROBE_TIMEOUT_S)):
             mode = "offline"
             self.warn(f"W&B server {_wandb_base_url()} unreachable ({problem}): {offline}")
-        settings = wandb.Settings(console="off", silent=True, init_timeout=WANDB_INIT_TIMEOUT_S,
-                                  finish_timeout=WANDB_FINISH_TIMEOUT_S)
+        settings = wandb.Settings(
+            console="off", silent=True, init_timeout=WANDB_INIT_TIMEOUT_S, finish_timeout=WANDB_FINISH_TIMEOUT_S
+        )
         for attempt in ("online", "offline") if mode == "online" else (mode,):
             try:
-                return wandb.init(dir=self.run_dir, id=self._wandb_id(), resume="allow", mode=attempt,
-                                  project=project, entity=entity, name=name, tags=tags, config=config,
-                                  settings=settings)
-            except Exception as e:  # noqa: BLE001 - any W&B failure: offline, or on without W&B
+                return wandb.init(
+                    dir=self.run_dir,
+                    id=self._wandb_id(),
+                    resume="allow",
+                    mode=attempt,
+                    project=project,
+                    entity=entity,
+                    name=name,
+                    tags=tags,
+                    config=config,
+                    settings=settings,
+                )
+            except Exception as e:  # any W&B failure: offline, or on without W&B
                 reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
                 if attempt == "online":
                     self.warn(f"W&B online init failed ({reason}): {offline}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -15,13 +15,17 @@ def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, masks: Iterable[torch.Tensor] = ()) -> dict[str, int]:
+def state_bytes(
+    parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer, masks: Iterable[torch.Tensor] = ()
+) -> dict[str, int]:
     """Parameter, gradient, optimizer-state and mask bytes on this rank."""
     optimizer_tensors = (v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    return {"params": held_bytes(parameters),
-            "grads": held_bytes(p.grad for p in parameters if p.grad is not None),
-            "optimizer": held_bytes(optimizer_tensors),
-            "masks": held_bytes(masks)}
+    return {
+        "params": held_bytes(parameters),
+        "grads": held_bytes(p.grad for p in parameters if p.grad is not None),
+        "optimizer": held_bytes(optimizer_tensors),
+        "masks": held_bytes(masks),
+    }
 
 
 def peak_memory_bytes(device: torch.device) -> int:

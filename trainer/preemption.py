@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,8 @@ class StopRequests:
     def __init__(self, device: torch.device):
         self.device = device
         self.received: str | None = None  # the first stop signal's name, on this rank
-        self.previous: dict[int, object] = {}
+        # what signal.signal returned: a handler, SIG_DFL / SIG_IGN, or None (not installed from Python)
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
 
     def install(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer import models
+from trainer import exports, models
 from trainer.config import RunConfig
+from trainer.models.protocol import family_of
 
 LATENCY_REPEATS = 20
 
@@ -40,7 +41,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
 def dense_export_bytes(model: nn.Module) -> int:
     """Bytes on disk of the model written as a dense fp32 export (measured by writing it); for a model Stillroom
     does not export (a Hugging Face or vocabulary-sliced teacher), its fp32 parameter bytes."""
-    if not isinstance(model, tuple(cls for cls, _ in models.ARCHES.values())):
+    if family_of(model).config_class is None:
         return 4 * sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         return folder_bytes(models.save_dense(model, tmp))
@@ -60,41 +61,71 @@ def cpu_latency_ms(model: nn.Module, example: torch.Tensor) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def write(run_dir: Path, *, cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, final_dir: Path,
-          student_eval: dict, export_eval: dict, teacher_eval: dict | None, train_seconds: float, steps: int,
-          example: torch.Tensor, layer_table: tuple[list[str], list[list]] | None) -> dict:
+def write(
+    run_dir: Path,
+    *,
+    cfg: RunConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    final_dir: Path,
+    student_eval: dict,
+    export_eval: dict,
+    teacher_eval: dict | None,
+    train_seconds: float,
+    steps: int,
+    example: torch.Tensor,
+    layer_table: tuple[list[str], list[list]] | None,
+) -> dict:
     """Measure the models, write ``report.md`` and ``report.json``, return the summary figures."""
-    exported = models.load(final_dir)
+    exported = exports.load(final_dir)
     dense_student = dense_copy(student)
-    rows = [("student (fp32 dense)", dense_student, student_eval, dense_export_bytes(dense_student)),
-            ("student (export)", exported, export_eval, folder_bytes(final_dir))]
+    rows = [
+        ("student (fp32 dense)", dense_student, student_eval, dense_export_bytes(dense_student)),
+        ("student (export)", exported, export_eval, folder_bytes(final_dir)),
+    ]
     if teacher is not None:
         rows.append(("teacher", teacher, teacher_eval or {}, dense_export_bytes(teacher)))
     table = []
     for name, model, evals, size in rows:
         cpu_model = model.to("cpu")
-        table.append({"model": name, "params": parameter_count(cpu_model), "bytes": size,
-                      "val_loss": evals.get("eval/val_loss", float("nan")),
-                      "accuracy": evals.get("eval/accuracy"),
-                      "latency_ms": cpu_latency_ms(cpu_model, example.cpu())})
-    summary = {"steps": steps, "train_seconds": round(train_seconds, 1), "models": table,
-               "export_ratio": table[0]["bytes"] / table[1]["bytes"]}
-    lines = [f"# Run report: {cfg.name}", "",
-             f"- steps: {steps}", f"- training time: {train_seconds:.1f} s",
-             f"- data: {cfg.data.name}; student: {cfg.student.arch}; distill: {cfg.distill.loss}"
-             f" (alpha={cfg.distill.alpha}, T={cfg.distill.temperature})",
-             f"- latency: median of {LATENCY_REPEATS} CPU forward passes on a fixed batch of shape {tuple(example.shape)}",
-             f"- export: {summary['export_ratio']:.2f}x smaller on disk than the fp32 dense student; the fp32 row's"
-             " val loss is the trained model's (with its masks and fake-quant, if any)",
-             "", "| model | params | bytes on disk | val loss | accuracy | CPU latency (ms) |",
-             "|---|---:|---:|---:|---:|---:|"]
+        table.append(
+            {
+                "model": name,
+                "params": parameter_count(cpu_model),
+                "bytes": size,
+                "val_loss": evals.get("eval/val_loss", float("nan")),
+                "accuracy": evals.get("eval/accuracy"),
+                "latency_ms": cpu_latency_ms(cpu_model, example.cpu()),
+            }
+        )
+    summary = {
+        "steps": steps,
+        "train_seconds": round(train_seconds, 1),
+        "models": table,
+        "export_ratio": table[0]["bytes"] / table[1]["bytes"],
+    }
+    lines = [
+        f"# Run report: {cfg.name}",
+        "",
+        f"- steps: {steps}",
+        f"- training time: {train_seconds:.1f} s",
+        f"- data: {cfg.data.name}; student: {cfg.student['arch']}; distill: {cfg.distill.loss}"
+        f" (alpha={cfg.distill.alpha}, T={cfg.distill.temperature})",
+        f"- latency: median of {LATENCY_REPEATS} CPU forward passes on a fixed batch of shape {tuple(example.shape)}",
+        f"- export: {summary['export_ratio']:.2f}x smaller on disk than the fp32 dense student; the fp32 row's"
+        " val loss is the trained model's (with its masks and fake-quant, if any)",
+        "",
+        "| model | params | bytes on disk | val loss | accuracy | CPU latency (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in table:
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['bytes']:,} | {r['val_loss']:.4f} | {acc} | {r['latency_ms']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['bytes']:,} | {r['val_loss']:.4f} | {acc} | {r['latency_ms']:.2f} |"
+        )
     if layer_table is not None:
         columns, layer_rows = layer_table
-        lines += ["", "## Compression by layer", "", "| " + " | ".join(columns) + " |",
-                  "|" + "---|" * len(columns)]
+        lines += ["", "## Compression by layer", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in layer_rows]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
@@ -104,8 +135,16 @@ def write(run_dir: Path, *, cfg: RunConfig, student: nn.Module, teacher: nn.Modu
 def closing_table(summary: dict) -> str:
     """The table printed when a run ends."""
     header = f"{'model':<26}{'params':>10}{'bytes':>12}{'val loss':>10}{'latency ms':>12}"
-    rows = [f"{r['model']:<26}{r['params']:>10,}{r['bytes']:>12,}{r['val_loss']:>10.4f}{r['latency_ms']:>12.2f}"
-            for r in summary["models"]]
-    return "\n".join([header, "-" * len(header), *rows,
-                      f"steps {summary['steps']}, training {summary['train_seconds']} s, "
-                      f"export {summary['export_ratio']:.2f}x smaller than fp32 dense"])
+    rows = [
+        f"{r['model']:<26}{r['params']:>10,}{r['bytes']:>12,}{r['val_loss']:>10.4f}{r['latency_ms']:>12.2f}"
+        for r in summary["models"]
+    ]
+    return "\n".join(
+        [
+            header,
+            "-" * len(header),
+            *rows,
+            f"steps {summary['steps']}, training {summary['train_seconds']} s, "
+            f"export {summary['export_ratio']:.2f}x smaller than fp32 dense",
+        ]
+    )

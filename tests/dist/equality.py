@@ -33,12 +33,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
-from parallel.teacher import TeacherOutput
 from tests.conftest import read_metrics
-from trainer import checkpoint, data, models
+from trainer import checkpoint, data, exports, models
 from trainer.compress import qat
 from trainer.config import DataConfig, DistillConfig
-from trainer.loop import logit_losses
+from trainer.distill.losses import logit_losses
+from trainer.distill.placement import TeacherOutput
 
 REASSOCIATION = 1e-5
 MAX_FLIP_FRACTION = 1e-3
@@ -57,8 +57,11 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     student's own parameter names."""
     path = checkpoint.latest(run / "ckpt")
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
-             for key, meta in metadata.items() if key.startswith("model.student.")}
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith("model.student.")
+    }
     with checkpoint._single_process_is_fine():
         dcp.load(state, checkpoint_id=str(path))
     return {key.removeprefix("model.student."): tensor for key, tensor in state.items()}
@@ -66,9 +69,12 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def export_weights(run: Path) -> dict[str, torch.Tensor]:
     """Every weight of the shipped student (``final/``) as its forward uses it (int8 codes times scales)."""
-    model = models.load(run / "final")
-    return {f"{name}.weight": module.weight.detach().float() for name, module in model.named_modules()
-            if isinstance(getattr(module, "weight", None), torch.Tensor)}
+    model = exports.load(run / "final")
+    return {
+        f"{name}.weight": module.weight.detach().float()
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
 
 
 def count_flips(run: Path, reference: Path) -> int:
@@ -108,7 +114,7 @@ def one_flip_change(reference: Path, teacher: Path) -> dict[str, float]:
     tokens = data.build(DataConfig(**cfg["data"]), cfg["student"]["block_size"])
     x, y = next(tokens.val_batches(cfg["train"]["batch_size"]))
     with torch.no_grad():
-        teacher_logits = models.load(teacher)(x)
+        teacher_logits = exports.load(teacher)(x)
     distill = DistillConfig(**{k: v for k, v in cfg["distill"].items() if k != "features"})
     terms = logit_losses(student(x), y, TeacherOutput(logits=teacher_logits), distill)
     change = {}

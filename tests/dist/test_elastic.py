@@ -18,10 +18,26 @@ from trainer import checkpoint
 
 pytestmark = pytest.mark.dist
 STEPS = 200
-RUN = [*FAST, "parallel=ddp", f"train.max_steps={STEPS}", "train.ckpt_every=20", "logger.log_every=5",
-       "train.eval_every=100", "hydra.run.dir=run"]  # restarted workers must find the same run dir
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-            "-m", "trainer", *RUN]
+RUN = [
+    *FAST,
+    "parallel=ddp",
+    f"train.max_steps={STEPS}",
+    "train.ckpt_every=20",
+    "logger.log_every=5",
+    "train.eval_every=100",
+    "hydra.run.dir=run",
+]  # restarted workers must find the same run dir
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "--max-restarts=1",
+    "-m",
+    "trainer",
+    *RUN,
+]
 
 
 def env(root: Path) -> dict:
@@ -56,15 +72,23 @@ def wait_for_checkpoint(torchrun: subprocess.Popen, ckpt_root: Path, timeout: fl
 
 def test_worker_killed_mid_run_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
     (tmp_path / "reference").mkdir()
-    reference = subprocess.run(TORCHRUN, cwd=tmp_path / "reference", env=env(tmp_path), capture_output=True,
-                               text=True, timeout=300, check=False)
+    reference = subprocess.run(
+        TORCHRUN,
+        cwd=tmp_path / "reference",
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     (tmp_path / "killed").mkdir()
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        torchrun = subprocess.Popen(TORCHRUN, cwd=tmp_path / "killed", env=env(tmp_path), stdout=out,
-                                    stderr=subprocess.STDOUT)
+        torchrun = subprocess.Popen(
+            TORCHRUN, cwd=tmp_path / "killed", env=env(tmp_path), stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             first = wait_for_checkpoint(torchrun, tmp_path / "killed" / "run" / "ckpt")
             victim = worker_pids(torchrun.pid)[0]

@@ -16,17 +16,40 @@ pytestmark = pytest.mark.dist
 transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")
 
 STEPS = 4
-RUN = [*FAST, "distill=kd", f"train.max_steps={STEPS}", "logger.log_every=1", "train.eval_every=2",
-       "distill.features=[{student_layer:2,teacher_layer:2,loss:mse,weight:0.1}]"]
+RUN = [
+    *FAST,
+    "distill=kd",
+    f"train.max_steps={STEPS}",
+    "logger.log_every=1",
+    "train.eval_every=2",
+    "distill.features=[{student_layer:2,teacher_layer:2,loss:mse,weight:0.1}]",
+]
 EXACT = 1e-5
 
 
 def launch(root: Path, name: str, *overrides: str) -> dict[int, dict]:
     """``torchrun --nproc_per_node=2 -m trainer`` into ``root/name``; its metrics by step."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
-               *RUN, *overrides, f"hydra.run.dir={name}"]
-    proc = subprocess.run(command, cwd=root, env=cli_env(root) | {"OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300, check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trainer",
+        *RUN,
+        *overrides,
+        f"hydra.run.dir={name}",
+    ]
+    proc = subprocess.run(
+        command,
+        cwd=root,
+        env=cli_env(root) | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return {row["step"]: row for row in read_metrics(root / name)}
 
@@ -62,6 +85,12 @@ def test_sharded_hf_teacher_equals_replicated_with_half_the_bytes(root, replicat
 
 
 def test_sliced_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
-    got = launch(root, "shard_sliced", "parallel=ddp", "teacher.checkpoint=hf48", "teacher.vocab=slice",
-                 "teacher.placement=shard")
+    got = launch(
+        root,
+        "shard_sliced",
+        "parallel=ddp",
+        "teacher.checkpoint=hf48",
+        "teacher.vocab=slice",
+        "teacher.placement=shard",
+    )
     assert_same_losses(got, replicate)

@@ -17,45 +17,78 @@ from tests.conftest import FAST, cli_env
 pytestmark = pytest.mark.dist
 
 CASES = {
-    "sizes do not multiply to the world": (4, ["parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=3"],
-                                           "parallel.dp_shard: dp_replicate=2 x dp_shard=3 = 6 ranks, but the world size is 4"),
+    "sizes do not multiply to the world": (
+        4,
+        ["parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=3"],
+        "parallel.dp_shard: dp_replicate=2 x dp_shard=3 = 6 ranks, but the world size is 4",
+    ),
     "world not divisible for -1": (4, ["parallel=hsdp", "parallel.dp_replicate=3"], "parallel.dp_shard: -1 (infer)"),
     "both inferred": (2, ["parallel=hsdp", "parallel.dp_replicate=-1"], "parallel.dp_shard: only one of"),
     "single on two ranks": (2, ["parallel=single"], "parallel.strategy: single runs one process"),
     "ddp that shards": (2, ["parallel=ddp", "parallel.dp_shard=2"], "parallel.dp_shard: must be 1"),
     "fsdp that replicates": (4, ["parallel=fsdp", "parallel.dp_replicate=2"], "parallel.dp_replicate: must be 1"),
-    "batch not divisible": (2, ["parallel=fsdp", "train.batch_size=6", "train.grad_accum=2"],
-                            "train.batch_size: 6 is not divisible by data-parallel size 2 x train.grad_accum=2"),
+    "batch not divisible": (
+        2,
+        ["parallel=fsdp", "train.batch_size=6", "train.grad_accum=2"],
+        "train.batch_size: 6 is not divisible by data-parallel size 2 x train.grad_accum=2",
+    ),
     "unknown param dtype": (2, ["parallel=fsdp", "parallel.param_dtype=fp16"], "parallel.param_dtype: must be one of"),
     "bf16 params under ddp": (2, ["parallel=ddp", "parallel.param_dtype=bf16"], "parallel.param_dtype: applies to"),
     "channel pruning on shards": (2, ["parallel=fsdp", "compress=prune_channel"], "compress.modifiers.0.kind: channel"),
     "nccl without a gpu": (2, ["parallel=ddp", "parallel.backend=nccl"], "parallel.backend: nccl needs a CUDA GPU"),
-    "pipeline sizes do not multiply": (4, ["parallel=pipeline", "parallel.pp=3"],
-                                       "parallel.pp: dp_replicate=1 x dp_shard=1 x pp=3 = 3 ranks, but the world size is 4"),
+    "pipeline sizes do not multiply": (
+        4,
+        ["parallel=pipeline", "parallel.pp=3"],
+        "parallel.pp: dp_replicate=1 x dp_shard=1 x pp=3 = 3 ranks, but the world size is 4",
+    ),
     "more stages than blocks": (4, ["parallel=pipeline"], "parallel.pp: 4 pipeline stages for 2 blocks"),
     "pp outside the pipeline strategy": (2, ["parallel=ddp", "parallel.pp=2"], "parallel.pp: applies to"),
-    "1f1b with fewer micro-batches than stages": (2, ["parallel=pipeline", "parallel.microbatches=1"],
-                                                  "parallel.microbatches: 1f1b needs at least as many"),
-    "pipeline batch not divisible": (4, ["parallel=pipeline", "parallel.pp=2", "parallel.dp_shard=2",
-                                         "train.batch_size=12"],
-                                     "train.batch_size: 12 is not divisible by data-parallel size 2 x "
-                                     "parallel.microbatches=4"),
+    "1f1b with fewer micro-batches than stages": (
+        2,
+        ["parallel=pipeline", "parallel.microbatches=1"],
+        "parallel.microbatches: 1f1b needs at least as many",
+    ),
+    "pipeline batch not divisible": (
+        4,
+        ["parallel=pipeline", "parallel.pp=2", "parallel.dp_shard=2", "train.batch_size=12"],
+        "train.batch_size: 12 is not divisible by data-parallel size 2 x parallel.microbatches=4",
+    ),
     "accumulation under a pipeline": (2, ["parallel=pipeline", "train.grad_accum=2"], "train.grad_accum: must be 1"),
-    "feature distillation across stages": (2, ["parallel=pipeline", "distill=kd_features"],
-                                           "distill.features: feature distillation is not supported"),
-    "global pruning across stages": (2, ["parallel=pipeline", "compress=prune_agp", "compress.modifiers.0.scope=global"],
-                                     "compress.modifiers.0.scope: global magnitude pruning"),
-    "teacher ranks fill the world": (2, ["parallel=ddp", "distill=kd", "teacher.placement=remote",
-                                         "parallel.teacher_ranks=2"],
-                                     "parallel.teacher_ranks: 2 teacher ranks leave no student rank in a world of 2"),
-    "teacher ranks without remote": (2, ["parallel=ddp", "distill=kd", "parallel.teacher_ranks=1"],
-                                     "parallel.teacher_ranks: applies to teacher.placement=remote only"),
-    "remote without teacher ranks": (2, ["parallel=ddp", "distill=kd", "teacher.placement=remote"],
-                                     "parallel.teacher_ranks: teacher.placement=remote needs at least one teacher rank"),
-    "pairwise accumulation on two ranks": (2, ["parallel=ddp", "train.accum_order=pairwise", "train.grad_accum=2"],
-                                           "train.accum_order: pairwise applies to one process"),
-    "interleaved with one stage per rank": (2, ["parallel=pipeline", "parallel.pp_schedule=interleaved_1f1b"],
-                                            "parallel.stages_per_rank: must be >= 2"),
+    "feature distillation across stages": (
+        2,
+        ["parallel=pipeline", "distill=kd_features"],
+        "distill.features: feature distillation is not supported",
+    ),
+    "global pruning across stages": (
+        2,
+        ["parallel=pipeline", "compress=prune_agp", "compress.modifiers.0.scope=global"],
+        "compress.modifiers.0.scope: global magnitude pruning",
+    ),
+    "teacher ranks fill the world": (
+        2,
+        ["parallel=ddp", "distill=kd", "teacher.placement=remote", "parallel.teacher_ranks=2"],
+        "parallel.teacher_ranks: 2 teacher ranks leave no student rank in a world of 2",
+    ),
+    "teacher ranks without remote": (
+        2,
+        ["parallel=ddp", "distill=kd", "parallel.teacher_ranks=1"],
+        "parallel.teacher_ranks: applies to teacher.placement=remote only",
+    ),
+    "remote without teacher ranks": (
+        2,
+        ["parallel=ddp", "distill=kd", "teacher.placement=remote"],
+        "parallel.teacher_ranks: teacher.placement=remote needs at least one teacher rank",
+    ),
+    "pairwise accumulation on two ranks": (
+        2,
+        ["parallel=ddp", "train.accum_order=pairwise", "train.grad_accum=2"],
+        "train.accum_order: pairwise applies to one process",
+    ),
+    "interleaved with one stage per rank": (
+        2,
+        ["parallel=pipeline", "parallel.pp_schedule=interleaved_1f1b"],
+        "parallel.stages_per_rank: must be >= 2",
+    ),
 }
 
 
@@ -65,19 +98,54 @@ def test_bad_parallel_input_is_one_line_exit_2(tmp_path, name):
     if "nccl" in name and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     env = cli_env(tmp_path) | {"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
-    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *FAST, *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"config error: {expected}"), proc.stderr
     assert not list(tmp_path.glob("outputs/*")), "nothing may be written before the config is valid"
 
 
-def test_under_torchrun_the_ranks_exit_2_and_rank_0_prints_the_line(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
-               *FAST, "parallel=fsdp", "train.batch_size=5"]
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["parallel=fsdp", "train.batch_size=5"],
+            "train.batch_size: 5 is not divisible by data-parallel size 2 x train.grad_accum=1",
+        ),
+        (["parallel=fsdp", "parallel.dp_shard=3"], "parallel.dp_shard: "),
+        (
+            ["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2", "student.n_layer=1"],
+            "parallel.pp: 2 pipeline",
+        ),
+    ],
+    ids=["batch", "dp_shard", "pipeline"],
+)
+def test_under_torchrun_the_ranks_exit_2_and_rank_0_prints_the_line(tmp_path, overrides, expected):
+    """Rank 0 alone prints the line; every rank exits 2 and writes the line to the error file torchrun reads, so
+    torchrun's failure summary names the cause (under its own traceback, which torchrun prints and exits 1 after:
+    script against the line, or against ``exitcode  : 2`` in that summary)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trainer",
+        *FAST,
+        *overrides,
+    ]
     proc = subprocess.run(command, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
-    assert lines == ["config error: train.batch_size: 5 is not divisible by data-parallel size 2 x train.grad_accum=1"]
-    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # torchrun's failure summary (its own traceback)
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {expected}"), proc.stderr[-3000:]
+    summary = proc.stderr[proc.stderr.index("Root Cause") :]
+    assert "exitcode  : 2" in summary and "error_file: " in summary, summary
+    assert f"config error: {expected}" in summary, summary  # the cause, from the error file

@@ -20,15 +20,27 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import FAST, cli_env, train_small_teacher
 from tests.dist.equality import assert_same_run, by_step
 
 pytestmark = pytest.mark.dist
 
 STEPS, QAT_START = 10, 4
-RUN = [*FAST, "distill=kd", "teacher=path", "compress=prune_qat", "compress.modifiers.0.start_step=2",
-       "compress.modifiers.0.end_step=6", "compress.modifiers.0.every=2", f"compress.modifiers.1.start_step={QAT_START}",
-       f"train.max_steps={STEPS}", "logger.log_every=1", "train.eval_every=5", "train.ckpt_every=5"]
+RUN = [
+    *FAST,
+    "distill=kd",
+    "teacher=path",
+    "compress=prune_qat",
+    "compress.modifiers.0.start_step=2",
+    "compress.modifiers.0.end_step=6",
+    "compress.modifiers.0.every=2",
+    f"compress.modifiers.1.start_step={QAT_START}",
+    f"train.max_steps={STEPS}",
+    "logger.log_every=1",
+    "train.eval_every=5",
+    "train.ckpt_every=5",
+]
 HSDP_2X2 = ["parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2"]
 
 
@@ -38,17 +50,33 @@ def env(tmp_path: Path) -> dict:
 
 def single(root: Path, teacher: Path, name: str, *overrides: str) -> Path:
     """``python -m trainer`` (one process) into ``root/name``."""
-    proc = subprocess.run([sys.executable, "-m", "trainer", *RUN, f"teacher.checkpoint={teacher}", *overrides,
-                           f"hydra.run.dir={name}"], cwd=root, env=env(root), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *RUN, f"teacher.checkpoint={teacher}", *overrides, f"hydra.run.dir={name}"],
+        cwd=root,
+        env=env(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / name
 
 
 def torchrun(root: Path, teacher: Path, nproc: int, name: str, *overrides: str) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=nproc -m trainer`` into ``root/name``."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trainer", *RUN, f"teacher.checkpoint={teacher}", *overrides, f"hydra.run.dir={name}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "trainer",
+        *RUN,
+        f"teacher.checkpoint={teacher}",
+        *overrides,
+        f"hydra.run.dir={name}",
+    ]
     proc = subprocess.run(command, cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
@@ -128,12 +156,27 @@ def two_agents(runs: Path, teacher: Path, name: str, *overrides: str) -> Path:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}", "-m", "trainer",
-               *RUN, f"teacher.checkpoint={teacher}", *overrides, f"hydra.run.dir={name}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        f"--rdzv_id={name}",
+        "-m",
+        "trainer",
+        *RUN,
+        f"teacher.checkpoint={teacher}",
+        *overrides,
+        f"hydra.run.dir={name}",
+    ]
     logs = [runs / f"{name}_agent{i}.log" for i in range(2)]
-    agents = [subprocess.Popen(command, cwd=runs, env=env(runs), stdout=log.open("w"), stderr=subprocess.STDOUT)
-              for log in logs]
+    agents = [
+        subprocess.Popen(command, cwd=runs, env=env(runs), stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for log in logs
+    ]
     codes = [agent.wait(timeout=300) for agent in agents]
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     return runs / name
@@ -152,8 +195,11 @@ def test_two_agents_with_the_teacher_sharded_across_nodes(runs, teacher, hsdp4):
     run = two_agents(runs, teacher, "two_nodes_shard", *HSDP_2X2, "teacher.placement=shard")
     assert_same(run, hsdp4, teacher)
     got, want = by_step(run)[STEPS], by_step(hsdp4)[STEPS]
-    assert 0.2 * want["distill/teacher_param_bytes"] <= got["distill/teacher_param_bytes"] \
+    assert (
+        0.2 * want["distill/teacher_param_bytes"]
+        <= got["distill/teacher_param_bytes"]
         <= 0.3 * want["distill/teacher_param_bytes"]
+    )
 
 
 def test_ddp_accumulation_with_no_sync_matches_single_process(runs, teacher, reference4):
@@ -165,8 +211,10 @@ def test_ddp_accumulation_with_no_sync_matches_single_process(runs, teacher, ref
 def test_resume_on_another_world_size_continues_the_curve(runs, teacher, reference2, first, then):
     """Stop at step 5 with one world size, resume from the DCP checkpoint with the other."""
     name = f"resume_{first}_to_{then}"
-    launch = {"fsdp2": lambda *o: torchrun(runs, teacher, 2, name, "parallel=fsdp", *o),
-              "single": lambda *o: single(runs, teacher, name, "train.grad_accum=2", *o)}
+    launch = {
+        "fsdp2": lambda *o: torchrun(runs, teacher, 2, name, "parallel=fsdp", *o),
+        "single": lambda *o: single(runs, teacher, name, "train.grad_accum=2", *o),
+    }
     launch[first]("train.stop_at_step=5")
     assert max(by_step(runs / name)) == 5 and not (runs / name / "final").exists()
     launch[then]()

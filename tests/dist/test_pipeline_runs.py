@@ -57,8 +57,16 @@ def test_two_stages_times_two_fsdp_shards_match_single_process(runs, teacher):
 def test_interleaved_1f1b_two_stages_per_rank_matches_single_process(runs, teacher):
     four_blocks = "student.n_layer=4"
     reference = single(runs, teacher, "single_accum2_4blocks", "train.grad_accum=2", four_blocks)
-    torchrun(runs, teacher, 2, "pp2_interleaved", *PIPELINE_2, four_blocks,
-             "parallel.pp_schedule=interleaved_1f1b", "parallel.stages_per_rank=2")
+    torchrun(
+        runs,
+        teacher,
+        2,
+        "pp2_interleaved",
+        *PIPELINE_2,
+        four_blocks,
+        "parallel.pp_schedule=interleaved_1f1b",
+        "parallel.stages_per_rank=2",
+    )
     assert_same(runs / "pp2_interleaved", reference, teacher)
 
 
@@ -67,8 +75,10 @@ def test_resume_continues_the_curve_also_across_layouts(runs, teacher, reference
     """Stop at step 5, resume from the DCP checkpoint (optimizer state is keyed by parameter name, so stages
     and whole students read each other's)."""
     name = f"resume_{first}_to_{then}"
-    launch = {"pipeline": lambda *o: torchrun(runs, teacher, 2, name, *PIPELINE_2, *o),
-              "single": lambda *o: single(runs, teacher, name, "train.grad_accum=2", *o)}
+    launch = {
+        "pipeline": lambda *o: torchrun(runs, teacher, 2, name, *PIPELINE_2, *o),
+        "single": lambda *o: single(runs, teacher, name, "train.grad_accum=2", *o),
+    }
     launch[first]("train.stop_at_step=5")
     assert max(by_step(runs / name)) == 5 and not (runs / name / "final").exists()
     launch[then]()

@@ -15,8 +15,16 @@ from tests.conftest import FAST, cli_env, read_metrics, train_small_teacher
 pytestmark = pytest.mark.dist
 
 STEPS = 6
-RUN = [*FAST, "distill=kd", "teacher=path", "teacher.checkpoint=t/final", f"train.max_steps={STEPS}",
-       "logger.log_every=1", "train.eval_every=3", "distill.temperature=2.0"]
+RUN = [
+    *FAST,
+    "distill=kd",
+    "teacher=path",
+    "teacher.checkpoint=t/final",
+    f"train.max_steps={STEPS}",
+    "logger.log_every=1",
+    "train.eval_every=3",
+    "distill.temperature=2.0",
+]
 EXACT = 1e-5
 
 
@@ -89,8 +97,15 @@ def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teac
     """2 student ranks (DDP) + ``teacher_ranks`` dedicated teacher ranks: the same KD loss at every step, and the
     same top-1 agreement and teacher entropy at evals, as the teacher replicated on the 2 student ranks."""
     name = f"remote_{teacher_ranks}"
-    launch(root, 2 + teacher_ranks, "trainer", name, "parallel=ddp", "teacher.placement=remote",
-           f"parallel.teacher_ranks={teacher_ranks}")
+    launch(
+        root,
+        2 + teacher_ranks,
+        "trainer",
+        name,
+        "parallel=ddp",
+        "teacher.placement=remote",
+        f"parallel.teacher_ranks={teacher_ranks}",
+    )
     got, want = by_step(root / name), by_step(replicate)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step, expected in want.items():

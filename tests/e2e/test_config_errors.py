@@ -21,8 +21,11 @@ def teachers(tmp_path_factory):
     not_a_checkpoint = root / "junk"
     not_a_checkpoint.mkdir()
     (not_a_checkpoint / "weights.bin").write_bytes(b"\x00" * 64)
-    return {"vocab32": make_teacher(root / "v32", 32), "vocab65": make_teacher(root / "v65", 65),
-            "junk": not_a_checkpoint}
+    return {
+        "vocab32": make_teacher(root / "v32", 32),
+        "vocab65": make_teacher(root / "v65", 65),
+        "junk": not_a_checkpoint,
+    }
 
 
 CASES = {
@@ -54,25 +57,51 @@ def test_bad_override_is_one_line_exit_2(tmp_path, name):
 
 
 def test_teacher_that_is_not_a_checkpoint(tmp_path, teachers):
-    proc = run_cli(tmp_path, *FAST, "distill=kd", "teacher=path", f"teacher.checkpoint={teachers['junk']}",
-                   check=False, timeout=120)
+    proc = run_cli(
+        tmp_path,
+        *FAST,
+        "distill=kd",
+        "teacher=path",
+        f"teacher.checkpoint={teachers['junk']}",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        (f"config error: teacher.checkpoint: {teachers['junk']} is not a Stillroom export, run folder or checkpoint, "
-         "nor a Hugging Face causal-LM folder")]
+        (
+            f"config error: teacher.checkpoint: {teachers['junk']} is not a Stillroom export, run folder or "
+            "checkpoint, nor a Hugging Face causal-LM folder"
+        )
+    ]
 
 
 def test_teacher_vocabulary_differs(tmp_path, teachers):
-    proc = run_cli(tmp_path, *FAST, "distill=kd", "teacher=path", f"teacher.checkpoint={teachers['vocab65']}",
-                   check=False, timeout=120)
+    proc = run_cli(
+        tmp_path,
+        *FAST,
+        "distill=kd",
+        "teacher=path",
+        f"teacher.checkpoint={teachers['vocab65']}",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("config error: teacher.checkpoint:") and "vocabulary 65" in line and "32" in line
 
 
 def test_sweep_values_are_each_checked(tmp_path, teachers):
-    proc = run_cli(tmp_path, "-m", *FAST, "distill=kd", "teacher=path", f"teacher.checkpoint={teachers['vocab32']}",
-                   "distill.temperature=1,0", check=False, timeout=120)
+    proc = run_cli(
+        tmp_path,
+        "-m",
+        *FAST,
+        "distill=kd",
+        "teacher=path",
+        f"teacher.checkpoint={teachers['vocab32']}",
+        "distill.temperature=1,0",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert "distill.temperature" in line

@@ -19,8 +19,14 @@ from trainer.logging import WANDB_INIT_TIMEOUT_S
 
 pytestmark = pytest.mark.e2e
 STEPS = 12
-RUN = [*FAST, f"train.max_steps={STEPS}", "train.ckpt_every=4", "train.eval_every=6", "logger.log_every=1",
-       "hydra.run.dir=run"]
+RUN = [
+    *FAST,
+    f"train.max_steps={STEPS}",
+    "train.ckpt_every=4",
+    "train.eval_every=6",
+    "logger.log_every=1",
+    "hydra.run.dir=run",
+]
 FILE_LIMIT_BYTES = 256 * 1024  # below the size of a checkpoint's tensor file (~630 KB), above every other file
 
 
@@ -95,8 +101,10 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, stopped):
     proc = run_cli(tmp_path, *RUN, "student.n_embd=48", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"config error: student: checkpoint {checkpoint.step_dir(run_dir / 'ckpt', 8)} holds "
-                           "another model than this config (n_embd 32 there, 48 here)"), line
+    assert line.startswith(
+        f"config error: student: checkpoint {checkpoint.step_dir(run_dir / 'ckpt', 8)} holds "
+        "another model than this config (n_embd 32 there, 48 here)"
+    ), line
     assert "Traceback" not in proc.stderr and not stderr_lines(proc, "warning:")
     assert snapshot(run_dir) == before
 
@@ -110,15 +118,24 @@ def test_disk_error_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, 
     run_dir = copy_of(stopped, tmp_path)
     previous = checkpoint.step_dir(run_dir / "ckpt", 8)
     before = snapshot(run_dir)
-    proc = subprocess.run([sys.executable, "-m", "trainer", *RUN], cwd=tmp_path, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *RUN],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: could not write checkpoint {checkpoint.step_dir(run_dir / 'ckpt', 12)} ("), line
     assert "File too large" in line and line.endswith(f"the newest checkpoint is still {previous}"), line
     assert "Traceback" not in proc.stderr
     assert {k: v for k, v in snapshot(run_dir).items() if k.startswith("ckpt")} == {
-        k: v for k, v in before.items() if k.startswith("ckpt")}
+        k: v for k, v in before.items() if k.startswith("ckpt")
+    }
     assert not list((run_dir / "ckpt").glob(".tmp-*"))
     proc = run_cli(tmp_path, *RUN)
     assert f"resumed from {previous} at step 8" in proc.stderr
@@ -128,17 +145,40 @@ def test_disk_error_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, 
 def test_wandb_online_without_network_logs_offline(tmp_path):
     env = cli_env(tmp_path) | {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, "train.max_steps=4", "logger.log_every=1",
-                           "logger=wandb", "logger.progress=false", "logger.wandb.mode=online", "hydra.run.dir=run"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            *FAST,
+            "train.max_steps=4",
+            "logger.log_every=1",
+            "logger=wandb",
+            "logger.progress=false",
+            "logger.wandb.mode=online",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert seconds < WANDB_INIT_TIMEOUT_S, f"the whole run took {seconds:.0f} s: W&B waited for its init timeout"
     (warning,) = stderr_lines(proc, "warning:")
     assert warning.startswith("warning: W&B server http://127.0.0.1:9 unreachable (") and "logging offline" in warning
     (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
-                         capture_output=True, text=True, check=True, env=cli_env(tmp_path), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=cli_env(tmp_path),
+        timeout=120,
+    )
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
     for row in read_metrics(tmp_path / "run"):

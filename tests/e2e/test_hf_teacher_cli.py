@@ -1,10 +1,11 @@
 """``python -m trainer distill=kd teacher.checkpoint=<Hugging Face folder>``: a GPT-2 saved by transformers
-teaches a Stillroom student; a padded vocabulary needs ``teacher.vocab=slice``, and then gives exactly the losses
-of the unpadded teacher (live and through the cache); a broken folder is one config-error line."""
+teaches a Stillroom student; a padded vocabulary needs ``teacher.vocab=slice``, and then gives the losses of the
+unpadded teacher up to float rounding (live and through the cache); a broken folder is one config-error line."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,22 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face teachers
 
 STEPS = 4
 VOCAB = 65  # Tiny Shakespeare's characters
-RUN = [*(arg for arg in FAST if not arg.startswith("data=")), "data=shakespeare", "distill=kd", "distill.alpha=0.5",
-       "distill.temperature=2.0", f"train.max_steps={STEPS}", "logger.log_every=1", "train.eval_every=2"]
+RUN = [
+    *(arg for arg in FAST if not arg.startswith("data=")),
+    "data=shakespeare",
+    "distill=kd",
+    "distill.alpha=0.5",
+    "distill.temperature=2.0",
+    f"train.max_steps={STEPS}",
+    "logger.log_every=1",
+    "train.eval_every=2",
+]
+# The sliced and cached teachers regroup float sums (the head's matmul over 80 columns instead of 65, whose blocking
+# is the BLAS's choice per CPU; the cache's vocabulary in sorted top-k order), so distill/kd matches to rounding, not
+# bit for bit. kd is T**2 times a mean of per-token KLs, p-weighted sums of differences of fp32 log-probabilities of
+# size ~log V: one rounding of each moves it by up to ~T**2 * eps * log V (2e-6) absolute, however small kd is
+# (~0.012 with this random-init teacher; measured <= 8e-8 apart, 0 for the sliced head on this CPU).
+KD_ROUNDING = 2.0**2 * 2.0**-23 * math.log(VOCAB)  # T = 2; 2**-23 = fp32 eps
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +67,11 @@ def test_padded_vocabulary_is_refused_without_slice(root):
     proc = run_cli(root, *RUN, "teacher.checkpoint=hf80", "hydra.run.dir=refused", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        ("config error: teacher.checkpoint: teacher vocabulary 80 differs from the student's 65 (data=shakespeare); "
-         "teacher.vocab=slice uses its first 65 logits")]
+        (
+            "config error: teacher.checkpoint: teacher vocabulary 80 differs from the student's 65 (data=shakespeare); "
+            "teacher.vocab=slice uses its first 65 logits"
+        )
+    ]
     assert not (root / "refused").exists()
 
 
@@ -64,7 +82,7 @@ def test_sliced_padded_teacher_equals_the_unpadded_one(root, live65):
     got, want = kd_by_step(read_metrics(root / "sliced")), kd_by_step(live65)
     assert sorted(got) == sorted(want)
     for step, expected in want.items():
-        assert got[step] == pytest.approx(expected, rel=1e-6), step
+        assert got[step] == pytest.approx(expected, rel=0, abs=KD_ROUNDING), step
 
 
 def test_cache_of_a_sliced_teacher_equals_the_unpadded_one(root, live65):
@@ -74,7 +92,7 @@ def test_cache_of_a_sliced_teacher_equals_the_unpadded_one(root, live65):
     run_cli(root, *cache, "teacher.placement=cache", "hydra.run.dir=cached")
     got, want = kd_by_step(read_metrics(root / "cached")), kd_by_step(live65)
     for step, expected in want.items():
-        assert got[step] == pytest.approx(expected, rel=1e-5), step
+        assert got[step] == pytest.approx(expected, rel=0, abs=KD_ROUNDING), step
 
 
 def test_broken_folder_is_one_config_error_line(root, tmp_path):
@@ -84,6 +102,9 @@ def test_broken_folder_is_one_config_error_line(root, tmp_path):
     proc = run_cli(tmp_path, *RUN, f"teacher.checkpoint={broken}", "hydra.run.dir=run", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        (f"config error: teacher.checkpoint: {broken} has a Hugging Face config.json but no weights "
-         "(model.safetensors or pytorch_model.bin)")]
+        (
+            f"config error: teacher.checkpoint: {broken} has a Hugging Face config.json but no weights "
+            "(model.safetensors or pytorch_model.bin)"
+        )
+    ]
     assert not (tmp_path / "run").exists() and sorted(p.name for p in broken.iterdir()) == ["config.json"]

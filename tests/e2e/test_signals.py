@@ -22,8 +22,14 @@ pytestmark = pytest.mark.e2e
 STEPS = 400
 SIGNAL_AFTER_ROWS = 20
 # No dropout, so two DDP ranks compute what one process does (each rank draws its own dropout masks).
-RUN = [*FAST, f"train.max_steps={STEPS}", "train.ckpt_every=100", "train.eval_every=200", "logger.log_every=1",
-       "hydra.run.dir=run"]
+RUN = [
+    *FAST,
+    f"train.max_steps={STEPS}",
+    "train.ckpt_every=100",
+    "train.eval_every=200",
+    "logger.log_every=1",
+    "hydra.run.dir=run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,14 @@ def reference(tmp_path_factory) -> list[dict]:
 
 
 def start(root: Path, *command: str) -> subprocess.Popen:
-    return subprocess.Popen(list(command), cwd=root, env={**cli_env(root), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        list(command),
+        cwd=root,
+        env={**cli_env(root), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_rows(proc: subprocess.Popen, metrics: Path, rows: int, timeout: float = 120) -> None:
@@ -95,11 +107,38 @@ def worker_of_rank(agent_pid: int, rank: int, timeout: float = 60) -> int:
     pytest.fail(f"no worker of rank {rank} under torchrun {agent_pid}")
 
 
+TORCHRUN_DDP = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--nproc_per_node=2",
+    "-m",
+    "trainer",
+    *RUN,
+    "parallel=ddp",
+]
+
+
+def resume_matches_uninterrupted(root: Path, step: int, reference: list[dict]) -> None:
+    """Rerunning the torchrun command resumes at ``step`` and ends with the uninterrupted run's metrics."""
+    resumed = subprocess.run(
+        TORCHRUN_DDP,
+        cwd=root,
+        env={**cli_env(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stderr
+    # Two DDP ranks match one process to float rounding (README); the step count and resume point are exact.
+    assert_same_metrics(read_metrics(root / "run"), reference, tolerance=1e-5)
+
+
 @pytest.mark.dist
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, reference):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "trainer", *RUN,
-                "parallel=ddp"]
-    proc = start(tmp_path, *torchrun)
+    proc = start(tmp_path, *TORCHRUN_DDP)
     worker = worker_of_rank(proc.pid, 1)
     wait_for_rows(proc, tmp_path / "run" / "metrics.jsonl", SIGNAL_AFTER_ROWS)
     os.kill(worker, signal.SIGUSR1)
@@ -107,10 +146,18 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, refere
     assert proc.returncode != 0  # torchrun reports its workers' exit 75 as a failure of its own
     step = stopped_step(stderr, "a signal to another rank")  # rank 0 prints it: it did not get the signal itself
     assert f"exitcode  : {PREEMPTED_EXIT}" in stderr
+    resume_matches_uninterrupted(tmp_path, step, reference)
 
-    resumed = subprocess.run(torchrun, cwd=tmp_path, env={**cli_env(tmp_path), "OMP_NUM_THREADS": "1"},
-                             capture_output=True, text=True, timeout=300, check=False)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {step}" in resumed.stderr
-    # Two DDP ranks match one process to float rounding (README); the step count and resume point are exact.
-    assert_same_metrics(read_metrics(tmp_path / "run"), reference, tolerance=1e-5)
+
+@pytest.mark.dist
+def test_sigterm_to_torchrun_checkpoints_and_torchrun_exits_1(tmp_path, reference):
+    """SIGTERM to torchrun itself (what a scheduler sends): torchrun forwards it, every rank finishes its step,
+    checkpoints and exits 75, and torchrun ends with its own ``SignalException`` traceback and exit code 1 (what
+    the README tells users to expect); the same command resumes to the uninterrupted run's metrics."""
+    proc = start(tmp_path, *TORCHRUN_DDP)
+    wait_for_rows(proc, tmp_path / "run" / "metrics.jsonl", SIGNAL_AFTER_ROWS)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "SignalException" in stderr
+    resume_matches_uninterrupted(tmp_path, stopped_step(stderr, "SIGTERM"), reference)

@@ -19,8 +19,17 @@ from pathlib import Path
 import pytest
 
 NODES = ("n1", "n2")
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 MUNGE_PID = Path("/run/munge/munged.pid")
 
 
@@ -55,7 +64,9 @@ def slurm_conf(root: Path, ctld_port: int, node_ports: list[int]) -> str:
     host = socket.gethostname()
     nodes = "\n".join(
         f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=4 SocketsPerBoard=1 "
-        "CoresPerSocket=4 ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN" for name, port in zip(NODES, node_ports))
+        "CoresPerSocket=4 ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN"
+        for name, port in zip(NODES, node_ports)
+    )
     return f"""ClusterName=stillroom
 SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
@@ -142,8 +153,11 @@ class LocalCluster:
 
     def sbatch(self, *args: str, cwd: Path, env: dict) -> str:
         """Submit with ``env`` (SLURM_CONF added); the job id."""
-        return self.run("sbatch", "--parsable", *args, cwd=cwd, env={**env, "SLURM_CONF": str(self.conf)}
-                        ).stdout.strip().split(";")[0]
+        return (
+            self.run("sbatch", "--parsable", *args, cwd=cwd, env={**env, "SLURM_CONF": str(self.conf)})
+            .stdout.strip()
+            .split(";")[0]
+        )
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job``'s fields (JobState, Restarts, ExitCode, ...)."""
@@ -155,7 +169,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             fields = self.job(job_id)
-            if (until(fields) if until else fields["JobState"] in TERMINAL_STATES):
+            if until(fields) if until else fields["JobState"] in TERMINAL_STATES:
                 return fields
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {fields['JobState']} after {timeout} s")

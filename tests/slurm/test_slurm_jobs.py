@@ -27,8 +27,17 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def kd_run(teacher: Path, parallel: str = "ddp", steps: int = STEPS) -> list[str]:
-    return [*FAST, "distill=kd", "teacher=path", f"teacher.checkpoint={teacher}", f"parallel={parallel}",
-            f"train.max_steps={steps}", "train.ckpt_every=100", "train.eval_every=100", "logger.log_every=1"]
+    return [
+        *FAST,
+        "distill=kd",
+        "teacher=path",
+        f"teacher.checkpoint={teacher}",
+        f"parallel={parallel}",
+        f"train.max_steps={steps}",
+        "train.ckpt_every=100",
+        "train.eval_every=100",
+        "logger.log_every=1",
+    ]
 
 
 def job_env(cluster, root: Path) -> dict:
@@ -83,8 +92,12 @@ def test_usr1_midway_checkpoints_requeues_and_matches_uninterrupted(slurm_cluste
         assert time.monotonic() < deadline, slurm_cluster.job(job.job_id)
         time.sleep(0.1)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job.job_id)
-    fields = slurm_cluster.wait(job.job_id, until=lambda f: f["JobState"] == "COMPLETED" and f["Restarts"] != "0"
-                                or f["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT"))
+    fields = slurm_cluster.wait(
+        job.job_id,
+        until=lambda f: (
+            f["JobState"] == "COMPLETED" and f["Restarts"] != "0" or f["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT")
+        ),
+    )
     assert_completed(fields, job)
     log = job.log
     stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint \S+; exit 75", log)
@@ -113,10 +126,23 @@ def test_srun_only_script_matches_torchrun(slurm_cluster, teacher, uninterrupted
 def test_hydra_sweep_through_the_slurm_launcher(slurm_cluster, teacher, tmp_path):
     temperatures = ["1", "2", "4"]
     overrides = [*kd_run(teacher, parallel="single", steps=30), "hydra.sweep.dir=sweep"]
-    proc = subprocess.run([sys.executable, "-m", "trainer", "-m", "hydra/launcher=slurm", *overrides,
-                           f"distill.temperature={','.join(temperatures)}"],
-                          cwd=tmp_path, env=job_env(slurm_cluster, tmp_path), capture_output=True, text=True, check=False,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "-m",
+            "hydra/launcher=slurm",
+            *overrides,
+            f"distill.temperature={','.join(temperatures)}",
+        ],
+        cwd=tmp_path,
+        env=job_env(slurm_cluster, tmp_path),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kd_losses = []
     for num, temperature in enumerate(temperatures):

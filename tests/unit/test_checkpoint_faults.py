@@ -30,8 +30,15 @@ def train_one_step(wrapper: nn.ModuleDict, optimizer: torch.optim.Optimizer) -> 
 
 
 def save(root: Path, step: int, wrapper: nn.ModuleDict, optimizer: torch.optim.Optimizer) -> Path:
-    return checkpoint.save(root, step, model=wrapper, optimizer=optimizer, extra={"marker": {"step": torch.tensor(step)}},
-                           model_spec=models.model_spec(wrapper["student"]), keep_last=3)
+    return checkpoint.save(
+        root,
+        step,
+        model=wrapper,
+        optimizer=optimizer,
+        extra={"marker": {"step": torch.tensor(step)}},
+        model_spec=models.model_spec(wrapper["student"]),
+        keep_last=3,
+    )
 
 
 def weights(wrapper: nn.ModuleDict) -> dict[str, torch.Tensor]:
@@ -53,8 +60,12 @@ def two_checkpoints(tmp_path) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]
 def load_newest(root: Path, **changes):
     wrapper, optimizer = make_student(**changes)
     path, extra, skipped = checkpoint.load_newest(
-        checkpoint.list_complete(root), model=wrapper, optimizer=optimizer,
-        extra_template={"marker": {"step": torch.tensor(0)}}, model_spec=models.model_spec(wrapper["student"]))
+        checkpoint.list_complete(root),
+        model=wrapper,
+        optimizer=optimizer,
+        extra_template={"marker": {"step": torch.tensor(0)}},
+        model_spec=models.model_spec(wrapper["student"]),
+    )
     return path, extra, skipped, wrapper
 
 
@@ -125,10 +136,13 @@ def test_no_usable_checkpoint_is_an_error_and_nothing_is_deleted(two_checkpoints
     assert snapshot(root) == before
 
 
-@pytest.mark.parametrize(("changes", "difference"), [
-    ({"n_embd": 32}, "n_embd 16 there, 32 here"),
-    ({"n_layer": 2, "n_head": 4}, "n_head 2 there, 4 here, n_layer 1 there, 2 here"),
-])
+@pytest.mark.parametrize(
+    ("changes", "difference"),
+    [
+        ({"n_embd": 32}, "n_embd 16 there, 32 here"),
+        ({"n_layer": 2, "n_head": 4}, "n_head 2 there, 4 here, n_layer 1 there, 2 here"),
+    ],
+)
 def test_checkpoint_of_another_model_is_refused_before_any_tensor_is_read(two_checkpoints, changes, difference):
     root, _ = two_checkpoints
     before = snapshot(root)
@@ -157,7 +171,8 @@ def test_write_error_keeps_the_previous_checkpoint(two_checkpoints, monkeypatch,
     wrapper, optimizer = make_student()
     train_one_step(wrapper, optimizer)
     monkeypatch.setattr(torch, "save", fail_writes) if where == "tensors" else monkeypatch.setattr(
-        checkpoint, "_write_json", fail_writes)
+        checkpoint, "_write_json", fail_writes
+    )
     with pytest.raises(checkpoint.CheckpointWriteError) as error:
         save(root, 3, wrapper, optimizer)
     monkeypatch.undo()

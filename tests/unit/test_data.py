@@ -29,13 +29,19 @@ def test_global_batch_does_not_depend_on_world_size_or_accumulation():
     d = data.build(DataConfig(name="synthetic"), block_size=16)
     whole, _ = d.train_batch(seed=0, step=5, batch_size=8, shard=data.Shard())
     for world, accum in [(2, 1), (4, 1), (2, 2), (1, 4)]:
-        parts = [d.train_batch(seed=0, step=5, batch_size=8, shard=data.Shard(r, world, accum), micro=m)[0]
-                 for r in range(world) for m in range(accum)]
+        parts = [
+            d.train_batch(seed=0, step=5, batch_size=8, shard=data.Shard(r, world, accum), micro=m)[0]
+            for r in range(world)
+            for m in range(accum)
+        ]
         assert torch.equal(torch.cat(parts), whole), (world, accum)
 
 
 def test_digits_split_is_fixed_and_stratified():
-    a, b = data.build(DataConfig(name="digits", val_fraction=0.2), 0), data.build(DataConfig(name="digits", val_fraction=0.2), 0)
+    a, b = (
+        data.build(DataConfig(name="digits", val_fraction=0.2), 0),
+        data.build(DataConfig(name="digits", val_fraction=0.2), 0),
+    )
     assert a.x_train.shape == (1437, 64) and a.x_val.shape == (360, 64)
     assert torch.equal(a.y_val, b.y_val)
     assert torch.bincount(a.y_val).min() >= 35

@@ -7,16 +7,32 @@ import pytest
 from parallel.env import detect, first_host
 
 # What srun gives the second of two tasks on two nodes (seen on the local cluster, tests/slurm/).
-SRUN_TASK_1 = {"SLURM_JOB_ID": "4321", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
-               "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
-               "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NODELIST": "n[1-2]"}
+SRUN_TASK_1 = {
+    "SLURM_JOB_ID": "4321",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "1",
+    "SLURM_NTASKS": "2",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "1",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+    "SLURM_STEP_NODELIST": "n[1-2]",
+    "SLURM_NODELIST": "n[1-2]",
+}
 TORCHRUN_RANK_3 = {"TORCHELASTIC_RUN_ID": "x", "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
 
 
-@pytest.mark.parametrize("nodelist, host", [
-    ("n[1-2]", "n1"), ("n1", "n1"), ("n2,n1", "n2"), ("gpu[07-09,12]", "gpu07"), ("a[3,5-6],b1", "a3"),
-    ("rack[2-3]-node[10-11]", "rack2-node10"), ("node-1.cluster", "node-1.cluster"),
-])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("n[1-2]", "n1"),
+        ("n1", "n1"),
+        ("n2,n1", "n2"),
+        ("gpu[07-09,12]", "gpu07"),
+        ("a[3,5-6],b1", "a3"),
+        ("rack[2-3]-node[10-11]", "rack2-node10"),
+        ("node-1.cluster", "node-1.cluster"),
+    ],
+)
 def test_first_host_of_a_node_list(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -45,13 +61,17 @@ def test_torchrun_variables_win_over_slurm():
     assert env.master_addr is None  # torchrun sets MASTER_ADDR/PORT for its workers itself
 
 
-@pytest.mark.parametrize("environ", [
-    {},
-    # the batch script itself: SLURM_PROCID and SLURM_NTASKS, but no job step
-    {k: v for k, v in SRUN_TASK_1.items() if k != "SLURM_STEP_ID"} | {"SLURM_PROCID": "0"},
-    # a one-task step (a Hydra/submitit sweep job)
-    {**SRUN_TASK_1, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
-], ids=["no launcher", "batch script", "one-task step"])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        # the batch script itself: SLURM_PROCID and SLURM_NTASKS, but no job step
+        {k: v for k, v in SRUN_TASK_1.items() if k != "SLURM_STEP_ID"} | {"SLURM_PROCID": "0"},
+        # a one-task step (a Hydra/submitit sweep job)
+        {**SRUN_TASK_1, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+    ],
+    ids=["no launcher", "batch script", "one-task step"],
+)
 def test_single_process(environ):
     env = detect("auto", environ)
     assert (env.launcher, env.rank, env.world_size, env.backend) == ("single", 0, 1, None)

@@ -11,9 +11,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from trainer.compress import build_compressor
-
-from trainer.compress import qat
+from trainer.compress import build_compressor, qat
 from trainer.compress.export import (
     QuantizedLinear,
     export_compressed,
@@ -28,7 +26,8 @@ from trainer.compress.export import (
     unpack_int4,
 )
 from trainer.config import ModifierConfig
-from trainer.models import CONFIG_FILE, WEIGHTS_FILE, build, load, save_dense, unique_state_dict
+from trainer.exports import load
+from trainer.models import CONFIG_FILE, WEIGHTS_FILE, build, save_dense, unique_state_dict
 from trainer.report import folder_bytes
 
 PRUNE_QAT = Path(__file__).resolve().parents[2] / "conf" / "compress" / "prune_qat.yaml"
@@ -84,7 +83,7 @@ def test_exported_logits_match_qat_model(tmp_path, weight_bits, act_bits, embedd
     export_compressed(model, tmp_path, {}, {})
     loaded = load(tmp_path)  # trainer.models.load dispatches on the format
     assert not loaded.training
-    fc = loaded.blocks[0].mlp.fc
+    fc = loaded.blocks["0"].mlp.fc
     assert isinstance(fc, QuantizedLinear)
     assert fc.qdata.dtype == (torch.int8 if weight_bits == 8 else torch.uint8)
     assert fc.qdata.numel() == fc.in_features * fc.out_features * weight_bits // 8
@@ -104,7 +103,10 @@ def test_masked_int8_export_keeps_pruned_weights_zero(tmp_path):
     assert loaded.head.weight is loaded.tok_emb.weight and torch.all(loaded.head.weight[~masks["tok_emb.weight"]] == 0)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["format"] == "stillroom-compressed" and set(meta["sparse"]) == set(masks)
-    assert meta["quant"] == {"w8a8": sorted(block_linears(model)), "w8": ["pos_emb", "tok_emb"]}  # head: stored as tok_emb
+    assert meta["quant"] == {
+        "w8a8": sorted(block_linears(model)),
+        "w8": ["pos_emb", "tok_emb"],
+    }  # head: stored as tok_emb
     with torch.no_grad():
         assert (loaded(tokens()) - model(tokens())).abs().max() < 1e-4
 
@@ -133,7 +135,11 @@ def test_storage_bytes_predicts_the_blobs_exactly(tmp_path):
     assert blob_bytes(tmp_path) == predicted_bytes(model, load_compressed(tmp_path))
     blobs = load_file(str(tmp_path / WEIGHTS_FILE))
     assert {name: t.dtype for name, t in blobs.items()} == {
-        "codes": torch.int8, "scales": torch.float16, "floats": torch.float32, "bitmasks": torch.uint8}
+        "codes": torch.int8,
+        "scales": torch.float16,
+        "floats": torch.float32,
+        "bitmasks": torch.uint8,
+    }
     assert all(t.dim() == 1 for t in blobs.values())
     config_text = (tmp_path / CONFIG_FILE).read_text()
     assert "\n" not in config_text and ", " not in config_text  # compact JSON
@@ -151,11 +157,17 @@ def test_storage_bytes_chooses_the_smaller_layout():
 
 
 def test_schemes_round_trip():
-    for spec in ({"weight_bits": 8, "group_size": 64, "act_bits": 8}, {"weight_bits": 8, "group_size": 64, "act_bits": 0},
-                 {"weight_bits": 4, "group_size": 32, "act_bits": 0}, {"weight_bits": 4, "group_size": 16, "act_bits": 8}):
+    for spec in (
+        {"weight_bits": 8, "group_size": 64, "act_bits": 8},
+        {"weight_bits": 8, "group_size": 64, "act_bits": 0},
+        {"weight_bits": 4, "group_size": 32, "act_bits": 0},
+        {"weight_bits": 4, "group_size": 16, "act_bits": 8},
+    ):
         assert parse_scheme(scheme_name(spec), 64) == spec
-    assert [scheme_name({"weight_bits": 8, "group_size": 64, "act_bits": 8}),
-            scheme_name({"weight_bits": 4, "group_size": 32, "act_bits": 0})] == ["w8a8", "w4g32"]
+    assert [
+        scheme_name({"weight_bits": 8, "group_size": 64, "act_bits": 8}),
+        scheme_name({"weight_bits": 4, "group_size": 32, "act_bits": 0}),
+    ] == ["w8a8", "w4g32"]
     for bad in ("w8g32", "w4", "w16", "w8a4"):
         with pytest.raises(ValueError, match="unknown quant scheme"):
             parse_scheme(bad, 64)
@@ -219,8 +231,10 @@ def prune_qat_modifiers_from_step_0() -> list[ModifierConfig]:
     modifiers = [ModifierConfig(**OmegaConf.to_container(m)) for m in OmegaConf.load(PRUNE_QAT).modifiers]
     pruning, quantization = modifiers
     assert pruning.final_sparsity == 0.5 and quantization.weight_bits == 8
-    return [dataclasses.replace(pruning, schedule="constant", start_step=0, end_step=0),
-            dataclasses.replace(quantization, start_step=0)]
+    return [
+        dataclasses.replace(pruning, schedule="constant", start_step=0, end_step=0),
+        dataclasses.replace(quantization, start_step=0),
+    ]
 
 
 def test_prune_qat_export_of_the_tiny_student_is_6x_smaller_than_dense(tmp_path):

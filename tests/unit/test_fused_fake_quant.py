@@ -17,8 +17,9 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))  # also tells -0.0 from 0.0
 
 
-def compare_with_torchao(config: IntxFakeQuantizeConfig, x: torch.Tensor, grad: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+def compare_with_torchao(
+    config: IntxFakeQuantizeConfig, x: torch.Tensor, grad: torch.Tensor | None = None
+) -> torch.Tensor:
     """Check the fused output and input gradient bitwise against torchao's; return torchao's gradient."""
     fused = FusedIntxFakeQuantizer(config)
     assert fused.scheme is not None and fused.scheme.accepts(x)
@@ -97,8 +98,10 @@ def test_activation_fake_quant_is_torchao_bit_for_bit():
 def test_other_configs_and_inputs_fall_back_to_torchao():
     assert fused_scheme(IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=False)) is None
     assert fused_scheme(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False, is_dynamic=False)) is None
-    assert fused_scheme(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False,
-                                               scale_precision=torch.float16)) is None
+    assert (
+        fused_scheme(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False, scale_precision=torch.float16))
+        is None
+    )
     config = qat.activation_fake_quant_config(8)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     assert not FusedIntxFakeQuantizer(config).scheme.accepts(x)

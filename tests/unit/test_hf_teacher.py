@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, RunConfig, validate
+from trainer.config import ConfigError, RunConfig
 from trainer.distill import teacher as teacher_io
+from trainer.models.protocol import family_of
+from trainer.preflight import validate
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")
 
@@ -18,8 +20,9 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face teachers
 def save_tiny_gpt2(folder: Path, vocab_size: int = 65, seed: int = 0) -> Path:
     """A 2-layer GPT-2 saved with ``save_pretrained`` (config.json + model.safetensors)."""
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
 
@@ -46,7 +49,8 @@ def test_logits_equal_the_hf_models_own(hf65):
         got, want = teacher(x), reference(hf65)(input_ids=x).logits
     assert got.shape == (3, 16, 65)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert teacher.width == 32 and len(teacher.blocks) == 2
+    spec = family_of(teacher)
+    assert spec.width(teacher) == 32 and len(spec.layers(teacher)) == 2
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -76,13 +80,14 @@ def test_padded_vocabulary_is_sliced(hf80):
         cut, hidden = sliced(x, hidden_layers=(1,))
     assert whole.shape[-1] == 80 and cut.shape[-1] == 65
     torch.testing.assert_close(cut, whole[..., :65], rtol=0, atol=0)
-    assert sliced.width == full.width and len(sliced.blocks) == 2 and list(hidden) == [1]
+    spec = family_of(sliced)
+    assert spec.width(sliced) == family_of(full).width(full) and len(spec.layers(sliced)) == 2 and list(hidden) == [1]
 
 
 def test_resolve_and_spec(hf65):
     assert teacher_io.resolve(hf65) == ("hf", hf65)
     spec = teacher_io.spec(hf65)
-    assert spec["arch"] == "gpt"
+    assert spec["arch"] == "hf_teacher"
     assert spec["config"] == {"vocab_size": 65, "n_layer": 2, "n_embd": 32, "block_size": 64}
 
 
@@ -94,18 +99,27 @@ def copy_without(src: Path, dst: Path, *missing: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("no_weights", "has a Hugging Face config.json but no weights"),
-    ("no_config", "has weights (model.safetensors) but no config.json"),
-    ("unknown_model_type", "transformers cannot read it"),
-    ("not_json", "not valid JSON"),
-    ("not_causal_lm", "which transformers does not run as a causal LM"),
-    ("empty", "is not a Stillroom export, run folder or checkpoint, nor a Hugging Face causal-LM folder"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("no_weights", "has a Hugging Face config.json but no weights"),
+        ("no_config", "has weights (model.safetensors) but no config.json"),
+        ("unknown_model_type", "transformers cannot read it"),
+        ("not_json", "not valid JSON"),
+        ("not_causal_lm", "which transformers does not run as a causal LM"),
+        ("empty", "is not a Stillroom export, run folder or checkpoint, nor a Hugging Face causal-LM folder"),
+    ],
+)
 def test_broken_folders_are_refused_with_one_line(hf65, tmp_path, broken, message):
-    folder = copy_without(hf65, tmp_path / broken, *{"no_weights": ["model.safetensors"],
-                                                     "no_config": ["config.json"],
-                                                     "empty": [f.name for f in hf65.iterdir()]}.get(broken, []))
+    folder = copy_without(
+        hf65,
+        tmp_path / broken,
+        *{
+            "no_weights": ["model.safetensors"],
+            "no_config": ["config.json"],
+            "empty": [f.name for f in hf65.iterdir()],
+        }.get(broken, []),
+    )
     config = folder / "config.json"
     if broken == "unknown_model_type":
         config.write_text(json.dumps({"model_type": "no_such_model", "architectures": ["NoSuchForCausalLM"]}))
@@ -123,7 +137,7 @@ def run_config(checkpoint: Path, **teacher) -> RunConfig:
     cfg = RunConfig()
     cfg.data.name = "shakespeare"  # 65 characters
     cfg.distill.loss, cfg.distill.alpha = "forward_kl", 0.5
-    cfg.student.block_size = 32
+    cfg.student["block_size"] = 32
     cfg.teacher.checkpoint = str(checkpoint)
     for key, value in teacher.items():
         setattr(cfg.teacher, key, value)
@@ -138,6 +152,6 @@ def test_validation_of_vocabularies_and_context(hf65, hf80):
     with pytest.raises(ConfigError, match="teacher.vocab: must be one of strict, slice"):
         validate(run_config(hf80, vocab="crop"))
     cfg = run_config(hf65)
-    cfg.student.block_size = 128
+    cfg.student["block_size"] = 128
     with pytest.raises(ConfigError, match="student.block_size: 128 is longer than the teacher's context of 64"):
         validate(cfg)

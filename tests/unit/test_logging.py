@@ -38,8 +38,13 @@ def wandb_env(tmp_path, monkeypatch):
 def inspect_wandb_run(run_dir: Path) -> list[dict]:
     """The records of the single offline W&B run under run_dir, via `wandb leet inspect --json`."""
     (offline,) = run_dir.glob("wandb/offline-run-*")
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
-                         capture_output=True, text=True, check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -126,8 +131,7 @@ def test_wandb_offline_run_reads_back(tmp_path, wandb_env):
     run_dir = tmp_path / "run"
     config = {"model": {"n_layer": 2, "n_embd": 64}, "lr": 0.01}
     losses = {1: 2.0, 2: 1.5, 3: 1.25, 5: 1.125}
-    logger = make_logger(run_dir, config=config, wandb_mode="offline", wandb_name="readback",
-                         wandb_tags=["test"])
+    logger = make_logger(run_dir, config=config, wandb_mode="offline", wandb_name="readback", wandb_tags=["test"])
     for step, loss in losses.items():
         logger.log(step, {"loss": torch.tensor(loss), "lr": 0.01})
     logger.summary({"best_loss": 1.125})

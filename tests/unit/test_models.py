@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import models
+from trainer import exports, models
 
 
 def tiny_gpt(**kw):
@@ -49,19 +49,24 @@ def test_export_reloads_to_identical_logits(tmp_path, arch):
         torch.manual_seed(0)
         model, x = models.build("mlp", in_dim=64, n_classes=10, hidden=[32, 16]), torch.rand(5, 64)
     models.save_dense(model, tmp_path)
-    loaded = models.load(tmp_path)
+    loaded = exports.load(tmp_path)
     assert torch.equal(model.eval()(x), loaded(x))
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
 
 
 def test_load_refuses_weights_of_another_shape(tmp_path):
     models.save_dense(tiny_gpt(), tmp_path)
-    config = (tmp_path / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 64').replace('"n_head": 2', '"n_head": 4')
+    config = (
+        (tmp_path / "config.json")
+        .read_text()
+        .replace('"n_embd": 32', '"n_embd": 64')
+        .replace('"n_head": 2', '"n_head": 4')
+    )
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(Exception, match="size mismatch|do not fit"):
-        models.load(tmp_path)
+        exports.load(tmp_path)
 
 
 def test_load_refuses_a_folder_that_is_not_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Stillroom export"):
-        models.load(tmp_path)
+        exports.load(tmp_path)

@@ -11,13 +11,16 @@ def grads_of(n: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(1000, generator=generator) * 10 ** (i % 3) for i in range(n)]
 
 
-@pytest.mark.parametrize("n, tree", [
-    (1, lambda g: g[0]),
-    (2, lambda g: g[0] + g[1]),
-    (3, lambda g: (g[0] + g[1]) + g[2]),
-    (4, lambda g: (g[0] + g[1]) + (g[2] + g[3])),
-    (8, lambda g: ((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))),
-])
+@pytest.mark.parametrize(
+    "n, tree",
+    [
+        (1, lambda g: g[0]),
+        (2, lambda g: g[0] + g[1]),
+        (3, lambda g: (g[0] + g[1]) + g[2]),
+        (4, lambda g: (g[0] + g[1]) + (g[2] + g[3])),
+        (8, lambda g: ((g[0] + g[1]) + (g[2] + g[3])) + ((g[4] + g[5]) + (g[6] + g[7]))),
+    ],
+)
 def test_the_sum_is_the_balanced_tree(n, tree):
     param = torch.nn.Parameter(torch.zeros(1000))
     pairwise = PairwiseGradients([param])

@@ -5,25 +5,36 @@ from __future__ import annotations
 import pytest
 
 from parallel.mesh import ParallelDims, ParallelDimsError
-from trainer.config import ConfigError, ParallelConfig, RunConfig, validate
+from trainer.config import ConfigError, ParallelConfig, RunConfig
+from trainer.preflight import validate
 
 
-@pytest.mark.parametrize("replicate, shard, world, expected", [
-    (1, 1, 1, (1, 1)), (-1, 1, 4, (4, 1)), (1, -1, 4, (1, 4)), (2, -1, 4, (2, 2)), (-1, 2, 8, (4, 2)),
-])
+@pytest.mark.parametrize(
+    "replicate, shard, world, expected",
+    [
+        (1, 1, 1, (1, 1)),
+        (-1, 1, 4, (4, 1)),
+        (1, -1, 4, (1, 4)),
+        (2, -1, 4, (2, 2)),
+        (-1, 2, 8, (4, 2)),
+    ],
+)
 def test_sizes_are_inferred(replicate, shard, world, expected):
     dims = ParallelDims(replicate, shard, world)
     assert (dims.dp_replicate, dims.dp_shard) == expected
     assert dims.dp_size == world
 
 
-@pytest.mark.parametrize("replicate, shard, world, field, needle", [
-    (2, 3, 4, "dp_shard", "2 x dp_shard=3 = 6 ranks, but the world size is 4"),
-    (3, -1, 4, "dp_shard", "divisible by dp_replicate=3"),
-    (-1, -1, 4, "dp_shard", "only one of"),
-    (0, 1, 1, "dp_replicate", "must be >= 1 or -1"),
-    (2, 1, 1, "dp_replicate", "the world size is 1"),
-])
+@pytest.mark.parametrize(
+    "replicate, shard, world, field, needle",
+    [
+        (2, 3, 4, "dp_shard", "2 x dp_shard=3 = 6 ranks, but the world size is 4"),
+        (3, -1, 4, "dp_shard", "divisible by dp_replicate=3"),
+        (-1, -1, 4, "dp_shard", "only one of"),
+        (0, 1, 1, "dp_replicate", "must be >= 1 or -1"),
+        (2, 1, 1, "dp_replicate", "the world size is 1"),
+    ],
+)
 def test_bad_sizes_name_the_field(replicate, shard, world, field, needle):
     with pytest.raises(ParallelDimsError) as info:
         ParallelDims(replicate, shard, world)
@@ -53,16 +64,19 @@ def config(**parallel) -> RunConfig:
     return cfg
 
 
-@pytest.mark.parametrize("world, parallel, train, key", [
-    (2, dict(strategy="single"), {}, "parallel.strategy"),
-    (2, dict(strategy="ddp", dp_replicate=-1, dp_shard=2), {}, "parallel.dp_shard"),
-    (4, dict(strategy="fsdp", dp_replicate=2, dp_shard=-1), {}, "parallel.dp_replicate"),
-    (4, dict(strategy="hsdp", dp_replicate=3, dp_shard=-1), {}, "parallel.dp_shard"),
-    (2, dict(strategy="ddp", dp_replicate=-1, param_dtype="bf16"), {}, "parallel.param_dtype"),
-    (2, dict(strategy="fsdp", dp_shard=-1, param_dtype="fp16"), {}, "parallel.param_dtype"),
-    (2, dict(strategy="fsdp", dp_shard=-1), dict(batch_size=9, grad_accum=3), "train.batch_size"),
-    (4, dict(strategy="ddp", dp_replicate=-1), dict(batch_size=6), "train.batch_size"),
-])
+@pytest.mark.parametrize(
+    "world, parallel, train, key",
+    [
+        (2, dict(strategy="single"), {}, "parallel.strategy"),
+        (2, dict(strategy="ddp", dp_replicate=-1, dp_shard=2), {}, "parallel.dp_shard"),
+        (4, dict(strategy="fsdp", dp_replicate=2, dp_shard=-1), {}, "parallel.dp_replicate"),
+        (4, dict(strategy="hsdp", dp_replicate=3, dp_shard=-1), {}, "parallel.dp_shard"),
+        (2, dict(strategy="ddp", dp_replicate=-1, param_dtype="bf16"), {}, "parallel.param_dtype"),
+        (2, dict(strategy="fsdp", dp_shard=-1, param_dtype="fp16"), {}, "parallel.param_dtype"),
+        (2, dict(strategy="fsdp", dp_shard=-1), dict(batch_size=9, grad_accum=3), "train.batch_size"),
+        (4, dict(strategy="ddp", dp_replicate=-1), dict(batch_size=6), "train.batch_size"),
+    ],
+)
 def test_parallel_config_errors_name_the_key(monkeypatch, world, parallel, train, key):
     launched(monkeypatch, world)
     cfg = config(**parallel)

@@ -105,8 +105,8 @@ def test_channel_pruning_removes_whole_units_and_heads(norm):
 def test_channel_pruning_ranks_by_norm():
     model = tiny_gpt()
     with torch.no_grad():
-        model.blocks[0].mlp.fc.weight[5].mul_(1e-3)  # unit 5 is the weakest
-        model.blocks[0].mlp.proj.weight[:, 5].mul_(1e-3)
+        model.blocks["0"].mlp.fc.weight[5].mul_(1e-3)  # unit 5 is the weakest
+        model.blocks["0"].mlp.proj.weight[:, 5].mul_(1e-3)
     group = pruning.unit_groups(model, {"blocks.0.mlp.fc"})[0]
     params = dict(model.named_parameters())
     masks = {n: ones(params[n]) for n in group.param_names}
@@ -119,8 +119,9 @@ def test_thin_matches_masked_model_with_fewer_parameters(bias):
     model = tiny_gpt(bias=bias)
     _, masks = channel_masks_for(model, sparsity=0.5)
     w = model.get_parameter("blocks.1.mlp.fc.weight")  # plus unstructured pruning on top
-    masks["blocks.1.mlp.fc.weight"] &= pruning.magnitude_masks({"w": w}, {"w": masks["blocks.1.mlp.fc.weight"]},
-                                                               0.7, "layer")["w"]
+    masks["blocks.1.mlp.fc.weight"] &= pruning.magnitude_masks(
+        {"w": w}, {"w": masks["blocks.1.mlp.fc.weight"]}, 0.7, "layer"
+    )["w"]
     apply(model, masks)
     small, small_masks = pruning.thin(model, masks)
     assert small.cfg.mlp_hidden == [64, 64] and small.cfg.n_heads_per_layer == [2, 2]
@@ -134,7 +135,7 @@ def test_thin_matches_masked_model_with_fewer_parameters(bias):
 
 def test_thin_keeps_one_zero_head_when_all_heads_are_dead():
     model = tiny_gpt()
-    masks = {"blocks.0.attn.qkv.weight": ones(model.blocks[0].attn.qkv.weight)}
+    masks = {"blocks.0.attn.qkv.weight": ones(model.blocks["0"].attn.qkv.weight)}
     masks["blocks.0.attn.qkv.weight"][64:] = False  # every v row of layer 0
     apply(model, masks)
     small, _ = pruning.thin(model, masks)

@@ -5,11 +5,14 @@ import pytest
 from parallel.remote import Roles
 
 
-@pytest.mark.parametrize("world, k, students, served", [
-    (3, 1, [0, 1], {2: [0, 1]}),
-    (4, 2, [0, 1], {2: [0], 3: [1]}),
-    (6, 2, [0, 1, 2, 3], {4: [0, 2], 5: [1, 3]}),
-])
+@pytest.mark.parametrize(
+    "world, k, students, served",
+    [
+        (3, 1, [0, 1], {2: [0, 1]}),
+        (4, 2, [0, 1], {2: [0], 3: [1]}),
+        (6, 2, [0, 1, 2, 3], {4: [0, 2], 5: [1, 3]}),
+    ],
+)
 def test_the_last_k_ranks_serve_the_students_round_robin(world, k, students, served):
     roles = Roles(world, k)
     assert roles.students == students

@@ -9,12 +9,21 @@ def agp_closed_form(t, t0, n_dt, s_i, s_f):
     return s_f + (s_i - s_f) * (1 - (t - t0) / n_dt) ** 3
 
 
-@pytest.mark.parametrize("step, expected_update", [
-    (0, None), (9, None),          # before start: no pruning
-    (10, 10), (11, 10), (14, 10),  # at start, then held between updates (every = 5)
-    (15, 15), (37, 35),            # mid
-    (50, 50), (51, 50), (1000, 50),  # at and after the end: held
-])
+@pytest.mark.parametrize(
+    "step, expected_update",
+    [
+        (0, None),
+        (9, None),  # before start: no pruning
+        (10, 10),
+        (11, 10),
+        (14, 10),  # at start, then held between updates (every = 5)
+        (15, 15),
+        (37, 35),  # mid
+        (50, 50),
+        (51, 50),
+        (1000, 50),  # at and after the end: held
+    ],
+)
 def test_agp_against_closed_form(step, expected_update):
     s = Schedule("agp", start_step=10, end_step=50, every=5, initial=0.1, final=0.8)
     assert s.last_update(step) == expected_update
@@ -28,7 +37,7 @@ def test_agp_endpoints_and_shape():
     s = Schedule("agp", start_step=0, end_step=100, every=1, initial=0.0, final=0.9)
     assert s.sparsity(0) == 0.0
     assert s.sparsity(100) == pytest.approx(0.9)
-    assert s.sparsity(50) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
+    assert s.sparsity(50) == pytest.approx(0.9 - 0.9 * 0.5**3)
     values = [s.sparsity(t) for t in range(101)]
     assert values == sorted(values)  # monotone, and fastest early (cubic)
     assert values[10] - values[0] > values[100] - values[90]

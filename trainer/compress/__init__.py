@@ -38,7 +38,7 @@ from trainer.compress import export as export_lib
 from trainer.compress import pruning, qat, stats
 from trainer.compress.schedules import SCHEDULES, Schedule
 from trainer.config import ConfigError, ModifierConfig
-from trainer.models.gpt import GPT
+from trainer.models.protocol import ModelFamily, family_of
 
 KINDS = ("magnitude", "channel", "nm", "qat")
 PRUNING_KINDS = ("magnitude", "channel", "nm")
@@ -57,15 +57,18 @@ def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
 
 
-def validate_modifiers(modifiers: list[ModifierConfig], model_arch: str) -> None:
+def validate_modifiers(modifiers: list[ModifierConfig], model_family: ModelFamily) -> None:
     """Config checks that need no model. Raises ConfigError ("compress.modifiers.<i>.<field>: ...")."""
     n_qat = 0
     for i, mod in enumerate(modifiers):
         key = f"compress.modifiers.{i}"
         _check(mod.kind in KINDS, f"{key}.kind", f"unknown kind {mod.kind!r} (expected one of {', '.join(KINDS)})")
         targets = list(mod.targets)
-        _check(bool(targets) and all(isinstance(t, str) and t for t in targets), f"{key}.targets",
-               "must be a non-empty list of module name patterns")
+        _check(
+            bool(targets) and all(isinstance(t, str) and t for t in targets),
+            f"{key}.targets",
+            "must be a non-empty list of module name patterns",
+        )
         _check(mod.start_step >= 0, f"{key}.start_step", f"must be >= 0 (got {mod.start_step})")
         if mod.kind == "qat":
             n_qat += 1
@@ -75,8 +78,11 @@ def validate_modifiers(modifiers: list[ModifierConfig], model_arch: str) -> None
             if mod.weight_bits == 4:
                 _check(mod.group_size >= 2, f"{key}.group_size", f"must be >= 2 (got {mod.group_size})")
             if mod.freeze_step is not None:
-                _check(mod.freeze_step >= mod.start_step, f"{key}.freeze_step",
-                       f"must be >= start_step={mod.start_step} (got {mod.freeze_step})")
+                _check(
+                    mod.freeze_step >= mod.start_step,
+                    f"{key}.freeze_step",
+                    f"must be >= start_step={mod.start_step} (got {mod.freeze_step})",
+                )
             continue
         _check(mod.every >= 1, f"{key}.every", f"must be >= 1 (got {mod.every})")
         if mod.kind == "nm":
@@ -85,14 +91,24 @@ def validate_modifiers(modifiers: list[ModifierConfig], model_arch: str) -> None
             continue
         _one_of(mod.schedule, SCHEDULES, f"{key}.schedule")
         if mod.schedule != "constant":
-            _check(mod.end_step >= mod.start_step, f"{key}.end_step",
-                   f"must be >= start_step={mod.start_step} (got {mod.end_step})")
+            _check(
+                mod.end_step >= mod.start_step,
+                f"{key}.end_step",
+                f"must be >= start_step={mod.start_step} (got {mod.end_step})",
+            )
         _check(0 <= mod.final_sparsity < 1, f"{key}.final_sparsity", f"must be in [0, 1) (got {mod.final_sparsity})")
-        _check(0 <= mod.initial_sparsity <= mod.final_sparsity, f"{key}.initial_sparsity",
-               f"must be in [0, final_sparsity={mod.final_sparsity}] (got {mod.initial_sparsity})")
+        _check(
+            0 <= mod.initial_sparsity <= mod.final_sparsity,
+            f"{key}.initial_sparsity",
+            f"must be in [0, final_sparsity={mod.final_sparsity}] (got {mod.initial_sparsity})",
+        )
         _one_of(mod.scope, ("layer", "global"), f"{key}.scope")
         if mod.kind == "channel":
-            _check(model_arch == "gpt", f"{key}.kind", f"channel pruning needs a gpt student (got {model_arch})")
+            _check(
+                model_family.structured_units,
+                f"{key}.kind",
+                f"channel pruning needs a student with heads and MLP channels (got {model_family.name})",
+            )
             _one_of(mod.norm, (1, 2), f"{key}.norm")
             _check(mod.scope == "layer", f"{key}.scope", "channel pruning ranks units per layer: must be layer")
 
@@ -104,16 +120,23 @@ def resolve_targets(model: nn.Module, patterns: list[str], key: str) -> list[str
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
     def explicit_only(name: str, module: nn.Module) -> bool:
-        return (isinstance(module, nn.Embedding) or id(module.weight) in embedding_weights
-                or name.rpartition(".")[2] in OUTPUT_HEAD_NAMES)
+        return (
+            isinstance(module, nn.Embedding)
+            or id(module.weight) in embedding_weights
+            or name.rpartition(".")[2] in OUTPUT_HEAD_NAMES
+        )
 
     candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     names = []
     for pattern in patterns:
-        matched = [name for name, m in candidates
-                   if (name == pattern if explicit_only(name, m) else fnmatch(name, pattern))]
-        _check(bool(matched), key, f"pattern {pattern!r} matches no Linear layer "
-               "(embeddings and the output head only by their exact name)")
+        matched = [
+            name for name, m in candidates if (name == pattern if explicit_only(name, m) else fnmatch(name, pattern))
+        ]
+        _check(
+            bool(matched),
+            key,
+            f"pattern {pattern!r} matches no Linear layer (embeddings and the output head only by their exact name)",
+        )
         names += [name for name in matched if name not in names]
     return names
 
@@ -141,7 +164,11 @@ def _build_pruner(model: nn.Module, mod: ModifierConfig, key: str) -> pruning.Pr
     )
     if mod.kind == "channel":
         groups = pruning.unit_groups(model, set(modules))
-        _check(bool(groups), f"{key}.targets", "matches no attention or MLP layer inside blocks")
+        _check(
+            bool(groups),
+            f"{key}.targets",
+            "matches no attention or MLP layer (heads or channels of the model's unit groups)",
+        )
         return pruning.Pruner("channel", schedule, groups=groups, norm=mod.norm)
     weights = _weight_names(model, modules)
     if mod.kind == "nm":
@@ -156,8 +183,7 @@ def build_compressor(model: nn.Module, modifiers: list[ModifierConfig]) -> Compr
 
     Call before the optimizer exists and before any sharding. Raises ConfigError naming the field.
     """
-    arch = "gpt" if isinstance(model, GPT) else type(model).__name__.lower()
-    validate_modifiers(modifiers, arch)
+    validate_modifiers(modifiers, family_of(model))
     qat_phases = None
     for i, mod in enumerate(modifiers):
         if mod.kind != "qat":
@@ -169,8 +195,11 @@ def build_compressor(model: nn.Module, modifiers: list[ModifierConfig]) -> Compr
         except ValueError as e:
             raise ConfigError(f"{key}.targets", str(e)) from None
         qat_phases = QATPhases(modules, mod.start_step, mod.freeze_step)
-    pruners = [_build_pruner(model, mod, f"compress.modifiers.{i}")
-               for i, mod in enumerate(modifiers) if mod.kind in PRUNING_KINDS]
+    pruners = [
+        _build_pruner(model, mod, f"compress.modifiers.{i}")
+        for i, mod in enumerate(modifiers)
+        if mod.kind in PRUNING_KINDS
+    ]
     return Compressor(model, pruners, qat_phases)
 
 
@@ -219,10 +248,21 @@ class Compressor:
         (``scope="global"``) would rank only ``part``'s weights: the config refuses them with pipelining.
         """
         params, modules = dict(part.named_parameters()), dict(part.named_modules())
-        pruners = [dataclasses.replace(p, weights=[name for name in p.weights if name in params],
-                                       groups=[g for g in p.groups if g.in_weight in params]) for p in self.pruners]
-        qat_phases = None if self.qat is None else QATPhases(
-            [name for name in self.qat.modules if name in modules], self.qat.start_step, self.qat.freeze_step)
+        pruners = [
+            dataclasses.replace(
+                p,
+                weights=[name for name in p.weights if name in params],
+                groups=[g for g in p.groups if all(name in params for name in g.param_names)],
+            )
+            for p in self.pruners
+        ]
+        qat_phases = (
+            None
+            if self.qat is None
+            else QATPhases(
+                [name for name in self.qat.modules if name in modules], self.qat.start_step, self.qat.freeze_step
+            )
+        )
         return Compressor(part, pruners, qat_phases)
 
     # -- training-loop hooks
@@ -254,7 +294,7 @@ class Compressor:
             update = pruner.schedule.last_update(step)
             if update is None or (pruner.last_update is not None and update <= pruner.last_update):
                 continue
-            params = {name: self.model.get_parameter(name) for name in pruner.param_names}
+            params: dict[str, torch.Tensor] = {name: self.model.get_parameter(name) for name in pruner.param_names}
             current = {name: self.masks[name] for name in pruner.param_names}
             for name, mask in pruner.new_masks(params, current, update).items():
                 dropped = self.masks[name] & ~mask
@@ -322,8 +362,9 @@ class Compressor:
         self._ensure_masks()
         kinds = [p["kind"] for p in state["pruners"]]
         if kinds != [p.kind for p in self.pruners]:
-            raise ValueError(f"compression state holds pruners {kinds}, the config builds "
-                             f"{[p.kind for p in self.pruners]}")
+            raise ValueError(
+                f"compression state holds pruners {kinds}, the config builds {[p.kind for p in self.pruners]}"
+            )
         saved = state.get("masks", {})
         if set(saved) != set(self.masks):
             raise ValueError(f"compression state masks {sorted(saved)} do not match {sorted(self.masks)}")
@@ -341,11 +382,13 @@ class Compressor:
     # -- export
 
     def export(self, out_dir: str | Path) -> Path:
-        """Write the shipped student: thinned (GPT), masked and quantized (see ``export``)."""
+        """Write the shipped student: thinned (a family with structured units), masked and quantized (see
+        ``export``)."""
         self._ensure_masks()
         specs = stats.quant_specs(self.model)
-        model, masks = (pruning.thin(self.model, self.masks) if isinstance(self.model, GPT)
-                        else (self.model, self.masks))
+        model, masks = (
+            pruning.thin(self.model, self.masks) if family_of(self.model).structured_units else (self.model, self.masks)
+        )
         return export_lib.export_compressed(model, out_dir, masks, specs)
 
     # -- internals
@@ -373,8 +416,9 @@ class Compressor:
         key = [(id(mask), mask._version) for mask in self.masks.values()]
         if key != self._masked_key:
             params = [self.model.get_parameter(name) for name in self.masks]
-            self._masked = [(param, pruning.local(mask).to(param.dtype))
-                            for param, mask in zip(params, self.masks.values())]
+            self._masked = [
+                (param, pruning.local(mask).to(param.dtype)) for param, mask in zip(params, self.masks.values())
+            ]
             self._masked_key = key
         return self._masked
 

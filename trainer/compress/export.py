@@ -34,6 +34,7 @@ import math
 import re
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -76,8 +77,7 @@ SCHEME_PATTERN = re.compile(r"w(8|4)(?:g(\d+))?(?:a(8))?")
 def storage_bytes(numel: int, shape: tuple, nonzero: int, weight_bits: int, group_size: int) -> int:
     """Bytes one tensor adds to the blobs: values (dense, or bitmask + nonzeros when that is
     smaller) plus fp16 scales. ``weight_bits`` 32 = fp32; 8 = one scale per row; 4 = one per group."""
-    return _value_bytes(numel, nonzero, weight_bits) + SCALE_BYTES * _scale_count(
-        numel, shape, weight_bits, group_size)
+    return _value_bytes(numel, nonzero, weight_bits) + SCALE_BYTES * _scale_count(numel, shape, weight_bits, group_size)
 
 
 def _dense_bytes(numel: int, bits: int) -> int:
@@ -149,8 +149,11 @@ def parse_scheme(name: str, row_len: int) -> dict:
     if match is None or (match[1] == "4") != (match[2] is not None):
         raise ValueError(f"unknown quant scheme {name!r}")
     bits = int(match[1])
-    return {"weight_bits": bits, "group_size": int(match[2]) if bits == 4 else row_len,
-            "act_bits": 8 if match[3] else 0}
+    return {
+        "weight_bits": bits,
+        "group_size": int(match[2]) if bits == 4 else row_len,
+        "act_bits": 8 if match[3] else 0,
+    }
 
 
 # ----------------------------------------------------------------------------- runtime module
@@ -163,8 +166,12 @@ class QuantizedLinear(nn.Module):
     per-token dynamic activation fake-quant, exactly like the QAT model's FakeQuantizedLinear.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, *, weight_bits: int,
-                 group_size: int, act_bits: int):
+    qdata: torch.Tensor  # buffers (registered in __init__)
+    scale: torch.Tensor
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, *, weight_bits: int, group_size: int, act_bits: int
+    ):
         super().__init__()
         if weight_bits not in (4, 8):
             raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits}")
@@ -194,15 +201,16 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weight_bits={self.weight_bits}, group_size={self.group_size}, act_bits={self.act_bits}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weight_bits={self.weight_bits}, group_size={self.group_size}, act_bits={self.act_bits}"
+        )
 
 
 # ----------------------------------------------------------------------------- export / load
 
 
-def export_compressed(model: nn.Module, out_dir: str | Path, masks: dict[str, torch.Tensor],
-                      quant: dict) -> Path:
+def export_compressed(model: nn.Module, out_dir: str | Path, masks: dict[str, torch.Tensor], quant: dict) -> Path:
     """Write ``config.json`` and ``model.safetensors`` of the shipped student to ``out_dir``.
 
     ``quant`` (module -> quant_spec) is merged over the specs of the model's QAT-prepared modules;
@@ -227,7 +235,7 @@ def export_compressed(model: nn.Module, out_dir: str | Path, masks: dict[str, to
         if blobs.add(tensor.cpu(), None if module_name is None else specs[module_name]):
             sparse.append(key)
     save_file(blobs.tensors(), str(out / WEIGHTS_FILE))
-    quant_by_scheme = {}
+    quant_by_scheme: dict[str, list[str]] = {}
     for name, spec in specs.items():
         quant_by_scheme.setdefault(scheme_name(spec), []).append(name)
     meta = {"format": COMPRESSED_FORMAT, **model_spec(model), "quant": quant_by_scheme, "sparse": sparse}
@@ -241,8 +249,11 @@ def load_compressed(path: str | Path) -> nn.Module:
     if meta["format"] != COMPRESSED_FORMAT:
         raise ValueError(f"{path}: format {meta['format']!r} is not {COMPRESSED_FORMAT!r}")
     model = build_from_spec(meta)
-    specs = {name: parse_scheme(scheme, model.get_submodule(name).weight.shape[1])
-             for scheme, names in meta["quant"].items() for name in names}
+    specs = {
+        name: parse_scheme(scheme, cast(torch.Tensor, model.get_submodule(name).weight).shape[1])
+        for scheme, names in meta["quant"].items()
+        for name in names
+    }
     sparse = set(meta["sparse"])
     blobs = BlobReader(load_file(str(Path(path) / WEIGHTS_FILE)))
     state = {}
@@ -252,12 +263,15 @@ def load_compressed(path: str | Path) -> nn.Module:
         values, scale = blobs.take_tensor(tuple(template.shape), spec, key in sparse)
         if spec is None:
             state[key] = values
-        elif isinstance(model.get_submodule(module_name), nn.Embedding):
+            continue
+        assert module_name is not None and scale is not None  # a quantized tensor: its module's, with scales
+        if isinstance(model.get_submodule(module_name), nn.Embedding):
             state[key] = dequantize_weight(values, scale)
         else:
-            linear = model.get_submodule(module_name)
-            model.set_submodule(module_name, QuantizedLinear(linear.in_features, linear.out_features,
-                                                             linear.bias is not None, **spec))
+            linear = cast(nn.Linear, model.get_submodule(module_name))  # quantized: an Embedding or a Linear
+            model.set_submodule(
+                module_name, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, **spec)
+            )
             state[f"{module_name}.qdata"] = pack_int4(values) if spec["weight_bits"] == 4 else values
             state[f"{module_name}.scale"] = scale
     blobs.check_used_up(path)
@@ -268,7 +282,7 @@ def load_compressed(path: str | Path) -> nn.Module:
 class BlobWriter:
     """Appends each tensor's parts to the blobs (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in BLOB_DTYPES}
 
     def add(self, tensor: torch.Tensor, spec: dict | None) -> bool:
@@ -291,8 +305,9 @@ class BlobWriter:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The non-empty blobs, each one flat contiguous tensor of its dtype."""
-        return {name: torch.cat(parts).to(BLOB_DTYPES[name]).contiguous()
-                for name, parts in self.parts.items() if parts}
+        return {
+            name: torch.cat(parts).to(BLOB_DTYPES[name]).contiguous() for name, parts in self.parts.items() if parts
+        }
 
 
 class BlobReader:
@@ -308,10 +323,9 @@ class BlobReader:
         if start + count > blob.numel():
             raise ValueError(f"{WEIGHTS_FILE}: blob {name!r} ends before the tensors that config.json describes")
         self.used[name] = start + count
-        return blob[start:start + count]
+        return blob[start : start + count]
 
-    def take_tensor(self, shape: tuple, spec: dict | None, sparse: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def take_tensor(self, shape: tuple, spec: dict | None, sparse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(fp32 values, None) or (int8 codes, fp16 scales) of one tensor of ``shape``."""
         numel = math.prod(shape)
         nonzero = unpack_bits(self.take("bitmasks", math.ceil(numel / 8)), numel) if sparse else None
@@ -329,20 +343,26 @@ class BlobReader:
         return values.reshape(shape), scale
 
     def check_used_up(self, path: str | Path) -> None:
-        left = {name: blob.numel() - self.used[name] for name, blob in self.blobs.items()
-                if blob.numel() != self.used[name]}
+        left = {
+            name: blob.numel() - self.used[name] for name, blob in self.blobs.items() if blob.numel() != self.used[name]
+        }
         if left:
             raise ValueError(f"{path}: {WEIGHTS_FILE} holds data that config.json does not describe: {left}")
 
 
-def quantize_dense(model: nn.Module, weight_bits: int = 8, group_size: int = 32, act_bits: int = 8,
-                   targets: list[str] | None = None) -> nn.Module:
+def quantize_dense(
+    model: nn.Module, weight_bits: int = 8, group_size: int = 32, act_bits: int = 8, targets: list[str] | None = None
+) -> nn.Module:
     """Post-training quantization: prepare the Linear modules matching ``targets`` (fnmatch
     patterns over module names; None = all) and enable fake-quant. Weight-tied Linears (GPT's
     head) are skipped. Returns ``model``, modified in place; export it with ``export_compressed``."""
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and not weight_is_tied(model, module)
-             and (targets is None or any(fnmatch(name, pattern) for pattern in targets))]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not weight_is_tied(model, module)
+        and (targets is None or any(fnmatch(name, pattern) for pattern in targets))
+    ]
     prepare(model, names, weight_bits=weight_bits, group_size=group_size, act_bits=act_bits)
     set_enabled(model, True)
     return model
@@ -361,9 +381,16 @@ def _export_specs(model: nn.Module, quant: dict) -> dict:
     for owner, *sharers in shared:
         for sharer in sharers:
             spec = specs.pop(sharer, None)
-            if spec is None or owner not in specs or spec["act_bits"] or _weight_scheme(spec) != _weight_scheme(specs[owner]):
-                raise ValueError(f"{sharer!r} shares its weight with {owner!r}: quantize both with the same "
-                                 f"weight scheme and {sharer!r} without activation quantization, or neither")
+            if (
+                spec is None
+                or owner not in specs
+                or spec["act_bits"]
+                or _weight_scheme(spec) != _weight_scheme(specs[owner])
+            ):
+                raise ValueError(
+                    f"{sharer!r} shares its weight with {owner!r}: quantize both with the same "
+                    f"weight scheme and {sharer!r} without activation quantization, or neither"
+                )
     return dict(sorted(specs.items()))
 
 

@@ -59,17 +59,25 @@ class Scheme:
 
 def fused_scheme(config: IntxFakeQuantizeConfig) -> Scheme | None:
     """The ``Scheme`` for ``config``, or None when it is not one the fused path reproduces."""
-    if not (isinstance(config, IntxFakeQuantizeConfig) and config.is_dynamic and not config.range_learning
-            and config.dtype in (torch.int8, torch.int4) and config.zero_point_domain == ZeroPointDomain.INT
-            and config.zero_point_precision == torch.int32):
+    if not (
+        isinstance(config, IntxFakeQuantizeConfig)
+        and config.is_dynamic
+        and not config.range_learning
+        and config.dtype in (torch.int8, torch.int4)  # type: ignore[attr-defined]  # torch's stubs omit int4
+        and config.zero_point_domain == ZeroPointDomain.INT
+        and config.zero_point_precision == torch.int32
+    ):
         return None
     qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[config.dtype]
     eps = torch.finfo(torch.float32).smallest_normal if config.eps is None else config.eps  # torchao's default
     granularity = config.granularity
     if isinstance(granularity, PerToken) and not config.is_symmetric and config.scale_precision == torch.float32:
         return Scheme(True, 0, qmin, qmax, eps, torch.float32)
-    if (isinstance(granularity, (PerAxis, PerGroup)) and config.is_symmetric
-            and config.scale_precision in (torch.float32, torch.float16)):
+    if (
+        isinstance(granularity, (PerAxis, PerGroup))
+        and config.is_symmetric
+        and config.scale_precision in (torch.float32, torch.float16)
+    ):
         group = granularity.group_size if isinstance(granularity, PerGroup) else 0
         return Scheme(False, group, qmin, qmax, eps, config.scale_precision)
     return None
@@ -93,6 +101,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+        zero_point: torch.Tensor | int  # a float tensor per token, 0 for the symmetric schemes
         if scheme.per_token:
             blocks = x
             scale, zero_point, extremes = _token_qparams(x, scheme)
@@ -146,7 +155,9 @@ def _token_qparams(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch
     return scale, zero_point, extremes
 
 
-def _within_range(extremes: torch.Tensor, inverse: torch.Tensor, zero_point: torch.Tensor, scheme: Scheme) -> bool:
+def _within_range(
+    extremes: torch.Tensor, inverse: torch.Tensor, zero_point: torch.Tensor | int, scheme: Scheme
+) -> bool:
     """Whether every token's quantized extremes lie in ``[qmin, qmax]``: quantizing is monotone, so
     then all its values do. False when an extreme is NaN."""
     q = extremes.mul_(inverse).round_().add_(zero_point)

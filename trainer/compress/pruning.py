@@ -1,4 +1,4 @@
-"""Mask math for pruning (unstructured magnitude, N:M, structured GPT units) and thinning.
+"""Mask math for pruning (unstructured magnitude, N:M, structured units) and thinning.
 
 Masks are bool tensors shaped like their parameter (True = kept). The pruning functions take
 the current masks and return subsets of them, so nothing pruned comes back. Their math is
@@ -9,7 +9,6 @@ pruning and ``thin`` need full tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import struct
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.compress import qat
 from trainer.compress.schedules import Schedule
+from trainer.models.protocol import UnitGroup, family_of
 
 FLOAT32_INF_BITS = 0x7F800000
 
@@ -39,8 +39,9 @@ def sum_over_shards(counts: torch.Tensor, tensors: list[torch.Tensor]) -> torch.
     layouts = {(t.device_mesh, t.placements) for t in tensors if isinstance(t, DTensor)}
     if not layouts:
         return counts
-    assert len(layouts) == 1 and all(isinstance(t, DTensor) for t in tensors), \
+    assert len(layouts) == 1 and all(isinstance(t, DTensor) for t in tensors), (
         "pruning thresholds need all tensors sharded alike (one FSDP mesh)"
+    )
     ((mesh, placements),) = layouts
     reduced = counts.to(mesh.device_type)  # CPU-offloaded shards on a GPU mesh reduce on the GPU
     for axis, placement in enumerate(placements):
@@ -65,7 +66,9 @@ def kth_thresholds(groups: list[list[torch.Tensor]], sparsity: float) -> list[fl
     at_or_above = [FLOAT32_INF_BITS] * len(groups)
     while any(k > 0 and hi - lo > 1 for k, lo, hi in zip(ks, below, at_or_above)):
         mids = [(lo + hi) // 2 for lo, hi in zip(below, at_or_above)]
-        local_counts = [sum(int((t <= _float32_from_bits(mid)).sum()) for t in group) for group, mid in zip(shards, mids)]
+        local_counts = [
+            sum(int((t <= _float32_from_bits(mid)).sum()) for t in group) for group, mid in zip(shards, mids)
+        ]
         counts = sum_over_shards(torch.tensor(local_counts, dtype=torch.int64), flat).tolist()
         for i, (k, mid, count) in enumerate(zip(ks, mids, counts)):
             if k > 0 and at_or_above[i] - below[i] > 1:
@@ -86,8 +89,9 @@ def magnitude_scores(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float().masked_fill(~mask, 0.0)
 
 
-def magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                    sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+def magnitude_masks(
+    weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], sparsity: float, scope: str
+) -> dict[str, torch.Tensor]:
     """Prune the smallest |w|: per tensor (``scope="layer"``) or over all of them (``"global"``)."""
     scores = {name: magnitude_scores(w, masks[name]) for name, w in weights.items()}
     groups = [list(scores.values())] if scope == "global" else [[s] for s in scores.values()]
@@ -103,102 +107,37 @@ def nm_mask(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.T
     A DTensor weight must be sharded by rows (FSDP2's ``Shard(0)``), so every group is on one rank.
     """
     if isinstance(weight, DTensor):
-        assert all(not p.is_shard() or p.dim == 0 for p in weight.placements), \
+        # Placement.is_shard() does not narrow a placement to Shard (which has .dim): hence the ignore
+        assert all(not p.is_shard() or p.dim == 0 for p in weight.placements), (  # type: ignore[attr-defined]
             f"N:M pruning needs row-sharded weights, got {weight.placements}"
+        )
+        assert isinstance(mask, DTensor)  # a mask is sharded like its weight
         kept = nm_mask(weight.to_local(), mask.to_local(), n, m)
-        return DTensor.from_local(kept, mask.device_mesh, mask.placements, run_check=False,
-                                  shape=mask.shape, stride=mask.stride())
+        return DTensor.from_local(
+            kept, mask.device_mesh, mask.placements, run_check=False, shape=mask.shape, stride=mask.stride()
+        )
     scores = weight.detach().abs().float().masked_fill(~mask, -1.0).reshape(-1, m)
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(n, dim=1).indices, True)
     return mask & keep.view_as(mask)
 
 
-@dataclass(frozen=True)
-class UnitGroup:
-    """The structured units of one GPT block: MLP hidden units or attention heads.
-
-    The in-layer (``mlp.fc`` / ``attn.qkv``) holds ``parts`` stacked slices (1, or q/k/v = 3) of
-    ``n_units * unit_size`` output rows; the out-layer (``proj``) holds one column slice per unit.
-    """
-
-    kind: str  # "mlp" | "attn"
-    block: int
-    n_units: int
-    unit_size: int
-    parts: int
-    has_bias: bool
-
-    @property
-    def in_module(self) -> str:
-        return f"blocks.{self.block}.{self.kind}.{'fc' if self.kind == 'mlp' else 'qkv'}"
-
-    @property
-    def out_module(self) -> str:
-        return f"blocks.{self.block}.{self.kind}.proj"
-
-    @property
-    def in_weight(self) -> str:
-        return f"{self.in_module}.weight"
-
-    @property
-    def in_bias(self) -> str:
-        return f"{self.in_module}.bias"
-
-    @property
-    def out_weight(self) -> str:
-        return f"{self.out_module}.weight"
-
-    @property
-    def weight_names(self) -> list[str]:
-        return [self.in_weight, self.out_weight]
-
-    @property
-    def param_names(self) -> list[str]:
-        """Every parameter the group's masks cover (the out-layer bias is per output, not per unit)."""
-        return [self.in_weight, *([self.in_bias] if self.has_bias else []), self.out_weight]
-
-    def per_unit(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum of ``tensor`` (one of ``param_names``, or its mask) over each unit's entries: shape [n_units]."""
-        if name == self.out_weight:
-            return tensor.reshape(tensor.shape[0], self.n_units, self.unit_size).sum((0, 2))
-        return tensor.reshape(self.parts, self.n_units, self.unit_size, -1).sum((0, 2, 3))
-
-    def expand(self, name: str, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Broadcast a per-unit bool vector to the shape of parameter ``name``."""
-        if name == self.out_weight:
-            return keep.view(1, -1, 1).expand(shape[0], self.n_units, self.unit_size).reshape(shape)
-        inputs = shape[1] if len(shape) == 2 else 1  # a weight's columns, or 1 for the bias
-        return keep.view(1, -1, 1, 1).expand(self.parts, self.n_units, self.unit_size, inputs).reshape(shape)
-
-    def indices(self, name: str, kept: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """(dim, index) that selects the kept units' slices of parameter ``name``."""
-        if name == self.out_weight:
-            return 1, torch.arange(self.n_units * self.unit_size).view(self.n_units, self.unit_size)[kept].reshape(-1)
-        rows = torch.arange(self.parts * self.n_units * self.unit_size)
-        return 0, rows.view(self.parts, self.n_units, self.unit_size)[:, kept].reshape(-1)
-
-
 def unit_groups(model: nn.Module, module_names: set[str] | None = None) -> list[UnitGroup]:
-    """The GPT unit groups whose in- or out-layer is in ``module_names`` (all groups when None)."""
-    groups = []
-    for i, block in enumerate(model.blocks):
-        attn, mlp = block.attn, block.mlp
-        for group in (
-            UnitGroup("mlp", i, mlp.fc.out_features, 1, 1, mlp.fc.bias is not None),
-            UnitGroup("attn", i, attn.n_head, attn.head_dim, 3, attn.qkv.bias is not None),
-        ):
-            if module_names is None or {group.in_module, group.out_module} & module_names:
-                groups.append(group)
-    return groups
+    """The model's unit groups (from its family) that read or write one of ``module_names`` (all when None)."""
+    groups = family_of(model).unit_groups(model)
+    return [g for g in groups if module_names is None or (g.modules | {g.out_module}) & module_names]
 
 
-def channel_masks(group: UnitGroup, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                  sparsity: float, norm: int) -> dict[str, torch.Tensor]:
+def channel_masks(
+    group: UnitGroup, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], sparsity: float, norm: int
+) -> dict[str, torch.Tensor]:
     """Remove the ``round(sparsity * n_units)`` units with the smallest L1/L2 norm (at least one unit stays)."""
-    power = sum(group.per_unit(n, params[n].detach().float().masked_fill(~masks[n], 0.0).abs() ** norm)
-                for n in group.param_names)
+    power = sum(
+        group.per_unit(n, params[n].detach().float().masked_fill(~masks[n], 0.0).abs() ** norm)
+        for n in group.param_names
+    )
     scores = power ** (1.0 / norm)
-    alive = group.per_unit(group.in_weight, masks[group.in_weight]) > 0
+    first = group.param_names[0]
+    alive = group.per_unit(first, masks[first]) > 0
     scores = scores.masked_fill(~alive, -1.0)  # already removed units rank first
     n_remove = min(round(sparsity * group.n_units), group.n_units - 1)
     keep = torch.ones(group.n_units, dtype=torch.bool, device=scores.device)
@@ -206,31 +145,11 @@ def channel_masks(group: UnitGroup, params: dict[str, torch.Tensor], masks: dict
     return {n: masks[n] & group.expand(n, keep, masks[n].shape) for n in group.param_names}
 
 
-def dead_units(group: UnitGroup, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Units whose activation is exactly zero under ``masks`` (per-unit bool vector, on CPU).
-
-    That is when the unit's value rows (its MLP row, or the head's v rows) and their bias are all
-    masked: GELU(0) = 0, and a zero v makes a zero head output whatever q and k are.
-    """
-    if group.in_weight not in masks or (group.has_bias and group.in_bias not in masks):
-        return torch.zeros(group.n_units, dtype=torch.bool)
-    alive = _value_part(group, masks[group.in_weight]).flatten(1).any(1)
-    if group.has_bias:
-        alive |= _value_part(group, masks[group.in_bias]).flatten(1).any(1)
-    return ~alive.cpu()
-
-
-def _value_part(group: UnitGroup, tensor: torch.Tensor) -> torch.Tensor:
-    """The last stacked part (the MLP rows, or v of q/k/v) as [n_units, unit_size, -1]."""
-    return tensor.reshape(group.parts, group.n_units, group.unit_size, -1)[-1]
-
-
 @dataclass
 class ThinPlan:
-    """What ``thin`` keeps: widths per layer and, per parameter name, the (dim, index) slice."""
+    """What ``thin`` keeps: units per (kind, layer) and, per parameter name, the (dim, index) slice."""
 
-    mlp_hidden: list[int]
-    n_heads: list[int]
+    widths: dict[tuple[str, int], int]
     index: dict[str, tuple[int, torch.Tensor]]
 
     def select(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -241,49 +160,43 @@ class ThinPlan:
 
 
 def plan_thinning(model: nn.Module, masks: dict[str, torch.Tensor]) -> ThinPlan:
-    """Drop the dead units of every GPT block, keeping at least one MLP unit and one head per layer.
+    """Drop the dead units of every unit group, keeping at least one unit per group (one MLP unit, one head).
 
     Units feeding a group-quantized out-layer (int4 ``proj``) are all kept: removing input
     columns would shift its quantization groups and change the quantized function.
     """
     fixed_width = {
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if qat.is_quantized(module) and qat.quant_spec(module)["group_size"] < module.weight.shape[1]
     }
     widths, index = {}, {}
     for group in unit_groups(model):
-        dead = dead_units(group, masks)
+        dead = group.dead_units(masks)
         if group.out_module in fixed_width:
             dead[:] = False
         if bool(dead.all()):
             dead[0] = False
         kept = (~dead).nonzero().flatten()
-        widths[group.kind, group.block] = len(kept)
+        widths[group.kind, group.layer] = len(kept)
         if len(kept) < group.n_units:
             index.update({name: group.indices(name, kept) for name in group.param_names})
-    n_layer = len(model.blocks)
-    return ThinPlan([widths["mlp", i] for i in range(n_layer)], [widths["attn", i] for i in range(n_layer)], index)
+    return ThinPlan(widths, index)
 
 
 def thin(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A new, smaller dense GPT without the dead units and heads of ``masks``, and its remaining masks.
+    """A new, smaller dense model without the dead units and heads of ``masks``, and its remaining masks.
 
     The new model computes the same function as ``model`` with ``masks`` applied (see
     ``plan_thinning`` for what is removed; a layer whose units are all dead keeps one zero unit or
     head, so no layer is degenerate). The remaining (unstructured / N:M) masks are sliced like their
-    parameters and applied to the new weights; masks left all-True are dropped. It is a plain GPT
-    (no fake-quant modules) on ``model``'s device. Needs full, unsharded tensors.
+    parameters and applied to the new weights; masks left all-True are dropped. It is a plain model
+    of the family (no fake-quant modules) on ``model``'s device. Needs full, unsharded tensors.
     """
-    from trainer.models import build
-
     plan = plan_thinning(model, masks)
-    config = dataclasses.asdict(model.cfg) | {
-        "mlp_hidden": plan.mlp_hidden,
-        "n_heads_per_layer": plan.n_heads,
-        "head_dim": model.blocks[0].attn.head_dim,
-    }
+    spec = family_of(model)
     device = next(model.parameters()).device
-    small = build("gpt", **config).to(device)
+    small = spec.build(spec.thinned_config(model, plan.widths)).to(device)
     source = model.state_dict()
     small.load_state_dict({name: plan.select(name, source[name].detach()) for name in small.state_dict()})
     sliced = {name: plan.select(name, mask) for name, mask in masks.items()}
@@ -318,8 +231,9 @@ class Pruner:
         """Every parameter it masks (channel pruning also masks the in-layer bias)."""
         return self.weights + [name for g in self.groups for name in g.param_names]
 
-    def new_masks(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-                  step: int) -> dict[str, torch.Tensor]:
+    def new_masks(
+        self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], step: int
+    ) -> dict[str, torch.Tensor]:
         """Masks at the schedule's sparsity for ``step``, each a subset of the current one."""
         sparsity = self.schedule.sparsity(step)
         if self.kind == "magnitude":

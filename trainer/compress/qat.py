@@ -29,6 +29,7 @@ the reciprocal taken in fp16; fake-quantized w = q * scale (fp32).
 from __future__ import annotations
 
 import math
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ from torchao.quantization.utils import get_group_qparams_symmetric
 
 from trainer.compress.fused_fake_quant import FusedIntxFakeQuantizer
 
-WEIGHT_DTYPES = {8: torch.int8, 4: torch.int4}
+WEIGHT_DTYPES = {8: torch.int8, 4: torch.int4}  # type: ignore[attr-defined]  # torch's stubs omit int4
 FLOAT_BITS = 32
 SCALE_DTYPE = torch.float16
 # The smallest normal fp16: every scale keeps full fp16 precision and its fp16 reciprocal (<= 2**14)
@@ -61,7 +62,7 @@ def weight_fake_quant_config(weight_bits: int, group_size: int) -> IntxFakeQuant
     if weight_bits == 8:
         return IntxFakeQuantizeConfig(torch.int8, "per_channel", **common)
     if weight_bits == 4:
-        return IntxFakeQuantizeConfig(torch.int4, group_size=group_size, **common)
+        return IntxFakeQuantizeConfig(torch.int4, group_size=group_size, **common)  # type: ignore[attr-defined]  # torch's stubs omit int4
     raise ValueError(f"weight_bits must be 8 or 4, got {weight_bits}")
 
 
@@ -76,8 +77,9 @@ def activation_fake_quant_config(act_bits: int) -> IntxFakeQuantizeConfig | None
 
 def weight_sharers(model: nn.Module, module: nn.Module) -> list[str]:
     """Names of the modules whose ``weight`` is ``module.weight`` (itself included)."""
-    return [name for name, m in model.named_modules(remove_duplicate=False)
-            if getattr(m, "weight", None) is module.weight]
+    return [
+        name for name, m in model.named_modules(remove_duplicate=False) if getattr(m, "weight", None) is module.weight
+    ]
 
 
 def weight_is_tied(model: nn.Module, module: nn.Module) -> bool:
@@ -85,8 +87,7 @@ def weight_is_tied(model: nn.Module, module: nn.Module) -> bool:
     return len(weight_sharers(model, module)) > 1
 
 
-def prepare(model: nn.Module, module_names: list[str], *, weight_bits: int, group_size: int,
-            act_bits: int) -> None:
+def prepare(model: nn.Module, module_names: list[str], *, weight_bits: int, group_size: int, act_bits: int) -> None:
     """Swap the named ``nn.Linear`` / ``nn.Embedding`` modules for torchao fake-quantized ones, disabled.
 
     Linears get ``act_bits`` activation fake-quant; embeddings and weight-tied Linears are
@@ -98,11 +99,13 @@ def prepare(model: nn.Module, module_names: list[str], *, weight_bits: int, grou
     names = set(module_names)
     for name in sorted(names):
         _check_preparable(model, name, names, weight_bits, group_size)
-    weight_only = {name for name in names if isinstance(model.get_submodule(name), nn.Embedding)
-                   or weight_is_tied(model, model.get_submodule(name))}
+    weight_only = {
+        name
+        for name in names
+        if isinstance(model.get_submodule(name), nn.Embedding) or weight_is_tied(model, model.get_submodule(name))
+    }
     weight_config = weight_fake_quant_config(weight_bits, group_size)
-    for selected, act_config in ((names - weight_only, activation_fake_quant_config(act_bits)),
-                                 (weight_only, None)):
+    for selected, act_config in ((names - weight_only, activation_fake_quant_config(act_bits)), (weight_only, None)):
         if selected:
             config = QATConfig(activation_config=act_config, weight_config=weight_config, step="prepare")
             quantize_(model, config, filter_fn=lambda module, fqn, selected=selected: fqn in selected)
@@ -132,15 +135,19 @@ def _check_preparable(model: nn.Module, name: str, names: set[str], weight_bits:
     if is_quantized(module):
         raise ValueError(f"QAT target {name!r}: already prepared")
     if not isinstance(module, (nn.Linear, nn.Embedding)):
-        raise ValueError(f"QAT target {name!r}: only nn.Linear and nn.Embedding are supported, "
-                         f"got {type(module).__name__}")
+        raise ValueError(
+            f"QAT target {name!r}: only nn.Linear and nn.Embedding are supported, got {type(module).__name__}"
+        )
     missing = [other for other in weight_sharers(model, module) if other not in names]
     if missing:
-        raise ValueError(f"QAT target {name!r}: its weight is tied to {', '.join(missing)}, which must be a "
-                         "QAT target too (every use of the weight must see the same quantized tensor)")
+        raise ValueError(
+            f"QAT target {name!r}: its weight is tied to {', '.join(missing)}, which must be a "
+            "QAT target too (every use of the weight must see the same quantized tensor)"
+        )
     if weight_bits == 4 and (group_size < 2 or module.weight.shape[1] % group_size):
-        raise ValueError(f"QAT target {name!r}: rows of {module.weight.shape[1]} are not a "
-                         f"multiple of group_size={group_size}")
+        raise ValueError(
+            f"QAT target {name!r}: rows of {module.weight.shape[1]} are not a multiple of group_size={group_size}"
+        )
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
@@ -154,7 +161,7 @@ def _set_module_enabled(module: nn.Module, enabled: bool) -> None:
         quantizer.enabled = enabled
 
 
-def _quantizers(module: nn.Module) -> list[nn.Module]:
+def _quantizers(module: nn.Module) -> list[Any]:  # torchao's fake quantizers (torchao has no type information)
     if not isinstance(module, FAKE_QUANTIZED):
         return []
     found = [module.weight_fake_quantizer, getattr(module, "activation_fake_quantizer", None)]
@@ -176,7 +183,7 @@ def freeze_ranges(model: nn.Module) -> None:
                 raise NotImplementedError(f"{name}: freezing static/learned ranges is not supported")
 
 
-def is_quantized(module: nn.Module) -> bool:
+def is_quantized(module: nn.Module) -> TypeGuard[FakeQuantizedLinear | FakeQuantizedEmbedding]:
     """Whether ``module`` is a torchao fake-quantized linear or embedding with a weight quantizer."""
     return isinstance(module, FAKE_QUANTIZED) and module.weight_fake_quantizer is not None
 
@@ -200,8 +207,7 @@ def quant_spec(module: nn.Module) -> dict:
     }
 
 
-def quantize_weight(weight: torch.Tensor, weight_bits: int, group_size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, weight_bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int8 tensor, same shape) and fp16 scales ``(rows, row_len // group)`` of ``weight``.
 
     Uses the same torchao primitives and arguments as the fake quantizer, so
@@ -220,7 +226,7 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return dequantize_affine(codes, (1, group), scale, None, torch.int8, -128, 127)
 
 
-def fake_quantize_weight(module: nn.Module) -> torch.Tensor:
+def fake_quantize_weight(module: FakeQuantizedLinear | FakeQuantizedEmbedding) -> torch.Tensor:
     """The weight exactly as ``module``'s forward uses it (the float weight while disabled)."""
     return module.weight_fake_quantizer(_full(module.weight))
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
 
 from trainer.compress import export, pruning, qat
 from trainer.models import unique_state_dict
-from trainer.models.gpt import GPT
+from trainer.models.protocol import family_of
 
 FP32_BYTES = 4
 TABLE_COLUMNS = ["layer", "shape", "sparsity", "bits"]
@@ -60,8 +61,9 @@ def quant_specs(model: nn.Module) -> dict[str, dict]:
 
 
 def export_tensors(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The float tensors the export stores: unique state entries, masked, thinned for a GPT."""
-    plan = pruning.plan_thinning(model, masks) if isinstance(model, GPT) else None
+    """The float tensors the export stores: unique state entries, masked, thinned (a family with structured
+    units)."""
+    plan = pruning.plan_thinning(model, masks) if family_of(model).structured_units else None
     tensors = {}
     for name, tensor in unique_state_dict(model).items():
         tensor = tensor.float()
@@ -90,8 +92,9 @@ def storage(tensors: dict[str, torch.Tensor], specs: dict[str, dict]) -> tuple[i
 
 
 @torch.no_grad()
-def summary(model: nn.Module, masks: dict[str, torch.Tensor], pruned_weights: list[str],
-            qat_active: bool) -> dict[str, float]:
+def summary(
+    model: nn.Module, masks: dict[str, torch.Tensor], pruned_weights: list[str], qat_active: bool
+) -> dict[str, float]:
     """The ``compress/*`` metrics; ``pruned_weights`` names the weights that pruning modifiers target."""
     specs = quant_specs(model)
     model_bytes, weight_bits = storage(export_tensors(model, masks), specs)
@@ -115,7 +118,7 @@ def layer_table(model: nn.Module, module_names: list[str]) -> tuple[list[str], l
     rows = []
     for name in module_names:
         module = model.get_submodule(name)
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)  # torch types a submodule's attributes as Tensor | Module
         rows.append([name, "x".join(map(str, weight.shape)), zero_fraction([weight]), qat.module_bits(module)])
     return TABLE_COLUMNS, rows
 
@@ -123,8 +126,12 @@ def layer_table(model: nn.Module, module_names: list[str]) -> tuple[list[str], l
 def weight_specs(model: nn.Module) -> dict[str, dict]:
     """``{parameter name: quant spec}`` of the QAT-prepared modules' weights, a shared weight under its first name."""
     names = {id(p): name for name, p in model.named_parameters()}
-    return {names[id(m.weight)]: spec for name, spec in quant_specs(model).items()
-            for m in [model.get_submodule(name)] if id(m.weight) in names}
+    return {
+        names[id(m.weight)]: spec
+        for name, spec in quant_specs(model).items()
+        for m in [model.get_submodule(name)]
+        if id(m.weight) in names
+    }
 
 
 @torch.no_grad()
@@ -145,19 +152,26 @@ def local_counts(model: nn.Module, masks: dict[str, torch.Tensor], pruned_weight
             signal = weight.double().square().sum().item()
             noise = (weight - qat.dequantize_weight(codes, scale)).double().square().sum().item()
         zeros = weight.numel() - int(pruning.local(param).count_nonzero())
-        out[name] = ParamCounts(tuple(param.shape), name in pruned, bits, group_size,
-                                [float(weight.numel()), float(zeros), float(stored_nonzero), signal, noise])
+        out[name] = ParamCounts(
+            tuple(param.shape),
+            name in pruned,
+            bits,
+            group_size,
+            [float(weight.numel()), float(zeros), float(stored_nonzero), signal, noise],
+        )
     return out
 
 
 def summary_from_counts(counts: dict[str, ParamCounts], qat_active: bool) -> dict[str, float]:
     """The ``compress/*`` metrics of ``summary`` from whole-model ``counts`` (see the module docstring)."""
+
     def total(field: str, where=lambda c: True) -> float:
         i = COUNT_FIELDS.index(field)
         return sum(c.counts[i] for c in counts.values() if where(c))
 
-    model_bytes = sum(export.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size)
-                      for c in counts.values())
+    model_bytes = sum(
+        export.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size) for c in counts.values()
+    )
     numel = total("numel")
     pruned_numel = total("numel", lambda c: c.pruned)
     metrics = {
@@ -176,6 +190,14 @@ def summary_from_counts(counts: dict[str, ParamCounts], qat_active: bool) -> dic
 
 def table_from_counts(counts: dict[str, ParamCounts]) -> tuple[list[str], list[list]]:
     """``layer_table``'s columns and rows from whole-model ``counts``: every pruned or quantized weight."""
-    rows = [[name.rpartition(".")[0], "x".join(map(str, c.shape)), c.counts[1] / c.counts[0] if c.counts[0] else 0.0,
-             c.bits] for name, c in counts.items() if c.pruned or c.bits != qat.FLOAT_BITS]
+    rows = [
+        [
+            name.rpartition(".")[0],
+            "x".join(map(str, c.shape)),
+            c.counts[1] / c.counts[0] if c.counts[0] else 0.0,
+            c.bits,
+        ]
+        for name, c in counts.items()
+        if c.pruned or c.bits != qat.FLOAT_BITS
+    ]
     return TABLE_COLUMNS, rows

@@ -29,6 +29,26 @@ class Shard:
     grad_accum: int = 1
 
 
+@dataclass(frozen=True)
+class Batches:
+    """The training batches this rank reads, on ``device``: each step's global batch is a function of the seed and
+    the step (``train_batch``), of which this rank takes its ``shard``'s slice of micro-batch ``micro``."""
+
+    dataset: TokenData | DigitsData
+    shard: Shard
+    seed: int
+    batch_size: int
+    device: torch.device
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.dataset.tokens_per_sample()
+
+    def train(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.dataset.train_batch(self.seed, step, self.batch_size, self.shard, micro)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * _STEP_STRIDE + step)
 
@@ -46,8 +66,15 @@ class TokenData:
 
     task = "lm"
 
-    def __init__(self, tokens: torch.Tensor, vocab: list[str] | int, val_fraction: float,
-                 block_size: int, eval_batches: int, fingerprint: str):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        vocab: list[str] | int,
+        val_fraction: float,
+        block_size: int,
+        eval_batches: int,
+        fingerprint: str,
+    ):
         n_train = int(len(tokens) * (1 - val_fraction))
         self.train_tokens, self.val_tokens = tokens[:n_train], tokens[n_train:]
         self.vocab = vocab
@@ -81,6 +108,9 @@ class TokenData:
         return "".join(self.vocab[i] for i in ids) if isinstance(self.vocab, list) else str(list(ids))
 
 
+DIGITS_FEATURES = 64  # 8 x 8 pixels
+
+
 class DigitsData:
     """scikit-learn's 8x8 digits as 64 features in [0, 1], with a fixed stratified split."""
 
@@ -96,7 +126,7 @@ class DigitsData:
         tr, va = train_test_split(range(len(y)), test_size=val_fraction, random_state=0, stratify=digits.target)
         self.x_train, self.y_train = x[tr], y[tr]
         self.x_val, self.y_val = x[va], y[va]
-        self.in_dim, self.n_classes = x.shape[1], 10
+        self.in_dim, self.n_classes = DIGITS_FEATURES, 10
         self.vocab_size = self.n_classes
         self.fingerprint = hashlib.sha256(x.numpy().tobytes() + str(va).encode()).hexdigest()[:16]
 
@@ -118,8 +148,7 @@ class DigitsData:
 
 def _char_data(cfg: DataConfig, block_size: int) -> TokenData:
     path = Path(cfg.path) if cfg.path else SHAKESPEARE
-    raw = path.read_bytes()
-    text = raw.decode("utf-8")
+    text = read_text(path)
     chars = sorted(set(text))
     lookup = torch.full((max(map(ord, chars)) + 1,), -1, dtype=torch.int64)
     lookup[torch.tensor([ord(c) for c in chars])] = torch.arange(len(chars))
@@ -158,7 +187,55 @@ def vocab_size(cfg: DataConfig) -> int:
     if cfg.name == "digits":
         return 10
     path = Path(cfg.path) if cfg.path else SHAKESPEARE
-    return len(set(path.read_text(encoding="utf-8")))
+    return len(set(read_text(path)))
+
+
+class DataError(ValueError):
+    """The data cannot serve this run: ``key`` names the setting to change."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def read_text(path: Path) -> str:
+    """A corpus file's text; DataError naming the file when it is a folder, binary or not UTF-8."""
+    if path.is_dir():
+        raise DataError("data.path", f"{path} is a folder, not a text file")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError("data.path", f"{path} is not text (it holds NUL bytes)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError("data.path", f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def check(cfg: DataConfig, block_size: int) -> None:
+    """That both splits of the data hold more than one window of ``block_size`` tokens (DataError otherwise)."""
+    if cfg.name == "digits":
+        return
+    if cfg.name == "synthetic":
+        tokens, what = cfg.synthetic_tokens, f"data.synthetic_tokens={cfg.synthetic_tokens}"
+    else:
+        path = Path(cfg.path) if cfg.path else SHAKESPEARE
+        tokens = len(read_text(path))
+        what = f"{path} has {tokens} characters"
+    n_train = int(tokens * (1 - cfg.val_fraction))
+    smaller = min(n_train, tokens - n_train)
+    if smaller <= block_size + 1:
+        raise DataError(
+            "student.block_size",
+            f"{block_size} tokens do not fit the data: {what}, so one split has "
+            f"{smaller} tokens (it needs more than {block_size + 1})",
+        )
+
+
+def model_fields(cfg: DataConfig) -> dict[str, int]:
+    """What the data decides in a model's config (a family's config takes those of these fields it has)."""
+    if cfg.name == "digits":
+        return {"in_dim": DIGITS_FEATURES, "n_classes": 10, "vocab_size": 10}
+    return {"vocab_size": vocab_size(cfg)}
 
 
 def build(cfg: DataConfig, block_size: int):

@@ -19,18 +19,23 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+
+from trainer.config import sequence_length
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 MANIFEST = "manifest.json"
 FORMAT = "stillroom-teacher-cache/1"
-VALUE_DTYPES = {"fp32": (np.float32, torch.float32), "fp16": (np.float16, torch.float16),
-                "bf16": (np.int16, torch.bfloat16)}  # bf16 stored as its raw 16 bits
+VALUE_DTYPES: dict[str, tuple[type[Any], torch.dtype]] = {
+    "fp32": (np.float32, torch.float32),
+    "fp16": (np.float16, torch.float16),
+    "bf16": (np.int16, torch.bfloat16),
+}  # bf16 stored as its raw 16 bits
 
 
 class CacheError(ValueError):
@@ -68,9 +73,14 @@ class Manifest:
     def from_json(cls, raw: dict) -> Manifest:
         if raw.get("format") != FORMAT:
             raise CacheError(f"unknown cache format {raw.get('format')!r} (expected {FORMAT})")
-        return cls(key=CacheKey(**raw["key"]), steps=raw["steps"], positions=raw["positions"],
-                   values_dtype=raw["values_dtype"], indices_dtype=raw["indices_dtype"],
-                   shards=tuple(tuple(s) for s in raw["shards"]))
+        return cls(
+            key=CacheKey(**raw["key"]),
+            steps=raw["steps"],
+            positions=raw["positions"],
+            values_dtype=raw["values_dtype"],
+            indices_dtype=raw["indices_dtype"],
+            shards=tuple(tuple(s) for s in raw["shards"]),
+        )
 
     def shape(self, shard: int) -> tuple[int, int, int, int]:
         start, stop = self.shards[shard]
@@ -83,18 +93,31 @@ def expected_key(cfg: RunConfig) -> CacheKey:
     from trainer.distill import teacher
 
     vocab = data.vocab_size(cfg.data)
-    return CacheKey(teacher=teacher.fingerprint(cfg.teacher.checkpoint), data=data.fingerprint(cfg.data),
-                    val_fraction=cfg.data.val_fraction, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
-                    block_size=cfg.student.block_size, k=cfg.distill.top_k or vocab, vocab=vocab,
-                    precision=cfg.train.precision)
+    assert cfg.teacher.checkpoint is not None  # a cache is of a teacher: preflight and trainer.cache check it
+    return CacheKey(
+        teacher=teacher.fingerprint(cfg.teacher.checkpoint),
+        data=data.fingerprint(cfg.data),
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        block_size=sequence_length(cfg),
+        k=cfg.distill.top_k or vocab,
+        vocab=vocab,
+        precision=cfg.train.precision,
+    )
 
 
 def new_manifest(key: CacheKey, steps: int, positions: int, values_dtype: str, n_shards: int) -> Manifest:
     """Steps split into ``n_shards`` contiguous ranges (one per writing rank)."""
     bounds = [steps * i // n_shards for i in range(n_shards + 1)]
-    return Manifest(key=key, steps=steps, positions=positions, values_dtype=values_dtype,
-                    indices_dtype="int16" if key.vocab <= np.iinfo(np.int16).max + 1 else "int32",
-                    shards=tuple(zip(bounds[:-1], bounds[1:])))
+    return Manifest(
+        key=key,
+        steps=steps,
+        positions=positions,
+        values_dtype=values_dtype,
+        indices_dtype="int16" if key.vocab <= np.iinfo(np.int16).max + 1 else "int32",
+        shards=tuple(zip(bounds[:-1], bounds[1:])),
+    )
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -120,12 +143,16 @@ def steps_done(root: Path, shard: int) -> int:
     return json.loads(progress.read_text())["done"] if progress.is_file() else 0
 
 
-def _memmaps(root: Path, manifest: Manifest, shard: int, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
+def _memmaps(
+    root: Path, manifest: Manifest, shard: int, mode: Literal["r", "r+", "w+"]
+) -> tuple[np.memmap, np.memmap, np.memmap]:
     folder = shard_dir(root, shard)
     shape = manifest.shape(shard)
-    return (np.memmap(folder / "values.bin", dtype=VALUE_DTYPES[manifest.values_dtype][0], mode=mode, shape=shape),
-            np.memmap(folder / "indices.bin", dtype=manifest.indices_dtype, mode=mode, shape=shape),
-            np.memmap(folder / "lse.bin", dtype=np.float32, mode=mode, shape=shape[:-1]))
+    return (
+        np.memmap(folder / "values.bin", dtype=VALUE_DTYPES[manifest.values_dtype][0], mode=mode, shape=shape),
+        np.memmap(folder / "indices.bin", dtype=manifest.indices_dtype, mode=mode, shape=shape),
+        np.memmap(folder / "lse.bin", dtype=np.float32, mode=mode, shape=shape[:-1]),
+    )
 
 
 class ShardWriter:
@@ -169,25 +196,33 @@ class CacheReader:
         stored = torch.from_numpy(np.ascontiguousarray(values[row, picked]))
         if self.manifest.values_dtype == "bf16":
             stored = stored.view(torch.bfloat16)
-        return (stored.float(), torch.from_numpy(indices[row, picked].astype(np.int64)),
-                torch.from_numpy(np.ascontiguousarray(lse[row, picked])))
+        return (
+            stored.float(),
+            torch.from_numpy(indices[row, picked].astype(np.int64)),
+            torch.from_numpy(np.ascontiguousarray(lse[row, picked])),
+        )
 
 
 def check(cfg: RunConfig) -> Manifest:
     """The manifest of ``cfg.teacher.cache_dir`` if ``cfg``'s run may read it; else CacheError (one line)."""
+    assert cfg.teacher.cache_dir is not None  # preflight: placement=cache names it
     root = Path(cfg.teacher.cache_dir)
     manifest = read_manifest(root)
     want, got = asdict(expected_key(cfg)), asdict(manifest.key)
     differ = [f"{name} {got[name]!r} != {want[name]!r}" for name in want if got[name] != want[name]]
     if differ:
-        raise CacheError(f"{root} was written for another run (cache vs this run: {'; '.join(differ)}); "
-                         "rebuild it with python -m trainer.cache and this run's overrides")
+        raise CacheError(
+            f"{root} was written for another run (cache vs this run: {'; '.join(differ)}); "
+            "rebuild it with python -m trainer.cache and this run's overrides"
+        )
     if cfg.train.max_steps > manifest.steps:
         raise CacheError(f"{root} holds {manifest.steps} steps but train.max_steps is {cfg.train.max_steps}")
     missing = [i for i in range(len(manifest.shards)) if not _shard_complete(root, manifest, i)]
     if missing:
-        raise CacheError(f"{root} is incomplete: shards {missing} of {len(manifest.shards)} are missing or "
-                         "unfinished (run python -m trainer.cache again to finish them)")
+        raise CacheError(
+            f"{root} is incomplete: shards {missing} of {len(manifest.shards)} are missing or "
+            "unfinished (run python -m trainer.cache again to finish them)"
+        )
     return manifest
 
 
@@ -195,8 +230,11 @@ def _shard_complete(root: Path, manifest: Manifest, shard: int) -> bool:
     start, stop = manifest.shards[shard]
     folder = shard_dir(root, shard)
     count = stop - start
-    for name, dtype in (("values.bin", VALUE_DTYPES[manifest.values_dtype][0]),
-                        ("indices.bin", manifest.indices_dtype), ("lse.bin", np.float32)):
+    for name, dtype in (
+        ("values.bin", VALUE_DTYPES[manifest.values_dtype][0]),
+        ("indices.bin", manifest.indices_dtype),
+        ("lse.bin", np.float32),
+    ):
         per_token = manifest.key.k if name != "lse.bin" else 1
         size = count * manifest.key.batch_size * manifest.positions * per_token * np.dtype(dtype).itemsize
         if not (folder / name).is_file() or (folder / name).stat().st_size != size:

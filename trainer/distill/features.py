@@ -7,7 +7,8 @@ never part of an exported student.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,8 +27,9 @@ def feature_loss(student_h: Tensor, teacher_h: Tensor, kind: str) -> Tensor:
     if kind not in FEATURE_LOSSES:
         raise ValueError(f"unknown feature loss {kind!r}; expected one of: {', '.join(FEATURE_LOSSES)}")
     if student_h.shape != teacher_h.shape:
-        raise ValueError(f"student features {tuple(student_h.shape)} and teacher features "
-                         f"{tuple(teacher_h.shape)} differ in shape")
+        raise ValueError(
+            f"student features {tuple(student_h.shape)} and teacher features {tuple(teacher_h.shape)} differ in shape"
+        )
     s, t = student_h.float(), teacher_h.detach().float()
     if kind == "mse":
         return F.mse_loss(s, t)
@@ -51,15 +53,13 @@ class FeatureDistiller(nn.Module):
         for spec in specs:
             pair = (int(spec.student_layer), int(spec.teacher_layer), str(spec.loss), float(spec.weight))
             if pair[2] not in FEATURE_LOSSES:
-                raise ValueError(f"unknown feature loss {pair[2]!r}; expected one of: "
-                                 f"{', '.join(FEATURE_LOSSES)}")
+                raise ValueError(f"unknown feature loss {pair[2]!r}; expected one of: {', '.join(FEATURE_LOSSES)}")
             if any(p[:2] == pair[:2] for p in self.pairs):
                 raise ValueError(f"feature pair student {pair[0]} / teacher {pair[1]} is listed twice")
             self.pairs.append(pair)
         widths_differ = student_width != teacher_width
         self.projections = nn.ModuleList(
-            nn.Linear(student_width, teacher_width, bias=False) if widths_differ else nn.Identity()
-            for _ in self.pairs
+            nn.Linear(student_width, teacher_width, bias=False) if widths_differ else nn.Identity() for _ in self.pairs
         )
 
     @staticmethod
@@ -83,8 +83,10 @@ class FeatureDistiller(nn.Module):
         weighted: list[Tensor] = []
         for (s_layer, t_layer, kind, weight), project in zip(self.pairs, self.projections):
             if s_layer not in student_hidden or t_layer not in teacher_hidden:
-                raise KeyError(f"feature pair needs student layer {s_layer} and teacher layer {t_layer}; "
-                               f"got student {sorted(student_hidden)} and teacher {sorted(teacher_hidden)}")
+                raise KeyError(
+                    f"feature pair needs student layer {s_layer} and teacher layer {t_layer}; "
+                    f"got student {sorted(student_hidden)} and teacher {sorted(teacher_hidden)}"
+                )
             loss = feature_loss(project(student_hidden[s_layer].float()), teacher_hidden[t_layer], kind)
             parts[self.key(s_layer, t_layer)] = loss
             weighted.append(weight * loss)

@@ -1,10 +1,10 @@
 """A Hugging Face causal LM from a folder on local disk, as a Stillroom teacher.
 
-The wrapped model has the teacher interface of ``trainer/models/gpt.py``: ``module(x, hidden_layers=(...))``
-returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings, ``i`` = the output of block ``i``,
-before the final norm), ``.width`` and ``.blocks`` (the transformer layers: FSDP2's units under
-``teacher.placement=shard``). ``transformers`` is the optional extra ``hf``, imported only here and never
-allowed to download anything.
+The wrapped model follows the model protocol's calling convention (``trainer/models/protocol.py``):
+``module(x, hidden_layers=(...))`` returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings,
+``i`` = the output of block ``i``, before the final norm); ``HFTeacherFamily`` gives its width and its
+transformer layers (FSDP2's units under ``teacher.placement=shard``). ``transformers`` is the optional extra
+``hf``, imported only here and never allowed to download anything.
 """
 
 from __future__ import annotations
@@ -12,13 +12,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from trainer.models.protocol import ModelFamily, register
+
 CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")  # whole, or sharded with an index
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)  # whole, or sharded with an index
 
 
 def names_hf_model(folder: Path) -> bool:
@@ -67,12 +74,19 @@ def read_config(folder: Path):
 
 
 def spec(folder: Path) -> dict:
-    """What config validation compares: {"arch": "gpt", "config": {vocab_size, n_layer, n_embd, block_size}}."""
+    """What config validation compares: {"arch": "hf_teacher", "config": {vocab_size, n_layer, n_embd, block_size}}."""
     config = read_config(folder)
-    return {"arch": "gpt", "source": "hf", "model_type": config.model_type,
-            "config": {"vocab_size": config.vocab_size, "n_layer": config.num_hidden_layers,
-                       "n_embd": config.hidden_size,
-                       "block_size": getattr(config, "max_position_embeddings", None)}}
+    return {
+        "arch": HFTeacherFamily.name,
+        "source": "hf",
+        "model_type": config.model_type,
+        "config": {
+            "vocab_size": config.vocab_size,
+            "n_layer": config.num_hidden_layers,
+            "n_embd": config.hidden_size,
+            "block_size": getattr(config, "max_position_embeddings", None),
+        },
+    }
 
 
 def _layers_path(model: nn.Module, n_layer: int) -> str:
@@ -84,29 +98,28 @@ def _layers_path(model: nn.Module, n_layer: int) -> str:
 
 
 class HFCausalLM(nn.Module):
-    """A ``transformers`` causal LM behind the teacher interface (logits, hidden states by layer, width, blocks)."""
+    """A ``transformers`` causal LM behind the teacher interface (logits, hidden states by layer)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
-        self.layers_path = _layers_path(model, model.config.num_hidden_layers)
-
-    @property
-    def width(self) -> int:
-        return self.model.config.hidden_size
+        # A transformers PreTrainedModel: its ``config`` fields (num_hidden_layers, hidden_size, ...) are dynamic.
+        self.model: Any = model
+        self.layers_path = _layers_path(model, cast(Any, model).config.num_hidden_layers)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.model.get_submodule(self.layers_path)
+        return cast(nn.ModuleList, self.model.get_submodule(self.layers_path))
 
     def _record(self, hidden_layers: tuple[int, ...], hidden: dict[int, torch.Tensor]) -> list:
         """Hooks that store the input of block 0 (layer 0) and the output of block ``i - 1`` (layer ``i``)."""
+
         def block_input(_module, args, kwargs):
             hidden[0] = args[0] if args else kwargs["hidden_states"]
 
         def block_output(layer: int):
             def hook(_module, _args, output):
                 hidden[layer] = output[0] if isinstance(output, tuple) else output
+
             return hook
 
         blocks = self.blocks
@@ -123,6 +136,24 @@ class HFCausalLM(nn.Module):
             for handle in handles:
                 handle.remove()
         return (logits, hidden) if hidden_layers else logits
+
+
+class HFTeacherFamily(ModelFamily[HFCausalLM]):
+    """Any ``transformers`` causal LM, as a teacher only: its transformer layers, width and vocabulary."""
+
+    name, model_class = "hf_teacher", HFCausalLM
+
+    def layers(self, model: HFCausalLM) -> dict[str, nn.Module]:
+        return {str(i): layer for i, layer in enumerate(model.blocks)}
+
+    def width(self, model: HFCausalLM) -> int:
+        return model.model.config.hidden_size
+
+    def vocab_size(self, model: HFCausalLM) -> int:
+        return model.model.config.vocab_size
+
+
+register(HFTeacherFamily())
 
 
 def load(folder: Path) -> HFCausalLM:

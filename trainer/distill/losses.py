@@ -8,21 +8,26 @@ as the temperature grows). The teacher never receives gradient.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from trainer.config import DistillConfig
+    from trainer.distill.placement import TeacherOutput
+
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 # div(student_rows, teacher_rows, index_rows_or_None) -> summed divergence of those rows (fp32 scalar).
-Divergence = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+Divergence = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-def _check_args(kind: str, temperature: float, beta: float, chunk_size: Optional[int]) -> None:
+def _check_args(kind: str, temperature: float, beta: float, chunk_size: int | None) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown distillation loss kind {kind!r}; expected one of: {', '.join(KINDS)}")
     if not temperature > 0:
@@ -56,14 +61,18 @@ def token_divergence(student: Tensor, teacher: Tensor, kind: str, temperature: f
 
 
 def _summed_divergence(
-    student: Tensor, teacher: Tensor, indices: Optional[Tensor], *, kind: str, temperature: float, beta: float
+    student: Tensor, teacher: Tensor, indices: Tensor | None, *, kind: str, temperature: float, beta: float
 ) -> Tensor:
     if indices is not None:
         student = student.gather(-1, indices)
     return token_divergence(student, teacher, kind, temperature, beta).sum()
 
 
-def _rows(x: Optional[Tensor], rows: slice, keep: Optional[Tensor]) -> Optional[Tensor]:
+@overload
+def _rows(x: Tensor, rows: slice, keep: Tensor | None) -> Tensor: ...
+@overload
+def _rows(x: Tensor | None, rows: slice, keep: Tensor | None) -> Tensor | None: ...
+def _rows(x: Tensor | None, rows: slice, keep: Tensor | None) -> Tensor | None:
     if x is None:
         return None
     x = x[rows]
@@ -73,18 +82,18 @@ def _rows(x: Optional[Tensor], rows: slice, keep: Optional[Tensor]) -> Optional[
 def _chunked_sum(
     student: Tensor,
     teacher: Tensor,
-    indices: Optional[Tensor],
-    keep: Optional[Tensor],
+    indices: Tensor | None,
+    keep: Tensor | None,
     div: Divergence,
     chunk_size: int,
-    grad: Optional[Tensor] = None,
+    grad: Tensor | None = None,
 ) -> Tensor:
     """Sum ``div`` over row chunks; when ``grad`` is given, also write d(sum)/d(student) into it."""
     total = torch.zeros((), dtype=torch.float32, device=student.device)
     for start in range(0, student.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         sel = None if keep is None else keep[rows]
-        s, t, idx = (_rows(x, rows, sel) for x in (student, teacher, indices))
+        s, t, idx = _rows(student, rows, sel), _rows(teacher, rows, sel), _rows(indices, rows, sel)
         if grad is None:
             total += div(s, t, idx)
             continue
@@ -128,9 +137,9 @@ def kd_loss_topk(
     kind: str,
     temperature: float = 1.0,
     beta: float = 0.5,
-    labels: Optional[Tensor] = None,
+    labels: Tensor | None = None,
     ignore_index: int = -100,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Distillation loss against a precomputed teacher top-k (e.g. read from a logit cache).
 
@@ -145,13 +154,25 @@ def kd_loss_topk(
         ``softmax(teacher_values / T)`` and ``softmax(student_logits[teacher_indices] / T)``.
     """
     if teacher_values.shape != teacher_indices.shape:
-        raise ValueError(f"teacher values {tuple(teacher_values.shape)} and indices "
-                         f"{tuple(teacher_indices.shape)} differ in shape")
+        raise ValueError(
+            f"teacher values {tuple(teacher_values.shape)} and indices {tuple(teacher_indices.shape)} differ in shape"
+        )
     if teacher_values.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"teacher top-k {tuple(teacher_values.shape)} does not match student logits "
-                         f"{tuple(student_logits.shape)} outside the last dim")
-    return _kd(student_logits, teacher_values, teacher_indices.long(), kind, temperature, beta, labels,
-               ignore_index, chunk_size)
+        raise ValueError(
+            f"teacher top-k {tuple(teacher_values.shape)} does not match student logits "
+            f"{tuple(student_logits.shape)} outside the last dim"
+        )
+    return _kd(
+        student_logits,
+        teacher_values,
+        teacher_indices.long(),
+        kind,
+        temperature,
+        beta,
+        labels,
+        ignore_index,
+        chunk_size,
+    )
 
 
 def kd_loss(
@@ -161,10 +182,10 @@ def kd_loss(
     kind: str,
     temperature: float = 1.0,
     beta: float = 0.5,
-    labels: Optional[Tensor] = None,
+    labels: Tensor | None = None,
     ignore_index: int = -100,
-    chunk_size: Optional[int] = None,
-    top_k: Optional[int] = None,
+    chunk_size: int | None = None,
+    top_k: int | None = None,
 ) -> Tensor:
     """Distillation loss between student and teacher logits.
 
@@ -194,34 +215,45 @@ def kd_loss(
         fp32 scalar: ``T**2`` times the mean divergence over kept tokens (0 if none are kept).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
     if top_k is None:
-        return _kd(student_logits, teacher_logits, None, kind, temperature, beta, labels, ignore_index,
-                   chunk_size)
+        return _kd(student_logits, teacher_logits, None, kind, temperature, beta, labels, ignore_index, chunk_size)
     vocab = student_logits.shape[-1]
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
     values, indices = teacher_logits.detach().topk(top_k, dim=-1)
-    return kd_loss_topk(student_logits, values, indices, kind=kind, temperature=temperature, beta=beta,
-                        labels=labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    return kd_loss_topk(
+        student_logits,
+        values,
+        indices,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        labels=labels,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
 
 
 def _kd(
     student: Tensor,
     teacher: Tensor,
-    indices: Optional[Tensor],
+    indices: Tensor | None,
     kind: str,
     temperature: float,
     beta: float,
-    labels: Optional[Tensor],
+    labels: Tensor | None,
     ignore_index: int,
-    chunk_size: Optional[int],
+    chunk_size: int | None,
 ) -> Tensor:
     _check_args(kind, temperature, beta, chunk_size)
     if labels is not None and labels.shape != student.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(student.shape)} "
-                         "without the last dim")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match logits {tuple(student.shape)} without the last dim"
+        )
     student = student.reshape(-1, student.shape[-1])
     teacher = teacher.detach().reshape(-1, teacher.shape[-1])
     if indices is not None:
@@ -232,7 +264,9 @@ def _kd(
 
     if chunk_size is None:
         everything = slice(None)
-        total = div(*(_rows(x, everything, keep) for x in (student, teacher, indices)))
+        total = div(
+            _rows(student, everything, keep), _rows(teacher, everything, keep), _rows(indices, everything, keep)
+        )
     elif torch.is_grad_enabled() and student.requires_grad:
         total = _ChunkedDivergence.apply(student, teacher, indices, keep, div, chunk_size)
     else:
@@ -258,8 +292,8 @@ class KDLoss(nn.Module):
         temperature: float = 1.0,
         beta: float = 0.5,
         ignore_index: int = -100,
-        chunk_size: Optional[int] = None,
-        top_k: Optional[int] = None,
+        chunk_size: int | None = None,
+        top_k: int | None = None,
     ):
         super().__init__()
         _check_args(kind, temperature, beta, chunk_size)
@@ -268,9 +302,7 @@ class KDLoss(nn.Module):
         self.kind, self.temperature, self.beta = kind, temperature, beta
         self.ignore_index, self.chunk_size, self.top_k = ignore_index, chunk_size, top_k
 
-    def forward(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         """Compute the loss.
 
         Args:
@@ -281,10 +313,39 @@ class KDLoss(nn.Module):
         Returns:
             fp32 scalar loss.
         """
-        return kd_loss(student_logits, teacher_logits, kind=self.kind, temperature=self.temperature,
-                       beta=self.beta, labels=labels, ignore_index=self.ignore_index,
-                       chunk_size=self.chunk_size, top_k=self.top_k)
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            kind=self.kind,
+            temperature=self.temperature,
+            beta=self.beta,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+            top_k=self.top_k,
+        )
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, temperature={self.temperature}, beta={self.beta}, "
-                f"chunk_size={self.chunk_size}, top_k={self.top_k}")
+        return (
+            f"kind={self.kind}, temperature={self.temperature}, beta={self.beta}, "
+            f"chunk_size={self.chunk_size}, top_k={self.top_k}"
+        )
+
+
+def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: DistillConfig) -> dict[str, Tensor]:
+    """``train/ce``, ``distill/kd`` (with a KD loss) and ``train/loss`` = (1 - alpha) * CE + alpha * KD of a batch."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    out = {"train/ce": ce, "train/loss": (1 - d.alpha) * ce}
+    if d.loss != "none":
+        assert teacher is not None  # preflight: a KD loss has a teacher
+        options: dict[str, Any] = dict(
+            kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size
+        )
+        if teacher.topk is not None:
+            kd = kd_loss_topk(logits, *teacher.topk, **options)
+        else:
+            assert teacher.logits is not None  # a teacher's output has full logits or a top-k pair
+            kd = kd_loss(logits, teacher.logits, top_k=d.top_k, **options)
+        out["distill/kd"] = kd
+        out["train/loss"] = out["train/loss"] + d.alpha * kd
+    return out

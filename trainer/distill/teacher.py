@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from trainer import checkpoint, models
+from trainer import checkpoint, exports, models
 from trainer.distill import hf
+from trainer.models.protocol import ModelFamily, family_of, register
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -31,8 +32,9 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         raise TeacherPathError(f"{path} does not exist")
     if hf.names_hf_model(p):
         if not hf.weight_files(p):
-            raise TeacherPathError(f"{path} has a Hugging Face config.json but no weights "
-                                   "(model.safetensors or pytorch_model.bin)")
+            raise TeacherPathError(
+                f"{path} has a Hugging Face config.json but no weights (model.safetensors or pytorch_model.bin)"
+            )
         return "hf", p
     if (p / models.CONFIG_FILE).is_file():
         return "export", p
@@ -46,8 +48,9 @@ def resolve(path: str | Path) -> tuple[str, Path]:
     weights = hf.weight_files(p)
     if weights:
         raise TeacherPathError(f"{path} has weights ({weights[0]}) but no {models.CONFIG_FILE}")
-    raise TeacherPathError(f"{path} is not a Stillroom export, run folder or checkpoint, "
-                           "nor a Hugging Face causal-LM folder")
+    raise TeacherPathError(
+        f"{path} is not a Stillroom export, run folder or checkpoint, nor a Hugging Face causal-LM folder"
+    )
 
 
 def spec(path: str | Path) -> dict:
@@ -74,19 +77,11 @@ def fingerprint(path: str | Path) -> str:
 
 class VocabSlice(nn.Module):
     """A teacher whose logits keep only the first ``vocab_size`` entries: a padded teacher vocabulary cut to the
-    student's (``teacher.vocab=slice``). Hidden states, ``width`` and ``blocks`` are the teacher's own."""
+    student's (``teacher.vocab=slice``). Hidden states, width and layers are the teacher's own."""
 
     def __init__(self, teacher: nn.Module, vocab_size: int):
         super().__init__()
         self.teacher, self.vocab_size = teacher, vocab_size
-
-    @property
-    def width(self) -> int:
-        return self.teacher.width
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.teacher.blocks
 
     def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
         out = self.teacher(idx, hidden_layers=hidden_layers)
@@ -96,17 +91,36 @@ class VocabSlice(nn.Module):
         return out[..., : self.vocab_size]
 
 
+class VocabSliceFamily(ModelFamily[VocabSlice]):
+    """A vocabulary-sliced teacher: the wrapped teacher's layers and width, the student's vocabulary."""
+
+    name, model_class = "vocab_slice", VocabSlice
+
+    def layers(self, model: VocabSlice) -> dict[str, nn.Module]:
+        return family_of(model.teacher).layers(model.teacher)
+
+    def width(self, model: VocabSlice) -> int:
+        return family_of(model.teacher).width(model.teacher)
+
+    def vocab_size(self, model: VocabSlice) -> int:
+        return model.vocab_size
+
+
+register(VocabSliceFamily())
+
+
 def load(path: str | Path, device: torch.device = torch.device("cpu"), vocab_size: int | None = None) -> nn.Module:
     """The teacher in eval mode with gradients off (frozen); with ``vocab_size`` smaller than the teacher's
     vocabulary, its logits cut to that many entries (one warning line, on rank 0)."""
     kind, folder = resolve(path)
     if kind == "hf":
+        model: nn.Module
         try:
             model = hf.load(folder)
         except ValueError as e:
             raise TeacherPathError(str(e)) from None
     elif kind == "export":
-        model = models.load(folder)
+        model = exports.load(folder)
     else:
         model = models.build_from_spec(checkpoint.read_model_spec(folder))
         checkpoint.load_model_weights(folder, model)
@@ -119,9 +133,13 @@ def slice_vocabulary(model: nn.Module, path: str | Path, vocab_size: int | None)
     teacher_vocab = spec(path)["config"].get("vocab_size") if vocab_size is not None else None
     if teacher_vocab is None or vocab_size >= teacher_vocab:
         return model
+    assert vocab_size is not None  # teacher_vocab is only looked up when it is given
     if os.environ.get("RANK", "0") == "0":
-        print(f"warning: teacher.vocab=slice: the teacher's {teacher_vocab} logits are cut to the student's "
-              f"first {vocab_size}", file=sys.stderr)
+        print(
+            f"warning: teacher.vocab=slice: the teacher's {teacher_vocab} logits are cut to the student's "
+            f"first {vocab_size}",
+            file=sys.stderr,
+        )
     return VocabSlice(model, vocab_size)
 
 
@@ -140,11 +158,11 @@ def run_vocab_size(cfg: RunConfig) -> int | None:
 
 def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
     """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice``."""
+    assert cfg.teacher.checkpoint is not None  # preflight: a run that loads a teacher names it
     return load(cfg.teacher.checkpoint, device, vocab_size=run_vocab_size(cfg))
 
 
-def is_dense_gpt_export(path: str | Path) -> bool:
-    """Whether the teacher at ``path`` is a dense (fp32 safetensors) Stillroom GPT export."""
+def is_dense_export(path: str | Path) -> bool:
+    """Whether the teacher at ``path`` is a dense (fp32 safetensors) Stillroom export, of any family."""
     kind, folder = resolve(path)
-    return kind == "export" and models.read_export_config(folder).get("format") == models.DENSE_FORMAT \
-        and spec(path)["arch"] == "gpt"
+    return kind == "export" and models.read_export_config(folder).get("format") == models.DENSE_FORMAT

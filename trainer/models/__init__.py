@@ -1,36 +1,73 @@
-"""Model registry: build a model from its config, save a dense export, ``load(path)`` any export."""
+"""Models: build one from its family's config, save and load a dense export (``trainer.exports.load`` reads any).
+
+A family (``trainer/models/protocol.py``) registers itself when its module is imported; the built-in
+ones are imported here."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
-from trainer.models.gpt import GPT, GPTConfig
-from trainer.models.mlp import MLP, MLPConfig
+from trainer.models import gpt, mlp  # noqa: F401  (registers the built-in families)
+from trainer.models.protocol import FAMILIES, ConfigFieldError, ModelFamily, family, family_of
 
-ARCHES = {"gpt": (GPT, GPTConfig), "mlp": (MLP, MLPConfig)}
 DENSE_FORMAT = "stillroom-dense"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def resolve_family(arch: str) -> ModelFamily:
+    """The family named ``arch``; ``package.module:name`` first imports the module that registers it (a family
+    defined outside Stillroom). Raises ConfigFieldError("arch", ...)."""
+    module = arch.rpartition(":")[0]
+    try:
+        if module and arch not in FAMILIES:
+            importlib.import_module(module)
+        return family(arch)
+    except KeyError as e:
+        raise ConfigFieldError("arch", e.args[0]) from None
+    except ImportError as e:
+        raise ConfigFieldError("arch", f"cannot import {module} ({e})") from None
+
+
+def student_config(fields: dict[str, Any], data_fields: dict[str, Any]) -> tuple[ModelFamily, Any]:
+    """The family of ``fields["arch"]`` and its config dataclass from the other ``fields`` (types checked, unknown
+    keys refused) plus those of ``data_fields`` (what the data decides: vocabulary, input size) it has.
+    Raises ConfigFieldError naming the field."""
+    spec = resolve_family(str(fields.get("arch", "")))
+    if spec.config_class is None:
+        raise ConfigFieldError("arch", f"{spec.name} models cannot be built as students")
+    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    given = {key: value for key, value in fields.items() if key != "arch"}
+    try:
+        node = OmegaConf.merge(
+            OmegaConf.structured(spec.config_class), {k: v for k, v in data_fields.items() if k in known}, given
+        )
+        return spec, OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or next(iter(set(given) - known), "arch")
+        raise ConfigFieldError(str(key), str(getattr(e, "msg", e)).splitlines()[0]) from None
+
+
 def build(arch: str, **fields) -> nn.Module:
     """Build a freshly initialised model of ``arch`` from its config fields."""
-    model_cls, cfg_cls = ARCHES[arch]
-    return model_cls(cfg_cls(**fields))
-
-
-def arch_of(model: nn.Module) -> str:
-    return next(name for name, (cls, _) in ARCHES.items() if isinstance(model, cls))
+    spec = resolve_family(arch)
+    assert spec.config_class is not None  # only student families (they have a config class) are built by name
+    return spec.build(spec.config_class(**fields))
 
 
 def model_spec(model: nn.Module) -> dict:
     """The JSON-able description that rebuilds ``model``'s architecture."""
-    return {"arch": arch_of(model), "config": dataclasses.asdict(model.cfg)}
+    spec = family_of(model)
+    return {"arch": spec.name, "config": dataclasses.asdict(spec.config(model))}
 
 
 def build_from_spec(spec: dict) -> nn.Module:
@@ -72,13 +109,12 @@ def read_export_config(path: str | Path) -> dict:
     return meta
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a model from an export folder written by Stillroom, in eval mode on CPU."""
+def load_dense(path: str | Path) -> nn.Module:
+    """Rebuild a model from a dense export folder (``save_dense``), in eval mode on CPU; ``trainer.exports.load``
+    reads any export."""
     meta = read_export_config(path)
     if meta["format"] != DENSE_FORMAT:
-        from trainer.compress.export import load_compressed
-
-        return load_compressed(path)
+        raise ValueError(f"{path}: a {meta['format']} export, not {DENSE_FORMAT}")
     model = build_from_spec(meta)
     load_weights(model, load_file(str(Path(path) / WEIGHTS_FILE)))
     return model.eval()
@@ -89,8 +125,9 @@ def load_weights(model: nn.Module, state: dict) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name in missing if _is_tied(model, name)}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"weights do not fit the model: missing {sorted(set(missing) - tied)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"weights do not fit the model: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+        )
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:

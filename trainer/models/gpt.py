@@ -2,17 +2,22 @@
 
 Module names are part of the public contract (compression targets and pipeline split points):
 ``tok_emb``, ``pos_emb``, ``blocks.<i>.{ln1, attn.qkv, attn.proj, ln2, mlp.fc, mlp.proj}``,
-``ln_f`` and ``head`` (whose weight is ``tok_emb.weight``).
+``ln_f`` and ``head`` (whose weight is ``tok_emb.weight``). ``GPTFamily`` is the only other code
+that knows them (see ``trainer/models/protocol.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, ModelFamily, UnitGroup, UnitSlice, register
 
 
 @dataclass
@@ -29,6 +34,15 @@ class GPTConfig:
     head_dim: int | None = None
     n_heads_per_layer: list[int] | None = None
 
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ConfigFieldError(key, f"must be >= 1 (got {getattr(self, key)})")
+        if self.n_embd % self.n_head and self.head_dim is None:
+            raise ConfigFieldError("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigFieldError("dropout", f"must be in [0, 1) (got {self.dropout})")
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, head_dim: int, dropout: float, bias: bool):
@@ -42,9 +56,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
 
@@ -85,13 +97,11 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.n_embd % cfg.n_head and cfg.head_dim is None:
-            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight
@@ -107,20 +117,114 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @property
-    def width(self) -> int:
-        return self.cfg.n_embd
-
     def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
-        T = idx.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        """Logits of token ids ``idx`` (and hidden states, see the class). In a pipeline stage (``GPTFamily``
+        deletes what it does not own) a float input is the previous stage's output, and a stage without
+        ``head`` returns its last block's output."""
+        if idx.is_floating_point():
+            x = idx
+        else:
+            T = idx.shape[1]
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)
+            x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         hidden = {0: x} if 0 in hidden_layers else {}
-        for i, block in enumerate(self.blocks, start=1):
+        for name, block in self.blocks.items():
             x = block(x)
-            if i in hidden_layers:
-                hidden[i] = x
-        logits = self.head(self.ln_f(x))
+            if int(name) + 1 in hidden_layers:
+                hidden[int(name) + 1] = x
+        if self.head is None:
+            return x
+        x = self.ln_f(x)
+        if FINAL_HIDDEN in hidden_layers:
+            hidden[FINAL_HIDDEN] = x
+        logits = self.head(x)
         return (logits, hidden) if hidden_layers else logits
+
+
+class GPTFamily(ModelFamily[GPT]):
+    """Stillroom's GPT through the model protocol."""
+
+    name, model_class, config_class, layers_attr = "gpt", GPT, GPTConfig, "blocks"
+    structured_units = pipelines = True
+
+    def build(self, config: GPTConfig) -> GPT:
+        return GPT(config)
+
+    def config(self, model: GPT) -> GPTConfig:
+        return model.cfg
+
+    def depth(self, config: GPTConfig) -> int:
+        return config.n_layer
+
+    def layers(self, model: GPT) -> dict[str, nn.Module]:
+        return dict(model.blocks.items())
+
+    def width(self, model: GPT) -> int:
+        return model.cfg.n_embd
+
+    def vocab_size(self, model: GPT) -> int:
+        return model.cfg.vocab_size
+
+    def embeddings(self, model: GPT) -> list[str]:
+        return ["tok_emb", "pos_emb", "drop"]
+
+    def outputs(self, model: GPT) -> list[str]:
+        return ["ln_f", "head"]
+
+    def tied_weights(self, model: GPT) -> list[str]:
+        return ["tok_emb.weight"]
+
+    def unit_groups(self, model: GPT) -> list[UnitGroup]:
+        """Per block: the MLP's hidden units (``fc`` rows, ``proj`` columns) and the attention heads (q, k and v
+        rows of the fused ``qkv``, ``proj`` columns); a head whose v rows are masked outputs zero, and so
+        does an MLP unit whose ``fc`` row is (GELU(0) = 0)."""
+        groups = []
+        for name, module in model.blocks.items():
+            block = cast(Block, module)  # nn.ModuleDict's items are typed as plain modules
+            mlp, attn = f"blocks.{name}.mlp", f"blocks.{name}.attn"
+            hidden = block.mlp.fc.out_features
+            groups.append(
+                UnitGroup(
+                    "mlp",
+                    int(name),
+                    hidden,
+                    (
+                        *self._in_slices(f"{mlp}.fc", block.mlp.fc, unit_size=1, parts=1, gate_part=0),
+                        UnitSlice(f"{mlp}.proj.weight", f"{mlp}.proj", dim=1, unit_size=1),
+                    ),
+                    out_module=f"{mlp}.proj",
+                )
+            )
+            head_dim = block.attn.head_dim
+            groups.append(
+                UnitGroup(
+                    "attn",
+                    int(name),
+                    block.attn.n_head,
+                    (
+                        *self._in_slices(f"{attn}.qkv", block.attn.qkv, unit_size=head_dim, parts=3, gate_part=2),
+                        UnitSlice(f"{attn}.proj.weight", f"{attn}.proj", dim=1, unit_size=head_dim),
+                    ),
+                    out_module=f"{attn}.proj",
+                )
+            )
+        return groups
+
+    @staticmethod
+    def _in_slices(module: str, linear: nn.Linear, **shape) -> tuple[UnitSlice, ...]:
+        params = ["weight"] + (["bias"] if linear.bias is not None else [])
+        return tuple(UnitSlice(f"{module}.{p}", module, dim=0, **shape) for p in params)
+
+    def thinned_config(self, model: GPT, widths: dict[tuple[str, int], int]) -> GPTConfig:
+        cfg, n = model.cfg, model.cfg.n_layer
+        return dataclasses.replace(
+            cfg,
+            mlp_hidden=[widths["mlp", i] for i in range(n)],
+            n_heads_per_layer=[widths["attn", i] for i in range(n)],
+            head_dim=cast(Block, model.blocks["0"]).attn.head_dim,
+        )
+
+
+register(GPTFamily())

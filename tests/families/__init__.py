@@ -1,0 +1,1 @@
+"""Model families written only for the tests, registered through the model protocol."""

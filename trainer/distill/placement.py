@@ -1,0 +1,206 @@
+"""The teacher as a placement: one callable the loop asks for a micro-batch's teacher output.
+
+- ``replicate``: a whole frozen copy on every rank.
+- ``shard``: FSDP2 over every data-parallel rank (one flat axis), frozen, forward only, parameters resharded
+  after each forward, so a rank holds about 1/N of the teacher between forwards (``parallel.teacher``).
+- ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch).
+- ``remote``: the teacher on ranks of its own (``parallel.remote``); this rank sends inputs, receives logits.
+
+The loop asks a teacher what it can do (``scores_eval_batches``, ``whole_module``), never which placement it is.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+
+from parallel.mesh import ParallelDims
+from parallel.remote import RemoteClient, Roles
+from parallel.teacher import local_row_offset, shard_frozen, teacher_mesh
+from trainer import models
+from trainer.data import local_slice
+from trainer.distill import cache
+from trainer.distill import teacher as teacher_io
+from trainer.models.protocol import family_of
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
+    from trainer.data import Shard
+
+
+@dataclass
+class TeacherOutput:
+    """Full logits ``[..., V]`` (live teachers) or a top-k ``(raw logit values, vocabulary indices)`` pair, each
+    ``[..., k]`` (a cache); hidden states by layer when asked for."""
+
+    logits: torch.Tensor | None = None
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+    hidden: dict[int, torch.Tensor] | None = None
+
+
+class Teacher(ABC):
+    """``teacher(x, step, micro)``: the teacher's output for micro-batch ``micro`` of step ``step`` (input ``x``).
+
+    ``module`` is the live model (None for a cache). Every call adds to the time the student waited on it
+    (on a GPU the call synchronizes, so that is the teacher's compute, not its kernel launches).
+    """
+
+    placement: str
+    module: nn.Module | None = None
+    scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
+
+    def __init__(self) -> None:
+        self.wait_seconds = 0.0
+
+    def __call__(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        start = time.perf_counter()
+        out = self.forward(x, step, micro)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.wait_seconds += time.perf_counter() - start
+        return out
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
+
+    @property
+    def whole_module(self) -> nn.Module | None:
+        """The teacher as one module on this rank (a replicated teacher), None where its forward is a collective
+        (sharded) or there is no module here (cache, remote)."""
+        return None
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's full logits of an evaluation batch ``x`` (not timed; a live or remote teacher only)."""
+        logits = self.forward(x, -1, -1).logits
+        assert logits is not None  # live and remote teachers return full logits
+        return logits
+
+    def close(self) -> None:  # noqa: B027 - an optional hook: most teachers hold nothing to release
+        """Release what the teacher holds beyond the run (remote: tell the teacher rank this student is done)."""
+
+    def pop_wait_seconds(self) -> float:
+        """Seconds spent in the teacher since the last call."""
+        waited, self.wait_seconds = self.wait_seconds, 0.0
+        return waited
+
+
+class LiveTeacher(Teacher):
+    """A frozen model in memory (``replicate`` or ``shard``); ``step`` and ``micro`` are not needed."""
+
+    module: nn.Module
+
+    def __init__(self, module: nn.Module, placement: str, hidden_layers: tuple[int, ...] = ()):
+        super().__init__()
+        self.module, self.placement, self.hidden_layers = module, placement, hidden_layers
+
+    @property
+    def whole_module(self) -> nn.Module | None:
+        return self.module if self.placement == "replicate" else None
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        out = self.module(x, hidden_layers=self.hidden_layers)
+        logits, hidden = out if self.hidden_layers else (out, None)
+        return TeacherOutput(logits=logits, hidden=hidden)
+
+
+class CachedTeacher(Teacher):
+    """Top-k logits read from a cache: the rows of the step's global batch that ``shard`` reads in ``micro``."""
+
+    placement = "cache"
+    scores_eval_batches = False
+
+    def __init__(self, reader: cache.CacheReader, shard: Shard):
+        super().__init__()
+        self.reader, self.shard = reader, shard
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        rows = local_slice(torch.arange(self.reader.manifest.key.batch_size), self.shard, micro)
+        values, indices, _ = self.reader.read(step, rows)
+        tokens = x.shape[:1] if x.is_floating_point() else x.shape  # features: one prediction per sample
+        values, indices = (t.reshape(*tokens, -1).to(x.device, non_blocking=True) for t in (values, indices))
+        return TeacherOutput(topk=(values, indices))
+
+
+class RemoteTeacher(Teacher):
+    """Logits from a dedicated teacher rank; the next training micro-batch's are requested ahead (see
+    ``parallel.remote``). ``step`` -1 marks an evaluation batch."""
+
+    placement = "remote"
+
+    def __init__(self, client: RemoteClient):
+        super().__init__()
+        self.client = client
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        return TeacherOutput(logits=self.client.logits(x, None if step < 0 else (step, micro)))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def load_sharded_export(cfg: RunConfig, shard: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Module:
+    """A dense export as a frozen FSDP2-sharded teacher, never whole on any rank: built on the meta device,
+    sharded by ``shard``, then each parameter's local rows read from the safetensors file."""
+    assert cfg.teacher.checkpoint is not None  # only called for a run with a teacher
+    folder = teacher_io.resolve(cfg.teacher.checkpoint)[1]
+    with torch.device("meta"):
+        module = models.build_from_spec(models.read_export_config(folder))
+    shard(module)
+    module.to_empty(device=device)
+    with safe_open(str(folder / models.WEIGHTS_FILE), framework="pt") as weights, torch.no_grad():
+        for name, param in module.named_parameters():  # a tied weight once, under the name it is stored by
+            local = param.to_local() if isinstance(param, DTensor) else param
+            start = local_row_offset(param)
+            local.copy_(weights.get_slice(name)[start : start + local.shape[0]])
+    sliced = teacher_io.slice_vocabulary(module, cfg.teacher.checkpoint, teacher_io.run_vocab_size(cfg))
+    return teacher_io.freeze(sliced, device)
+
+
+def build_teacher(
+    cfg: RunConfig,
+    dims: ParallelDims,
+    device: torch.device,
+    shard: Shard,
+    vocab: int,
+    next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None],
+) -> Teacher:
+    """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use.
+
+    A remote teacher asks ``next_input((step, micro))`` for the micro-batch after ``(step, micro)`` to request
+    it ahead; its logits have ``vocab`` entries.
+    """
+    placement = cfg.teacher.placement
+    if placement == "remote":
+        roles = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks)
+        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), vocab, next_input))
+    if placement == "cache":
+        manifest = cache.check(cfg)
+        assert cfg.teacher.cache_dir is not None  # cache.check read it
+        return CachedTeacher(cache.CacheReader(Path(cfg.teacher.cache_dir), manifest), shard)
+    if placement == "shard":
+        mesh = teacher_mesh(dims, device.type)
+
+        def shard_module(module: nn.Module) -> nn.Module:
+            return shard_frozen(module, mesh, family_of(module).layers(module).values(), cfg.teacher.param_dtype)
+
+        assert cfg.teacher.checkpoint is not None  # preflight: a run with a teacher names it
+        module = (
+            load_sharded_export(cfg, shard_module, device)
+            if teacher_io.is_dense_export(cfg.teacher.checkpoint)
+            else shard_module(teacher_io.load_for_run(cfg, device))
+        )
+    else:
+        module = teacher_io.load_for_run(cfg, device)
+    return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features))

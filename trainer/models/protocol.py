@@ -1,0 +1,246 @@
+"""The model protocol: everything the trainer, ``parallel/`` and compression may ask of a model.
+
+One ``ModelFamily`` per architecture is the only code that knows a family's attribute names.
+Its modules follow one calling convention: ``model(idx, hidden_layers=())`` returns logits, or
+``(logits, {layer: hidden state})`` when layers are asked for (0 = the embeddings, ``i`` = the
+output of decoder layer ``i``, ``FINAL_HIDDEN`` = the last hidden state after the final norm, the
+head's input). A pipeline stage is the same module with what it does not own deleted: it takes
+token ids (first stage) or hidden states and returns hidden states, or logits (last stage).
+
+Structured units (attention heads grouped with their key/value heads, MLP channels) are described
+as ``UnitGroup``s: where each unit's rows or columns sit in which parameters, which is all that
+channel pruning, dead-unit detection and physical thinning need.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+import torch.nn as nn
+
+FINAL_HIDDEN = -1  # hidden_layers key of the final-norm output (what the head reads)
+
+# The model class a family works on (a family is only ever handed models of its own class).
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+class ConfigFieldError(ValueError):
+    """A family config's field has a bad value (raised by the config's ``__post_init__``)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+class Unsupported(ValueError):
+    """A family cannot do what was asked (e.g. a teacher-only family asked to be pipelined)."""
+
+
+@dataclass(frozen=True)
+class UnitSlice:
+    """One parameter's share of a unit group.
+
+    Along ``dim`` (0: output rows of an in-projection's weight or bias, 1: input columns of the
+    out-projection), the parameter holds ``parts`` stacked runs (3 for a fused q/k/v) of
+    ``n_units * unit_size`` entries. ``gate_part`` names the run whose entries, all masked, make the
+    unit's output exactly zero (a head's v rows, an MLP's up or gate rows); None if it has none.
+    """
+
+    param: str
+    module: str
+    dim: int
+    unit_size: int
+    parts: int = 1
+    gate_part: int | None = None
+
+    def _blocks(self, tensor: torch.Tensor, n_units: int) -> torch.Tensor:
+        """``tensor`` as [parts, n_units, unit_size, rest]."""
+        return tensor.movedim(self.dim, 0).reshape(self.parts, n_units, self.unit_size, -1)
+
+    def per_unit(self, tensor: torch.Tensor, n_units: int) -> torch.Tensor:
+        return self._blocks(tensor, n_units).sum((0, 2, 3))
+
+    def expand(self, keep: torch.Tensor, shape: torch.Size, n_units: int) -> torch.Tensor:
+        moved = (shape[self.dim], *(s for d, s in enumerate(shape) if d != self.dim))
+        rest = math.prod(moved[1:])
+        wide = keep.view(1, -1, 1, 1).expand(self.parts, n_units, self.unit_size, rest)
+        return wide.reshape(moved).movedim(0, self.dim)
+
+    def gate_alive(self, mask: torch.Tensor, n_units: int) -> torch.Tensor:
+        """Per unit: whether any entry of the gating run is kept."""
+        assert self.gate_part is not None
+        return self._blocks(mask, n_units)[self.gate_part].flatten(1).any(1)
+
+    def indices(self, kept: torch.Tensor, n_units: int) -> torch.Tensor:
+        rows = torch.arange(self.parts * n_units * self.unit_size)
+        return rows.view(self.parts, n_units, self.unit_size)[:, kept].reshape(-1)
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """The structured units of one kind in one decoder layer: ``kind`` is "mlp" or "attn"."""
+
+    kind: str
+    layer: int
+    n_units: int
+    slices: tuple[UnitSlice, ...]
+    out_module: str  # the projection that reads the units (its input columns are theirs)
+
+    @property
+    def modules(self) -> set[str]:
+        return {s.module for s in self.slices}
+
+    @property
+    def param_names(self) -> list[str]:
+        return [s.param for s in self.slices]
+
+    @property
+    def weight_names(self) -> list[str]:
+        return [s.param for s in self.slices if s.param.endswith("weight")]
+
+    def slice(self, name: str) -> UnitSlice:
+        return next(s for s in self.slices if s.param == name)
+
+    def per_unit(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` (parameter ``name`` or its mask) over each unit's entries: [n_units]."""
+        return self.slice(name).per_unit(tensor, self.n_units)
+
+    def expand(self, name: str, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A per-unit bool vector broadcast to the shape of parameter ``name``."""
+        return self.slice(name).expand(keep, shape, self.n_units)
+
+    def indices(self, name: str, kept: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(dim, index) selecting the kept units' entries of parameter ``name``."""
+        s = self.slice(name)
+        return s.dim, s.indices(kept, self.n_units)
+
+    def dead_units(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units whose output is exactly zero under ``masks`` (bool [n_units] on the CPU): every entry of a
+        gating run of some module (its weight rows and bias) is masked."""
+        dead = torch.zeros(self.n_units, dtype=torch.bool)
+        for module in sorted({s.module for s in self.slices if s.gate_part is not None}):
+            gating = [s for s in self.slices if s.module == module and s.gate_part is not None]
+            if any(s.param not in masks for s in gating):
+                continue  # a gating entry without a mask is always alive
+            alive = torch.zeros(self.n_units, dtype=torch.bool)
+            for s in gating:
+                alive |= s.gate_alive(masks[s.param], self.n_units).cpu()
+            dead |= ~alive
+        return dead
+
+
+class ModelFamily(ABC, Generic[ModelT]):
+    """An architecture family: how to build its models and what their parts are.
+
+    The first group of methods every family answers (teachers need them); the student ones raise
+    ``Unsupported`` for a family that only serves as a teacher.
+    """
+
+    name: str
+    model_class: type[nn.Module]
+
+    @abstractmethod
+    def layers(self, model: ModelT) -> dict[str, nn.Module]:
+        """The decoder layers by their name under ``layers_attr`` (FSDP2 units, pipeline split points)."""
+
+    @abstractmethod
+    def width(self, model: ModelT) -> int:
+        """The residual stream's width (hidden states, what a pipeline stage sends the next)."""
+
+    @abstractmethod
+    def vocab_size(self, model: ModelT) -> int:
+        """The number of logits per token."""
+
+    task = "lm"  # lm: next-token prediction over token ids | classify: one label per feature vector
+
+    # ---- students -------------------------------------------------------------------------
+    config_class: type | None = None
+    layers_attr = "layers"
+    structured_units = False  # whether unit_groups finds heads and MLP channels (channel pruning, thinning)
+    pipelines = False  # whether pipeline_stage can split it (it has embeddings, layers and outputs)
+
+    def build(self, config: Any) -> nn.Module:
+        raise Unsupported(f"{self.name} models cannot be built as students")
+
+    def config(self, model: ModelT) -> Any:
+        """The config dataclass that rebuilds ``model``'s architecture."""
+        raise Unsupported(f"{self.name} models have no Stillroom config")
+
+    def depth(self, config: Any) -> int:
+        """How many layers a config has (hidden states 0..depth; pipeline stages need one each)."""
+        raise Unsupported(f"{self.name} models cannot be built as students")
+
+    def unit_groups(self, model: ModelT) -> list[UnitGroup]:
+        """The structured units of every layer (none: channel pruning finds nothing)."""
+        return []
+
+    def thinned_config(self, model: ModelT, widths: dict[tuple[str, int], int]) -> Any:
+        """``model``'s config with ``widths[kind, layer]`` units in each unit group."""
+        raise Unsupported(f"{self.name} models cannot be thinned")
+
+    def tied_weights(self, model: ModelT) -> list[str]:
+        """Parameters read both where the model starts and where it ends (a tied embedding and head)."""
+        return []
+
+    def embeddings(self, model: ModelT) -> list[str]:
+        """Names of the modules before the first layer (a pipeline's first stage holds them)."""
+        raise Unsupported(f"{self.name} models cannot be pipelined")
+
+    def outputs(self, model: ModelT) -> list[str]:
+        """Names of the modules after the last layer (a pipeline's last stage holds them)."""
+        raise Unsupported(f"{self.name} models cannot be pipelined")
+
+    def pipeline_stage(self, model: ModelT, layers: list[str], first: bool, last: bool) -> nn.Module:
+        """``model`` without what a stage of ``layers`` does not own: the layers of other stages, the
+        embeddings unless ``first``, the final norm and head unless ``last`` (a tied embedding stays on the
+        last stage too: the head reads its weight). It shares the kept modules with ``model``."""
+        view = shallow_copy(model)
+        owned = self.layers(model)
+        setattr(view, self.layers_attr, nn.ModuleDict({name: owned[name] for name in layers}))
+        tied_modules = {name.rsplit(".", 1)[0] for name in self.tied_weights(model)}
+        for name in self.embeddings(model):
+            if not first and not (last and name in tied_modules):
+                setattr(view, name, None)
+        for name in self.outputs(model):
+            if not last:
+                setattr(view, name, None)
+        return view
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing ``module``'s children, parameters and buffers; replacing
+    or deleting a child of the copy leaves ``module`` as it is."""
+    view = copy.copy(module)
+    view._modules = dict(module._modules)
+    view._parameters = dict(module._parameters)
+    view._buffers = dict(module._buffers)
+    return view
+
+
+FAMILIES: dict[str, ModelFamily[Any]] = {}
+
+
+def register(family: ModelFamily[Any]) -> ModelFamily[Any]:
+    """Make ``family`` known by its name (a config's ``arch``) and by its model class."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def family(arch: str) -> ModelFamily[Any]:
+    if arch not in FAMILIES:
+        raise KeyError(f"unknown model family {arch!r} (known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[arch]
+
+
+def family_of(model: nn.Module) -> ModelFamily[Any]:
+    """The family of ``model``'s class or its nearest base (FSDP2 subclasses the model's class)."""
+    by_class = {candidate.model_class: candidate for candidate in FAMILIES.values()}
+    for cls in type(model).__mro__:
+        if cls in by_class:
+            return by_class[cls]
+    raise KeyError(f"{type(model).__name__} belongs to no registered model family")

@@ -1,0 +1,374 @@
+"""The checks that run before anything starts and need more than one config node: files (data, teacher,
+checkpoints, caches), the launcher's environment (world size, GPUs), the student's model family, and the
+combinations of nodes. ``validate`` runs every node's own checks first (``trainer.config.check_nodes``).
+
+Every check raises ``ConfigError`` naming one key; ``python -m trainer`` prints it as one line and exits 2. The
+modules these checks need (torch, the data, the models, compression) are imported only once every node's own checks
+have passed, so that a bad value stops the command in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, ListConfig
+
+from trainer.config import (
+    DATA_TASKS,
+    ConfigError,
+    RunConfig,
+    _check,
+    check_nodes,
+    needs_teacher,
+    parallel_dims,
+    sequence_length,
+)
+
+if TYPE_CHECKING:
+    from parallel.mesh import ParallelDims
+    from trainer.models.protocol import ModelFamily
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that can run before anything starts: each node's own, then those that need files, the
+    environment, the student's family or several nodes. Raises ConfigError."""
+    check_nodes(cfg)
+    from trainer import checkpoint, data
+    from trainer.distill import losses
+
+    _check(
+        cfg.distill.loss in ("none", *losses.KINDS),
+        "distill.loss",
+        f"must be one of none, {', '.join(losses.KINDS)} (got {cfg.distill.loss!r})",
+    )
+    t = cfg.train
+    if t.resume not in ("auto", "never"):
+        _check(
+            checkpoint.is_complete(Path(t.resume)),
+            "train.resume",
+            f"must be auto, never or a complete checkpoint folder ({t.resume} is not one)",
+        )
+    if cfg.data.path is not None:
+        _check(Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
+    try:
+        data.check(cfg.data, sequence_length(cfg))
+    except data.DataError as e:
+        raise ConfigError(e.key, e.message) from None
+    family, _ = student_spec(cfg)
+    task = DATA_TASKS[cfg.data.name]
+    _check(
+        family.task == task,
+        "student.arch",
+        f"data={cfg.data.name} needs a {task} student (got {cfg.student['arch']}, a {family.task} model)",
+    )
+    _validate_parallel(cfg)
+    _validate_teacher(cfg)
+    _validate_compress(cfg)
+
+
+def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not have (``+key=...`` and ``++key=...`` add keys Hydra
+    would otherwise let through unused). The student node is its family's to check."""
+    hints = typing.get_type_hints(schema)
+    unknown: list[str] = []
+    for key, value in node.items():
+        name = str(key)
+        if name not in hints:
+            unknown.append(f"{prefix}{name}")
+            continue
+        kind = hints[name]
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list and typing.get_args(kind) else None
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and isinstance(value, DictConfig):
+            unknown += unknown_keys(value, kind, f"{prefix}{name}.")
+        elif isinstance(item, type) and dataclasses.is_dataclass(item) and isinstance(value, ListConfig):
+            for i, element in enumerate(value):
+                unknown += unknown_keys(element, item, f"{prefix}{name}.{i}.")
+    return unknown
+
+
+def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
+    """The student's model family and its checked config dataclass (vocabulary or input size from the data).
+    Raises ConfigError naming the ``student.*`` key."""
+    from trainer import data, models
+
+    try:
+        return models.student_config(cfg.student, data.model_fields(cfg.data))
+    except models.ConfigFieldError as e:
+        raise ConfigError(f"student.{e.key}", e.message) from None
+
+
+def world_size_from_env() -> int:
+    """The number of ranks the launcher started (torchrun's WORLD_SIZE), 1 without a launcher."""
+    from parallel.env import detect
+
+    return detect().world_size
+
+
+def _validate_parallel(cfg: RunConfig) -> None:
+    p, t = cfg.parallel, cfg.train
+    world = world_size_from_env()
+    _validate_teacher_ranks(cfg, world)
+    student_ranks = world - p.teacher_ranks
+    if p.backend == "nccl":
+        import torch
+
+        _check(
+            torch.cuda.is_available(),
+            "parallel.backend",
+            "nccl needs a CUDA GPU and none is available (use parallel.backend=gloo or auto)",
+        )
+    if p.strategy == "single":
+        _check(
+            student_ranks == 1,
+            "parallel.strategy",
+            f"single runs one process but the student has {student_ranks} ranks (use parallel=ddp, fsdp or hsdp)",
+        )
+    dims = parallel_dims(p, world)
+    for i, mod in enumerate(cfg.compress.modifiers):
+        _check(
+            not (dims.fsdp_enabled and mod.kind == "channel"),
+            f"compress.modifiers.{i}.kind",
+            "channel pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)",
+        )
+    if dims.pp_enabled:
+        _validate_pipeline(cfg, dims)
+        return
+    _check(
+        t.accum_order == "sequential" or student_ranks == 1,
+        "train.accum_order",
+        f"pairwise applies to one process (on {student_ranks} ranks gradients are synced inside the last backward)",
+    )
+    _check(
+        t.batch_size % (dims.dp_size * t.grad_accum) == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}",
+    )
+
+
+def _validate_teacher_ranks(cfg: RunConfig, world: int) -> None:
+    """``parallel.teacher_ranks`` goes with ``teacher.placement=remote``, and leaves the student a rank."""
+    k = cfg.parallel.teacher_ranks
+    if cfg.teacher.placement != "remote" or not needs_teacher(cfg):
+        _check(
+            k == 0,
+            "parallel.teacher_ranks",
+            f"applies to teacher.placement=remote only (got {k}; placement is {cfg.teacher.placement})",
+        )
+        return
+    _check(k >= 1, "parallel.teacher_ranks", f"teacher.placement=remote needs at least one teacher rank (got {k})")
+    _check(
+        k < world,
+        "parallel.teacher_ranks",
+        f"{k} teacher ranks leave no student rank in a world of {world} "
+        f"(launch more processes, e.g. torchrun --nproc_per_node={k + 1})",
+    )
+    _check(
+        not cfg.distill.features,
+        "distill.features",
+        "feature distillation is not supported with teacher.placement=remote (only logits are sent back)",
+    )
+    _check(
+        student_spec(cfg)[0].task == "lm",
+        "teacher.placement",
+        f"remote sends token batches to the teacher ranks: it needs a language model student "
+        f"(student.arch is {cfg.student['arch']})",
+    )
+
+
+def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
+    """What pipeline parallelism (``dims.pp`` > 1) needs, and the combinations it does not support."""
+    p, t = cfg.parallel, cfg.train
+    family, model_cfg = student_spec(cfg)
+    if not dims.fsdp_enabled:
+        for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
+            _check(
+                getattr(p, key) == default,
+                f"parallel.{key}",
+                "applies to FSDP2 inside the stages only (set parallel.dp_shard > 1)",
+            )
+    _check(
+        family.pipelines,
+        "parallel.pp",
+        f"pipeline parallelism splits a student at decoder-layer boundaries: {cfg.student['arch']} models have none",
+    )
+    _check(p.stages_per_rank >= 1, "parallel.stages_per_rank", f"must be >= 1 (got {p.stages_per_rank})")
+    stages, depth = dims.pp * p.stages_per_rank, family.depth(model_cfg)
+    _check(
+        stages <= depth,
+        "parallel.pp",
+        f"{stages} pipeline stages for {depth} blocks (the student's decoder layers): every stage needs at least "
+        "one block",
+    )
+    _check(p.microbatches >= 1, "parallel.microbatches", f"must be >= 1 (got {p.microbatches})")
+    if p.pp_schedule == "interleaved_1f1b":
+        _check(
+            p.stages_per_rank >= 2,
+            "parallel.stages_per_rank",
+            f"must be >= 2 with parallel.pp_schedule=interleaved_1f1b (got {p.stages_per_rank})",
+        )
+        _check(
+            p.microbatches % dims.pp == 0,
+            "parallel.microbatches",
+            f"{p.microbatches} is not a multiple of parallel.pp={dims.pp} (interleaved_1f1b)",
+        )
+    else:
+        _check(
+            p.stages_per_rank == 1,
+            "parallel.stages_per_rank",
+            f"must be 1 with parallel.pp_schedule={p.pp_schedule} (got {p.stages_per_rank}; use interleaved_1f1b)",
+        )
+    if p.pp_schedule == "1f1b":
+        _check(
+            p.microbatches >= dims.pp,
+            "parallel.microbatches",
+            f"1f1b needs at least as many micro-batches as stages: {p.microbatches} < parallel.pp={dims.pp}",
+        )
+    _check(
+        t.grad_accum == 1,
+        "train.grad_accum",
+        f"must be 1 with pipeline parallelism: set parallel.microbatches instead (got {t.grad_accum})",
+    )
+    _check(
+        t.batch_size % (dims.dp_size * p.microbatches) == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x "
+        f"parallel.microbatches={p.microbatches}",
+    )
+    _check(
+        not cfg.distill.features,
+        "distill.features",
+        f"feature distillation is not supported with pipeline parallelism (parallel.pp={dims.pp}): "
+        "the student's hidden states live on different stages",
+    )
+    _check(
+        cfg.teacher.placement == "replicate",
+        "teacher.placement",
+        f"must be replicate with pipeline parallelism: the teacher runs whole on the last stage "
+        f"(got {cfg.teacher.placement})",
+    )
+    for i, mod in enumerate(cfg.compress.modifiers):
+        _check(
+            not (mod.kind == "magnitude" and mod.scope == "global"),
+            f"compress.modifiers.{i}.scope",
+            "global magnitude pruning ranks weights across stages: not supported with pipeline "
+            "parallelism (use scope=layer)",
+        )
+
+
+def _validate_teacher(cfg: RunConfig) -> None:
+    from trainer import data, models
+    from trainer.distill import teacher
+
+    tc = cfg.teacher
+    student_family, student_cfg = student_spec(cfg)
+    _check(
+        tc.vocab == "strict" or student_family.task == "lm",
+        "teacher.vocab",
+        f"slice cuts a language model's vocabulary: not for a {cfg.student['arch']} student",
+    )
+    if not needs_teacher(cfg):
+        _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
+        return
+    _check(
+        cfg.teacher.checkpoint is not None,
+        "teacher.checkpoint",
+        f"distill.loss={cfg.distill.loss} needs a teacher (set teacher.checkpoint=PATH)",
+    )
+    assert cfg.teacher.checkpoint is not None  # checked just above
+    path = Path(cfg.teacher.checkpoint)
+    if not path.exists() and cfg.teacher.recipe:
+        return  # trained by the recipe before the run starts, then checked again
+    try:
+        spec = teacher.spec(path)
+    except teacher.TeacherPathError as e:
+        raise ConfigError("teacher.checkpoint", str(e)) from None
+    t_cfg = spec["config"]
+    t_vocab = t_cfg.get("vocab_size", t_cfg.get("n_classes"))
+    s_vocab = data.vocab_size(cfg.data)
+    teacher_task = models.family(spec["arch"]).task
+    _check(
+        teacher_task == student_family.task,
+        "teacher.checkpoint",
+        f"{path} holds a {spec['arch']} model ({teacher_task}) but the student is a {cfg.student['arch']} "
+        f"({student_family.task})",
+    )
+    if tc.vocab == "slice":
+        _check(
+            t_vocab >= s_vocab,
+            "teacher.vocab",
+            f"slice cuts a larger teacher vocabulary, but the teacher's {t_vocab} is smaller than the student's "
+            f"{s_vocab} (data={cfg.data.name})",
+        )
+    else:
+        hint = f"; teacher.vocab=slice uses its first {s_vocab} logits" if t_vocab > s_vocab else ""
+        _check(
+            t_vocab == s_vocab,
+            "teacher.checkpoint",
+            f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name}){hint}",
+        )
+    if cfg.distill.top_k is not None:
+        _check(
+            cfg.distill.top_k <= s_vocab,
+            "distill.top_k",
+            f"{cfg.distill.top_k} is more than the vocabulary ({s_vocab} tokens, data={cfg.data.name})",
+        )
+    t_context = t_cfg.get("block_size")
+    if student_family.task == "lm" and t_context is not None:
+        _check(
+            sequence_length(cfg) <= t_context,
+            "student.block_size",
+            f"{sequence_length(cfg)} is longer than the teacher's context of {t_context} tokens",
+        )
+    t_layers = t_cfg.get("n_layer", len(t_cfg.get("hidden", [])))
+    s_layers = student_family.depth(student_cfg)
+    for i, f in enumerate(cfg.distill.features):
+        _check(0 <= f.student_layer <= s_layers, f"distill.features.{i}.student_layer", f"must be in [0, {s_layers}]")
+        _check(0 <= f.teacher_layer <= t_layers, f"distill.features.{i}.teacher_layer", f"must be in [0, {t_layers}]")
+    if tc.placement == "shard":
+        dp = parallel_dims(cfg.parallel, world_size_from_env()).dp_size
+        _check(
+            dp > 1,
+            "teacher.placement",
+            "shard needs more than one data-parallel rank "
+            "(launch with torchrun and parallel=ddp, fsdp or hsdp; or use teacher.placement=replicate)",
+        )
+    if tc.placement == "cache":
+        _validate_cache(cfg)
+
+
+def _validate_cache(cfg: RunConfig) -> None:
+    """A cached teacher: logits only, and a complete cache written for this teacher, data and batch layout."""
+    from trainer.distill import cache
+
+    _check(
+        not cfg.distill.features,
+        "distill.features",
+        "feature distillation needs the teacher's hidden states: not available with teacher.placement=cache",
+    )
+    _check(
+        cfg.teacher.cache_dir is not None,
+        "teacher.cache_dir",
+        "teacher.placement=cache needs teacher.cache_dir=PATH (written by python -m trainer.cache)",
+    )
+    try:
+        cache.check(cfg)
+    except cache.CacheError as e:
+        raise ConfigError("teacher.cache_dir", str(e)) from None
+
+
+def _validate_compress(cfg: RunConfig) -> None:
+    """The modifiers' own checks, then those against the student itself (target patterns, widths that group
+    sizes and N:M groups must divide), on a copy built on the meta device: no memory, no weights."""
+    if not cfg.compress.modifiers:
+        return
+    import torch
+
+    from trainer.compress import build_compressor, validate_modifiers
+
+    family, config = student_spec(cfg)
+    validate_modifiers(cfg.compress.modifiers, family)
+    with torch.device("meta"):
+        build_compressor(family.build(config), cfg.compress.modifiers)
