@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from fnmatch import fnmatch
 from pathlib import Path
 
 # torchao announces optional CUDA/triton kernels it cannot load on a CPU machine; they are not used here.
@@ -36,109 +35,18 @@ import torch.nn as nn
 
 from trainer.compress import export as export_lib
 from trainer.compress import pruning, qat, stats
-from trainer.compress.schedules import SCHEDULES, Schedule
+from trainer.compress.modifiers import (  # re-exported: the package's config checks
+    KINDS,
+    PRUNING_KINDS,
+    check,
+    resolve_targets,
+    validate_modifiers,
+)
+from trainer.compress.schedules import Schedule
 from trainer.config import ConfigError, ModifierConfig
-from trainer.models.protocol import ModelFamily, family_of
+from trainer.models.protocol import family_of
 
-KINDS = ("magnitude", "channel", "nm", "qat")
-PRUNING_KINDS = ("magnitude", "channel", "nm")
-OUTPUT_HEAD_NAMES = ("head", "lm_head")
-
-
-# ----------------------------------------------------------------------------- config checks
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
-
-
-def _one_of(value, allowed, key: str) -> None:
-    _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
-
-
-def validate_modifiers(modifiers: list[ModifierConfig], model_family: ModelFamily) -> None:
-    """Config checks that need no model. Raises ConfigError ("compress.modifiers.<i>.<field>: ...")."""
-    n_qat = 0
-    for i, mod in enumerate(modifiers):
-        key = f"compress.modifiers.{i}"
-        _check(mod.kind in KINDS, f"{key}.kind", f"unknown kind {mod.kind!r} (expected one of {', '.join(KINDS)})")
-        targets = list(mod.targets)
-        _check(
-            bool(targets) and all(isinstance(t, str) and t for t in targets),
-            f"{key}.targets",
-            "must be a non-empty list of module name patterns",
-        )
-        _check(mod.start_step >= 0, f"{key}.start_step", f"must be >= 0 (got {mod.start_step})")
-        if mod.kind == "qat":
-            n_qat += 1
-            _check(n_qat == 1, f"{key}.kind", "only one qat modifier is supported")
-            _one_of(mod.weight_bits, (8, 4), f"{key}.weight_bits")
-            _one_of(mod.act_bits, (0, 8), f"{key}.act_bits")
-            if mod.weight_bits == 4:
-                _check(mod.group_size >= 2, f"{key}.group_size", f"must be >= 2 (got {mod.group_size})")
-            if mod.freeze_step is not None:
-                _check(
-                    mod.freeze_step >= mod.start_step,
-                    f"{key}.freeze_step",
-                    f"must be >= start_step={mod.start_step} (got {mod.freeze_step})",
-                )
-            continue
-        _check(mod.every >= 1, f"{key}.every", f"must be >= 1 (got {mod.every})")
-        if mod.kind == "nm":
-            _check(mod.m >= 1, f"{key}.m", f"must be >= 1 (got {mod.m})")
-            _check(1 <= mod.n <= mod.m, f"{key}.n", f"must be in [1, m={mod.m}] (got {mod.n})")
-            continue
-        _one_of(mod.schedule, SCHEDULES, f"{key}.schedule")
-        if mod.schedule != "constant":
-            _check(
-                mod.end_step >= mod.start_step,
-                f"{key}.end_step",
-                f"must be >= start_step={mod.start_step} (got {mod.end_step})",
-            )
-        _check(0 <= mod.final_sparsity < 1, f"{key}.final_sparsity", f"must be in [0, 1) (got {mod.final_sparsity})")
-        _check(
-            0 <= mod.initial_sparsity <= mod.final_sparsity,
-            f"{key}.initial_sparsity",
-            f"must be in [0, final_sparsity={mod.final_sparsity}] (got {mod.initial_sparsity})",
-        )
-        _one_of(mod.scope, ("layer", "global"), f"{key}.scope")
-        if mod.kind == "channel":
-            _check(
-                model_family.structured_units,
-                f"{key}.kind",
-                f"channel pruning needs a student with heads and MLP channels (got {model_family.name})",
-            )
-            _one_of(mod.norm, (1, 2), f"{key}.norm")
-            _check(mod.scope == "layer", f"{key}.scope", "channel pruning ranks units per layer: must be layer")
-
-
-def resolve_targets(model: nn.Module, patterns: list[str], key: str) -> list[str]:
-    """Module names matched by ``patterns`` (fnmatch): ``nn.Linear`` layers, and embeddings or the
-    output head (named ``head``/``lm_head``, or a Linear whose weight is an embedding's) only by a
-    pattern equal to their name. Raises ConfigError naming ``key`` for a pattern that matches nothing."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-
-    def explicit_only(name: str, module: nn.Module) -> bool:
-        return (
-            isinstance(module, nn.Embedding)
-            or id(module.weight) in embedding_weights
-            or name.rpartition(".")[2] in OUTPUT_HEAD_NAMES
-        )
-
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
-    names = []
-    for pattern in patterns:
-        matched = [
-            name for name, m in candidates if (name == pattern if explicit_only(name, m) else fnmatch(name, pattern))
-        ]
-        _check(
-            bool(matched),
-            key,
-            f"pattern {pattern!r} matches no Linear layer (embeddings and the output head only by their exact name)",
-        )
-        names += [name for name in matched if name not in names]
-    return names
+__all__ = ["KINDS", "PRUNING_KINDS", "Compressor", "build_compressor", "resolve_targets", "validate_modifiers"]
 
 
 # ----------------------------------------------------------------------------- building
@@ -164,7 +72,7 @@ def _build_pruner(model: nn.Module, mod: ModifierConfig, key: str) -> pruning.Pr
     )
     if mod.kind == "channel":
         groups = pruning.unit_groups(model, set(modules))
-        _check(
+        check(
             bool(groups),
             f"{key}.targets",
             "matches no attention or MLP layer (heads or channels of the model's unit groups)",
@@ -174,7 +82,7 @@ def _build_pruner(model: nn.Module, mod: ModifierConfig, key: str) -> pruning.Pr
     if mod.kind == "nm":
         for name in weights:
             width = model.get_parameter(name).shape[-1]
-            _check(width % mod.m == 0, f"{key}.m", f"{name} has {width} inputs, not a multiple of m={mod.m}")
+            check(width % mod.m == 0, f"{key}.m", f"{name} has {width} inputs, not a multiple of m={mod.m}")
     return pruning.Pruner(mod.kind, schedule, weights=weights, scope=mod.scope, n=mod.n, m=mod.m)
 
 
