@@ -15,12 +15,11 @@ their fp32 results differ in the last bits. Two bounds follow, neither measured 
   (``one_flip_change``, computed from the reference's own weights, gradients and scales: to first order).
   A run is held after fake-quant to ``REASSOCIATION`` plus twice that change per flipped code its export
   shows (at least one: a flip may come and go before the end; twice: second-order terms).
-- How many codes may flip: a last-bit difference moves a weight by a few ulps, at most about
-  ``8 * 2**-24 * |w|`` with ``|w| <= 127 s``, so the share of weights that close to a boundary (spaced ``s``)
-  is about ``2 * 8 * 127 * 2**-24 = 1.2e-4`` per step; over the at most 6 fake-quant steps of these runs that
-  is under ``MAX_FLIP_FRACTION = 1e-3`` of the codes. A wrong layout (a missed all-reduce, a wrong slice)
-  moves weights by a learning-rate step, flips a large share of the codes and fails; and it already fails the
-  1e-5 bound at the first steps, before fake-quant.
+- How many codes may flip is not bounded beforehand: a flip changes the gradients of the steps after it, so the
+  runs drift further apart and more weights cross boundaries (measured: 10 of 26k codes for the 2-stage runs across
+  kernel paths, 115 of 52k for interleaved 1F1B under avx2). What stays bounded is each weight: within one code of
+  the reference's. A wrong layout (a missed all-reduce, a wrong slice, a learning rate 1% off) moves weights by
+  more than a code within a few steps, and already fails the 1e-5 bound at the first steps, before fake-quant.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ from trainer.distill.losses import logit_losses
 from trainer.distill.placement import TeacherOutput
 
 REASSOCIATION = 1e-5
-MAX_FLIP_FRACTION = 1e-3
 LOSS_KEYS = ("train/loss", "train/ce", "distill/kd", "eval/val_loss")
 # The export stores one fp16 scale per row: a quantized weight that did not flip is within half a step of the
 # reference's, one that flipped within one step and a half (its scale may round to the neighbouring fp16 value).
@@ -79,11 +77,11 @@ def export_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def count_flips(run: Path, reference: Path) -> int:
     """Quantized weights of the two exports that differ by a code (asserting every other weight is within half a
-    step, every flip within one, and at most ``MAX_FLIP_FRACTION`` of the codes flipped); the unquantized
+    step, every flip within one); the unquantized
     tensors (norms, biases) within ``REASSOCIATION``."""
     got, want = export_weights(run), export_weights(reference)
     assert sorted(got) == sorted(want)
-    flips, codes = 0, 0
+    flips = 0
     for name, expected in want.items():
         difference = (got[name] - expected).abs()
         if expected.dim() != 2:
@@ -92,8 +90,6 @@ def count_flips(run: Path, reference: Path) -> int:
         step = expected.abs().amax(dim=1, keepdim=True) / 127  # int8 per row: the largest |w| is code 127
         assert bool((difference <= FLIPPED * step + REASSOCIATION).all()), f"{name}: a weight moved by over a code"
         flips += int((difference > NOT_FLIPPED * step + REASSOCIATION).sum())
-        codes += expected.numel()
-    assert flips <= MAX_FLIP_FRACTION * codes, f"{flips} of {codes} codes flipped"
     return flips
 
 
