@@ -15,11 +15,12 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import ConfigError, RunConfig, register_configs
-from trainer.preflight import unknown_keys, validate
+from trainer.preflight import check_resume, unknown_keys, validate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
@@ -49,6 +50,8 @@ def describe_error(error: BaseException) -> str:
     for e in chain:
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
             return f"{e.full_key}: {str(getattr(e, 'msg', e)).splitlines()[0]}"
+        if isinstance(e, OverrideParseException):  # its cause is ANTLR's, whose text is "None"
+            return f"{e.override}: not a valid override ({e.message.splitlines()[0]})"
     lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
     return "; ".join(lines[:2]) if lines else type(error).__name__
 
@@ -103,8 +106,9 @@ def check_group_options(overrides: list[str]) -> None:
 
 
 def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
-    """A pinned ``hydra.run.dir`` must be a folder (or not exist yet), and ``train.resume=never`` must not start
-    over in one that holds a run (the next rerun would resume its checkpoints, its metrics would mix with these)."""
+    """A pinned ``hydra.run.dir`` must be a folder (or not exist yet); ``train.resume=never`` must not start over
+    in one that holds a run (the next rerun would resume its checkpoints, its metrics would mix with these), and
+    ``auto`` resumes only a checkpoint of this run's model and settings."""
     pinned = [arg.partition("=")[2] for arg in argv if arg.lstrip("+").startswith("hydra.run.dir=")]
     if not pinned:
         return
@@ -113,6 +117,11 @@ def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
     run_dir = Path(pinned[-1]).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         fail(f"hydra.run.dir: {run_dir} is a file, not a folder")
+    existing = next(folder for folder in (run_dir, *run_dir.parents) if folder.exists())
+    if not existing.is_dir():
+        fail(f"hydra.run.dir: {run_dir} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"hydra.run.dir: {run_dir} cannot be written: {existing} is read-only")
     held = [p.name for p in checkpoint.list_complete(run_dir / "ckpt")] if run_dir.is_dir() else []
     if (run_dir / "metrics.jsonl").exists():
         held.append("metrics.jsonl")
@@ -121,6 +130,12 @@ def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
             f"train.resume: never, but {run_dir} holds a run ({', '.join(held)}): pin another hydra.run.dir, "
             "or delete that one"
         )
+    newest = checkpoint.latest(run_dir / "ckpt")
+    if cfg.train.resume == "auto" and newest is not None:
+        try:
+            check_resume(cfg, newest)
+        except ConfigError as e:
+            fail(str(e))
 
 
 def preflight(argv: list[str]) -> None:

@@ -3,12 +3,16 @@
 Layout: ``<run_dir>/ckpt/step_0000500/`` holds the DCP files (model, optimizer, compression
 tensors, RNG), ``trainer_state.json`` (step, LR schedule, data position, plain compression
 state), ``model.json`` (the architecture, so a teacher can be rebuilt from it) and
-``manifest.json`` (every other file's size, and the SHA-256 of the small ones). Each is
-written to ``.tmp-step_*`` and renamed when complete, so a kill or a disk error at any moment
-leaves the previous checkpoint loadable. Nothing is unpickled: DCP tensors and JSON only.
+``manifest.json`` (every other file's size and SHA-256). Each is written to ``.tmp-step_*`` and
+renamed when complete, so a kill or a disk error at any moment leaves the previous checkpoint
+loadable. Nothing is unpickled: DCP tensors and JSON only.
 
-Faults: ``load`` checks the manifest before reading a tensor, so a truncated or garbled file is
-named (``CorruptCheckpoint``) and ``load_newest`` falls back to the checkpoint before it; a
+The tensor files are hashed right after they are written (still in the page cache) and again before a
+resume reads them; under several ranks each rank hashes every n-th file, so a rank rereads about
+1/n of the checkpoint.
+
+Faults: ``load`` checks the manifest before reading a tensor, so a missing, truncated or garbled file
+(one flipped bit) is named (``CorruptCheckpoint``) and ``load_newest`` falls back to the checkpoint before it; a
 checkpoint of another architecture is refused (``ModelMismatch``); ``save`` turns a write error
 on any rank into ``CheckpointWriteError`` on every rank, with the previous checkpoint untouched.
 """
@@ -16,7 +20,6 @@ on any rank into ``CheckpointWriteError`` on every rank, with the previous check
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -40,16 +43,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallel import groups
+from trainer import files
 
 STUDENT = "student"  # the student's key among a run's trainable modules (and so in its checkpoints)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"
 METADATA_FILE = ".metadata"
-MANIFEST_FILE = "manifest.json"
-# Tensor files can be tens of GB: their size is checked (truncation is what kills and full disks cause), not
-# their hash, which would reread every byte at each save and resume. Every other file is small and hashed.
-TENSOR_SUFFIX = ".distcp"
+MANIFEST_FILE = files.MANIFEST_FILE
+TENSOR_SUFFIX = ".distcp"  # DCP's tensor files (the big ones: hashed by all ranks together)
 # Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), not per
 # group: pipeline stages hold different parameters in their groups, and any layout can load any other.
 OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -58,6 +60,8 @@ OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or used; the message names it and says why, on one line."""
 
+    config_key: str | None = None  # the config key to change when the config, not a file, is at fault
+
 
 class CorruptCheckpoint(CheckpointError):
     """A file of the checkpoint is missing, truncated or garbled."""
@@ -65,6 +69,14 @@ class CorruptCheckpoint(CheckpointError):
 
 class ModelMismatch(CheckpointError):
     """The checkpoint holds another model architecture than the one being trained."""
+
+    config_key = "student"
+
+
+class RunChanged(CheckpointError):
+    """The checkpoint was written by a run with another seed, data, batch size or LR schedule."""
+
+    config_key = "train.resume"
 
 
 class CheckpointWriteError(CheckpointError):
@@ -155,10 +167,13 @@ def save(root: Path, step: int, *, model, optimizer, extra: dict, model_spec: di
         state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
         with _single_process_is_fine():
             dcp.save(state, checkpoint_id=str(tmp), process_group=groups.trainer_group())
-        _on_main(lambda: _publish(tmp, final, model_spec, {"step": step, **extra_plain}))
-    except (OSError, CheckpointException) as e:
+        hashes = _hash_shared(_tensor_files(tmp))
+        _on_main(lambda: _publish(tmp, final, model_spec, {"step": step, **extra_plain}, hashes))
+    except (OSError, CheckpointException, KeyboardInterrupt) as e:
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(e):  # a second Ctrl-C inside the write (DCP wraps it like a write error)
+            raise KeyboardInterrupt from None
         previous = latest(root)
         kept = f"the newest checkpoint is still {previous}" if previous else "no earlier checkpoint exists"
         why = f"{_reason(e)}{_free_space(root)}"
@@ -175,11 +190,11 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _publish(tmp: Path, final: Path, model_spec: dict, trainer_state: dict) -> None:
+def _publish(tmp: Path, final: Path, model_spec: dict, trainer_state: dict, tensor_hashes: dict[str, str]) -> None:
     """Complete the temporary folder (JSON files, manifest last) and rename it to ``final``."""
     _write_json(tmp / MODEL_FILE, model_spec)
     _write_json(tmp / STATE_FILE, trainer_state)
-    _write_json(tmp / MANIFEST_FILE, {"files": _describe_files(tmp)})
+    _write_json(tmp / MANIFEST_FILE, {"files": files.describe(tmp, tensor_hashes)})
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -203,24 +218,20 @@ def _on_main(action: Callable[[], None]) -> None:
         raise OSError(error)
 
 
-def _describe_files(folder: Path) -> dict[str, dict]:
-    """{name: {"bytes", "sha256" (not for tensor files)}} of every file in ``folder`` but the manifest."""
-    files: dict[str, dict[str, Any]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name == MANIFEST_FILE or not path.is_file():
-            continue
-        files[path.name] = {"bytes": path.stat().st_size}
-        if not path.name.endswith(TENSOR_SUFFIX):
-            files[path.name]["sha256"] = _sha256(path)
-    return files
+def _tensor_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(TENSOR_SUFFIX) and p.is_file())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _hash_shared(paths: list[Path]) -> dict[str, str]:
+    """{name: SHA-256} of ``paths`` on every rank; each rank of the trainer's group hashes every n-th file."""
+    group = groups.trainer_group()
+    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+    mine = {path.name: files.sha256(path) for path in paths[rank::size]}
+    if size == 1:
+        return mine
+    everyone: list[dict[str, str] | None] = [None] * size
+    dist.all_gather_object(everyone, mine, group=group)
+    return {name: digest for part in everyone if part for name, digest in part.items()}
 
 
 def _free_space(path: Path) -> str:
@@ -229,6 +240,24 @@ def _free_space(path: Path) -> str:
         return f"; {shutil.disk_usage(path).free / 2**20:.0f} MiB free there"
     except OSError:
         return ""
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error``, the exception of each failing rank inside a DCP CheckpointException, and their causes."""
+    found, todo = [], [error]
+    while todo:
+        e = todo.pop(0)
+        if e in found:
+            continue
+        found.append(e)
+        if isinstance(e, CheckpointException):
+            todo += [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+        todo += [link for link in (e.__cause__, e.__context__) if link is not None]
+    return found
+
+
+def _interrupted(error: BaseException) -> bool:
+    return any(isinstance(e, KeyboardInterrupt) for e in _causes(error))
 
 
 def _reason(error: BaseException) -> str:
@@ -244,29 +273,32 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def verify(path: Path) -> None:
+def verify(path: Path, *, shared: bool = False) -> None:
     """Raise CorruptCheckpoint naming the first file of checkpoint ``path`` that is missing, truncated or garbled.
 
-    Checked against ``manifest.json``; a checkpoint written before manifests existed only has its JSON files
-    parsed, and a garbled tensor file of it surfaces when ``load`` reads it.
+    Checked against ``manifest.json``: sizes, then SHA-256. With ``shared`` (a collective of the trainer's group)
+    the ranks split the hashing of the tensor files. A checkpoint written before manifests existed only has its
+    JSON files parsed, and one whose manifest has no hashes of tensor files only their sizes checked.
     """
     manifest = path / MANIFEST_FILE
+    problems: list[str] = []
     if manifest.exists():
-        files = _read_json(manifest).get("files")
-        if not isinstance(files, dict) or not all(
-            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) for entry in files.values()
+        entries = _read_json(manifest).get("files")
+        if not isinstance(entries, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("bytes"), int) for entry in entries.values()
         ):
             raise CorruptCheckpoint(f"{manifest} is garbled (no list of files and sizes)")
-        for name, expected in files.items():
-            file = path / name
-            if not file.is_file():
-                raise CorruptCheckpoint(f"{file} is missing")
-            size = file.stat().st_size
-            if size != expected["bytes"]:
-                how = "truncated" if size < expected["bytes"] else "garbled"
-                raise CorruptCheckpoint(f"{file} is {how}: {size} bytes, {expected['bytes']} when written")
-            if "sha256" in expected and _sha256(file) != expected["sha256"]:
-                raise CorruptCheckpoint(f"{file} is garbled (its SHA-256 differs from the one written)")
+        problems = [problem for name, entry in entries.items() if (problem := files.size_problem(path / name, entry))]
+        hashed = sorted(path / name for name, entry in entries.items() if "sha256" in entry)
+        if not problems:  # the same on every rank: all ranks hash, or none
+            hashes = _hash_shared(hashed) if shared else {file.name: files.sha256(file) for file in hashed}
+            problems = [
+                files.garbled(path / name)
+                for name, entry in entries.items()
+                if "sha256" in entry and hashes[name] != entry["sha256"]
+            ]
+    if problems:
+        raise CorruptCheckpoint(problems[0])
     for name in (STATE_FILE, MODEL_FILE):
         _read_json(path / name)
 
@@ -291,16 +323,43 @@ def check_model(path: Path, model_spec: dict) -> None:
     )
 
 
-def load(path: Path, *, model, optimizer, extra_template: dict, model_spec: dict | None = None) -> dict:
+def check_run(path: Path, identity: dict) -> None:
+    """Raise RunChanged when checkpoint ``path`` was written with other values of ``identity``'s keys (config keys:
+    what a resume must keep, see ``trainer.preflight.run_identity``). A checkpoint that recorded none passes."""
+    saved = _read_json(path / STATE_FILE).get("run")
+    if not isinstance(saved, dict):
+        return
+    differ = [
+        f"{key} {saved[key]} there, {value} here" for key, value in identity.items() if saved.get(key, value) != value
+    ]
+    if differ:
+        raise RunChanged(
+            f"checkpoint {path} was written with other settings ({', '.join(differ)}); resume with those, set "
+            "train.allow_resume_changes=true to resume anyway, or train in another hydra.run.dir"
+        )
+
+
+def load(
+    path: Path,
+    *,
+    model,
+    optimizer,
+    extra_template: dict,
+    model_spec: dict | None = None,
+    run_identity: dict | None = None,
+) -> dict:
     """Load model and optimizer in place; return the extra state (tensors filled like the template).
 
     Raises CorruptCheckpoint (naming the file or the error) when the checkpoint cannot be read: the model may
-    then hold some of its tensors, so load another checkpoint or stop. With ``model_spec``, raises ModelMismatch
-    before reading any tensor when the checkpoint holds another architecture.
+    then hold some of its tensors, so load another checkpoint or stop. With ``model_spec`` (``run_identity``),
+    raises ModelMismatch (RunChanged) before reading any tensor when the checkpoint holds another architecture
+    (was written with other settings).
     """
-    verify(path)
+    verify(path, shared=True)
     if model_spec is not None:
         check_model(path, model_spec)
+    if run_identity is not None:
+        check_run(path, run_identity)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIM_OPTIONS)
     extra_tensors, _ = split_state(extra_template)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
@@ -316,16 +375,29 @@ def load(path: Path, *, model, optimizer, extra_template: dict, model_spec: dict
 
 
 def load_newest(
-    candidates: list[Path], *, model, optimizer, extra_template: dict, model_spec: dict
+    candidates: list[Path],
+    *,
+    model,
+    optimizer,
+    extra_template: dict,
+    model_spec: dict,
+    run_identity: dict | None = None,
 ) -> tuple[Path, dict, list[str]]:
     """Load the newest usable of ``candidates`` (oldest first): (its path, its extra state, why each newer one
-    was skipped). A corrupt checkpoint is skipped for the one before it; ModelMismatch is raised at once for one
-    of another model, CheckpointError when none is usable. Nothing is deleted either way.
+    was skipped). A corrupt checkpoint is skipped for the one before it; ModelMismatch (RunChanged) is raised at
+    once for one of another model (other settings), CheckpointError when none is usable. Nothing is deleted.
     """
     skipped: list[str] = []
     for path in reversed(candidates):
         try:
-            state = load(path, model=model, optimizer=optimizer, extra_template=extra_template, model_spec=model_spec)
+            state = load(
+                path,
+                model=model,
+                optimizer=optimizer,
+                extra_template=extra_template,
+                model_spec=model_spec,
+                run_identity=run_identity,
+            )
             return path, state, skipped
         except CorruptCheckpoint as e:
             skipped.append(str(e))
@@ -338,15 +410,20 @@ def load_newest(
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """Load only the student's weights of a checkpoint into ``model`` (e.g. a teacher, or a model to export), in
     this process alone (no collective: a teacher rank loads its teacher while the student ranks do other work).
-    A checkpoint holds the run's trainable modules, the student under ``STUDENT``."""
+    A checkpoint holds the run's trainable modules, the student under ``STUDENT``. Raises CorruptCheckpoint."""
+    verify(path)
     holder = nn.ModuleDict({STUDENT: model})
     state = {"model": get_model_state_dict(holder)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except (Exception, CheckpointException) as e:
+        raise CorruptCheckpoint(f"{path} could not be read ({_reason(e)})") from e
     set_model_state_dict(holder, state["model"], options=StateDictOptions(strict=True))
 
 
 def read_model_spec(path: Path) -> dict:
-    return json.loads((path / MODEL_FILE).read_text())
+    """The architecture checkpoint ``path`` holds; CorruptCheckpoint when its ``model.json`` is missing or garbled."""
+    return _read_json(path / MODEL_FILE)
 
 
 def _read_json(path: Path) -> dict:

@@ -227,6 +227,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
+    allow_resume_changes: bool = False  # resume a checkpoint whose seed, data, batch or LR schedule differ
     precision: str = "fp32"  # fp32 | bf16
     stop_at_step: int | None = None  # end this invocation early (checkpointed), resumable
 

@@ -9,9 +9,10 @@ as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``t
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
-from trainer import models
+from trainer import exports, models
 from trainer.compress.export import export_compressed, quantize_dense
 from trainer.distill import teacher as source_io
 from trainer.models.protocol import family_of
@@ -49,7 +50,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, source_io.TeacherPathError) as e:
         print(f"error: {e} ({USAGE})", file=sys.stderr)
         return 2
-    model = source_io.load(folder)
+    try:
+        model = source_io.load(folder)
+    except source_io.TeacherPathError as e:
+        print(f"error: SOURCE: {e}", file=sys.stderr)
+        return 2
     scheme = options["quantize"]
     targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_attr}.*"]
     run_dir = folder.parent if kind == "export" else folder.parent.parent
@@ -60,13 +65,11 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    dense_dir = out.with_name(out.name + ".dense-reference")
-    models.save_dense(model, dense_dir)
-    dense = folder_bytes(dense_dir)
-    export_compressed(quantize_dense(model, targets=targets, **SCHEMES[scheme]), out, masks={}, quant={})
-    for leftover in dense_dir.iterdir():
-        leftover.unlink()
-    dense_dir.rmdir()
+    with tempfile.TemporaryDirectory() as scratch:
+        dense = folder_bytes(models.save_dense(model, Path(scratch)))
+    staging = exports.staging_dir(out)
+    export_compressed(quantize_dense(model, targets=targets, **SCHEMES[scheme]), staging, masks={}, quant={})
+    exports.publish(staging, out)
     size = folder_bytes(out)
     print(f"wrote {out}: {size:,} bytes ({dense / size:.2f}x smaller than the fp32 export, {dense:,} bytes)")
     return 0

@@ -1,19 +1,56 @@
 """Any export folder Stillroom writes, loaded back: dense (``trainer.models``) or compressed
-(``trainer.compress.export``: int8/int4 codes, sparse bitmasks, thinned units)."""
+(``trainer.compress.export``: int8/int4 codes, sparse bitmasks, thinned units).
+
+An export is written to a staging folder, sealed with a ``manifest.json`` (size and SHA-256 of every file) and
+renamed into place (``publish``); ``load`` checks the manifest first, so a damaged file is named, not loaded."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch.nn as nn
+from safetensors import SafetensorError
 
-from trainer import models
+from trainer import files, models
+
+
+class ExportError(ValueError):
+    """An export folder that cannot be loaded: the message names the file and why, on one line."""
+
+
+def staging_dir(final: Path) -> Path:
+    """Where the export that becomes ``final`` is written (emptied first)."""
+    staging = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Seal the complete export in ``staging`` (its manifest) and put it at ``final``, replacing what was there."""
+    files.write_manifest(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+
+
+def verify(path: str | Path) -> None:
+    """ExportError naming the first file of export ``path`` that is missing, truncated or garbled."""
+    problem = files.manifest_problem(Path(path))
+    if problem:
+        raise ExportError(problem)
 
 
 def load(path: str | Path) -> nn.Module:
-    """The model in the export folder ``path``, in eval mode on CPU."""
-    if models.read_export_config(path)["format"] == models.DENSE_FORMAT:
-        return models.load_dense(path)
-    from trainer.compress.export import load_compressed  # torchao: imported only for a compressed export
+    """The model in the export folder ``path``, in eval mode on CPU; ExportError (one line) when it cannot be."""
+    verify(path)
+    try:
+        if models.read_export_config(path)["format"] == models.DENSE_FORMAT:
+            return models.load_dense(path)
+        from trainer.compress.export import load_compressed  # torchao: imported only for a compressed export
 
-    return load_compressed(path)
+        return load_compressed(path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = " ".join(lines[:2])[:300]  # torch's first line only says "Error(s) in loading state_dict for GPT:"
+        named = str(Path(path)) in why  # Stillroom's own errors name the file already
+        raise ExportError(why if named else f"{path} cannot be loaded ({type(e).__name__}: {why})") from e

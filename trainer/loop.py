@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,13 +20,18 @@ from parallel.collectives import dp_sum
 from trainer import checkpoint, data, exports, models, report
 from trainer.build import build_compressor, build_run, build_student
 from trainer.config import RunConfig, parallel_dims
+from trainer.distill.teacher import TeacherPathError
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
 from trainer.metrics import held_bytes, peak_memory_bytes, state_bytes
 from trainer.preemption import PREEMPTED_EXIT, Preempted, StopRequests
+from trainer.preflight import run_identity
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
+
+
+INTERRUPTED_EXIT = 130  # what a shell reports for a process ended by SIGINT
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,11 +66,20 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
             print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr)
         dist_env.wait_for_all()
         sys.exit(PREEMPTED_EXIT)
-    except checkpoint.CheckpointError as e:  # another model's checkpoint, none usable, or a failed write
-        mismatch = isinstance(e, checkpoint.ModelMismatch)
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
         if env.is_main:
-            print(f"{'config error: student' if mismatch else 'error'}: {e}", file=sys.stderr)
-        sys.exit(2 if mismatch else 1)
+            newest = checkpoint.latest(run_dir / "ckpt")
+            kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
+            print(f"interrupted by a second Ctrl-C; {kept}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
+    except TeacherPathError as e:  # a teacher file damaged since the preflight, or without a manifest to check
+        if env.is_main:
+            print(f"config error: teacher.checkpoint: {e}", file=sys.stderr)
+        sys.exit(2)
+    except checkpoint.CheckpointError as e:  # another model's or run's checkpoint, none usable, a failed write
+        if env.is_main:
+            print(f"config error: {e.config_key}: {e}" if e.config_key else f"error: {e}", file=sys.stderr)
+        sys.exit(2 if e.config_key else 1)
     finally:
         dist_env.shutdown()
 
@@ -150,13 +163,14 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "compress": self.compressor.state_dict() if self.compressor else {},
             "data": {"fingerprint": self.parts.dataset.fingerprint, "seed": t.seed},
+            "run": run_identity(self.cfg),
             "lr_schedule": {"lr": t.lr, "min_lr": t.min_lr, "warmup_steps": t.warmup_steps, "max_steps": t.max_steps},
         }
 
     def resume(self) -> int:
         """The step to start at: 0, or that of the newest usable checkpoint, loaded in place. A corrupt checkpoint is
-        named and the one before it used; one of another model, or none usable, raises CheckpointError (nothing
-        deleted)."""
+        named and the one before it used; one of another model or other settings (seed, data, batch, LR
+        schedule), or none usable, raises CheckpointError (nothing deleted)."""
         mode = self.cfg.train.resume
         candidates = {"never": [], "auto": checkpoint.list_complete(self.ckpt_root)}.get(mode, [Path(mode)])
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -174,6 +188,7 @@ class Trainer:
             optimizer=self.optimizer,
             extra_template=self.extra_state(),
             model_spec=self.parts.student_spec,
+            run_identity=None if self.cfg.train.allow_resume_changes else run_identity(self.cfg),
         )
         torch.set_rng_state(state["rng"]["torch"])
         if self.compressor:
@@ -383,14 +398,12 @@ class Trainer:
             return None
         assert student is not None  # rank 0 holds the whole student
         final = self.run_dir / "final"
-        staging = self.run_dir / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = exports.staging_dir(final)
         if compressor:
             compressor.export(staging)
         else:
             models.save_dense(student, staging)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        exports.publish(staging, final)
         teacher = self.teacher.whole_module if self.teacher is not None else None
         teacher_eval = self.evaluate(teacher) if teacher is not None else None
         export_eval = self.evaluate(exports.load(final).to(self.env.device))

@@ -51,6 +51,7 @@ def validate(cfg: RunConfig) -> None:
             "train.resume",
             f"must be auto, never or a complete checkpoint folder ({t.resume} is not one)",
         )
+        check_resume(cfg, Path(t.resume))
     if cfg.data.path is not None:
         _check(Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
     try:
@@ -98,6 +99,40 @@ def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
         return models.student_config(cfg.student, data.model_fields(cfg.data))
     except models.ConfigFieldError as e:
         raise ConfigError(f"student.{e.key}", e.message) from None
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint besides the model, by config key (a checkpoint records
+    it; ``train.allow_resume_changes`` waives the check)."""
+    from trainer import data
+
+    t = cfg.train
+    return {
+        "data": data.fingerprint(cfg.data),
+        "data.val_fraction": cfg.data.val_fraction,
+        "train.seed": t.seed,
+        "train.batch_size": t.batch_size,
+        "train.lr": t.lr,
+        "train.min_lr": t.min_lr,
+        "train.warmup_steps": t.warmup_steps,
+        "train.max_steps": t.max_steps,
+    }
+
+
+def check_resume(cfg: RunConfig, path: Path) -> None:
+    """The checkpoint a resume starts from holds this run's model and settings: ConfigError naming the difference.
+    A damaged one is left to the resume, which names it and falls back to the one before."""
+    from trainer import checkpoint
+
+    family, config = student_spec(cfg)
+    try:
+        checkpoint.check_model(path, {"arch": family.name, "config": dataclasses.asdict(config)})
+        if not cfg.train.allow_resume_changes:
+            checkpoint.check_run(path, run_identity(cfg))
+    except checkpoint.CorruptCheckpoint:
+        return
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(e.config_key or "train.resume", str(e)) from None
 
 
 def world_size_from_env() -> int:
@@ -283,6 +318,7 @@ def _validate_teacher(cfg: RunConfig) -> None:
         return  # trained by the recipe before the run starts, then checked again
     try:
         spec = teacher.spec(path)
+        teacher.verify(path)
     except teacher.TeacherPathError as e:
         raise ConfigError("teacher.checkpoint", str(e)) from None
     t_cfg = spec["config"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer import exports, models
+from trainer import exports, files, models
 from trainer.config import RunConfig
 from trainer.models.protocol import family_of
 
@@ -28,7 +28,8 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes of an export's files (not of the manifest that records their hashes)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != files.MANIFEST_FILE)
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -24,7 +24,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "latin1.txt").write_bytes("caf\xe9 au lait, ".encode("latin-1") * 500)
     (root / "a_folder").mkdir()
     teacher = models.build("gpt", vocab_size=32, n_layer=1, n_head=1, n_embd=16, block_size=16)
-    models.save_dense(teacher, root / "teacher32")
+    staging = exports.staging_dir(root / "teacher32")
+    models.save_dense(teacher, staging)
+    exports.publish(staging, root / "teacher32")
     return {path.stem: path for path in root.iterdir()}
 
 
@@ -78,6 +80,11 @@ CASES = {
         "student: no option 'huge' (available: mlp_small, mlp_teacher, nano_cpu, nano_gpu, small, tiny)",
     ),
     "unknown distillation loss": (["distill=kd", "distill.loss=kl"], "distill.loss: must be one of none, forward_kl"),
+    "unclosed list": (["train.lr=[1,2"], "train.lr=[1,2: not a valid override (no viable alternative"),
+    "run dir inside a file": (
+        ["hydra.run.dir={tiny}/run"],
+        "hydra.run.dir: {tiny}/run cannot be made: {tiny} is a file",
+    ),
 }
 
 
@@ -87,7 +94,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, files, name):
     overrides = [o.format(**paths) if "={" in o else o for o in CASES[name][0]]
     expected = CASES[name][1].format(**paths) if ": {" in CASES[name][1] else CASES[name][1]
     base = [] if "data=digits" in overrides else FAST  # FAST sizes a GPT student
-    proc = run_cli(tmp_path, *base, *overrides, "hydra.run.dir=run", check=False, timeout=120)
+    run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else ["hydra.run.dir=run"]
+    proc = run_cli(tmp_path, *base, *overrides, *run_dir, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -127,6 +135,35 @@ def test_resume_never_in_a_run_dir_that_holds_a_run_refuses(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"config error: train.resume: never, but {tmp_path / 'run'} holds a run"), line
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "difference"),
+    [
+        (["train.seed=7"], "train.seed 1337 there, 7 here"),
+        (["data.synthetic_tokens=30000"], "data synthetic-32-20000 there, synthetic-32-30000 here"),
+        (["train.max_steps=4", "train.lr=2e-3"], "train.lr 0.001 there, 0.002 here, train.max_steps 2 there, 4 here"),
+    ],
+)
+def test_resume_with_other_settings_refuses_naming_them(tmp_path, changes, difference):
+    """A rerun in the run dir with another seed, data or schedule used to resume silently, mixing two runs."""
+    run_cli(tmp_path, *FAST, "train.max_steps=2", "train.ckpt_every=2", "hydra.run.dir=run")
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+    proc = run_cli(tmp_path, *FAST, "train.max_steps=2", *changes, "hydra.run.dir=run", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    newest = tmp_path / "run" / "ckpt" / "step_0000002"
+    assert line.startswith(f"config error: train.resume: checkpoint {newest} was written with other settings ("), line
+    assert difference in line and "train.allow_resume_changes=true" in line, line
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == before
+
+
+def test_allow_resume_changes_resumes_a_longer_run(tmp_path):
+    run_cli(tmp_path, *FAST, "train.max_steps=2", "train.ckpt_every=2", "hydra.run.dir=run")
+    longer = [*FAST, "train.max_steps=4", "train.ckpt_every=2", "hydra.run.dir=run"]
+    proc = run_cli(tmp_path, *longer, "train.allow_resume_changes=true")
+    assert f"resumed from {tmp_path / 'run' / 'ckpt' / 'step_0000002'} at step 2" in proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 4
 
 
 def test_run_dir_that_is_a_file_refuses(tmp_path):
@@ -192,3 +229,83 @@ def test_periods_are_honoured_whatever_log_every_is(tmp_path):
     assert [r["step"] for r in rows if "eval/val_loss" in r] == [3, 6, 9, 10]
     assert [p.name for p in checkpoint.list_complete(tmp_path / "run" / "ckpt")] == ["step_0000005", "step_0000010"]
     assert {4, 8} <= {r["step"] for r in rows}
+
+
+def damaged_copy(source: Path, into: Path, file: str, damage) -> Path:
+    """A copy of folder ``source`` in which ``file`` is damaged in place (same size for a flipped bit)."""
+    shutil.copytree(source, into)
+    target = into / file
+    target.write_bytes(damage(target.read_bytes()))
+    return target
+
+
+def flip_one_bit(data: bytes) -> bytes:
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+def test_a_damaged_teacher_is_named_before_anything_starts(tmp_path, files):
+    """A flipped bit in a teacher's weights (an export or a checkpoint) used to be loaded as is."""
+    run_cli(tmp_path, *FAST, "train.max_steps=2", "train.ckpt_every=2", "data.synthetic_vocab=32", "hydra.run.dir=t")
+    step = tmp_path / "t" / "ckpt" / "step_0000002"
+    damaged = [
+        damaged_copy(files["teacher32"], tmp_path / "export", "model.safetensors", flip_one_bit),
+        damaged_copy(step, tmp_path / "step", "__0_0.distcp", flip_one_bit),
+    ]
+    for target in damaged:
+        overrides = ["distill=kd", "teacher=path", f"teacher.checkpoint={target.parent}", "hydra.run.dir=student"]
+        proc = run_cli(tmp_path, *FAST, *overrides, check=False, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = proc.stderr.strip().splitlines()
+        assert (
+            line == f"config error: teacher.checkpoint: {target} is garbled (its SHA-256 differs from the one written)"
+        )
+        assert not (tmp_path / "student").exists()
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "problem"),
+    [
+        ("model.safetensors", flip_one_bit, "is garbled (its SHA-256 differs from the one written)"),
+        ("config.json", lambda data: data[:20], "is truncated: 20 bytes"),
+    ],
+)
+def test_export_of_a_damaged_source_is_one_line(tmp_path, files, file, damage, problem):
+    target = damaged_copy(files["teacher32"], tmp_path / "source", file, damage)
+    proc = run_cli(
+        tmp_path,
+        str(target.parent),
+        "quantize=int8_weight",
+        f"out={tmp_path / 'q'}",
+        module="trainer.export",
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: SOURCE: {target} {problem}"), line
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_an_export_without_a_manifest_that_does_not_load_is_one_line(tmp_path, files):
+    """An export written before manifests existed (or by hand): what cannot be loaded is still one line."""
+    source = tmp_path / "source"
+    shutil.copytree(files["teacher32"], source)
+    (source / "manifest.json").unlink()
+    (source / "model.safetensors").write_bytes(b"\x07" * 64)
+    overrides = ["distill=kd", "teacher=path", f"teacher.checkpoint={source}", "hydra.run.dir=student"]
+    proc = run_cli(tmp_path, *FAST, *overrides, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"config error: teacher.checkpoint: {source} cannot be loaded (SafetensorError: "), line
+    assert "Traceback" not in proc.stderr
+
+
+def test_exports_follow_the_umask_and_are_sealed(tmp_path):
+    """``final/model.safetensors`` used to be written with mode 0600 (safetensors' own temporary file)."""
+    run_cli(tmp_path, *FAST, "train.max_steps=2", "hydra.run.dir=run")
+    final = tmp_path / "run" / "final"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in final.iterdir()}
+    assert set(modes) == {"config.json", "model.safetensors", "manifest.json"}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes  # as any other file
+    exports.verify(final)

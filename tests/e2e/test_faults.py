@@ -69,13 +69,24 @@ def assert_same_final_metrics(run_dir: Path, reference: Path) -> None:
         assert got[-1][key] == pytest.approx(want[-1][key], rel=1e-6, abs=1e-7), key
 
 
-def test_truncated_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, stopped, reference):
+def truncate(data: bytes) -> bytes:
+    return data[:1000]
+
+
+def flip_one_bit(data: bytes) -> bytes:
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize(("damage", "word"), [(truncate, "truncated"), (flip_one_bit, "garbled")])
+def test_damaged_checkpoint_is_named_and_the_previous_one_resumes(tmp_path, stopped, reference, damage, word):
     run_dir = copy_of(stopped, tmp_path)
     tensors = checkpoint.step_dir(run_dir / "ckpt", 8) / "__0_0.distcp"
-    tensors.write_bytes(tensors.read_bytes()[:1000])
+    tensors.write_bytes(damage(tensors.read_bytes()))
     proc = run_cli(tmp_path, *RUN)
     (warning,) = stderr_lines(proc, "warning:")
-    assert str(tensors) in warning and "truncated" in warning, warning
+    assert str(tensors) in warning and word in warning, warning
     assert f"resumed from {checkpoint.step_dir(run_dir / 'ckpt', 4)} at step 4" in proc.stderr
     assert_same_final_metrics(run_dir, reference)
 

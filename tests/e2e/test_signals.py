@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import FAST, cli_env, read_metrics, run_cli
 from trainer import checkpoint
+from trainer.loop import INTERRUPTED_EXIT
 from trainer.preemption import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +90,22 @@ def test_signal_checkpoints_exits_and_resume_matches_uninterrupted(sig, tmp_path
     resumed = run_cli(tmp_path, *RUN)
     assert f"resumed from {tmp_path / 'run' / 'ckpt' / f'step_{step:07d}'} at step {step}" in resumed.stderr
     assert_same_metrics(read_metrics(tmp_path / "run"), reference, tolerance=1e-6)
+
+
+def test_a_second_ctrl_c_aborts_with_one_line_and_exit_130(tmp_path):
+    proc = start(tmp_path, sys.executable, "-m", "trainer", *RUN)
+    wait_for_rows(proc, tmp_path / "run" / "metrics.jsonl", SIGNAL_AFTER_ROWS)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == INTERRUPTED_EXIT, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    newest = checkpoint.latest(tmp_path / "run" / "ckpt")
+    kept = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
+    assert line == f"interrupted by a second Ctrl-C; {kept}", line
+    assert not list((tmp_path / "run" / "ckpt").glob(".tmp-*"))
 
 
 def worker_of_rank(agent_pid: int, rank: int, timeout: float = 60) -> int:

@@ -4,6 +4,7 @@ error leaves the previous checkpoint as it was."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_manifest_holds_every_file_with_its_size(two_checkpoints):
+def test_manifest_holds_every_file_with_its_size_and_hash(two_checkpoints):
     root, _ = two_checkpoints
     path = checkpoint.step_dir(root, 2)
     files = json.loads((path / checkpoint.MANIFEST_FILE).read_text())["files"]
@@ -81,12 +82,21 @@ def test_manifest_holds_every_file_with_its_size(two_checkpoints):
     assert set(files) == on_disk and "__0_0.distcp" in files
     for name, entry in files.items():
         assert entry["bytes"] == (path / name).stat().st_size
-        assert ("sha256" in entry) == (not name.endswith(".distcp"))
+        assert entry["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest()
 
 
 def truncate_tensor_file(path: Path) -> str:
     (tensors,) = path.glob("*.distcp")
     tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    return tensors.name
+
+
+def flip_a_bit_of_the_tensor_file(path: Path) -> str:
+    """One bit in the middle of the tensor data: same size, and DCP would read it without complaint."""
+    (tensors,) = path.glob("*.distcp")
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tensors.write_bytes(bytes(data))
     return tensors.name
 
 
@@ -102,7 +112,9 @@ def garble_trainer_state(path: Path) -> str:
     return checkpoint.STATE_FILE
 
 
-@pytest.mark.parametrize("corrupt", [truncate_tensor_file, garble_metadata, garble_trainer_state])
+@pytest.mark.parametrize(
+    "corrupt", [truncate_tensor_file, flip_a_bit_of_the_tensor_file, garble_metadata, garble_trainer_state]
+)
 def test_corrupt_newest_is_named_and_the_previous_one_loads(two_checkpoints, corrupt):
     root, saved = two_checkpoints
     name = corrupt(checkpoint.step_dir(root, 2))
@@ -183,3 +195,43 @@ def test_write_error_keeps_the_previous_checkpoint(two_checkpoints, monkeypatch,
     path, _, skipped, loaded = load_newest(root)
     assert path == checkpoint.step_dir(root, 2) and not skipped
     assert all(torch.equal(tensor, saved[2][key]) for key, tensor in weights(loaded).items())
+
+
+def test_checkpoint_of_another_run_is_refused_before_any_tensor_is_read(tmp_path):
+    wrapper, optimizer = make_student()
+    spec = models.model_spec(wrapper["student"])
+    identity = {"train.seed": 1, "data": "synthetic-16-100"}
+    path = checkpoint.save(
+        tmp_path, 1, model=wrapper, optimizer=optimizer, extra={"run": identity}, model_spec=spec, keep_last=1
+    )
+    other, optimizer = make_student()
+    with torch.no_grad():
+        other["student"].pos_emb.weight.zero_()
+    for changed, difference in [({"train.seed": 2}, "train.seed 1 there, 2 here"), ({"data": "x"}, "data synthetic")]:
+        with pytest.raises(checkpoint.RunChanged, match=difference):
+            checkpoint.load_newest(
+                [path],
+                model=other,
+                optimizer=optimizer,
+                extra_template={},
+                model_spec=spec,
+                run_identity={**identity, **changed},
+            )
+        assert not other["student"].pos_emb.weight.any()  # nothing was read
+    checkpoint.load_newest([path], model=other, optimizer=optimizer, extra_template={}, model_spec=spec)
+    assert other["student"].pos_emb.weight.any()
+
+
+def test_a_second_ctrl_c_inside_a_write_is_an_interrupt_not_a_disk_fault(two_checkpoints, monkeypatch):
+    """DCP wraps a KeyboardInterrupt raised while writing as a write failure; it used to read like a disk fault."""
+    root, _ = two_checkpoints
+    wrapper, optimizer = make_student()
+    before = snapshot(root)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(root, 3, wrapper, optimizer)
+    assert snapshot(root) == before and not list(root.glob(".tmp-*"))

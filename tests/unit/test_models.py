@@ -68,5 +68,5 @@ def test_load_refuses_weights_of_another_shape(tmp_path):
 
 
 def test_load_refuses_a_folder_that_is_not_an_export(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a Stillroom export"):
+    with pytest.raises(exports.ExportError, match="no config.json .not a Stillroom export.$"):
         exports.load(tmp_path)

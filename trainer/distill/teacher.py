@@ -59,8 +59,28 @@ def spec(path: str | Path) -> dict:
     read = {"export": models.read_export_config, "checkpoint": checkpoint.read_model_spec, "hf": hf.spec}[kind]
     try:
         return read(folder)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, checkpoint.CheckpointError) as e:
         raise TeacherPathError(str(e)) from e
+
+
+def checkpoint_model(folder: Path) -> nn.Module:
+    """The student of checkpoint ``folder`` (verified first: CorruptCheckpoint names a damaged file)."""
+    model = models.build_from_spec(checkpoint.read_model_spec(folder))
+    checkpoint.load_model_weights(folder, model)
+    return model
+
+
+def verify(path: str | Path) -> None:
+    """TeacherPathError naming the first damaged file of a Stillroom teacher (checked against its manifest);
+    a Hugging Face folder is left to transformers' loader."""
+    kind, folder = resolve(path)
+    try:
+        if kind == "export":
+            exports.verify(folder)
+        elif kind == "checkpoint":
+            checkpoint.verify(folder)
+    except (exports.ExportError, checkpoint.CheckpointError) as e:
+        raise TeacherPathError(str(e)) from None
 
 
 def fingerprint(path: str | Path) -> str:
@@ -119,11 +139,11 @@ def load(path: str | Path, device: torch.device = torch.device("cpu"), vocab_siz
             model = hf.load(folder)
         except ValueError as e:
             raise TeacherPathError(str(e)) from None
-    elif kind == "export":
-        model = exports.load(folder)
     else:
-        model = models.build_from_spec(checkpoint.read_model_spec(folder))
-        checkpoint.load_model_weights(folder, model)
+        try:
+            model = exports.load(folder) if kind == "export" else checkpoint_model(folder)
+        except (exports.ExportError, checkpoint.CheckpointError) as e:
+            raise TeacherPathError(str(e)) from None
     return freeze(slice_vocabulary(model, path, vocab_size), device)
 
 

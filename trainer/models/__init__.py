@@ -14,8 +14,9 @@ from typing import Any
 import torch.nn as nn
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from trainer import files
 from trainer.models import gpt, mlp  # noqa: F401  (registers the built-in families)
 from trainer.models.protocol import FAMILIES, ConfigFieldError, ModelFamily, family, family_of
 
@@ -89,7 +90,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, extra: dict | None = None)
     """Write ``config.json`` and ``model.safetensors`` (fp32, dense) to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(unique_state_dict(model), str(out / WEIGHTS_FILE))
+    files.save_safetensors(unique_state_dict(model), out / WEIGHTS_FILE)
     meta = {"format": DENSE_FORMAT, **model_spec(model), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return out
@@ -104,8 +105,14 @@ def read_export_config(path: str | Path) -> dict:
         meta = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
-    if "format" not in meta or "arch" not in meta:
+    if not isinstance(meta, dict) or "format" not in meta or "arch" not in meta:
         raise ValueError(f"{cfg_file}: not a Stillroom export config (no 'format'/'arch')")
+    try:
+        config_class = resolve_family(str(meta["arch"])).config_class
+        if config_class is not None:
+            config_class(**meta.get("config", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: its config does not make a {meta['arch']} model ({e})") from None
     return meta
 
 
