@@ -21,6 +21,7 @@ from parallel.collectives import dp_sum
 from trainer import checkpoint, data, exports, models, report
 from trainer.build import build_compressor, build_run, build_student
 from trainer.config import RunConfig, parallel_dims
+from trainer.distill import cache
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
 from trainer.metrics import held_bytes, peak_memory_bytes, state_bytes
@@ -62,6 +63,11 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
             print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr)
         dist_env.wait_for_all()
         sys.exit(PREEMPTED_EXIT)
+    except cache.CacheError as e:  # a garbled row of the teacher cache, raised on every rank at the same read
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        dist_env.wait_for_all()
+        sys.exit(1)
     except checkpoint.CheckpointError as e:  # another model's checkpoint, none usable, or a failed write
         mismatch = isinstance(e, checkpoint.ModelMismatch)
         if env.is_main:
