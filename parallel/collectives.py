@@ -1,10 +1,13 @@
-"""Reductions over the data-parallel ranks of a mesh (metrics, eval sums); no-ops on one rank."""
+"""Reductions over the data-parallel ranks of a mesh (metrics, eval sums), and an error agreed by the trainer's
+ranks; no-ops on one rank."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+
+from parallel import groups
 
 
 def dp_sum(tensor: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
@@ -24,6 +27,22 @@ def dp_mean(values: dict[str, torch.Tensor], mesh: DeviceMesh | None) -> dict[st
     stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
     dp_sum(stacked, mesh).div_(mesh.size())
     return dict(zip(values, stacked.unbind()))
+
+
+def first_error(error: str | None, device: torch.device) -> str | None:
+    """The error of the lowest trainer rank that has one, on every trainer rank (each calls this at the same point,
+    ``error`` None where all went well): one integer all_reduce, and a broadcast only when some rank failed."""
+    if not dist.is_initialized():
+        return error
+    group = groups.trainer_group()
+    size = dist.get_world_size(group)
+    first = torch.tensor([size if error is None else dist.get_rank(group)], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    if int(first.item()) == size:
+        return None
+    box = [error]
+    dist.broadcast_object_list(box, group=group, group_src=int(first.item()))
+    return box[0]
 
 
 class PairwiseGradients:

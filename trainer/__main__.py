@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
@@ -138,8 +139,9 @@ def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
             fail(str(e))
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose and validate every job the command line asks for, before Hydra starts anything."""
+def preflight(argv: list[str], check: Callable[[RunConfig], None] = validate) -> None:
+    """Compose every job the command line asks for and ``check`` it (raising ConfigError), before Hydra starts
+    anything."""
     overrides = job_overrides(argv)
     if overrides is None:
         return
@@ -156,7 +158,7 @@ def preflight(argv: list[str]) -> None:
                 if unknown:
                     raise ConfigError(unknown[0], "not a key of the run config")
                 cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
-                validate(cfg)
+                check(cfg)
             except ConfigError as e:
                 fail(str(e))
             except Exception as e:  # composition errors become one line

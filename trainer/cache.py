@@ -2,12 +2,14 @@
 write its top-k logits to ``teacher.cache_dir`` (see trainer/distill/cache.py for the format).
 
 Give it the training run's overrides; train with them plus ``teacher.placement=cache``. Under torchrun each
-rank writes its own shards (a contiguous range of steps each). Run it again to finish an interrupted build.
+rank writes its own shards (a contiguous range of steps each). Run it again to finish an interrupted build, or
+to rewrite garbled steps: it verifies the steps already written against their checksums first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import cast
@@ -26,8 +28,38 @@ from trainer.distill import teacher as teacher_io
 from trainer.preflight import validate
 
 
-def prepare(root: Path, manifest: cache.Manifest) -> None:
-    """Write ``manifest`` to a new cache; keep an existing cache's (and its shard layout) when it is the same cache."""
+def validate_build(cfg: RunConfig) -> None:
+    """The run's own checks, then what writing its cache needs: a teacher, and a ``teacher.cache_dir`` to write
+    in whose manifest, if it has one, is readable (ConfigError; nothing is written)."""
+    validate(cfg)
+    if cfg.teacher.checkpoint is None:
+        raise ConfigError("teacher.checkpoint", "python -m trainer.cache needs a teacher (set teacher.checkpoint=PATH)")
+    if cfg.teacher.cache_dir is None:
+        raise ConfigError("teacher.cache_dir", "python -m trainer.cache needs teacher.cache_dir=PATH to write to")
+    root = Path(cfg.teacher.cache_dir)
+    check_writable(root)
+    if (root / cache.MANIFEST).exists():
+        try:
+            cache.read_manifest(root)
+        except cache.CacheError as e:
+            raise ConfigError("teacher.cache_dir", str(e)) from None
+
+
+def check_writable(root: Path) -> None:
+    """ConfigError unless ``root`` is a folder this process may write in, or one it may create."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError("teacher.cache_dir", f"{root} is a file, not a folder")
+    nearest = next(folder for folder in (root, *root.absolute().parents) if folder.exists())
+    if not nearest.is_dir():
+        raise ConfigError("teacher.cache_dir", f"cannot create {root}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        where = "" if nearest == root else f"cannot create {root}: "
+        raise ConfigError("teacher.cache_dir", f"{where}{nearest} is read-only for this user")
+
+
+def prepare(root: Path, manifest: cache.Manifest, is_main: bool) -> None:
+    """Refuse an existing cache that is another one (every rank checks); else write ``manifest`` to a new cache
+    (rank 0), or keep the existing cache's (and its shard layout)."""
     if (root / cache.MANIFEST).is_file():
         existing = cache.read_manifest(root)
         same = (existing.key, existing.steps, existing.positions, existing.values_dtype) == (
@@ -41,9 +73,9 @@ def prepare(root: Path, manifest: cache.Manifest) -> None:
                 f"{root} holds a different cache (another teacher, data, k, seed, batch layout, "
                 "steps or teacher.cache_dtype): remove it or choose another teacher.cache_dir"
             )
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    cache.write_json_atomic(root / cache.MANIFEST, manifest.to_json())
+    elif is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        cache.write_json_atomic(root / cache.MANIFEST, manifest.to_json())
 
 
 def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
@@ -51,17 +83,13 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     assert cfg.teacher.cache_dir is not None  # hydra_entry refuses a run without it
     root, t = Path(cfg.teacher.cache_dir), cfg.train
     dataset = data.build(cfg.data, sequence_length(cfg))
-    if env.is_main:
-        prepare(
-            root,
-            cache.new_manifest(
-                cache.expected_key(cfg),
-                t.max_steps,
-                dataset.tokens_per_sample(),
-                cfg.teacher.cache_dtype,
-                env.world_size,
-            ),
-        )
+    prepare(
+        root,
+        cache.new_manifest(
+            cache.expected_key(cfg), t.max_steps, dataset.tokens_per_sample(), cfg.teacher.cache_dtype, env.world_size
+        ),
+        env.is_main,
+    )
     if dist.is_initialized():
         dist.barrier()
     manifest = cache.read_manifest(root)
@@ -86,13 +114,7 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
 def hydra_entry(dict_cfg: DictConfig) -> None:
     try:
         cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
-        validate(cfg)
-        if cfg.teacher.checkpoint is None:
-            raise ConfigError(
-                "teacher.checkpoint", "python -m trainer.cache needs a teacher (set teacher.checkpoint=PATH)"
-            )
-        if cfg.teacher.cache_dir is None:
-            raise ConfigError("teacher.cache_dir", "python -m trainer.cache needs teacher.cache_dir=PATH to write to")
+        validate_build(cfg)
     except ConfigError as e:
         fail(str(e))
     env = dist_env.init(cfg.parallel.backend)
@@ -117,7 +139,7 @@ def main() -> None:
     args = [arg for arg in sys.argv[1:] if not arg.lstrip("+").startswith("teacher.placement=")]
     sys.argv[1:] = [*args, "teacher.placement=replicate"]
     register_configs()
-    preflight(sys.argv[1:])
+    preflight(sys.argv[1:], validate_build)
     hydra_entry()
 
 

@@ -20,6 +20,7 @@ from parallel.collectives import dp_sum
 from trainer import checkpoint, data, exports, models, report
 from trainer.build import build_compressor, build_run, build_student
 from trainer.config import RunConfig, parallel_dims
+from trainer.distill import cache
 from trainer.distill.teacher import TeacherPathError
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
@@ -66,6 +67,11 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
             print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr)
         dist_env.wait_for_all()
         sys.exit(PREEMPTED_EXIT)
+    except cache.CacheError as e:  # a garbled row of the teacher cache, raised on every rank at the same read
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        dist_env.wait_for_all()
+        sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
         if env.is_main:
             newest = checkpoint.latest(run_dir / "ckpt")

@@ -1,5 +1,6 @@
 """Teacher placements on 2 ranks (torchrun, gloo): ``shard`` equals ``replicate`` with half the teacher per rank,
-and ``python -m trainer.cache`` on 2 ranks writes the same cache as one process, in 2 shards."""
+``python -m trainer.cache`` on 2 ranks writes the same cache as one process, in 2 shards, and a cache row garbled
+on one rank stops every rank."""
 
 from __future__ import annotations
 
@@ -32,12 +33,15 @@ def env(tmp_path: Path) -> dict:
     return cli_env(tmp_path) | {"OMP_NUM_THREADS": "1"}
 
 
-def launch(root: Path, nproc: int, module: str, name: str, *overrides: str) -> None:
+def launch(
+    root: Path, nproc: int, module: str, name: str, *overrides: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python -m module`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m module`` into ``root/name``."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     command = [sys.executable, *torchrun, "-m", module, *RUN, *overrides, f"hydra.run.dir={name}"]
     proc = subprocess.run(command, cwd=root, env=env(root), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-5000:]
+    return proc
 
 
 def by_step(run_dir: Path) -> dict[int, dict]:
@@ -86,10 +90,29 @@ def test_two_rank_cache_build_equals_one_process(root):
     one, two = (json.loads((root / name / "manifest.json").read_text()) for name in ("one", "two"))
     assert one["shards"] == [[0, STEPS]] and two["shards"] == [[0, STEPS // 2], [STEPS // 2, STEPS]]
     assert one["key"] == two["key"]
-    for name in ("values.bin", "indices.bin", "lse.bin"):
+    for name in ("values.bin", "indices.bin", "lse.bin", "checksums.bin"):
         whole = (root / "one" / "shard_00000" / name).read_bytes()
         halves = b"".join((root / "two" / f"shard_{i:05d}" / name).read_bytes() for i in range(2))
         assert halves == whole, name
+
+
+def test_a_row_garbled_on_one_rank_stops_every_rank(root):
+    """FSDP over 2 ranks, 2 micro-batches: rank 1 reads rows 6-7 of step 2 in its second micro-batch, and row 7 is
+    garbled. Both ranks stop at that read (before the student's all-gathers), rank 0 prints rank 1's line. Without
+    the ranks agreeing on the failure, rank 0 waits in an all-gather for good (seen: the 300 s timeout)."""
+    launch(root, 1, "trainer.cache", "cache_garbled", "distill.top_k=8", "teacher.cache_dir=garbled")
+    values = root / "garbled" / "shard_00000" / "values.bin"
+    data = bytearray(values.read_bytes())
+    data[((2 * 8 + 7) * 16 * 8) * 4] ^= 1  # [steps, batch 8, positions 16, k 8] fp32: step 2, row 7
+    values.write_bytes(bytes(data))
+    cached = ["distill.top_k=8", "teacher.placement=cache", "teacher.cache_dir=garbled", "train.grad_accum=2"]
+    proc = launch(root, 2, "trainer", "run_garbled", "parallel=fsdp", *cached, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and errors == [
+        f"error: {values} is garbled at step 2, row 7 (its CRC32 differs from the one written); rebuild it with "
+        "python -m trainer.cache and this run's overrides (it rewrites the garbled steps)"
+    ], proc.stderr[-5000:]
+    assert "exitcode  : 1" in proc.stderr  # torchrun's summary: a worker exited 1 (torchrun then ends the others)
 
 
 @pytest.mark.parametrize("teacher_ranks", [1, 2])

@@ -1,13 +1,16 @@
 """``python -m trainer.cache`` then ``teacher.placement=cache``: the cached run equals the live teacher's.
 
 k = V equals full KD against the live teacher; k < V equals the live teacher with ``distill.top_k=k``. An
-interrupted build resumes; a cache for another run, or with a shard missing, is refused before training.
+interrupted build resumes; a cache for another run, or with a shard missing, is refused before training. A
+garbled row stops training with one line (and a rerun of the build rewrites it); a garbled or old manifest, and
+a ``teacher.cache_dir`` that cannot be written, are refused with one line before anything starts.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -19,8 +22,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import FAST, read_metrics, run_cli, train_small_teacher
+from trainer import checkpoint
 from trainer.__main__ import CONF_DIR
 from trainer.config import ConfigError, RunConfig, register_configs
+from trainer.distill import cache
 from trainer.preflight import validate
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +40,8 @@ RUN = [
     "distill.temperature=2.0",
 ]
 VOCAB = 32  # data=synthetic
+BATCH, POSITIONS, K = 8, 16, 8  # the layout of the top-8 cache (train.batch_size, student.block_size, top_k)
+CACHED = ["distill.top_k=8", "teacher.placement=cache"]
 # fp32 storage: the cached run is the live one up to float rounding, not bit for bit (k = V reads the vocabulary in the
 # teacher's sorted order, so the log-softmax sums regroup; grad_accum=2 splits the batch). Losses of size 1-4 then
 # agree to a few ulp (measured <= 2 ulp); 1e-5 relative is ~80 ulp.
@@ -52,6 +59,13 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
     train_small_teacher(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def top8(root) -> Path:
+    """A complete top-8 cache (``root/top8``), built once; tests that change it copy it first."""
+    run(root, "build_top8", "distill.top_k=8", "teacher.cache_dir=top8", module="trainer.cache")
+    return root / "top8"
 
 
 def run(root: Path, name: str, *overrides: str, module: str = "trainer", check: bool = True):
@@ -110,9 +124,8 @@ def test_fp16_values_are_close(root):
     print(f"fp16 values: largest relative distill/kd difference {worst:.2e}")
 
 
-def test_interrupted_build_resumes_to_the_same_bytes(root):
-    run(root, "build_full", "distill.top_k=8", "teacher.cache_dir=full", module="trainer.cache")
-    shutil.copytree(root / "full", root / "partial")
+def test_interrupted_build_resumes_to_the_same_bytes(root, top8):
+    shutil.copytree(top8, root / "partial")
     shard = root / "partial" / "shard_00000"
     (shard / "progress.json").write_text(json.dumps({"done": 2}))  # as if killed after step 2 was flushed
     values = np.memmap(shard / "values.bin", dtype=np.float32, mode="r+")
@@ -120,8 +133,8 @@ def test_interrupted_build_resumes_to_the_same_bytes(root):
     values.flush()
     del values
     run(root, "build_resume", "distill.top_k=8", "teacher.cache_dir=partial", module="trainer.cache")
-    for name in ("values.bin", "indices.bin", "lse.bin", "progress.json"):
-        assert (shard / name).read_bytes() == (root / "full" / "shard_00000" / name).read_bytes(), name
+    for name in (*cache.ROW_FILES, cache.CHECKSUMS, "progress.json"):
+        assert (shard / name).read_bytes() == (top8 / "shard_00000" / name).read_bytes(), name
 
 
 def config(root: Path, *overrides: str) -> RunConfig:
@@ -134,8 +147,8 @@ def config(root: Path, *overrides: str) -> RunConfig:
     return cfg
 
 
-def test_mismatched_or_incomplete_cache_is_refused(root):
-    run(root, "build_refuse", "distill.top_k=8", "teacher.cache_dir=refuse", module="trainer.cache")
+def test_mismatched_or_incomplete_cache_is_refused(root, top8):
+    shutil.copytree(top8, root / "refuse")
     cached = ["teacher.checkpoint=t/final", "distill.top_k=8", "teacher.placement=cache", "teacher.cache_dir=refuse"]
     validate(config(root, *cached))
     shutil.copytree(root / "t" / "final", root / "t2")  # another teacher: the same with one weight changed
@@ -161,3 +174,132 @@ def test_mismatched_or_incomplete_cache_is_refused(root):
         "config error: teacher.cache_dir: refuse is incomplete: shards [0] of 1 are missing or unfinished "
         "(run python -m trainer.cache again to finish them)"
     ]
+
+
+def one_line(proc, exit_code: int) -> str:
+    """The one line a failed CLI run printed on stderr (no traceback), having exited with ``exit_code``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == exit_code and len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def flip_bit(path: Path, step: int, row: int, itemsize: int) -> None:
+    """Flip the lowest bit of one byte inside sample ``row`` of step ``step`` of a ``[steps, batch, positions, k]``
+    shard file: a change the loss alone would hardly show."""
+    data = bytearray(path.read_bytes())
+    data[((step * BATCH + row) * POSITIONS * K + 5) * itemsize] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, itemsize", [("values.bin", 4), ("indices.bin", 2)])
+def test_a_garbled_row_stops_training_with_one_line(root, top8, name, itemsize):
+    """A bit flipped in step 3, row 5: steps 1-3 train (step 2 is checkpointed), the 4th stops with one line
+    naming the file, step and row, exit 1, the checkpoint kept; a rerun of the build rewrites the row."""
+    garbled = f"garbled_{name[:-4]}"
+    shutil.copytree(top8, root / garbled)
+    flip_bit(root / garbled / "shard_00000" / name, step=3, row=5, itemsize=itemsize)
+    proc = run(root, f"run_{garbled}", *CACHED, f"teacher.cache_dir={garbled}", "train.ckpt_every=2", check=False)
+    assert one_line(proc, 1) == (
+        f"error: {root / garbled / 'shard_00000' / name} is garbled at step 3, row 5 (its CRC32 differs from the "
+        "one written); rebuild it with python -m trainer.cache and this run's overrides (it rewrites the garbled steps)"
+    )
+    assert [p.name for p in checkpoint.list_complete(root / f"run_{garbled}" / "ckpt")] == ["step_0000002"]
+    rebuilt = run(root, f"rebuild_{garbled}", "distill.top_k=8", f"teacher.cache_dir={garbled}", module="trainer.cache")
+    assert f"{name} is garbled at step 3, row 5 (its CRC32 differs from the one written); writing shard 0 again" in (
+        rebuilt.stderr
+    )
+    for file in (*cache.ROW_FILES, cache.CHECKSUMS, "progress.json"):
+        assert (root / garbled / "shard_00000" / file).read_bytes() == (top8 / "shard_00000" / file).read_bytes()
+
+
+def manifest_text(top8: Path, form: str) -> str:
+    """The top-8 cache's manifest, garbled as ``form`` says."""
+    raw = json.loads((top8 / "manifest.json").read_text())
+    if form == "missing field":
+        del raw["key"]["seed"]
+    elif form == "wrong type":
+        raw["shards"] = "all"
+    elif form == "format 1":
+        raw["format"] = "stillroom-teacher-cache/1"
+    cut = '{"format": "stillroom-teacher-cache/2", "steps": 6,'  # as a write cut short would leave it
+    return {"not JSON": cut, "not an object": '"manifest"'}.get(form, json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "form, module, why",
+    [
+        ("not JSON", "trainer", "Expecting property name enclosed in double quotes: line 1 column 52 (char 51)"),
+        ("not an object", "trainer.cache", '"manifest" is not a JSON object'),
+        ("missing field", "trainer", "key.seed is missing"),
+        ("wrong type", "trainer.cache", 'shards is "all", not an array'),
+    ],
+)
+def test_a_garbled_manifest_is_one_line(root, top8, form, module, why):
+    """Training (preflight) and the build both name the file; exit 2, before anything starts."""
+    folder = root / f"manifest_{form.replace(' ', '_')}_{module}"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(manifest_text(top8, form))
+    proc = run(root, f"run_{folder.name}", *CACHED, f"teacher.cache_dir={folder.name}", module=module, check=False)
+    assert one_line(proc, 2) == (
+        f"config error: teacher.cache_dir: {folder.name}/manifest.json is garbled ({why}); remove the cache and "
+        "rebuild it with python -m trainer.cache"
+    )
+    assert not (root / f"run_{folder.name}").exists()
+
+
+@pytest.mark.parametrize("module", ["trainer", "trainer.cache"])
+def test_a_cache_of_the_old_format_is_refused(root, top8, module):
+    folder = root / f"format1_{module}"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(manifest_text(top8, "format 1"))
+    proc = run(root, f"run_{folder.name}", *CACHED, f"teacher.cache_dir={folder.name}", module=module, check=False)
+    assert one_line(proc, 2) == (
+        f"config error: teacher.cache_dir: {folder.name} holds a cache of format 'stillroom-teacher-cache/1', not "
+        "'stillroom-teacher-cache/2' (which adds checksums): remove it and rebuild it with python -m trainer.cache"
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "file",
+        "inside a file",
+        pytest.param(
+            "read-only",
+            marks=pytest.mark.skipif(
+                os.geteuid() == 0,
+                reason="root writes in a read-only folder (its mode bits do not stop root), so there is nothing to "
+                "refuse; check_writable asks os.access, which says so too",
+            ),
+        ),
+        "top_k above the vocabulary",
+    ],
+)
+def test_a_cache_dir_that_cannot_be_written_is_refused(root, case):
+    """``python -m trainer.cache``: one line, exit 2, before the teacher is loaded; nothing written."""
+    folder = root / f"unwritable_{case.replace(' ', '_')}"
+    folder.mkdir()
+    (folder / "file").write_text("a file")
+    folder.chmod(0o555)
+    target, why, overrides = {
+        "file": ("file", "teacher.cache_dir: {dir}/file is a file, not a folder", []),
+        "inside a file": (
+            "file/cache",
+            "teacher.cache_dir: cannot create {dir}/file/cache: {abs}/file is a file, not a folder",
+            [],
+        ),
+        "read-only": (".", "teacher.cache_dir: {dir} is read-only for this user", []),
+        "top_k above the vocabulary": (
+            "new",
+            "distill.top_k: 64 is more than the vocabulary (32 tokens, data=synthetic)",
+            ["distill.top_k=64"],
+        ),
+    }[case]
+    cache_dir = f"{folder.name}/{target}" if target != "." else folder.name
+    proc = run(
+        root, f"run_{folder.name}", f"teacher.cache_dir={cache_dir}", *overrides, module="trainer.cache", check=False
+    )
+    folder.chmod(0o755)
+    assert one_line(proc, 2) == f"config error: {why.format(dir=folder.name, abs=folder)}"
+    assert sorted(p.name for p in folder.iterdir()) == ["file"] and (folder / "file").read_text() == "a file"
+    assert not (root / f"run_{folder.name}").exists()

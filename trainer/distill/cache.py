@@ -3,21 +3,26 @@
 A cache holds, for every training step ``0..steps-1`` and every sample of that step's global batch (a pure
 function of the seed and the step), the teacher's top-k raw logits (values and vocabulary indices) and the
 log-sum-exp of all its logits, per token. Values are raw (temperature 1), so any ``distill.temperature``
-can use them. Shard ``i`` holds a contiguous range of steps in four files::
+can use them. Shard ``i`` holds a contiguous range of steps in five files::
 
-    shard_00000/values.bin    [steps_i, batch_size, positions, k]  fp32 | bf16 | fp16 (manifest "values_dtype")
-    shard_00000/indices.bin   [steps_i, batch_size, positions, k]  int16 | int32
-    shard_00000/lse.bin       [steps_i, batch_size, positions]     fp32
-    shard_00000/progress.json {"done": steps written}              replaced atomically after each flushed step
+    shard_00000/values.bin     [steps_i, batch_size, positions, k]  fp32 | bf16 | fp16 (manifest "values_dtype")
+    shard_00000/indices.bin    [steps_i, batch_size, positions, k]  int16 | int32
+    shard_00000/lse.bin        [steps_i, batch_size, positions]     fp32
+    shard_00000/checksums.bin  [steps_i, batch_size, 3]             uint32: CRC32 of each (step, sample)'s bytes in
+                                                                    values.bin, indices.bin and lse.bin
+    shard_00000/progress.json  {"done": steps written}              replaced atomically after each flushed step
 
-``python -m trainer.cache`` writes it (trainer/cache.py); ``CacheReader`` reads it by (step, rows).
+``python -m trainer.cache`` writes it (trainer/cache.py), and on a rerun verifies the steps already written;
+``CacheReader`` reads it by (step, rows) and verifies every row it returns against its CRC32s.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+import sys
+import zlib
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,7 +35,17 @@ if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 MANIFEST = "manifest.json"
-FORMAT = "stillroom-teacher-cache/1"
+FORMAT = "stillroom-teacher-cache/2"  # /1 had no checksums.bin
+ROW_FILES = ("values.bin", "indices.bin", "lse.bin")  # checksummed per (step, sample), in this order
+CHECKSUMS = "checksums.bin"
+REBUILD = "rebuild it with python -m trainer.cache and this run's overrides (it rewrites the garbled steps)"
+JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {  # a field's Python type: what JSON holds, and its name
+    "str": ((str,), "a string"),
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "dict": ((dict,), "an object"),
+    "list": ((list,), "an array"),
+}
 VALUE_DTYPES: dict[str, tuple[type[Any], torch.dtype]] = {
     "fp32": (np.float32, torch.float32),
     "fp16": (np.float16, torch.float16),
@@ -39,7 +54,7 @@ VALUE_DTYPES: dict[str, tuple[type[Any], torch.dtype]] = {
 
 
 class CacheError(ValueError):
-    """A cache that is missing, incomplete, or written for another teacher, data set or batch layout."""
+    """A cache that is missing, incomplete, garbled, or written for another teacher, data set or batch layout."""
 
 
 @dataclass(frozen=True)
@@ -70,21 +85,64 @@ class Manifest:
         return {"format": FORMAT, "values": "raw logits (temperature 1)", **asdict(self)}
 
     @classmethod
-    def from_json(cls, raw: dict) -> Manifest:
-        if raw.get("format") != FORMAT:
-            raise CacheError(f"unknown cache format {raw.get('format')!r} (expected {FORMAT})")
+    def from_json(cls, raw: Any) -> Manifest:
+        """The manifest in parsed JSON ``raw``: CacheError for another format, ValueError saying what is garbled."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{_excerpt(raw)} is not a JSON object")
+        if _field(raw, "format", "str") != FORMAT:
+            raise CacheError(
+                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} (which adds checksums): remove it and "
+                "rebuild it with python -m trainer.cache"
+            )
+        key = _field(raw, "key", "dict")
+        steps = _field(raw, "steps", "int")
         return cls(
-            key=CacheKey(**raw["key"]),
-            steps=raw["steps"],
-            positions=raw["positions"],
-            values_dtype=raw["values_dtype"],
-            indices_dtype=raw["indices_dtype"],
-            shards=tuple(tuple(s) for s in raw["shards"]),
+            key=CacheKey(**{f.name: _field(key, f.name, str(f.type), "key.") for f in fields(CacheKey)}),
+            steps=steps,
+            positions=_field(raw, "positions", "int"),
+            values_dtype=_choice(raw, "values_dtype", tuple(VALUE_DTYPES)),
+            indices_dtype=_choice(raw, "indices_dtype", ("int16", "int32")),
+            shards=_shards(_field(raw, "shards", "list"), steps),
         )
 
     def shape(self, shard: int) -> tuple[int, int, int, int]:
         start, stop = self.shards[shard]
         return stop - start, self.key.batch_size, self.positions, self.key.k
+
+
+def _field(raw: dict, name: str, kind: str, prefix: str = "") -> Any:
+    """``raw[name]`` when it is of JSON type ``kind`` (a key of JSON_TYPES); else ValueError naming it."""
+    if name not in raw:
+        raise ValueError(f"{prefix}{name} is missing")
+    value = raw[name]
+    types, described = JSON_TYPES[kind]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise ValueError(f"{prefix}{name} is {_excerpt(value)}, not {described}")
+    return value
+
+
+def _excerpt(value: Any) -> str:
+    """``value`` as JSON, cut to 40 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _choice(raw: dict, name: str, choices: tuple[str, ...]) -> str:
+    value = _field(raw, name, "str")
+    if value not in choices:
+        raise ValueError(f"{name} is {value!r}, not one of {', '.join(choices)}")
+    return value
+
+
+def _shards(raw: list, steps: int) -> tuple[tuple[int, int], ...]:
+    """[start, stop) step pairs that cover ``0..steps`` in order; else ValueError."""
+    shards = tuple((s[0], s[1]) for s in raw if isinstance(s, list) and len(s) == 2 and all(type(b) is int for b in s))
+    starts = [0] + [stop for _, stop in shards[:-1]]
+    if not shards or len(shards) != len(raw) or [a for a, _ in shards] != starts or shards[-1][1] != steps:
+        raise ValueError(f"shards {_excerpt(raw)} are not [start, stop) pairs covering steps 0..{steps}")
+    if any(start > stop for start, stop in shards):
+        raise ValueError(f"shards {_excerpt(raw)} hold a range that ends before it starts")
+    return shards
 
 
 def expected_key(cfg: RunConfig) -> CacheKey:
@@ -127,80 +185,164 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def read_manifest(root: Path) -> Manifest:
+    """The manifest of the cache in ``root``; CacheError (one line, naming the file) when it cannot be used."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{root} is not a teacher cache (no {MANIFEST}; write one with python -m trainer.cache)")
-    return Manifest.from_json(json.loads(path.read_text()))
+    try:
+        return Manifest.from_json(json.loads(path.read_bytes()))
+    except CacheError as e:
+        raise CacheError(f"{root} {e}") from None
+    except ValueError as e:  # not JSON (or not UTF-8), or not a manifest
+        raise CacheError(
+            f"{path} is garbled ({e}); remove the cache and rebuild it with python -m trainer.cache"
+        ) from None
 
 
 def shard_dir(root: Path, shard: int) -> Path:
     return Path(root) / f"shard_{shard:05d}"
 
 
-def steps_done(root: Path, shard: int) -> int:
-    """Steps of ``shard`` written and flushed (0 when it was never started)."""
+def steps_done(root: Path, manifest: Manifest, shard: int) -> int:
+    """Steps of ``shard`` written and flushed (0 when it was never started); CacheError when progress.json is
+    garbled."""
     progress = shard_dir(root, shard) / "progress.json"
-    return json.loads(progress.read_text())["done"] if progress.is_file() else 0
+    if not progress.is_file():
+        return 0
+    start, stop = manifest.shards[shard]
+    try:
+        raw = json.loads(progress.read_bytes())
+        done = _field(raw if isinstance(raw, dict) else {}, "done", "int")
+        if not 0 <= done <= stop - start:
+            raise ValueError(f"done is {done}, not in 0..{stop - start}")
+    except ValueError as e:
+        raise CacheError(
+            f"{progress} is garbled ({e}); remove {progress.parent} and run python -m trainer.cache again"
+        ) from None
+    return done
 
 
-def _memmaps(
-    root: Path, manifest: Manifest, shard: int, mode: Literal["r", "r+", "w+"]
-) -> tuple[np.memmap, np.memmap, np.memmap]:
-    folder = shard_dir(root, shard)
+def _layout(manifest: Manifest, shard: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each array file of ``shard``: its dtype and shape (ROW_FILES, then CHECKSUMS)."""
     shape = manifest.shape(shard)
+    return {
+        "values.bin": (np.dtype(VALUE_DTYPES[manifest.values_dtype][0]), shape),
+        "indices.bin": (np.dtype(manifest.indices_dtype), shape),
+        "lse.bin": (np.dtype(np.float32), shape[:-1]),
+        CHECKSUMS: (np.dtype(np.uint32), (*shape[:2], len(ROW_FILES))),
+    }
+
+
+def _sized(root: Path, manifest: Manifest, shard: int) -> bool:
+    """Whether every array file of ``shard`` exists with the size of its shape."""
+    folder = shard_dir(root, shard)
+    return all(
+        (folder / name).is_file() and (folder / name).stat().st_size == dtype.itemsize * int(np.prod(shape))
+        for name, (dtype, shape) in _layout(manifest, shard).items()
+    )
+
+
+def _memmaps(root: Path, manifest: Manifest, shard: int, mode: Literal["r", "r+", "w+"]) -> list[np.memmap]:
+    """values, indices, lse and checksums of ``shard``."""
+    folder = shard_dir(root, shard)
+    return [
+        np.memmap(folder / name, dtype=dtype, mode=mode, shape=shape)
+        for name, (dtype, shape) in _layout(manifest, shard).items()
+    ]
+
+
+def row_checksums(parts: list[np.ndarray]) -> np.ndarray:
+    """uint32 ``[rows, len(parts)]``: CRC32 of each row (first axis) of each array in ``parts``."""
+    parts = [np.ascontiguousarray(part) for part in parts]
+    return np.array([[zlib.crc32(part[i]) for part in parts] for i in range(len(parts[0]))], dtype=np.uint32)
+
+
+def _garbled(root: Path, shard: int, step: int, rows: np.ndarray, got: np.ndarray, written: np.ndarray) -> str | None:
+    """The first file and row whose checksum ``got`` differs from the one ``written``, as one line; else None."""
+    bad = np.argwhere(got != written)
+    if not len(bad):
+        return None
+    row, file = bad[0]
     return (
-        np.memmap(folder / "values.bin", dtype=VALUE_DTYPES[manifest.values_dtype][0], mode=mode, shape=shape),
-        np.memmap(folder / "indices.bin", dtype=manifest.indices_dtype, mode=mode, shape=shape),
-        np.memmap(folder / "lse.bin", dtype=np.float32, mode=mode, shape=shape[:-1]),
+        f"{shard_dir(root, shard).absolute() / ROW_FILES[file]} is garbled at step {step}, row {rows[row]} (its CRC32 "
+        "differs from the one written)"
     )
 
 
 class ShardWriter:
-    """Writes one shard step by step; ``done`` says where an interrupted build resumes."""
+    """Writes one shard step by step; ``done`` says where a rerun resumes: after the steps already written whose
+    checksums hold (verified when the writer opens the shard; a garbled step is written again, and those after it)."""
 
     def __init__(self, root: Path, manifest: Manifest, shard: int):
         self.root, self.manifest, self.shard = Path(root), manifest, shard
         self.start, self.stop = manifest.shards[shard]
-        self.done = steps_done(root, shard)
         shard_dir(root, shard).mkdir(parents=True, exist_ok=True)
-        self.values, self.indices, self.lse = _memmaps(root, manifest, shard, "r+" if self.done else "w+")
+        recorded = steps_done(root, manifest, shard)
+        self.done = self.verified_steps(recorded) if _sized(root, manifest, shard) else 0
+        if self.done != recorded:
+            self.record()  # before a "w+" open empties the files
+        *self.rows, self.checksums = _memmaps(root, manifest, shard, "r+" if self.done else "w+")
+
+    def verified_steps(self, done: int) -> int:
+        """How many of the ``done`` steps written, from the first, match their checksums."""
+        *rows, checksums = _memmaps(self.root, self.manifest, self.shard, "r")
+        everyone = np.arange(self.manifest.key.batch_size)
+        for at in range(done):
+            problem = _garbled(
+                self.root, self.shard, self.start + at, everyone, row_checksums([r[at] for r in rows]), checksums[at]
+            )
+            if problem:
+                print(f"warning: {problem}; writing shard {self.shard} again from there", file=sys.stderr)
+                return at
+        return done
 
     def write(self, step: int, logits: torch.Tensor) -> None:
-        """Store step ``step``'s ``[batch_size, positions, V]`` teacher logits (steps in order), then record it."""
+        """Store step ``step``'s ``[batch_size, positions, V]`` teacher logits (steps in order) and their checksums,
+        then record it."""
         assert step == self.start + self.done, f"shard {self.shard}: step {step} written out of order"
         logits = logits.detach().float().reshape(self.manifest.key.batch_size, self.manifest.positions, -1).cpu()
         values, indices = logits.topk(self.manifest.key.k, dim=-1)
-        row = step - self.start
+        at = step - self.start
         stored = values.to(VALUE_DTYPES[self.manifest.values_dtype][1])
-        self.values[row] = (stored.view(torch.int16) if self.manifest.values_dtype == "bf16" else stored).numpy()
-        self.indices[row] = indices.numpy().astype(self.manifest.indices_dtype)
-        self.lse[row] = torch.logsumexp(logits, dim=-1).numpy()
-        for array in (self.values, self.indices, self.lse):
+        parts = (
+            (stored.view(torch.int16) if self.manifest.values_dtype == "bf16" else stored).numpy(),
+            indices.numpy().astype(self.manifest.indices_dtype),
+            torch.logsumexp(logits, dim=-1).numpy(),
+        )
+        for array, part in zip(self.rows, parts):
+            array[at] = part
+        self.checksums[at] = row_checksums([array[at] for array in self.rows])
+        for array in (*self.rows, self.checksums):
             array.flush()
         self.done += 1
+        self.record()
+
+    def record(self) -> None:
         write_json_atomic(shard_dir(self.root, self.shard) / "progress.json", {"done": self.done})
 
 
 class CacheReader:
-    """Top-k teacher logits by (step, rows of the global batch), from a complete cache."""
+    """Top-k teacher logits by (step, rows of the global batch), from a complete cache; every row it returns is
+    checked against the CRC32s written with it."""
 
     def __init__(self, root: Path, manifest: Manifest):
-        self.manifest = manifest
+        self.root, self.manifest = Path(root), manifest
         self.arrays = [_memmaps(root, manifest, shard, "r") for shard in range(len(manifest.shards))]
 
     def read(self, step: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(values fp32, indices int64) ``[len(rows), positions, k]`` and log-sum-exp ``[len(rows), positions]``."""
+        """(values fp32, indices int64) ``[len(rows), positions, k]`` and log-sum-exp ``[len(rows), positions]``;
+        CacheError naming the file, step and row when a row's bytes are not those written."""
         shard = next(i for i, (start, stop) in enumerate(self.manifest.shards) if start <= step < stop)
-        values, indices, lse = self.arrays[shard]
-        row, picked = step - self.manifest.shards[shard][0], rows.numpy()
-        stored = torch.from_numpy(np.ascontiguousarray(values[row, picked]))
+        *files, checksums = self.arrays[shard]
+        at, picked = step - self.manifest.shards[shard][0], rows.numpy()
+        values, indices, lse = (np.ascontiguousarray(array[at, picked]) for array in files)
+        problem = _garbled(self.root, shard, step, picked, row_checksums([values, indices, lse]), checksums[at, picked])
+        if problem:
+            raise CacheError(f"{problem}; {REBUILD}")
+        stored = torch.from_numpy(values)
         if self.manifest.values_dtype == "bf16":
             stored = stored.view(torch.bfloat16)
-        return (
-            stored.float(),
-            torch.from_numpy(indices[row, picked].astype(np.int64)),
-            torch.from_numpy(np.ascontiguousarray(lse[row, picked])),
-        )
+        return stored.float(), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(lse)
 
 
 def check(cfg: RunConfig) -> Manifest:
@@ -228,15 +370,4 @@ def check(cfg: RunConfig) -> Manifest:
 
 def _shard_complete(root: Path, manifest: Manifest, shard: int) -> bool:
     start, stop = manifest.shards[shard]
-    folder = shard_dir(root, shard)
-    count = stop - start
-    for name, dtype in (
-        ("values.bin", VALUE_DTYPES[manifest.values_dtype][0]),
-        ("indices.bin", manifest.indices_dtype),
-        ("lse.bin", np.float32),
-    ):
-        per_token = manifest.key.k if name != "lse.bin" else 1
-        size = count * manifest.key.batch_size * manifest.positions * per_token * np.dtype(dtype).itemsize
-        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
-            return False
-    return steps_done(root, shard) == count
+    return _sized(root, manifest, shard) and steps_done(root, manifest, shard) == stop - start

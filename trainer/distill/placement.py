@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
+from parallel.collectives import first_error
 from parallel.mesh import ParallelDims
 from parallel.remote import RemoteClient, Roles
 from parallel.teacher import local_row_offset, shard_frozen, teacher_mesh
@@ -116,7 +117,10 @@ class LiveTeacher(Teacher):
 
 
 class CachedTeacher(Teacher):
-    """Top-k logits read from a cache: the rows of the step's global batch that ``shard`` reads in ``micro``."""
+    """Top-k logits read from a cache: the rows of the step's global batch that ``shard`` reads in ``micro``.
+
+    Every row read is verified; ranks read other rows of the same step, so a garbled row on any rank raises
+    CacheError on every rank, before the student's forward and its collectives."""
 
     placement = "cache"
     scores_eval_batches = False
@@ -127,10 +131,24 @@ class CachedTeacher(Teacher):
 
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         rows = local_slice(torch.arange(self.reader.manifest.key.batch_size), self.shard, micro)
-        values, indices, _ = self.reader.read(step, rows)
+        values, indices = self.read(step, rows, x.device)
         tokens = x.shape[:1] if x.is_floating_point() else x.shape  # features: one prediction per sample
         values, indices = (t.reshape(*tokens, -1).to(x.device, non_blocking=True) for t in (values, indices))
         return TeacherOutput(topk=(values, indices))
+
+    def read(self, step: int, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and indices of ``rows``; CacheError when any rank's rows are garbled (``device``: the
+        collective's)."""
+        values = indices = torch.empty(0)
+        try:
+            values, indices, _ = self.reader.read(step, rows)
+            problem = None
+        except cache.CacheError as e:
+            problem = str(e)
+        problem = first_error(problem, device)
+        if problem is not None:
+            raise cache.CacheError(problem)
+        return values, indices
 
 
 class RemoteTeacher(Teacher):
