@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import FAST, read_metrics, run_cli, train_small_teacher
-from trainer import checkpoint
+from trainer import checkpoint, files
 from trainer.__main__ import CONF_DIR
 from trainer.config import ConfigError, RunConfig, register_configs
 from trainer.distill import cache
@@ -155,6 +155,7 @@ def test_mismatched_or_incomplete_cache_is_refused(root, top8):
     weights = load_file(root / "t2" / "model.safetensors")
     weights["ln_f.weight"][0] += 1e-3
     save_file(weights, root / "t2" / "model.safetensors")
+    files.write_manifest(root / "t2")  # a teacher of its own, not a damaged copy
     cases = [
         (["train.seed=1"], "seed 1337 != 1"),
         (["distill.top_k=4"], "k 8 != 4"),
