@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trainer import models
+from trainer import exports, models
 from trainer.compress.export import export_compressed, quantize_dense
 from trainer.distill import teacher as source_io
 from trainer.models.protocol import family_of
@@ -49,7 +49,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, source_io.TeacherPathError) as e:
         print(f"error: {e} ({USAGE})", file=sys.stderr)
         return 2
-    model = source_io.load(folder)
+    try:  # a Hugging Face student's export is a Hugging Face folder: loaded as that student's family
+        model = exports.load(folder) if kind == "hf" else source_io.load(folder)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     scheme = options["quantize"]
     targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_attr}.*"]
     run_dir = folder.parent if kind == "export" else folder.parent.parent
