@@ -12,6 +12,7 @@ built, never at import, and never downloads anything.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from abc import abstractmethod
@@ -49,6 +50,9 @@ SPEC_OMITS = ("transformers_version", "_name_or_path")  # config entries that sa
 def import_transformers():
     """``transformers``, offline, quiet; ValueError naming the extra when it is not installed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers imports torchao, which announces CUDA kernels it cannot load on a CPU machine (never used here).
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         import transformers
     except ImportError as e:
