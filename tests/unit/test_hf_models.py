@@ -225,12 +225,17 @@ def test_a_config_only_folder_starts_from_random_init_and_overrides_apply(tmp_pa
         ({"block_size": 65}, "block_size", "65 is longer than the model's 64 positions"),
         ({"config_overrides": {"no_such_field": 1}}, "config_overrides.no_such_field", "not a field of LlamaConfig"),
         ({"config_overrides": {"num_attention_heads": 3}}, "config_overrides", "not a multiple of the number"),
+        (
+            {"config_overrides": {"intermediate_size": 96}},
+            "config_overrides",
+            "model.layers.0.mlp.gate_proj.weight is [128, 64] in",  # the folder's weights would not load
+        ),
         ({"path": None}, "path", "student=hf needs student.path=DIR"),
         ({"path": "/no/such/folder"}, "path", "has no config.json"),
     ],
 )
 def test_a_bad_student_config_names_its_field(tmp_path, fields, key, message):
-    source = save_hf_student(tmp_path / "llama", "llama", weights=False)
+    source = save_hf_student(tmp_path / "llama", "llama")
     with pytest.raises(ConfigFieldError) as raised:
         HFConfig(**({"path": str(source), "block_size": 16} | fields))
     assert raised.value.key == key and message in raised.value.message and "\n" not in str(raised.value)

@@ -81,6 +81,20 @@ def weight_files(folder: Path) -> list[str]:
     return [name for name in WEIGHT_FILES if (folder / name).is_file()]
 
 
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors in the folder's safetensors files, from their headers ({} for pytorch_model.bin)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    shapes = {}
+    for name in sorted(files):
+        if (folder / name).is_file():
+            with safe_open(str(folder / name), "pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
+
+
 def read_config(folder: Path):
     """The folder's ``PretrainedConfig``, checked to be a causal LM (ValueError, one line, if not)."""
     transformers = import_transformers()
@@ -135,6 +149,8 @@ class HFConfig:
                 f"{self.path}: the model's vocabulary of {config.vocab_size} tokens differs from the data's "
                 f"{self.vocab_size}: the student reads the data's token ids",
             )
+        if self.config_overrides and self.loads_weights:
+            self._check_weights_fit(config)
 
     @property
     def loads_weights(self) -> bool:
@@ -155,6 +171,23 @@ class HFConfig:
         except ValueError as e:
             raise ConfigFieldError("path", str(e)) from None
         return self._overridden(config)
+
+    def _check_weights_fit(self, config) -> None:
+        """That the folder's weights have the shapes ``config`` (overridden) gives them: transformers refuses to load
+        them otherwise. Compared on a copy built on the meta device, to the safetensors headers."""
+        transformers = import_transformers()
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        assert self.path is not None  # loads_weights: the folder has weights
+        stored = stored_shapes(Path(self.path))
+        for name, tensor in model.state_dict().items():
+            shape = stored.get(name, stored.get(name.removeprefix(f"{model.base_model_prefix}.")))
+            if shape is not None and shape != tuple(tensor.shape):
+                raise ConfigFieldError(
+                    "config_overrides",
+                    f"{name} is {list(shape)} in {self.path} but {list(tensor.shape)} with these overrides: "
+                    "the folder's weights do not fit",
+                )
 
     def _overridden(self, config):
         fields = config.to_dict()
