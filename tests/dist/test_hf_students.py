@@ -1,6 +1,7 @@
 """Hugging Face students (a small Llama with grouped-query attention and a tied head, and a GPT-2, both on
-transformers' own modules) train under DDP, FSDP2 and pipeline parallelism on 2 ranks equal to one process, with KD
-from a small GPT teacher, magnitude pruning and int8 QAT (``compress=prune_qat`` aimed at their module names).
+transformers' own modules) train under DDP, FSDP2 and pipeline parallelism on 2 ranks (and the Llama under HSDP
+2x2 on 4) equal to one process, with KD from a small GPT teacher, magnitude pruning and int8 QAT
+(``compress=prune_qat`` aimed at their module names).
 
 Each run is held to its single-process reference by ``tests.dist.equality.assert_same_run``: every loss term within
 float reassociation before fake-quant and within the flipped-code bound after it, sparsity exactly, the exports'
@@ -104,4 +105,15 @@ def reference(runs, kind, teacher) -> Path:
 def test_a_hugging_face_student_matches_one_process(runs, kind, teacher, reference, layout):
     name = layout[0].split("=")[1]
     run = launch(runs, 2, name, [*run_overrides(kind, runs, teacher), *layout])
+    assert_same_run(run, reference, teacher, steps=STEPS, qat_start=QAT_START)
+
+
+def test_a_llama_student_on_hsdp_2x2_matches_one_process(tmp_path_factory, teacher):
+    """HSDP on 4 ranks (2 replicas x 2 shards) against one process summing its 4 micro-batches in the order the
+    collectives do (``train.accum_order=pairwise``)."""
+    root = tmp_path_factory.mktemp("hf_hsdp")
+    save_hf_student(root / "llama", "llama")
+    overrides = run_overrides("llama", root, teacher)
+    reference = launch(root, 1, "single", [*overrides, "train.grad_accum=4", "train.accum_order=pairwise"])
+    run = launch(root, 4, "hsdp", [*overrides, "parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2"])
     assert_same_run(run, reference, teacher, steps=STEPS, qat_start=QAT_START)
