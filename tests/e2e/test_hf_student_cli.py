@@ -82,13 +82,20 @@ def test_transformers_loads_the_export_in_a_fresh_process_with_the_students_logi
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=0, atol=1e-5)
 
 
-def test_a_config_only_folder_trains_from_random_init_with_overrides(root):
+def test_a_config_only_folder_trains_from_random_init_with_overrides_and_is_thinned(root):
     """GPT-2 from its config.json alone, cut to 2 layers by ``+student.config_overrides.num_hidden_layers`` (its
-    config calls it n_layer) and made narrower by a yaml dict entry; plain training."""
+    config calls it n_layer) with an MLP of 96; plain training with channel pruning to half the units: the export
+    is a Hugging Face folder of the thinned model (48 MLP channels; all 4 heads, which GPT-2's config cannot
+    thin, the pruned ones zero), and transformers loads it."""
     run_cli(root, *HF_RUN, "student.path=gpt2", "+student.config_overrides.num_hidden_layers=2",
-            "+student.config_overrides.n_inner=96", "train.max_steps=2", "hydra.run.dir=scratch")  # fmt: skip
-    config = json.loads((root / "scratch" / "final" / "config.json").read_text())
-    assert (config["model_type"], config["n_layer"], config["n_inner"]) == ("gpt2", 2, 96)
+            "+student.config_overrides.n_inner=96", "train.max_steps=2", "compress=prune_channel",
+            "compress.modifiers.0.targets=[transformer.h.*]", "compress.modifiers.0.schedule=constant",
+            "compress.modifiers.0.start_step=1", "hydra.run.dir=scratch")  # fmt: skip
+    final = root / "scratch" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert (config["model_type"], config["n_layer"], config["n_inner"], config["n_head"]) == ("gpt2", 2, 48, 4)
+    heads = transformers.AutoModelForCausalLM.from_pretrained(final).transformer.h[0].attn.c_attn.weight
+    assert int((heads.abs().sum(0) == 0).sum()) == 2 * 3 * 16  # 2 of 4 heads of 16: their q, k and v columns
 
 
 @pytest.mark.parametrize(

@@ -294,14 +294,14 @@ class Compressor:
     def export(self, out_dir: str | Path) -> Path:
         """Write the shipped student: thinned (a family with structured units), masked and quantized (see
         ``export``). A student whose family has a folder of its own (a Hugging Face one) is written in it when
-        that holds all it is: no fake-quant, and no mask left once the dead units are gone; else in Stillroom's
-        compressed format, said in one line."""
+        that holds all it is, without fake-quant or unstructured sparsity (units thinning cannot remove stay as
+        zeros); else in Stillroom's compressed format, said in one line."""
         self._ensure_masks()
         specs = stats.quant_specs(self.model)
         family = family_of(self.model)
         model, masks = pruning.thin(self.model, self.masks) if family.structured_units else (self.model, self.masks)
         if family.pretrained_format:
-            if not specs and not masks:
+            if not specs and all(pruner.kind == "channel" for pruner in self.pruners):
                 return models.save_dense(model, out_dir)
             print(
                 "note: the export is in Stillroom's compressed format (int8/int4 codes, sparse bitmasks; "
