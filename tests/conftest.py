@@ -80,3 +80,39 @@ def save_hf_teachers(root: Path, vocab: int, padded: int, n_embd: int) -> None:
     model.save_pretrained(root / f"hf{vocab}")
     model.resize_token_embeddings(padded, mean_resizing=False)
     model.save_pretrained(root / f"hf{padded}")
+
+
+HF_VOCAB = 32  # data=synthetic's default vocabulary: a small Hugging Face student reads its token ids
+
+
+def small_hf_config(kind: str):
+    """A small Hugging Face causal-LM config of ``kind``: "llama" (4 layers, 64 wide, 4 query and 2 key/value heads,
+    SwiGLU 128 wide, tied head), "qwen2" (the same with q/k/v biases and an untied head) or "gpt2" (4 layers, 64
+    wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
+    import transformers
+
+    if kind == "gpt2":
+        return transformers.GPT2Config(
+            n_layer=4, n_head=4, n_embd=64, vocab_size=HF_VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+    return config_class(
+        vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind == "llama", bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+
+
+def save_hf_student(folder: Path, kind: str, weights: bool = True) -> Path:
+    """``small_hf_config(kind)`` saved in ``folder``: with random weights (seed 0), or its config.json alone."""
+    import torch
+    import transformers
+
+    config = small_hf_config(kind)
+    if not weights:
+        config.save_pretrained(folder)
+        return folder
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder

@@ -50,9 +50,9 @@ def main(argv: list[str]) -> int:
     except (ValueError, source_io.TeacherPathError) as e:
         print(f"error: {e} ({USAGE})", file=sys.stderr)
         return 2
-    try:
-        model = source_io.load(folder)
-    except source_io.TeacherPathError as e:
+    try:  # a Hugging Face student's export is a Hugging Face folder: loaded as that student's family
+        model = exports.load(folder) if kind == "hf" else source_io.load(folder)
+    except (exports.ExportError, source_io.TeacherPathError) as e:
         print(f"error: SOURCE: {e}", file=sys.stderr)
         return 2
     scheme = options["quantize"]

@@ -1,5 +1,6 @@
-"""Any export folder Stillroom writes, loaded back: dense (``trainer.models``) or compressed
-(``trainer.compress.export``: int8/int4 codes, sparse bitmasks, thinned units).
+"""Any export folder Stillroom writes, loaded back: dense (``trainer.models``), a Hugging Face folder (a Hugging Face
+student's, ``trainer.models.hf``) or compressed (``trainer.compress.export``: int8/int4 codes, sparse bitmasks,
+thinned units).
 
 An export is written to a staging folder, sealed with a ``manifest.json`` (size and SHA-256 of every file) and
 renamed into place (``publish``); ``load`` checks the manifest first, so a damaged file is named, not loaded."""
@@ -13,6 +14,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 
 from trainer import files, models
+from trainer.models import hf
 
 
 class ExportError(ValueError):
@@ -44,6 +46,8 @@ def load(path: str | Path) -> nn.Module:
     """The model in the export folder ``path``, in eval mode on CPU; ExportError (one line) when it cannot be."""
     verify(path)
     try:
+        if hf.names_hf_model(Path(path)):
+            return hf.load_pretrained(path)
         if models.read_export_config(path)["format"] == models.DENSE_FORMAT:
             return models.load_dense(path)
         from trainer.compress.export import load_compressed  # torchao: imported only for a compressed export

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 # torchao announces optional CUDA/triton kernels it cannot load on a CPU machine; they are not used here.
@@ -33,6 +34,7 @@ for _noisy in ("torchao", "torch.utils._pytree"):
 import torch
 import torch.nn as nn
 
+from trainer import models
 from trainer.compress import export as export_lib
 from trainer.compress import pruning, qat, stats
 from trainer.compress.modifiers import (  # re-exported: the package's config checks
@@ -291,12 +293,22 @@ class Compressor:
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the shipped student: thinned (a family with structured units), masked and quantized (see
-        ``export``)."""
+        ``export``). A student whose family has a folder of its own (a Hugging Face one) is written in it when
+        that holds all it is, without fake-quant or unstructured sparsity (units thinning cannot remove stay as
+        zeros); else in Stillroom's compressed format, said in one line."""
         self._ensure_masks()
         specs = stats.quant_specs(self.model)
-        model, masks = (
-            pruning.thin(self.model, self.masks) if family_of(self.model).structured_units else (self.model, self.masks)
-        )
+        family = family_of(self.model)
+        model, masks = pruning.thin(self.model, self.masks) if family.structured_units else (self.model, self.masks)
+        if family.pretrained_format:
+            if not specs and all(pruner.kind == "channel" for pruner in self.pruners):
+                return models.save_dense(model, out_dir)
+            print(
+                "note: the export is in Stillroom's compressed format (int8/int4 codes, sparse bitmasks; "
+                "trainer.exports.load reads it): a Hugging Face folder is written for students without fake-quant "
+                "or unstructured sparsity",
+                file=sys.stderr,
+            )
         return export_lib.export_compressed(model, out_dir, masks, specs)
 
     # -- internals

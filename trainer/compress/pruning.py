@@ -160,7 +160,8 @@ class ThinPlan:
 
 
 def plan_thinning(model: nn.Module, masks: dict[str, torch.Tensor]) -> ThinPlan:
-    """Drop the dead units of every unit group, keeping at least one unit per group (one MLP unit, one head).
+    """Drop the dead units of every unit group, keeping at least one unit per group (one MLP unit, one head), and
+    as many as the family's config can express (``thinned_widths``: the first dead units stay, computing zero).
 
     Units feeding a group-quantized out-layer (int4 ``proj``) are all kept: removing input
     columns would shift its quantization groups and change the quantized function.
@@ -170,15 +171,21 @@ def plan_thinning(model: nn.Module, masks: dict[str, torch.Tensor]) -> ThinPlan:
         for name, module in model.named_modules()
         if qat.is_quantized(module) and qat.quant_spec(module)["group_size"] < module.weight.shape[1]
     }
-    widths, index = {}, {}
-    for group in unit_groups(model):
+    groups = unit_groups(model)
+    alive = {}
+    for group in groups:
         dead = group.dead_units(masks)
         if group.out_module in fixed_width:
             dead[:] = False
         if bool(dead.all()):
             dead[0] = False
-        kept = (~dead).nonzero().flatten()
-        widths[group.kind, group.layer] = len(kept)
+        alive[group.kind, group.layer] = ~dead
+    widths = family_of(model).thinned_widths(model, {key: int(keep.sum()) for key, keep in alive.items()})
+    index = {}
+    for group in groups:
+        keep = alive[group.kind, group.layer].clone()
+        keep[(~keep).nonzero().flatten()[: widths[group.kind, group.layer] - int(keep.sum())]] = True
+        kept = keep.nonzero().flatten()
         if len(kept) < group.n_units:
             index.update({name: group.indices(name, kept) for name in group.param_names})
     return ThinPlan(widths, index)

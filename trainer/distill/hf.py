@@ -4,73 +4,20 @@ The wrapped model follows the model protocol's calling convention (``trainer/mod
 ``module(x, hidden_layers=(...))`` returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings,
 ``i`` = the output of block ``i``, before the final norm); ``HFTeacherFamily`` gives its width and its
 transformer layers (FSDP2's units under ``teacher.placement=shard``). ``transformers`` is the optional extra
-``hf``, imported only here and never allowed to download anything.
+``hf``, imported only when a model is read (``trainer.models.hf``) and never allowed to download anything. The
+Llama family and GPT-2 are also Stillroom students (``trainer/models/hf_llama.py``, ``hf_gpt2.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from trainer.models.hf import first_line, import_transformers, read_config
 from trainer.models.protocol import ModelFamily, register
-
-CONFIG_FILE = "config.json"
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)  # whole, or sharded with an index
-
-
-def names_hf_model(folder: Path) -> bool:
-    """Whether ``folder/config.json`` is a Hugging Face config (it names ``model_type`` or ``architectures``)."""
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and ("model_type" in meta or "architectures" in meta)
-
-
-def weight_files(folder: Path) -> list[str]:
-    """The Hugging Face weight files (or shard indexes) present in ``folder``."""
-    return [name for name in WEIGHT_FILES if (folder / name).is_file()]
-
-
-def _transformers():
-    """``transformers``, offline, quiet; ValueError naming the extra when it is not installed."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise ValueError("a Hugging Face teacher needs transformers: pip install 'stillroom[hf]'") from e
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def read_config(folder: Path):
-    """The folder's ``PretrainedConfig``, checked to be a causal LM (ValueError, one line, if not)."""
-    transformers = _transformers()
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder / CONFIG_FILE}: transformers cannot read it ({_first_line(e)})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"{folder} holds a {config.model_type} model, which transformers does not run as a causal LM")
-    return config
 
 
 def spec(folder: Path) -> dict:
@@ -158,12 +105,12 @@ register(HFTeacherFamily())
 
 def load(folder: Path) -> HFCausalLM:
     """The folder's causal LM in fp32 on CPU, eval mode, gradients off."""
-    transformers = _transformers()
+    transformers = import_transformers()
     read_config(folder)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{folder}: transformers cannot load the model ({_first_line(e)})") from None
+        raise ValueError(f"{folder}: transformers cannot load the model ({first_line(e)})") from None
     module = HFCausalLM(model.float())
     module.requires_grad_(False)
     return module.eval()

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from trainer import checkpoint, exports, models
 from trainer.distill import hf
+from trainer.models import hf as hf_folders
 from trainer.models.protocol import ModelFamily, family_of, register
 
 if TYPE_CHECKING:
@@ -26,12 +27,12 @@ class TeacherPathError(ValueError):
 
 def resolve(path: str | Path) -> tuple[str, Path]:
     """Return ("export" | "checkpoint" | "hf", folder) for an export, a run folder, a checkpoint, or a Hugging
-    Face folder (a config.json naming its model type, and weights)."""
+    Face folder (a config.json naming its model type, and weights; a Hugging Face student's export is one)."""
     p = Path(path)
     if not p.exists():
         raise TeacherPathError(f"{path} does not exist")
-    if hf.names_hf_model(p):
-        if not hf.weight_files(p):
+    if hf_folders.names_hf_model(p):
+        if not hf_folders.weight_files(p):
             raise TeacherPathError(
                 f"{path} has a Hugging Face config.json but no weights (model.safetensors or pytorch_model.bin)"
             )
@@ -40,12 +41,12 @@ def resolve(path: str | Path) -> tuple[str, Path]:
         return "export", p
     if checkpoint.is_complete(p) and (p / checkpoint.MODEL_FILE).is_file():
         return "checkpoint", p
-    if (p / "final" / models.CONFIG_FILE).is_file():
-        return "export", p / "final"
+    if (p / "final" / models.CONFIG_FILE).is_file():  # a run folder: its export (a Hugging Face student's is one)
+        return ("hf" if hf_folders.names_hf_model(p / "final") else "export"), p / "final"
     newest = checkpoint.latest(p / "ckpt")
     if newest is not None:
         return "checkpoint", newest
-    weights = hf.weight_files(p)
+    weights = hf_folders.weight_files(p)
     if weights:
         raise TeacherPathError(f"{path} has weights ({weights[0]}) but no {models.CONFIG_FILE}")
     raise TeacherPathError(
@@ -71,11 +72,11 @@ def checkpoint_model(folder: Path) -> nn.Module:
 
 
 def verify(path: str | Path) -> None:
-    """TeacherPathError naming the first damaged file of a Stillroom teacher (checked against its manifest);
-    a Hugging Face folder is left to transformers' loader."""
+    """TeacherPathError naming the first damaged file of a teacher, checked against its manifest (a Hugging Face
+    folder that Stillroom did not write has none: it is left to transformers' loader)."""
     kind, folder = resolve(path)
     try:
-        if kind == "export":
+        if kind in ("export", "hf"):  # a Hugging Face folder Stillroom exported has a manifest; others have none
             exports.verify(folder)
         elif kind == "checkpoint":
             checkpoint.verify(folder)

@@ -1,7 +1,7 @@
 """Models: build one from its family's config, save and load a dense export (``trainer.exports.load`` reads any).
 
 A family (``trainer/models/protocol.py``) registers itself when its module is imported; the built-in
-ones are imported here."""
+ones are imported here (the Hugging Face ones import transformers only when they build a model)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
 from trainer import files
-from trainer.models import gpt, mlp  # noqa: F401  (registers the built-in families)
+from trainer.models import gpt, hf, hf_gpt2, hf_llama, mlp  # noqa: F401  (registers the built-in families)
 from trainer.models.protocol import FAMILIES, ConfigFieldError, ModelFamily, family, family_of
 
 DENSE_FORMAT = "stillroom-dense"
@@ -87,9 +87,14 @@ def unique_state_dict(model: nn.Module) -> dict:
 
 
 def save_dense(model: nn.Module, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (fp32, dense) to ``out_dir``."""
+    """Write ``config.json`` and ``model.safetensors`` (fp32, dense) to ``out_dir``: the family's own folder where it
+    has one (a Hugging Face folder), else Stillroom's dense export."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    family = family_of(model)
+    if family.pretrained_format:
+        family.save_pretrained(model, out)
+        return out
     files.save_safetensors(unique_state_dict(model), out / WEIGHTS_FILE)
     meta = {"format": DENSE_FORMAT, **model_spec(model), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))

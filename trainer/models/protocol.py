@@ -18,6 +18,7 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -179,8 +180,13 @@ class ModelFamily(ABC, Generic[ModelT]):
         """The structured units of every layer (none: channel pruning finds nothing)."""
         return []
 
+    def thinned_widths(self, model: ModelT, alive: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The units each group keeps when thinned, given ``alive[kind, layer]`` units left alive: those, or more
+        where the family's config cannot say so (one width for every layer; dead units kept compute zero)."""
+        return alive
+
     def thinned_config(self, model: ModelT, widths: dict[tuple[str, int], int]) -> Any:
-        """``model``'s config with ``widths[kind, layer]`` units in each unit group."""
+        """``model``'s config with ``widths[kind, layer]`` units in each unit group (``thinned_widths``' answer)."""
         raise Unsupported(f"{self.name} models cannot be thinned")
 
     def tied_weights(self, model: ModelT) -> list[str]:
@@ -198,18 +204,26 @@ class ModelFamily(ABC, Generic[ModelT]):
     def pipeline_stage(self, model: ModelT, layers: list[str], first: bool, last: bool) -> nn.Module:
         """``model`` without what a stage of ``layers`` does not own: the layers of other stages, the
         embeddings unless ``first``, the final norm and head unless ``last`` (a tied embedding stays on the
-        last stage too: the head reads its weight). It shares the kept modules with ``model``."""
+        last stage too: the head reads its weight). It shares the kept modules with ``model``. Names may be
+        dotted (``model.layers``): the modules on the way are copied, so ``model`` stays whole."""
         view = shallow_copy(model)
         owned = self.layers(model)
-        setattr(view, self.layers_attr, nn.ModuleDict({name: owned[name] for name in layers}))
+        replace_child(view, self.layers_attr, nn.ModuleDict({name: owned[name] for name in layers}))
         tied_modules = {name.rsplit(".", 1)[0] for name in self.tied_weights(model)}
         for name in self.embeddings(model):
             if not first and not (last and name in tied_modules):
-                setattr(view, name, None)
+                replace_child(view, name, None)
         for name in self.outputs(model):
             if not last:
-                setattr(view, name, None)
+                replace_child(view, name, None)
         return view
+
+    # ---- exports --------------------------------------------------------------------------
+    pretrained_format = False  # whether a dense export is a folder the family's ecosystem loads (save_pretrained)
+
+    def save_pretrained(self, model: ModelT, folder: Path) -> None:
+        """Write ``model`` as a folder its own ecosystem loads without Stillroom (a Hugging Face folder)."""
+        raise Unsupported(f"{self.name} models have no format of their own: Stillroom's dense export holds them")
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:
@@ -220,6 +234,18 @@ def shallow_copy(module: nn.Module) -> nn.Module:
     view._parameters = dict(module._parameters)
     view._buffers = dict(module._buffers)
     return view
+
+
+def replace_child(view: nn.Module, name: str, child: nn.Module | None) -> None:
+    """Set the submodule ``name`` (dotted) of ``view`` (a ``shallow_copy``) to ``child``, shallow-copying the
+    modules on the way so that the module ``view`` was copied from keeps its own."""
+    *path, leaf = name.split(".")
+    owner = view
+    for part in path:
+        inner = shallow_copy(owner.get_submodule(part))
+        setattr(owner, part, inner)
+        owner = inner
+    setattr(owner, leaf, child)
 
 
 FAMILIES: dict[str, ModelFamily[Any]] = {}

@@ -1,0 +1,143 @@
+"""The Llama family as transformers defines it (``LlamaForCausalLM``; Qwen2 and Mistral have the same layout):
+RMSNorm, rotary position embeddings, grouped-query attention, a SwiGLU MLP, a tied or untied head.
+
+Module names are transformers' own: ``model.embed_tokens``, ``model.layers.<i>.{input_layernorm,
+self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``model.norm``, ``lm_head``
+(``model.rotary_emb`` holds no weights and stays on every pipeline stage). ``LlamaFamily`` is the only other
+code that knows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
+from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice
+
+
+class LlamaLM(HFDecoderLM):
+    """A Llama-family causal LM. ``forward(idx, hidden_layers=...)`` returns logits, and hidden states if asked (0 =
+    the embeddings, ``i`` = the output of decoder layer ``i``, ``FINAL_HIDDEN`` = after ``model.norm``)."""
+
+    model: Any  # transformers' LlamaModel (Qwen2Model, MistralModel), its layers a dict keyed by index
+
+    def __init__(self, hf_model: nn.Module, source: str | None):
+        super().__init__(hf_model, source)
+        self.model.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(self.model.layers)})
+
+    def attention_kind(self, layer: int) -> str:
+        """``full_attention`` or ``sliding_attention`` (Qwen2 names it per layer, Mistral for all of them)."""
+        kinds = getattr(self.config, "layer_types", None)
+        if kinds:
+            return kinds[layer]
+        return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+
+    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
+        """Logits of token ids ``idx``. In a pipeline stage (``LlamaFamily`` deletes what it does not own) a float
+        input is the previous stage's output, and a stage without ``lm_head`` returns its last layer's output."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        body = self.model
+        x = idx if idx.is_floating_point() else body.embed_tokens(idx)
+        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        rotary = body.rotary_emb(x, position_ids=positions)
+        make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks: dict[str, Any] = {}
+        hidden = {0: x} if 0 in hidden_layers else {}
+        for name, layer in body.layers.items():
+            kind = self.attention_kind(int(name))
+            if kind not in masks:
+                masks[kind] = make_mask[kind](
+                    config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+                )
+            x = layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=rotary)
+            if int(name) + 1 in hidden_layers:
+                hidden[int(name) + 1] = x
+        if self.lm_head is None:
+            return x
+        x = body.norm(x)
+        if FINAL_HIDDEN in hidden_layers:
+            hidden[FINAL_HIDDEN] = x
+        logits = self.lm_head(x)
+        return (logits, hidden) if hidden_layers else logits
+
+
+class LlamaFamily(HFDecoderFamily):
+    """Llama, Qwen2 and Mistral causal LMs through the model protocol."""
+
+    name, model_class, layers_attr = "hf_llama", LlamaLM, "model.layers"
+    model_types = ("llama", "qwen2", "mistral")
+
+    def wrap(self, hf_model: nn.Module, source: str | None) -> LlamaLM:
+        return LlamaLM(hf_model, source)
+
+    def embeddings(self, model: HFDecoderLM) -> list[str]:
+        return ["model.embed_tokens"]
+
+    def outputs(self, model: HFDecoderLM) -> list[str]:
+        return ["model.norm", "lm_head"]
+
+    def tied_weights(self, model: HFDecoderLM) -> list[str]:
+        embed = cast(LlamaLM, model).model.embed_tokens
+        return ["model.embed_tokens.weight"] if model.lm_head.weight is embed.weight else []
+
+    def unit_groups(self, model: HFDecoderLM) -> list[UnitGroup]:
+        """Per layer: key/value heads, each with its query heads (the q rows of its group, its k and v rows, its
+        o_proj columns; a unit whose v rows and bias are masked outputs zero), and MLP channels (a gate row, an up
+        row, a down column; zero when the gate or the up row is masked with its bias: SiLU(0) = 0)."""
+        groups = []
+        for name, layer in self.layers(model).items():
+            attn: Any = layer.self_attn
+            a, m = f"model.layers.{name}.self_attn", f"model.layers.{name}.mlp"
+            head, group = attn.head_dim, attn.num_key_value_groups
+            groups.append(
+                UnitGroup(
+                    "attn",
+                    int(name),
+                    attn.k_proj.out_features // head,
+                    (
+                        *row_slices(f"{a}.q_proj", attn.q_proj, unit_size=group * head),
+                        *row_slices(f"{a}.k_proj", attn.k_proj, unit_size=head),
+                        *row_slices(f"{a}.v_proj", attn.v_proj, unit_size=head, gate_part=0),
+                        UnitSlice(f"{a}.o_proj.weight", f"{a}.o_proj", dim=1, unit_size=group * head),
+                    ),
+                    out_module=f"{a}.o_proj",
+                )
+            )
+            mlp: Any = layer.mlp
+            groups.append(
+                UnitGroup(
+                    "mlp",
+                    int(name),
+                    mlp.up_proj.out_features,
+                    (
+                        *row_slices(f"{m}.gate_proj", mlp.gate_proj, unit_size=1, gate_part=0),
+                        *row_slices(f"{m}.up_proj", mlp.up_proj, unit_size=1, gate_part=0),
+                        UnitSlice(f"{m}.down_proj.weight", f"{m}.down_proj", dim=1, unit_size=1),
+                    ),
+                    out_module=f"{m}.down_proj",
+                )
+            )
+        return groups
+
+    def thinned_config(self, model: HFDecoderLM, widths: dict[tuple[str, int], int]) -> HFConfig:
+        """Every layer ``widths[kind, 0]`` wide (``thinned_widths`` made them one width): the key/value heads with
+        their query heads, the head size kept, and the MLP channels."""
+        config = self.config(model)
+        assert config.hf_config is not None  # a model's config is its Hugging Face config as a dict
+        attn: Any = next(iter(self.layers(model).values())).self_attn
+        kv_heads = widths["attn", 0]
+        fields = config.hf_config | {
+            "num_key_value_heads": kv_heads,
+            "num_attention_heads": kv_heads * attn.num_key_value_groups,
+            "head_dim": attn.head_dim,
+            "intermediate_size": widths["mlp", 0],
+        }
+        return dataclasses.replace(config, hf_config=fields)
+
+
+register_decoder(LlamaFamily())
