@@ -1,7 +1,9 @@
-"""Shared fixtures: run the real CLI in a subprocess, read metrics files."""
+"""Shared fixtures: run the real CLI in a subprocess (or its preflight in this process), read metrics files."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -41,6 +43,24 @@ def run_cli(
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def preflight_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> tuple[int, list[str]]:
+    """What ``python -m trainer OVERRIDES`` does before Hydra starts (``trainer.__main__.preflight``), in this
+    process with cwd=tmp_path: (its exit code, its stderr lines). For the many one-line refusals, which need no new
+    interpreter each; tests also run a few of them as real processes, which checks the way from ``main`` to the line.
+    Fails the test when the overrides pass the preflight."""
+    from trainer.__main__ import preflight
+    from trainer.config import register_configs
+
+    monkeypatch.chdir(tmp_path)
+    for launcher_variable in ("RANK", "SLURM_PROCID", "WORLD_SIZE", "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(launcher_variable, raising=False)
+    register_configs()
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
+        preflight(list(overrides))
+    return int(stopped.value.code or 0), stderr.getvalue().strip().splitlines()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

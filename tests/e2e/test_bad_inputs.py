@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, preflight_in_process, read_metrics, run_cli
 from trainer import checkpoint, exports, models
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +77,7 @@ CASES = {
     ),
     "unknown student option": (
         ["student=huge"],
-        "student: no option 'huge' (available: mlp_small, mlp_teacher, nano_cpu, nano_gpu, small, tiny)",
+        "student: no option 'huge' (available: hf, mlp_small, mlp_teacher, nano_cpu, nano_gpu, small, tiny)",
     ),
     "unknown distillation loss": (["distill=kd", "distill.loss=kl"], "distill.loss: must be one of none, forward_kl"),
     "unclosed list": (["train.lr=[1,2"], "train.lr=[1,2: not a valid override (no viable alternative"),
@@ -88,18 +88,44 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, files, name):
+# One case of each kind also runs as a real process (the rest run the same preflight in the test's process).
+THROUGH_THE_CLI = [
+    "beta1 above one",
+    "latin-1 corpus",
+    "targets match nothing",
+    "unknown root key with ++",
+    "unknown experiment",
+    "unclosed list",
+    "run dir inside a file",
+]
+
+
+def command_line(name: str, files: dict[str, Path]) -> tuple[list[str], str]:
+    """The overrides of case ``name`` and the line it must print, with the files' paths filled in."""
     paths = {stem: str(path) for stem, path in files.items()}
     overrides = [o.format(**paths) if "={" in o else o for o in CASES[name][0]]
     expected = CASES[name][1].format(**paths) if ": {" in CASES[name][1] else CASES[name][1]
     base = [] if "data=digits" in overrides else FAST  # FAST sizes a GPT student
     run_dir = [] if any(o.startswith("hydra.run.dir=") for o in overrides) else ["hydra.run.dir=run"]
-    proc = run_cli(tmp_path, *base, *overrides, *run_dir, check=False, timeout=120)
+    return [*base, *overrides, *run_dir], f"config error: {expected}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2(tmp_path, files, name, monkeypatch):
+    overrides, expected = command_line(name, files)
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *overrides)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(expected), lines[0]
+
+
+@pytest.mark.parametrize("name", THROUGH_THE_CLI)
+def test_bad_input_through_the_cli_is_one_line_exit_2_nothing_written(tmp_path, files, name):
+    overrides, expected = command_line(name, files)
+    proc = run_cli(tmp_path, *overrides, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines[0].startswith(f"config error: {expected}"), lines[0]
+    assert lines[0].startswith(expected), lines[0]
     assert not (tmp_path / "run").exists(), "nothing may be written before the config is valid"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, preflight_in_process, run_cli
 from trainer import models
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +45,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_override_is_one_line_exit_2(tmp_path, name):
+def test_bad_override_is_one_line_exit_2(tmp_path, name, monkeypatch):
+    overrides, needle = CASES[name]
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *FAST, *overrides)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("config error: ") and needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", ["unknown key", "wrong type", "teacher missing"])
+def test_bad_override_through_the_cli_is_one_line_exit_2(tmp_path, name):
     overrides, needle = CASES[name]
     proc = run_cli(tmp_path, *FAST, *overrides, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr
