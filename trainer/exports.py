@@ -29,7 +29,9 @@ def staging_dir(final: Path) -> Path:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Seal the complete export in ``staging`` (its manifest) and put it at ``final``, replacing what was there."""
+    """Seal the complete export in ``staging`` (its files' modes as the umask says, its manifest) and put it at
+    ``final``, replacing what was there."""
+    files.follow_umask(staging)
     files.write_manifest(staging)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)

@@ -1,5 +1,5 @@
 """Files one step writes and another reads back: their manifest (size and SHA-256 of each), checked before use, and
-safetensors files written with the permissions every other file gets (safetensors itself writes mode 0600)."""
+their modes (as the umask says, also for the safetensors files that safetensors writes 0600)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 MANIFEST_FILE = "manifest.json"
 
@@ -73,10 +70,12 @@ def manifest_problem(folder: Path) -> str | None:
     return None
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, then the file's mode set as the umask says (as for any other file)."""
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+def follow_umask(folder: Path) -> None:
+    """Give every file of ``folder`` the mode the umask gives a new file (safetensors writes its files 0600)."""
+    mode = 0o666 & ~_umask()
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
 
 
 def _umask() -> int:

@@ -39,10 +39,9 @@ from typing import cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
-from trainer import files
 from trainer.compress.qat import (
     FLOAT_BITS,
     SCALE_DTYPE,
@@ -235,7 +234,7 @@ def export_compressed(model: nn.Module, out_dir: str | Path, masks: dict[str, to
         module_name = _quantized_module_of(key, specs)
         if blobs.add(tensor.cpu(), None if module_name is None else specs[module_name]):
             sparse.append(key)
-    files.save_safetensors(blobs.tensors(), out / WEIGHTS_FILE)
+    save_file(blobs.tensors(), str(out / WEIGHTS_FILE))
     quant_by_scheme: dict[str, list[str]] = {}
     for name, spec in specs.items():
         quant_by_scheme.setdefault(scheme_name(spec), []).append(name)

@@ -14,9 +14,8 @@ from typing import Any
 import torch.nn as nn
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from trainer import files
 from trainer.models import gpt, hf, hf_gpt2, hf_llama, mlp  # noqa: F401  (registers the built-in families)
 from trainer.models.protocol import FAMILIES, ConfigFieldError, ModelFamily, family, family_of
 
@@ -95,7 +94,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, extra: dict | None = None)
     if family.pretrained_format:
         family.save_pretrained(model, out)
         return out
-    files.save_safetensors(unique_state_dict(model), out / WEIGHTS_FILE)
+    save_file(unique_state_dict(model), str(out / WEIGHTS_FILE))
     meta = {"format": DENSE_FORMAT, **model_spec(model), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return out
