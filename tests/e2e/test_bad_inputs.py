@@ -116,6 +116,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, files, name, monkeypatch):
     code, lines = preflight_in_process(tmp_path, monkeypatch, *overrides)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(expected), lines[0]
+    assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
 
 
 @pytest.mark.parametrize("name", THROUGH_THE_CLI)

@@ -50,6 +50,7 @@ def test_bad_override_is_one_line_exit_2(tmp_path, name, monkeypatch):
     code, lines = preflight_in_process(tmp_path, monkeypatch, *FAST, *overrides)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("config error: ") and needle in lines[0], lines[0]
+    assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
 
 
 @pytest.mark.parametrize("name", ["unknown key", "wrong type", "teacher missing"])
