@@ -30,7 +30,14 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gguf_teacher_distills_a_student(root, dtype):
-    run_cli(root, *RUN, "teacher.checkpoint=gguf/llama.gguf", f"teacher.param_dtype={dtype}", f"hydra.run.dir={dtype}")
+    run_cli(
+        root,
+        *RUN,
+        "teacher=gguf",
+        "teacher.checkpoint=gguf/llama.gguf",
+        f"teacher.param_dtype={dtype}",
+        f"hydra.run.dir={dtype}",
+    )
     rows = read_metrics(root / dtype)
     kd = {row["step"]: row["distill/kd"] for row in rows if "distill/kd" in row}
     assert sorted(kd) == list(range(1, STEPS + 1)) and all(value > 0 for value in kd.values())

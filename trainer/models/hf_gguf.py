@@ -10,6 +10,7 @@ dequantized tensors, which can be saved, cut or trained like any other. Loading 
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import Any
@@ -50,22 +51,36 @@ def import_gguf_support():
 
 
 def check_file(file: Path) -> str:
-    """The architecture a GGUF file declares, after parsing its header and tensor table; ValueError (one line)
-    when it is not a whole GGUF file (not one at all, truncated, damaged)."""
+    """The architecture a GGUF file declares, after reading its header and tensor table with transformers' own
+    reader (which skips the tensor data and the tokenizer's arrays: fast) and checking that the tensors it lists
+    fit in the file; ValueError (one line) when it is not a whole GGUF file (not one at all, truncated, damaged)."""
     import_gguf_support()
-    from gguf import GGUFReader
+    from transformers.integrations.gguf import GgufHeader
 
     try:
-        reader = GGUFReader(file)
-        architecture = reader.fields["general.architecture"].contents()
+        header = GgufHeader.from_file(str(file))
     except UNREADABLE as e:
         raise ValueError(f"{file} is not a readable GGUF file: truncated or damaged ({first_line(e)})") from None
-    return str(architecture)
+    needed = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    size = file.stat().st_size
+    if needed > size:
+        raise ValueError(
+            f"{file} is not a readable GGUF file: truncated or damaged (its tensors need {needed} bytes, it has {size})"
+        )
+    return str(header.architecture)
 
 
 def read_config(file: Path):
     """The model's ``PretrainedConfig``, from the file's metadata; ValueError (one line) when the file is not
-    readable, of an architecture transformers cannot load, or not a causal LM."""
+    readable, of an architecture transformers cannot load, or not a causal LM. Remembered for the file as it is
+    (path, size, modification time): transformers parses the whole tokenizer to build it, seconds for a real one."""
+    import_gguf_support()  # before the cache: a missing package is named on every call
+    stat = file.stat()
+    return _read_config(file, (file.resolve(), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(file: Path, _version: tuple):
     architecture = check_file(file)
     transformers = import_gguf_support()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -83,11 +98,11 @@ def read_config(file: Path):
 
 def load(file: Path, dtype: str = "fp32") -> nn.Module:
     """The file's causal LM dequantized to ``dtype`` (fp32 | bf16) on CPU, in eval mode, as a ``plain_copy``."""
-    read_config(file)
+    config = read_config(file)
     transformers = import_gguf_support()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(file.parent), gguf_file=file.name, dtype=DTYPES[dtype], local_files_only=True
+            str(file.parent), config=config, gguf_file=file.name, dtype=DTYPES[dtype], local_files_only=True
         )
     except (*UNREADABLE, RuntimeError, ImportError) as e:
         raise ValueError(f"{file}: transformers cannot load the model ({first_line(e)})") from None
