@@ -47,7 +47,7 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 
 @dataclass
 class TeacherConfig:
-    checkpoint: str | None = None  # export folder, run dir, checkpoint folder, or Hugging Face causal-LM folder
+    checkpoint: str | None = None  # export, run dir, checkpoint, Hugging Face causal-LM folder, or GGUF file
     vocab: str = "strict"  # strict: same vocabulary as the student | slice: cut a larger one to the student's
     placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
     # shard: dtype the gathered teacher computes in; a GGUF teacher: dtype it is dequantized to (fp32 | bf16)

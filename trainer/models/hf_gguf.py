@@ -22,7 +22,7 @@ from trainer.models.hf import config_from_dict, first_line, import_transformers
 
 SUFFIX = ".gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# What the gguf package's reader raises on a file that is not a whole GGUF file (bad magic, truncated tables or
+# What transformers' GGUF readers raise on a file that is not a whole GGUF file (bad magic, truncated tables or
 # tensor data, bytes that are not the strings they should be).
 UNREADABLE = (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError, OSError)
 
