@@ -58,8 +58,9 @@ def llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return halves.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def write_gguf(model, file: Path, architecture: str = "llama") -> Path:
-    """``model`` (a transformers Llama) as the GGUF file ``file``, F32, its architecture named ``architecture``."""
+def write_gguf(model, file: Path, architecture: str = "llama", quantized: bool = False) -> Path:
+    """``model`` (a transformers Llama) as the GGUF file ``file``, its architecture named ``architecture``: F32, or
+    with its matrices in Q8_0 blocks (``quantized``; the norms stay F32, as llama.cpp keeps them)."""
     import gguf
 
     config = model.config
@@ -90,7 +91,11 @@ def write_gguf(model, file: Path, architecture: str = "llama") -> Path:
         projection = name.split(".")[-2]
         if projection in heads:
             array = llama_cpp_rows(array, heads[projection])
-        writer.add_tensor(gguf_name(name), np.ascontiguousarray(array))
+        if quantized and array.ndim == 2:
+            blocks = gguf.quants.quantize(np.ascontiguousarray(array), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name(name), np.ascontiguousarray(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -104,3 +109,16 @@ def save_llama_pair(root: Path, tied: bool = False) -> tuple[Path, Path]:
     model.save_pretrained(root / "hf")
     (root / "gguf").mkdir(parents=True)
     return root / "hf", write_gguf(model, root / "gguf" / "llama.gguf")
+
+
+def q8_rounded(model):
+    """``model`` with each matrix replaced by its Q8_0 round trip: what a ``quantized`` GGUF of it dequantizes to."""
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                rounded = gguf.quants.dequantize(gguf.quants.quantize(param.numpy(), q8), q8)
+                param.copy_(torch.from_numpy(rounded))
+    return model

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gguf_files import TOKENS, VOCAB, save_llama_pair, tiny_llama, write_gguf
+from tests.gguf_files import TOKENS, VOCAB, q8_rounded, save_llama_pair, tiny_llama, write_gguf
 from trainer.config import ConfigError, RunConfig
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf_gguf
@@ -44,6 +44,18 @@ def test_logits_equal_the_hf_folders(pair):
     family = family_of(from_gguf)
     assert family.width(from_gguf) == 64 and len(family.layers(from_gguf)) == 2 and family.vocab_size(from_gguf) == 32
     assert not from_gguf.training and not any(p.requires_grad for p in from_gguf.parameters())
+
+
+def test_q8_0_file_is_dequantized(tmp_path):
+    """Matrices stored in Q8_0 blocks load as the model whose matrices went through Q8_0 and back."""
+    model = tiny_llama()
+    file = write_gguf(model, tmp_path / "q8.gguf", quantized=True)
+    assert file.stat().st_size < 0.4 * sum(4 * p.numel() for p in model.parameters())
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        got, want = teacher_io.load(file)(x), q8_rounded(model)(input_ids=x).logits
+        assert not torch.allclose(want, tiny_llama()(input_ids=x).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_bf16_is_the_fp32_model_rounded(pair):
