@@ -1,6 +1,7 @@
 """Small GGUF files written by the tests with the ``gguf`` package, as llama.cpp's converter lays them out: a
-transformers Llama's tensors under GGUF names (F32, so that loading them back is exact), its query and key rows
-permuted the way llama.cpp stores them (transformers undoes it on load), and a 32-token byte-level BPE tokenizer."""
+transformers Llama's tensors under GGUF names (F32, so that loading them back is exact; or Q8_0), its query and
+key rows permuted the way llama.cpp stores them (transformers undoes it on load), and a 32-token byte-level BPE
+tokenizer."""
 
 from __future__ import annotations
 
