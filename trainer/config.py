@@ -47,10 +47,11 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 
 @dataclass
 class TeacherConfig:
-    checkpoint: str | None = None  # export folder, run dir, checkpoint folder, or Hugging Face causal-LM folder
+    checkpoint: str | None = None  # export, run dir, checkpoint, Hugging Face causal-LM folder, or GGUF file
     vocab: str = "strict"  # strict: same vocabulary as the student | slice: cut a larger one to the student's
     placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
-    param_dtype: str = "fp32"  # shard: dtype the gathered teacher computes in (fp32 | bf16)
+    # shard: dtype the gathered teacher computes in; a GGUF teacher: dtype it is dequantized to (fp32 | bf16)
+    param_dtype: str = "fp32"
     cache_dir: str | None = None  # cache: folder written by `python -m trainer.cache` (same overrides)
     cache_dtype: str = "fp32"  # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16)
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
@@ -61,11 +62,6 @@ class TeacherConfig:
         _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
         _one_of(self.cache_dtype, ("fp32", "bf16", "fp16"), "cache_dtype")
         _one_of(self.vocab, TEACHER_VOCAB, "vocab")
-        _check(
-            self.param_dtype == "fp32" or self.placement == "shard",
-            "param_dtype",
-            f"applies to teacher.placement=shard only (placement is {self.placement})",
-        )
 
 
 @dataclass

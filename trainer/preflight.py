@@ -306,6 +306,7 @@ def _validate_teacher(cfg: RunConfig) -> None:
     )
     if not needs_teacher(cfg):
         _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
+        _check_param_dtype(cfg, gguf=False)
         return
     _check(
         cfg.teacher.checkpoint is not None,
@@ -321,6 +322,7 @@ def _validate_teacher(cfg: RunConfig) -> None:
         teacher.verify(path)
     except teacher.TeacherPathError as e:
         raise ConfigError("teacher.checkpoint", str(e)) from None
+    _check_param_dtype(cfg, gguf=spec.get("source") == "gguf")
     t_cfg = spec["config"]
     t_vocab = t_cfg.get("vocab_size", t_cfg.get("n_classes"))
     s_vocab = data.vocab_size(cfg.data)
@@ -373,6 +375,17 @@ def _validate_teacher(cfg: RunConfig) -> None:
         )
     if tc.placement == "cache":
         _validate_cache(cfg)
+
+
+def _check_param_dtype(cfg: RunConfig, gguf: bool) -> None:
+    """``teacher.param_dtype`` other than fp32 is the compute dtype of a sharded teacher, or the dtype a GGUF
+    teacher (``gguf``) is dequantized to; it means nothing elsewhere."""
+    tc = cfg.teacher
+    _check(
+        tc.param_dtype == "fp32" or tc.placement == "shard" or gguf,
+        "teacher.param_dtype",
+        f"applies to teacher.placement=shard or a GGUF teacher only (placement is {tc.placement})",
+    )
 
 
 def _validate_cache(cfg: RunConfig) -> None:

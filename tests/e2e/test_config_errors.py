@@ -79,7 +79,7 @@ def test_teacher_that_is_not_a_checkpoint(tmp_path, teachers):
     assert proc.stderr.strip().splitlines() == [
         (
             f"config error: teacher.checkpoint: {teachers['junk']} is not a Stillroom export, run folder or "
-            "checkpoint, nor a Hugging Face causal-LM folder"
+            "checkpoint, nor a Hugging Face causal-LM folder or GGUF file"
         )
     ]
 

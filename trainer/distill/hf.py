@@ -22,10 +22,14 @@ from trainer.models.protocol import ModelFamily, register
 
 def spec(folder: Path) -> dict:
     """What config validation compares: {"arch": "hf_teacher", "config": {vocab_size, n_layer, n_embd, block_size}}."""
-    config = read_config(folder)
+    return config_spec(read_config(folder), "hf")
+
+
+def config_spec(config, source: str) -> dict:
+    """``spec`` of a transformers causal LM's ``config``, read from a ``source`` ("hf" folder or "gguf" file)."""
     return {
         "arch": HFTeacherFamily.name,
-        "source": "hf",
+        "source": source,
         "model_type": config.model_type,
         "config": {
             "vocab_size": config.vocab_size,

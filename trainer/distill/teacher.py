@@ -1,5 +1,5 @@
-"""Find, describe and load a frozen teacher: a Stillroom export, run folder or checkpoint, or a Hugging Face
-causal-LM folder on local disk."""
+"""Find, describe and load a frozen teacher: a Stillroom export, run folder or checkpoint, a Hugging Face
+causal-LM folder on local disk, or a GGUF file (or a folder holding one)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn as nn
 from trainer import checkpoint, exports, models
 from trainer.distill import hf
 from trainer.models import hf as hf_folders
+from trainer.models import hf_gguf
 from trainer.models.protocol import ModelFamily, family_of, register
 
 if TYPE_CHECKING:
@@ -22,12 +23,13 @@ if TYPE_CHECKING:
 
 
 class TeacherPathError(ValueError):
-    """The teacher path does not exist or is not a Stillroom or Hugging Face model."""
+    """The teacher path does not exist or is not a Stillroom, Hugging Face or GGUF model."""
 
 
 def resolve(path: str | Path) -> tuple[str, Path]:
     """Return ("export" | "checkpoint" | "hf", folder) for an export, a run folder, a checkpoint, or a Hugging
-    Face folder (a config.json naming its model type, and weights; a Hugging Face student's export is one)."""
+    Face folder (a config.json naming its model type, and weights; a Hugging Face student's export is one); or
+    ("gguf", file) for a GGUF file or a folder holding exactly one."""
     p = Path(path)
     if not p.exists():
         raise TeacherPathError(f"{path} does not exist")
@@ -37,6 +39,12 @@ def resolve(path: str | Path) -> tuple[str, Path]:
                 f"{path} has a Hugging Face config.json but no weights (model.safetensors or pytorch_model.bin)"
             )
         return "hf", p
+    try:
+        gguf_file = hf_gguf.find(p)
+    except ValueError as e:
+        raise TeacherPathError(str(e)) from None
+    if gguf_file is not None:
+        return "gguf", gguf_file
     if (p / models.CONFIG_FILE).is_file():
         return "export", p
     if checkpoint.is_complete(p) and (p / checkpoint.MODEL_FILE).is_file():
@@ -50,14 +58,19 @@ def resolve(path: str | Path) -> tuple[str, Path]:
     if weights:
         raise TeacherPathError(f"{path} has weights ({weights[0]}) but no {models.CONFIG_FILE}")
     raise TeacherPathError(
-        f"{path} is not a Stillroom export, run folder or checkpoint, nor a Hugging Face causal-LM folder"
+        f"{path} is not a Stillroom export, run folder or checkpoint, nor a Hugging Face causal-LM folder or GGUF file"
     )
 
 
 def spec(path: str | Path) -> dict:
     """The teacher's architecture ({"arch", "config"}) without loading its weights."""
     kind, folder = resolve(path)
-    read = {"export": models.read_export_config, "checkpoint": checkpoint.read_model_spec, "hf": hf.spec}[kind]
+    read = {
+        "export": models.read_export_config,
+        "checkpoint": checkpoint.read_model_spec,
+        "hf": hf.spec,
+        "gguf": lambda file: hf.config_spec(hf_gguf.read_config(file), "gguf"),
+    }[kind]
     try:
         return read(folder)
     except (ValueError, OSError, checkpoint.CheckpointError) as e:
@@ -73,23 +86,29 @@ def checkpoint_model(folder: Path) -> nn.Module:
 
 def verify(path: str | Path) -> None:
     """TeacherPathError naming the first damaged file of a teacher, checked against its manifest (a Hugging Face
-    folder that Stillroom did not write has none: it is left to transformers' loader)."""
+    folder that Stillroom did not write has none: it is left to transformers' loader); a GGUF file's header and
+    tensor table must describe the whole file."""
     kind, folder = resolve(path)
     try:
         if kind in ("export", "hf"):  # a Hugging Face folder Stillroom exported has a manifest; others have none
             exports.verify(folder)
         elif kind == "checkpoint":
             checkpoint.verify(folder)
-    except (exports.ExportError, checkpoint.CheckpointError) as e:
+        elif kind == "gguf":
+            hf_gguf.check_file(folder)
+    except (exports.ExportError, checkpoint.CheckpointError, ValueError) as e:
         raise TeacherPathError(str(e)) from None
 
 
 def fingerprint(path: str | Path) -> str:
-    """SHA-256 (16 hex digits) of the teacher's files: every file under the resolved folder, names and bytes."""
-    _, folder = resolve(path)
+    """SHA-256 (16 hex digits) of the teacher's files: every file under the resolved folder, names and bytes; a
+    GGUF file's bytes."""
+    kind, folder = resolve(path)
     digest = hashlib.sha256()
-    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
-        digest.update(str(file.relative_to(folder)).encode())
+    files = [folder] if kind == "gguf" else sorted(f for f in folder.rglob("*") if f.is_file())
+    for file in files:
+        if kind != "gguf":
+            digest.update(str(file.relative_to(folder)).encode())
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -130,14 +149,20 @@ class VocabSliceFamily(ModelFamily[VocabSlice]):
 register(VocabSliceFamily())
 
 
-def load(path: str | Path, device: torch.device = torch.device("cpu"), vocab_size: int | None = None) -> nn.Module:
+def load(
+    path: str | Path,
+    device: torch.device = torch.device("cpu"),
+    vocab_size: int | None = None,
+    dtype: str = "fp32",
+) -> nn.Module:
     """The teacher in eval mode with gradients off (frozen); with ``vocab_size`` smaller than the teacher's
-    vocabulary, its logits cut to that many entries (one warning line, on rank 0)."""
+    vocabulary, its logits cut to that many entries (one warning line, on rank 0). A GGUF teacher is dequantized
+    to ``dtype`` (fp32 | bf16); the others load in the dtype they were saved in."""
     kind, folder = resolve(path)
-    if kind == "hf":
+    if kind in ("hf", "gguf"):
         model: nn.Module
         try:
-            model = hf.load(folder)
+            model = hf.load(folder) if kind == "hf" else hf.HFCausalLM(hf_gguf.load(folder, dtype))
         except ValueError as e:
             raise TeacherPathError(str(e)) from None
     else:
@@ -178,9 +203,10 @@ def run_vocab_size(cfg: RunConfig) -> int | None:
 
 
 def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice``."""
+    """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice`` (a GGUF one in
+    ``teacher.param_dtype``)."""
     assert cfg.teacher.checkpoint is not None  # preflight: a run that loads a teacher names it
-    return load(cfg.teacher.checkpoint, device, vocab_size=run_vocab_size(cfg))
+    return load(cfg.teacher.checkpoint, device, vocab_size=run_vocab_size(cfg), dtype=cfg.teacher.param_dtype)
 
 
 def is_dense_export(path: str | Path) -> bool:
