@@ -144,5 +144,14 @@ class GPT2Family(HFDecoderFamily):
         assert config.hf_config is not None  # a model's config is its Hugging Face config as a dict
         return dataclasses.replace(config, hf_config=config.hf_config | {"n_inner": widths["mlp", 0]})
 
+    def cut_config(
+        self, model: HFDecoderLM, layers: list[int], widths: dict[tuple[str, int], int], hidden: int
+    ) -> HFConfig:
+        """Fewer blocks and MLP channels; every head and the model width kept (``hidden_dims`` is not answered: the
+        config derives the head size from the width and the head count)."""
+        config = self.thinned_config(model, widths)
+        assert config.hf_config is not None  # thinned_config's answer is a Hugging Face config as a dict
+        return dataclasses.replace(config, hf_config=config.hf_config | {"n_layer": len(layers)})
+
 
 register_decoder(GPT2Family())
