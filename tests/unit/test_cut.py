@@ -5,11 +5,13 @@ refused naming the field."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from tests.conftest import HF_VOCAB, small_hf_config
-from trainer import models
+from tests.conftest import HF_VOCAB, save_hf_student, small_hf_config
+from trainer import data, from_teacher, models
 from trainer.models import cut
 from trainer.models.protocol import ConfigFieldError, family_of
 
@@ -193,7 +195,8 @@ def test_hidden_width_keeps_the_most_active_embedding_channels():
         ("llama", {"layers": 5}, "layers", "5 is more than the teacher's 4 decoder layers"),
         ("llama", {"width": 0.75}, "width", "0.75 of 2 attention head groups (a key/value head with its query heads) "
          "is 1.5, not a whole number: use one of 0.5, 1"),
-        ("gpt2", {"hidden_width": 0.5}, "hidden_width", "hf_gpt2 models cannot be cut in width"),
+        ("gpt2", {"hidden_width": 0.5}, "hidden_width",
+         "GPT-2 keeps its width: its config derives the head size from the width and the head count"),
         ("llama", {"width": 0.0}, "width", "must be in (0, 1] (got 0.0)"),
         ("llama", {"hidden_width": 1.5}, "hidden_width", "must be in (0, 1] (got 1.5)"),
         ("llama", {"layer_select": "random"}, "layer_select", "must be one of uniform, importance (got 'random')"),
@@ -203,3 +206,53 @@ def test_bad_cuts_are_refused_naming_the_field(kind, fields, key, message):
     with pytest.raises(ConfigFieldError) as error:
         cut.cut(teacher(kind), cut.CutConfig(**fields), batches())
     assert (error.value.key, error.value.message) == (key, message)
+
+
+@torch.no_grad()
+def test_a_cut_gpt_is_the_teacher_with_heads_and_channels_removed_by_hand():
+    """Stillroom's GPT: the kept heads' q, k and v rows of the fused projection, MLP channels, embedding channels."""
+    torch.manual_seed(0)
+    model = models.build("gpt", vocab_size=HF_VOCAB, n_layer=2, n_head=4, n_embd=32, block_size=16).eval()
+    calib = batches()
+    student = cut.cut(model, cut.CutConfig(width=0.5, hidden_width=0.5), calib).eval()
+    choice = cut.measure(model, calib)
+    channels = cut.top(choice.channels, 16)
+    by_hand = models.build(
+        "gpt", vocab_size=HF_VOCAB, n_layer=2, n_head=2, n_embd=16, block_size=16, head_dim=8,
+        mlp_hidden=[64, 64], n_heads_per_layer=[2, 2],
+    ).eval()  # fmt: skip
+    state, want = model.state_dict(), {}
+    for name in ("tok_emb.weight", "pos_emb.weight", "head.weight"):
+        want[name] = state[name][:, channels]
+    want["ln_f.weight"] = state["ln_f.weight"][channels]
+    for i in range(2):
+        b = f"blocks.{i}"
+        heads = kept(cut.top(choice.units["attn", i], 2), 8)
+        mlp = cut.top(choice.units["mlp", i], 64)
+        qkv = torch.cat([heads + part * 32 for part in range(3)])
+        want |= {
+            f"{b}.ln1.weight": state[f"{b}.ln1.weight"][channels],
+            f"{b}.ln2.weight": state[f"{b}.ln2.weight"][channels],
+            f"{b}.attn.qkv.weight": state[f"{b}.attn.qkv.weight"][qkv][:, channels],
+            f"{b}.attn.proj.weight": state[f"{b}.attn.proj.weight"][channels][:, heads],
+            f"{b}.mlp.fc.weight": state[f"{b}.mlp.fc.weight"][mlp][:, channels],
+            f"{b}.mlp.proj.weight": state[f"{b}.mlp.proj.weight"][channels][:, mlp],
+        }
+    by_hand.load_state_dict(want)
+    x = batches(3)[2]
+    torch.testing.assert_close(student(x), by_hand(x), rtol=0, atol=1e-5)
+
+
+def test_the_preflights_spec_is_the_built_students(tmp_path):
+    """What the preflight reads from the teacher's architecture (and a resume compares with a checkpoint) is what the
+    cut with calibration builds."""
+    from trainer.config import DataConfig, RunConfig, TeacherConfig, TrainConfig, sequence_length
+
+    save_hf_student(tmp_path / "llama", "llama")
+    student = {"arch": "from_teacher", "layers": 3, "layer_select": "importance", "width": 0.5, "hidden_width": 0.5,
+               "calib_batches": 2, "block_size": 16}  # fmt: skip
+    cfg = RunConfig(student=student, teacher=TeacherConfig(checkpoint=str(tmp_path / "llama")),
+                    data=DataConfig(name="synthetic"), train=TrainConfig(batch_size=4))  # fmt: skip
+    family, config = from_teacher.spec(cfg)
+    built = from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg)))
+    assert models.model_spec(built) == {"arch": family.name, "config": dataclasses.asdict(config)}
