@@ -31,7 +31,7 @@ def bare_windows(overrides: list[str], teacher_dir: Path, steps: int, window: in
     t, d = cfg.train, cfg.distill
     torch.manual_seed(t.seed)
     dataset = data.build(cfg.data, sequence_length(cfg))
-    student = build_student(cfg)
+    student = build_student(cfg, dataset)
     teacher = exports.load(teacher_dir).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     shard = data.Shard()

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.env import DistEnv
 from parallel.mesh import ParallelDims
-from trainer import data, models
+from trainer import data, from_teacher, models
 from trainer.config import ModifierConfig, RunConfig, needs_teacher, parallel_dims, sequence_length
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.placement import Teacher, build_teacher
@@ -43,8 +43,11 @@ class RunParts:
     autocast: Any  # the context the forward passes run in (bf16 autocast, or nothing)
 
 
-def build_student(cfg: RunConfig) -> nn.Module:
-    """A freshly initialised student of ``cfg.student``'s family (its vocabulary or input size from the data)."""
+def build_student(cfg: RunConfig, dataset: Any) -> nn.Module:
+    """A freshly initialised student of ``cfg.student``'s family (its vocabulary or input size from the data), or one
+    cut out of the teacher (calibrated on ``dataset``'s training batches)."""
+    if from_teacher.is_cut(cfg):
+        return from_teacher.build(cfg, dataset)
     family, config = student_spec(cfg)
     return family.build(config)
 
@@ -101,7 +104,7 @@ def build_run(cfg: RunConfig, env: DistEnv) -> RunParts:
     batches = data.Batches(
         dataset, data.Shard(dims.dp_rank(mesh), dims.dp_size, t.grad_accum), t.seed, t.batch_size, env.device
     )
-    student = build_student(cfg).to(env.device)
+    student = build_student(cfg, dataset).to(env.device)
     teacher = (
         build_teacher(
             cfg, dims, env.device, batches.shard, getattr(dataset, "vocab_size", 0), micro_batch_after(cfg, batches)

@@ -18,7 +18,7 @@ from parallel import env as dist_env
 from parallel import groups, remote
 from parallel.collectives import dp_sum
 from trainer import checkpoint, data, exports, models, report
-from trainer.build import build_compressor, build_run, build_student
+from trainer.build import build_compressor, build_run
 from trainer.config import RunConfig, parallel_dims
 from trainer.distill import cache
 from trainer.distill.teacher import TeacherPathError
@@ -158,7 +158,7 @@ class Trainer:
     def plain_student(self) -> tuple[nn.Module, Compressor | None]:
         """A new unsharded student, in the live one's train/eval mode, with its own compressor."""
         with torch.random.fork_rng(devices=[]):  # building the copy must not advance the training RNG
-            student = build_student(self.cfg).to(self.env.device)
+            student = models.build_from_spec(self.parts.student_spec).to(self.env.device)
         student.train(self.runtime.student.training)
         return student, build_compressor(student, self.cfg.compress.modifiers)
 

@@ -91,11 +91,13 @@ def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -
 
 
 def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
-    """The student's model family and its checked config dataclass (vocabulary or input size from the data).
-    Raises ConfigError naming the ``student.*`` key."""
-    from trainer import data, models
+    """The student's model family and its checked config dataclass (vocabulary or input size from the data; a
+    student cut from the teacher: the cut model's). Raises ConfigError naming the key."""
+    from trainer import data, from_teacher, models
 
     try:
+        if from_teacher.is_cut(cfg):
+            return from_teacher.spec(cfg)
         return models.student_config(cfg.student, data.model_fields(cfg.data))
     except models.ConfigFieldError as e:
         raise ConfigError(f"student.{e.key}", e.message) from None

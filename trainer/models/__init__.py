@@ -45,13 +45,19 @@ def student_config(fields: dict[str, Any], data_fields: dict[str, Any]) -> tuple
     spec = resolve_family(str(fields.get("arch", "")))
     if spec.config_class is None:
         raise ConfigFieldError("arch", f"{spec.name} models cannot be built as students")
-    known = {f.name for f in dataclasses.fields(spec.config_class)}
+    return spec, typed_config(spec.config_class, fields, data_fields)
+
+
+def typed_config(config_class: type, fields: dict[str, Any], data_fields: dict[str, Any]) -> Any:
+    """``config_class`` (a dataclass) from ``fields`` but ``arch`` (types checked, unknown keys refused) plus those
+    of ``data_fields`` it has. Raises ConfigFieldError naming the field."""
+    known = {f.name for f in dataclasses.fields(config_class)}
     given = {key: value for key, value in fields.items() if key != "arch"}
     try:
         node = OmegaConf.merge(
-            OmegaConf.structured(spec.config_class), {k: v for k, v in data_fields.items() if k in known}, given
+            OmegaConf.structured(config_class), {k: v for k, v in data_fields.items() if k in known}, given
         )
-        return spec, OmegaConf.to_object(node)
+        return OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or next(iter(set(given) - known), "arch")
         raise ConfigFieldError(str(key), str(getattr(e, "msg", e)).splitlines()[0]) from None

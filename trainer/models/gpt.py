@@ -226,5 +226,30 @@ class GPTFamily(ModelFamily[GPT]):
             head_dim=cast(Block, model.blocks["0"]).attn.head_dim,
         )
 
+    def hidden_dims(self, model: GPT) -> dict[str, int]:
+        """The embeddings' and head's columns, the norms' weights and biases, the projections' input or output
+        features."""
+        by_suffix = {"tok_emb.weight": 1, "pos_emb.weight": 1, "head.weight": 1, "qkv.weight": 1, "fc.weight": 1}
+        by_suffix |= dict.fromkeys(("proj.weight", "proj.bias"), 0)
+        dims = {}
+        for name in model.state_dict():
+            suffix = ".".join(name.split(".")[-2:])
+            if suffix in by_suffix:
+                dims[name] = by_suffix[suffix]
+            elif suffix.split(".")[0] in ("ln1", "ln2", "ln_f"):
+                dims[name] = 0
+        return dims
+
+    def cut_config(self, model: GPT, layers: list[int], widths: dict[tuple[str, int], int], hidden: int) -> GPTConfig:
+        n = len(layers)
+        return dataclasses.replace(
+            model.cfg,
+            n_layer=n,
+            n_embd=hidden,
+            mlp_hidden=[widths["mlp", i] for i in range(n)],
+            n_heads_per_layer=[widths["attn", i] for i in range(n)],
+            head_dim=cast(Block, model.blocks["0"]).attn.head_dim,
+        )
+
 
 register(GPTFamily())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
-from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice
+from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice, Unsupported
 
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's Conv1D modules in transformers
 
@@ -143,6 +143,17 @@ class GPT2Family(HFDecoderFamily):
         config = self.config(model)
         assert config.hf_config is not None  # a model's config is its Hugging Face config as a dict
         return dataclasses.replace(config, hf_config=config.hf_config | {"n_inner": widths["mlp", 0]})
+
+    def hidden_dims(self, model: HFDecoderLM) -> dict[str, int]:
+        raise Unsupported("GPT-2 keeps its width: its config derives the head size from the width and the head count")
+
+    def cut_config(
+        self, model: HFDecoderLM, layers: list[int], widths: dict[tuple[str, int], int], hidden: int
+    ) -> HFConfig:
+        """Fewer blocks and MLP channels; every head and the model width kept (see ``hidden_dims``)."""
+        config = self.thinned_config(model, widths)
+        assert config.hf_config is not None  # thinned_config's answer is a Hugging Face config as a dict
+        return dataclasses.replace(config, hf_config=config.hf_config | {"n_layer": len(layers)})
 
 
 register_decoder(GPT2Family())

@@ -18,6 +18,17 @@ from torch import nn
 from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
 from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice
 
+# The dim of the residual stream's channels in each parameter, by its module's last name and the parameter's.
+HIDDEN_DIMS = {
+    "embed_tokens.weight": 1,
+    "lm_head.weight": 1,
+    "norm.weight": 0,
+    "input_layernorm.weight": 0,
+    "post_attention_layernorm.weight": 0,
+    **dict.fromkeys(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight"), 1),
+    **dict.fromkeys(("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias"), 0),
+}
+
 
 class LlamaLM(HFDecoderLM):
     """A Llama-family causal LM. ``forward(idx, hidden_layers=...)`` returns logits, and hidden states if asked (0 =
@@ -137,6 +148,21 @@ class LlamaFamily(HFDecoderFamily):
             "head_dim": attn.head_dim,
             "intermediate_size": widths["mlp", 0],
         }
+        return dataclasses.replace(config, hf_config=fields)
+
+    def hidden_dims(self, model: HFDecoderLM) -> dict[str, int]:
+        """The embedding's and head's columns, the norms' weights, the projections' input or output features."""
+        dims = {name: HIDDEN_DIMS.get(".".join(name.split(".")[-2:])) for name in model.state_dict()}
+        return {name: dim for name, dim in dims.items() if dim is not None}
+
+    def cut_config(
+        self, model: HFDecoderLM, layers: list[int], widths: dict[tuple[str, int], int], hidden: int
+    ) -> HFConfig:
+        config = self.thinned_config(model, widths)
+        assert config.hf_config is not None  # thinned_config's answer is a Hugging Face config as a dict
+        fields = config.hf_config | {"num_hidden_layers": len(layers), "hidden_size": hidden}
+        if fields.get("layer_types"):
+            fields["layer_types"] = [fields["layer_types"][i] for i in layers]
         return dataclasses.replace(config, hf_config=fields)
 
 

@@ -189,6 +189,16 @@ class ModelFamily(ABC, Generic[ModelT]):
         """``model``'s config with ``widths[kind, layer]`` units in each unit group (``thinned_widths``' answer)."""
         raise Unsupported(f"{self.name} models cannot be thinned")
 
+    def hidden_dims(self, model: ModelT) -> dict[str, int]:
+        """For each state-dict entry that has one, the dim indexing the residual stream's channels (its width): what
+        cutting the model's width keeps a subset of."""
+        raise Unsupported(f"{self.name} models cannot be cut in width")
+
+    def cut_config(self, model: ModelT, layers: list[int], widths: dict[tuple[str, int], int], hidden: int) -> Any:
+        """``model``'s config with only its decoder ``layers`` (renumbered from 0), ``widths[kind, i]`` units in the
+        unit groups of new layer ``i`` (``thinned_widths``' answer) and a residual stream ``hidden`` wide."""
+        raise Unsupported(f"{self.name} models cannot be cut")
+
     def tied_weights(self, model: ModelT) -> list[str]:
         """Parameters read both where the model starts and where it ends (a tied embedding and head)."""
         return []
