@@ -8,6 +8,7 @@ the order of float operations of the same fp32 model: 1e-5. (They are in fact eq
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -196,3 +197,13 @@ def test_the_export_cli_writes_compressed_tensors_for_a_hugging_face_run(source,
 def n_scales(model: HFDecoderLM, name: str, spec: dict) -> int:
     rows, row_len = model.get_submodule(name).weight.shape
     return rows * (row_len // spec["group_size"])
+
+
+def test_gpt2s_conv1d_projections_have_no_compressed_tensors_form(tmp_path):
+    """transformers' GPT-2 keeps its projections as ``Conv1D``, which compressed-tensors does not quantize."""
+    folder = save_hf_student(tmp_path / "gpt2", "gpt2", weights=False)
+    model = models.build("hf", path=str(folder), vocab_size=HF_VOCAB)
+    build_compressor(model, [dataclasses.replace(qat_modifier(8, 0), targets=["transformer.h.*"])])
+    assert compressed_tensors.unsupported(model, quant_specs(model)) == (
+        "transformer.h.0.attn.c_attn is not a Linear in transformers"
+    )
