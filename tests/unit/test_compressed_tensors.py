@@ -207,3 +207,16 @@ def test_gpt2s_conv1d_projections_have_no_compressed_tensors_form(tmp_path):
     assert compressed_tensors.unsupported(model, quant_specs(model)) == (
         "transformer.h.0.attn.c_attn is not a Linear in transformers"
     )
+
+
+def test_a_channel_pruned_qat_student_is_thinned_then_quantized(source, tmp_path):
+    """Half the key/value heads and MLP channels pruned, int8 QAT: config.json has the thinned sizes, and transformers
+    computes the fake-quant student's function."""
+    prune = ModifierConfig(kind="channel", targets=["model.layers.*"], schedule="constant", start_step=1)
+    model, compressor = student(source, prune, qat_modifier(8, 0))
+    compressor.after_optimizer_step(1)
+    final = export(compressor, tmp_path / "final")
+    config = json.loads((final / "config.json").read_text())
+    assert (config["num_key_value_heads"], config["num_attention_heads"], config["intermediate_size"]) == (1, 2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exports.load_served(final)(tokens()), model(tokens()), rtol=0, atol=LOGITS_ATOL)
