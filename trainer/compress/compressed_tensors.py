@@ -76,11 +76,8 @@ def scheme(spec: dict) -> dict:
         if spec["act_bits"]
         else None
     )
-    return {"weights": weights, "input_activations": activations, "format": _format(spec)}
-
-
-def _format(spec: dict) -> str:
-    return "int-quantized" if spec["act_bits"] else "pack-quantized"
+    fmt = "int-quantized" if spec["act_bits"] else "pack-quantized"
+    return {"weights": weights, "input_activations": activations, "format": fmt}
 
 
 def quantization_config(specs: dict[str, dict]) -> dict:
