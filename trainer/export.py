@@ -3,7 +3,9 @@
 SOURCE is a run folder, a checkpoint folder or an export. The model (trained without QAT) gets
 its Linear layers quantized — ``int8_dynamic`` (int8 weights per channel, int8 activations per
 token), ``int8_weight`` (weights only) or ``int4_weight`` (int4 per group of 32) — and is written
-as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.exports.load``.
+as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.exports.load``: a Hugging Face
+student's in the compressed-tensors format, which transformers loads (see ``trainer.compress.compressed_tensors``),
+any other in Stillroom's compressed format.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import tempfile
 from pathlib import Path
 
 from trainer import exports, models
+from trainer.compress import compressed_tensors
 from trainer.compress.export import export_compressed, quantize_dense
+from trainer.compress.stats import quant_specs
 from trainer.distill import teacher as source_io
 from trainer.models.protocol import family_of
 from trainer.report import folder_bytes
@@ -57,7 +61,7 @@ def main(argv: list[str]) -> int:
         return 2
     scheme = options["quantize"]
     targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_attr}.*"]
-    run_dir = folder.parent if kind == "export" else folder.parent.parent
+    run_dir = folder.parent.parent if kind == "checkpoint" else folder.parent
     out = Path(options.get("out", run_dir / f"final_{scheme}"))
     if out.exists():
         print(
@@ -68,7 +72,15 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         dense = folder_bytes(models.save_dense(model, Path(scratch)))
     staging = exports.staging_dir(out)
-    export_compressed(quantize_dense(model, targets=targets, **SCHEMES[scheme]), staging, masks={}, quant={})
+    quantized = quantize_dense(model, targets=targets, **SCHEMES[scheme])
+    specs = quant_specs(quantized)
+    unsupported = compressed_tensors.unsupported(quantized, specs)
+    if unsupported is None:
+        compressed_tensors.save(quantized, staging, specs, masks={})
+    else:
+        if family_of(model).pretrained_format:
+            print(f"note: in Stillroom's compressed format: {unsupported} in compressed-tensors", file=sys.stderr)
+        export_compressed(quantized, staging, masks={}, quant={})
     exports.publish(staging, out)
     size = folder_bytes(out)
     print(f"wrote {out}: {size:,} bytes ({dense / size:.2f}x smaller than the fp32 export, {dense:,} bytes)")

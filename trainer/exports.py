@@ -3,7 +3,9 @@ student's, ``trainer.models.hf``) or compressed (``trainer.compress.export``: in
 thinned units).
 
 An export is written to a staging folder, sealed with a ``manifest.json`` (size and SHA-256 of every file) and
-renamed into place (``publish``); ``load`` checks the manifest first, so a damaged file is named, not loaded."""
+renamed into place (``publish``); ``load`` checks the manifest first, so a damaged file is named, not loaded. A Hugging
+Face student's export is a Hugging Face folder, dense or in the compressed-tensors format (``trainer.compress.
+compressed_tensors``): ``load`` runs it as that student's family, ``load_served`` as transformers alone does."""
 
 from __future__ import annotations
 
@@ -42,6 +44,18 @@ def verify(path: str | Path) -> None:
     problem = files.manifest_problem(Path(path))
     if problem:
         raise ExportError(problem)
+
+
+def load_served(path: str | Path) -> nn.Module:
+    """The export as its users run it: a Hugging Face folder through transformers alone (``hf.load_transformers``),
+    any other as ``load`` reads it; ExportError (one line) when it cannot be loaded."""
+    if not hf.names_hf_model(Path(path)):
+        return load(path)
+    verify(path)
+    try:
+        return hf.load_transformers(path)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
 
 
 def load(path: str | Path) -> nn.Module:

@@ -412,7 +412,7 @@ class Trainer:
         exports.publish(staging, final)
         teacher = self.teacher.whole_module if self.teacher is not None else None
         teacher_eval = self.evaluate(teacher) if teacher is not None else None
-        export_eval = self.evaluate(exports.load(final).to(self.env.device))
+        export_eval = self.evaluate(exports.load_served(final).to(self.env.device))
         summary = report.write(
             self.run_dir,
             cfg=self.cfg,

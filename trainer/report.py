@@ -78,7 +78,7 @@ def write(
     layer_table: tuple[list[str], list[list]] | None,
 ) -> dict:
     """Measure the models, write ``report.md`` and ``report.json``, return the summary figures."""
-    exported = exports.load(final_dir)
+    exported = exports.load_served(final_dir)  # a Hugging Face student's: as transformers loads and runs it
     dense_student = dense_copy(student)
     rows = [
         ("student (fp32 dense)", dense_student, student_eval, dense_export_bytes(dense_student)),

@@ -17,6 +17,7 @@ import torch
 from tests.conftest import FAST, HF_VOCAB, read_metrics, run_cli, save_hf_student, train_small_teacher
 from tests.dist.equality import final_weights
 from trainer import checkpoint, models
+from trainer.report import folder_bytes
 
 pytestmark = pytest.mark.e2e
 transformers = pytest.importorskip("transformers", reason="Hugging Face students need the `hf` extra")
@@ -119,3 +120,19 @@ def test_bad_inputs_are_one_line_and_write_nothing(root, overrides, line):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(line)
     assert not (root / "refused").exists()
+
+
+def test_a_qat_student_is_exported_in_the_compressed_tensors_format_and_reported_as_transformers_runs_it(root):
+    """int4 QAT on the decoder layers: ``final/`` is a compressed-tensors folder (see
+    tests/unit/test_compressed_tensors.py for its logits and bytes), and the report's export row is the model
+    transformers loads: the trained fake-quant student's val loss (the same function), the folder's bytes."""
+    run_cli(root, *HF_RUN, "student.path=llama", "train.max_steps=3", "compress=qat_int4",
+            "compress.modifiers.0.targets=[model.layers.*]", "compress.modifiers.0.start_step=1",
+            "hydra.run.dir=qat")  # fmt: skip
+    final = root / "qat" / "final"
+    quantization = json.loads((final / "config.json").read_text())["quantization_config"]
+    assert (quantization["quant_method"], quantization["format"]) == ("compressed-tensors", "pack-quantized")
+    rows = {row["model"]: row for row in json.loads((root / "qat" / "report.json").read_text())["models"]}
+    dense, export = rows["student (fp32 dense)"], rows["student (export)"]
+    assert export["val_loss"] == pytest.approx(read_metrics(root / "qat")[-1]["eval/val_loss"], abs=1e-5)
+    assert export["bytes"] == folder_bytes(final) and export["bytes"] < dense["bytes"] / 3

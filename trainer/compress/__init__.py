@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 
 from trainer import models
+from trainer.compress import compressed_tensors, pruning, qat, stats
 from trainer.compress import export as export_lib
-from trainer.compress import pruning, qat, stats
 from trainer.compress.modifiers import (  # re-exported: the package's config checks
     KINDS,
     PRUNING_KINDS,
@@ -292,24 +292,33 @@ class Compressor:
     # -- export
 
     def export(self, out_dir: str | Path) -> Path:
-        """Write the shipped student: thinned (a family with structured units), masked and quantized (see
-        ``export``). A student whose family has a folder of its own (a Hugging Face one) is written in it when
-        that holds all it is, without fake-quant or unstructured sparsity (units thinning cannot remove stay as
-        zeros); else in Stillroom's compressed format, said in one line."""
+        """Write the shipped student: thinned (a family with structured units), masked and quantized. A Hugging Face
+        student is written as a Hugging Face folder: dense, or in the compressed-tensors format with fake-quant (see
+        ``compressed_tensors``); unstructured sparsity is kept as zeros there, and a quantization that format cannot
+        hold goes to Stillroom's compressed format, each said in one line. Other students: Stillroom's format."""
         self._ensure_masks()
         specs = stats.quant_specs(self.model)
         family = family_of(self.model)
         model, masks = pruning.thin(self.model, self.masks) if family.structured_units else (self.model, self.masks)
-        if family.pretrained_format:
-            if not specs and all(pruner.kind == "channel" for pruner in self.pruners):
-                return models.save_dense(model, out_dir)
+        if not family.pretrained_format:
+            return export_lib.export_compressed(model, out_dir, masks, specs)
+        unsupported = compressed_tensors.unsupported(model, specs) if specs else None
+        if unsupported is not None:
             print(
-                "note: the export is in Stillroom's compressed format (int8/int4 codes, sparse bitmasks; "
-                "trainer.exports.load reads it): a Hugging Face folder is written for students without fake-quant "
-                "or unstructured sparsity",
+                f"note: the export is in Stillroom's compressed format (trainer.exports.load reads it): {unsupported}, "
+                "which the compressed-tensors format cannot hold",
                 file=sys.stderr,
             )
-        return export_lib.export_compressed(model, out_dir, masks, specs)
+            return export_lib.export_compressed(model, out_dir, masks, specs)
+        if any(pruner.kind != "channel" for pruner in self.pruners):
+            print(
+                "note: the pruned weights are stored as zeros (dense): transformers and compressed-tensors no longer "
+                "read the sparse-bitmask format",
+                file=sys.stderr,
+            )
+        if specs:
+            return compressed_tensors.save(model, Path(out_dir), specs, masks)
+        return models.save_dense(model, out_dir)
 
     # -- internals
 

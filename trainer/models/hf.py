@@ -109,6 +109,16 @@ def read_config(folder: Path):
     return config
 
 
+def decompressed(model: nn.Module) -> nn.Module:
+    """``model``, loaded by transformers, with compressed-tensors weights decompressed now: compressed-tensors does it
+    in a hook on the whole model's first forward, which a wrapper running its modules never calls."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    compressor = getattr(quantizer, "compressor", None)
+    if compressor is not None:
+        compressor.decompress_model(model)
+    return model
+
+
 def config_from_dict(fields: dict[str, Any]):
     """The ``PretrainedConfig`` of a config's ``to_dict()`` (its ``model_type`` names the class)."""
     transformers = import_transformers()
@@ -249,9 +259,8 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
                 )
             except (OSError, ValueError, RuntimeError) as e:
                 raise ValueError(f"{config.path}: transformers cannot load the model ({first_line(e)})") from None
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(pretrained)
-        return self.wrap(model.float(), config.path)
+            return self.wrap(decompressed(model), config.path)  # fp32 already (a quantized model refuses .float())
+        return self.wrap(transformers.AutoModelForCausalLM.from_config(pretrained).float(), config.path)
 
     def config(self, model: HFDecoderLM) -> HFConfig:
         fields = {key: value for key, value in model.config.to_dict().items() if key not in SPEC_OMITS}
@@ -344,3 +353,26 @@ def load_pretrained(folder: str | Path) -> HFDecoderLM:
     except ConfigFieldError as e:
         raise ValueError(e.message) from None
     return DECODERS[config.resolve().model_type].build(config).eval()
+
+
+class TransformersLM(nn.Module):
+    """A causal LM as transformers alone loads and runs it (``from_pretrained``), called as Stillroom calls a model:
+    ``forward(idx)`` returns the logits."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=idx).logits
+
+
+def load_transformers(folder: str | Path) -> TransformersLM:
+    """The Hugging Face folder's model as ``AutoModelForCausalLM.from_pretrained`` gives it, in eval mode on CPU,
+    compressed-tensors weights decompressed as its first forward would (ValueError, one line, if it cannot be)."""
+    transformers = import_transformers()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{folder}: transformers cannot load the model ({first_line(e)})") from None
+    return TransformersLM(decompressed(model)).eval()
