@@ -30,8 +30,8 @@ from typing import cast
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
-from trainer import files
 from trainer.compress import qat
 from trainer.models import CONFIG_FILE, WEIGHTS_FILE, unique_state_dict
 from trainer.models.hf import HFDecoderFamily, HFDecoderLM, import_transformers
@@ -133,7 +133,7 @@ def save(model: nn.Module, folder: Path, specs: dict[str, dict], masks: dict[str
             tensor = tensor.masked_fill(~masks[name].cpu(), 0.0)
         tensors[name] = tensor
     state = compressed_state(family.to_hf_state(tensors), specs)
-    files.save_safetensors(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config_file = folder / CONFIG_FILE
     config = json.loads(config_file.read_text()) | {"quantization_config": quantization_config(specs)}
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
