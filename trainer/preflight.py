@@ -124,11 +124,15 @@ def run_identity(cfg: RunConfig) -> dict[str, Any]:
 def check_resume(cfg: RunConfig, path: Path) -> None:
     """The checkpoint a resume starts from holds this run's model and settings: ConfigError naming the difference.
     A damaged one is left to the resume, which names it and falls back to the one before."""
-    from trainer import checkpoint
+    import torch
+
+    from trainer import checkpoint, models
 
     family, config = student_spec(cfg)
+    with torch.device("meta"):  # the spec the run's checkpoints record, without reading any weights
+        spec = models.model_spec(family.build(config))
     try:
-        checkpoint.check_model(path, {"arch": family.name, "config": dataclasses.asdict(config)})
+        checkpoint.check_model(path, spec)
         if not cfg.train.allow_resume_changes:
             checkpoint.check_run(path, run_identity(cfg))
     except checkpoint.CorruptCheckpoint:

@@ -136,3 +136,16 @@ def test_a_qat_student_is_exported_in_the_compressed_tensors_format_and_reported
     dense, export = rows["student (fp32 dense)"], rows["student (export)"]
     assert export["val_loss"] == pytest.approx(read_metrics(root / "qat")[-1]["eval/val_loss"], abs=1e-5)
     assert export["bytes"] == folder_bytes(final) and export["bytes"] < dense["bytes"] / 3
+
+
+def test_a_stopped_hugging_face_student_resumes_to_the_uninterrupted_run(root, distilled):
+    """Resuming used to be refused: the preflight compared the config's family (hf) with the checkpoint's
+    (hf_llama)."""
+    run = [*HF_RUN, "student.path=llama", "distill=kd", "teacher=path", "teacher.checkpoint=t/final",
+           f"train.max_steps={STEPS}", "train.ckpt_every=3", "hydra.run.dir=resumed"]  # fmt: skip
+    run_cli(root, *run, "train.stop_at_step=3")
+    proc = run_cli(root, *run)
+    assert f"resumed from {root / 'resumed' / 'ckpt' / 'step_0000003'} at step 3" in proc.stderr
+    got, want = read_metrics(root / "resumed"), read_metrics(distilled)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert got[-1]["train/loss"] == pytest.approx(want[-1]["train/loss"], rel=1e-6)
