@@ -10,6 +10,7 @@ Llama family and GPT-2 are also Stillroom students (``trainer/models/hf_llama.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -101,6 +102,31 @@ class HFTeacherFamily(ModelFamily[HFCausalLM]):
 
 
 register(HFTeacherFamily())
+
+
+def empty(folder: Path) -> HFCausalLM:
+    """The folder's causal LM with its parameters on the meta device and its buffers (rotary frequencies) computed:
+    what ``trainer.distill.shard_load`` shards, then fills."""
+    from accelerate import init_empty_weights
+
+    transformers = import_transformers()
+    config = read_config(folder)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # accelerate's parameter hook undoes the tie made while the model was built
+    return HFCausalLM(model.float())
+
+
+def stored_as(model: HFCausalLM) -> Callable[[str], tuple[tuple[str, ...], bool]]:
+    """A parameter's name -> the names a Hugging Face checkpoint may store it by (with or without the base model's
+    prefix, ``transformer.`` or ``model.``), and whether it is stored transposed (never, for this wrapper)."""
+    prefix = f"{model.model.base_model_prefix}."
+
+    def names(name: str) -> tuple[tuple[str, ...], bool]:
+        key = name.removeprefix("model.")
+        return (key, key.removeprefix(prefix)), False
+
+    return names
 
 
 def load(folder: Path) -> HFCausalLM:
