@@ -1,6 +1,7 @@
 """A Hugging Face teacher on 2 ranks (torchrun, gloo): ``teacher.placement=shard`` (its transformer layers are
 FSDP2's units) equals ``replicate`` at every step, logits and hidden states alike, with half the teacher per rank
-from the start (its peak resident memory); a padded vocabulary sliced under ``shard`` equals the unpadded teacher."""
+from the start (its peak resident memory); a padded vocabulary, aligned by itself, under ``shard`` equals the
+unpadded teacher."""
 
 from __future__ import annotations
 
@@ -86,13 +87,12 @@ def test_sharded_hf_teacher_equals_replicated_with_half_the_bytes(root, replicat
     assert 0.45 * whole <= held <= 0.55 * whole
 
 
-def test_sliced_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
+def test_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
     got = launch(
         root,
         "shard_sliced",
         "parallel=ddp",
         "teacher.checkpoint=hf48",
-        "teacher.vocab=slice",
         "teacher.placement=shard",
     )
     assert_same_losses(got, replicate)

@@ -103,10 +103,16 @@ def load_sharded(
     ValueError (one line) when a parameter is not in them or has another shape."""
     buffers = {name: buffer for name, buffer in skeleton.named_buffers() if not buffer.is_meta}
     shard(skeleton)
-    skeleton.to_empty(device=device)
+    first: dict[int, str] = {}
+    tied = {name: first.setdefault(id(p), name) for name, p in skeleton.named_parameters(remove_duplicate=False)}
+    skeleton.to_empty(device=device)  # a plain (unsharded) tied weight comes out as two tensors: tied again below
     for name, buffer in buffers.items():
         owner, _, leaf = name.rpartition(".")
         skeleton.get_submodule(owner)._buffers[leaf] = buffer.to(device)
+    for name, source in tied.items():
+        owner, _, leaf = name.rpartition(".")
+        if name != source:
+            skeleton.get_submodule(owner)._parameters[leaf] = skeleton.get_parameter(source)
     tensors = index(files)
     with torch.no_grad():
         for name, param in skeleton.named_parameters():  # a tied weight once, under its first name

@@ -221,6 +221,7 @@ class HFDecoderLM(nn.Module):
         super().__init__()
         self.config: Any = hf_model.config
         self.source = source
+        self.base_model_prefix: str = cast(Any, hf_model).base_model_prefix  # what checkpoints may leave off names
         for name, child in hf_model.named_children():
             self.add_module(name, child)
 
@@ -240,6 +241,10 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
     def to_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` under the layout of the Hugging Face checkpoint (the same, unless the family changed it)."""
         return state
+
+    def stored_transposed(self, name: str) -> bool:
+        """Whether parameter ``name`` is stored transposed in a Hugging Face checkpoint (``to_hf_state``)."""
+        return False
 
     def build(self, config: HFConfig) -> HFDecoderLM:
         """The folder's model with its weights (``config.loads_weights``), else a randomly initialised one; on the
