@@ -99,12 +99,12 @@ def test_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
 
 
 def save_big_llama(folder: Path) -> int:
-    """A 24-layer Llama of about 96 MB (fp32; tied head, 1,024 tokens): big enough that what a process holds besides
-    its share of the teacher (a few MB of Python objects and process-group buffers) is small beside it. Returns its
-    parameter bytes."""
+    """A 32-layer Llama of about 127 MB (fp32; tied head, 1,024 tokens): big enough that what a process gains besides
+    its share of the teacher (Python objects, the teacher's process group: 4 to 7 MiB measured) is small beside it.
+    Returns its parameter bytes."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8,
+        vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config)
@@ -122,7 +122,7 @@ def memory_run(root: Path, placement: str) -> tuple[list[dict], list[torch.Tenso
     # what the process holds, not what the allocator keeps cached after FSDP2's gathers (the same for both runs).
     env = cli_env(root) | {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(
-        [*command, str(root / "llama96"), placement, str(out)],
+        [*command, str(root / "llama127"), placement, str(out)],
         cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -138,7 +138,7 @@ def test_sharded_hf_teacher_is_never_whole_on_a_rank(tmp_path):
     where its tensors are backed by a lazily read file. The replicated run is the control that the measurement
     sees a whole teacher (at least its bytes); the sharded one must hold about half (it cannot pass by measuring
     nothing: it must be at least the half it holds). The sharded logits equal the replicated ones."""
-    teacher_bytes = save_big_llama(tmp_path / "llama96")
+    teacher_bytes = save_big_llama(tmp_path / "llama127")
     whole, want = memory_run(tmp_path, "replicate")
     sharded, got = memory_run(tmp_path, "shard")
     for rank in range(2):
