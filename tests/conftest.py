@@ -136,3 +136,14 @@ def save_hf_student(folder: Path, kind: str, weights: bool = True) -> Path:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
+
+
+def save_tokenizer(folder: Path, tokens: list[str]) -> Path:
+    """A word-level tokenizer of ``tokens`` (id = position) saved in ``folder`` as transformers writes one."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(tokens)}, unk_token=tokens[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=tokens[0]).save_pretrained(folder)
+    return folder

@@ -37,7 +37,6 @@ DATA_TASKS = {"shakespeare": "lm", "synthetic": "lm", "digits": "classify"}
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "pipeline")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 TEACHER_PLACEMENTS = ("replicate", "shard", "cache", "remote")
-TEACHER_VOCAB = ("strict", "slice")
 
 
 # The student node is ``arch`` (a model family, see trainer/models/protocol.py) plus the fields of that family's
@@ -48,7 +47,6 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 @dataclass
 class TeacherConfig:
     checkpoint: str | None = None  # export, run dir, checkpoint, Hugging Face causal-LM folder, or GGUF file
-    vocab: str = "strict"  # strict: same vocabulary as the student | slice: cut a larger one to the student's
     placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
     # shard: dtype the gathered teacher computes in; a GGUF teacher: dtype it is dequantized to (fp32 | bf16)
     param_dtype: str = "fp32"
@@ -61,7 +59,6 @@ class TeacherConfig:
         _one_of(self.placement, TEACHER_PLACEMENTS, "placement")
         _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
         _one_of(self.cache_dtype, ("fp32", "bf16", "fp16"), "cache_dtype")
-        _one_of(self.vocab, TEACHER_VOCAB, "vocab")
 
 
 @dataclass

@@ -301,15 +301,10 @@ def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
 
 def _validate_teacher(cfg: RunConfig) -> None:
     from trainer import data, models
-    from trainer.distill import teacher
+    from trainer.distill import teacher, vocab
 
     tc = cfg.teacher
     student_family, student_cfg = student_spec(cfg)
-    _check(
-        tc.vocab == "strict" or student_family.task == "lm",
-        "teacher.vocab",
-        f"slice cuts a language model's vocabulary: not for a {cfg.student['arch']} student",
-    )
     if not needs_teacher(cfg):
         _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
         _check_param_dtype(cfg, gguf=False)
@@ -339,25 +334,22 @@ def _validate_teacher(cfg: RunConfig) -> None:
         f"{path} holds a {spec['arch']} model ({teacher_task}) but the student is a {cfg.student['arch']} "
         f"({student_family.task})",
     )
-    if tc.vocab == "slice":
-        _check(
-            t_vocab >= s_vocab,
-            "teacher.vocab",
-            f"slice cuts a larger teacher vocabulary, but the teacher's {t_vocab} is smaller than the student's "
-            f"{s_vocab} (data={cfg.data.name})",
-        )
-    else:
-        hint = f"; teacher.vocab=slice uses its first {s_vocab} logits" if t_vocab > s_vocab else ""
+    try:
+        alignment = teacher.vocab_alignment(cfg)
+    except vocab.VocabError as e:
+        raise ConfigError("teacher.checkpoint", f"{e} (data={cfg.data.name})") from None
+    if alignment is None:
         _check(
             t_vocab == s_vocab,
             "teacher.checkpoint",
-            f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name}){hint}",
+            f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name})",
         )
+    vocabulary = alignment.real if alignment is not None else s_vocab
     if cfg.distill.top_k is not None:
         _check(
-            cfg.distill.top_k <= s_vocab,
+            cfg.distill.top_k <= vocabulary,
             "distill.top_k",
-            f"{cfg.distill.top_k} is more than the vocabulary ({s_vocab} tokens, data={cfg.data.name})",
+            f"{cfg.distill.top_k} is more than the vocabulary ({vocabulary} tokens, data={cfg.data.name})",
         )
     t_context = t_cfg.get("block_size")
     if student_family.task == "lm" and t_context is not None:

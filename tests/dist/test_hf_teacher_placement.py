@@ -1,14 +1,17 @@
 """A Hugging Face teacher on 2 ranks (torchrun, gloo): ``teacher.placement=shard`` (its transformer layers are
-FSDP2's units) equals ``replicate`` at every step, logits and hidden states alike, with half the teacher per rank;
-a padded vocabulary sliced under ``shard`` equals the unpadded teacher."""
+FSDP2's units) equals ``replicate`` at every step, logits and hidden states alike, with half the teacher per rank
+from the start (its peak resident memory); a padded vocabulary, aligned by itself, under ``shard`` equals the
+unpadded teacher."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import FAST, cli_env, read_metrics, save_hf_teachers
 
@@ -84,13 +87,68 @@ def test_sharded_hf_teacher_equals_replicated_with_half_the_bytes(root, replicat
     assert 0.45 * whole <= held <= 0.55 * whole
 
 
-def test_sliced_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
+def test_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
     got = launch(
         root,
         "shard_sliced",
         "parallel=ddp",
         "teacher.checkpoint=hf48",
-        "teacher.vocab=slice",
         "teacher.placement=shard",
     )
     assert_same_losses(got, replicate)
+
+
+def save_big_llama(folder: Path) -> int:
+    """A 32-layer Llama of about 127 MB (fp32; tied head, 1,024 tokens): big enough that what a process gains besides
+    its share of the teacher (Python objects, the teacher's process group: 4 to 7 MiB measured) is small beside it.
+    Returns its parameter bytes."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return 4 * model.num_parameters()
+
+
+def memory_run(root: Path, placement: str) -> tuple[list[dict], list[torch.Tensor]]:
+    """``tests/dist/teacher_memory.py`` on 2 ranks: each rank's peak-memory growth and its logits."""
+    out = root / f"memory_{placement}"
+    out.mkdir()
+    script = Path(__file__).with_name("teacher_memory.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    # A fixed mmap threshold: glibc returns each freed buffer of 64 KiB or more to the system at once, so the peak is
+    # what the process holds, not what the allocator keeps cached after FSDP2's gathers (the same for both runs).
+    env = cli_env(root) | {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(
+        [*command, str(root / "llama127"), placement, str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    ranks = range(2)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in ranks], [
+        torch.load(out / f"rank{r}.pt") for r in ranks
+    ]
+
+
+def test_sharded_hf_teacher_is_never_whole_on_a_rank(tmp_path):
+    """Peak resident memory (``ru_maxrss``) grown while the teacher is built and every byte of its parameters on the
+    rank is read: a mapped file counts when its pages are touched, so a teacher loaded whole counts whole even
+    where its tensors are backed by a lazily read file. The replicated run is the control that the measurement
+    sees a whole teacher (at least its bytes); the sharded one must hold about half (it cannot pass by measuring
+    nothing: it must be at least the half it holds). The sharded logits equal the replicated ones."""
+    teacher_bytes = save_big_llama(tmp_path / "llama127")
+    whole, want = memory_run(tmp_path, "replicate")
+    sharded, got = memory_run(tmp_path, "shard")
+    for rank in range(2):
+        held, replicated = sharded[rank]["held"], whole[rank]["held"]
+        mib = {key: f"{value / 2**20:.1f} MiB" for key, value in (("replicate", replicated), ("shard", held))}
+        print(
+            f"rank {rank}: teacher {teacher_bytes / 2**20:.1f} MiB; peak growth replicate {mib['replicate']}, shard "
+            f"{mib['shard']} ({held / teacher_bytes:.2f} of the teacher); after a forward: replicate "
+            f"{whole[rank]['forward'] / 2**20:.1f} MiB, shard {sharded[rank]['forward'] / 2**20:.1f} MiB"
+        )
+        assert replicated >= teacher_bytes
+        assert 0.5 * teacher_bytes <= held <= 0.6 * teacher_bytes
+        torch.testing.assert_close(got[rank], want[rank], rtol=0, atol=EXACT)

@@ -77,7 +77,8 @@ CASES = {
     ),
     "unknown student option": (
         ["student=huge"],
-        "student: no option 'huge' (available: from_teacher, hf, mlp_small, mlp_teacher, nano_cpu, nano_gpu, small, tiny)",
+        "student: no option 'huge' (available: from_teacher, hf, mlp_small, mlp_teacher, nano_cpu, nano_gpu, small, "
+        "tiny)",
     ),
     "unknown distillation loss": (["distill=kd", "distill.loss=kl"], "distill.loss: must be one of none, forward_kl"),
     "unclosed list": (["train.lr=[1,2"], "train.lr=[1,2: not a valid override (no viable alternative"),

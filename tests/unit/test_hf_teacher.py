@@ -1,5 +1,7 @@
-"""A Hugging Face causal LM as a teacher: the wrapper reproduces the model's own outputs, a padded vocabulary is
-sliced, and folders that are not a usable model are refused with one line."""
+"""A Hugging Face causal LM as a teacher: a model of a Stillroom family (GPT-2, the Llama family) loads as that
+family's model and any other as the teacher-only wrapper, both reproducing the model's own outputs, also when built
+on the meta device and filled from the file as ``teacher.placement=shard`` does; a padded vocabulary is cut, and
+folders that are not a usable model are refused with one line."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import save_hf_student
 from trainer.config import ConfigError, RunConfig
+from trainer.distill import hf, shard_load
 from trainer.distill import teacher as teacher_io
+from trainer.models.hf import safetensors_files
 from trainer.models.protocol import family_of
 from trainer.preflight import validate
 
@@ -54,6 +59,58 @@ def test_logits_equal_the_hf_models_own(hf65):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory) -> Path:
+    """A 2-layer OPT: a causal LM of no Stillroom family."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(
+        vocab_size=65, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("opt")
+    transformers.OPTForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return save_hf_student(tmp_path_factory.mktemp("llama"), "qwen2")  # the Llama family: q/k/v biases, untied head
+
+
+def test_family_teachers_are_the_familys_models_and_others_the_wrapper(hf65, llama, opt):
+    """GPT-2 and Qwen2 are Stillroom families (their layers, structured units), OPT the teacher-only wrapper; each
+    gives the logits and hidden states of transformers' own model."""
+    for folder, family, layers in ((hf65, "hf_gpt2", 2), (llama, "hf_llama", 4), (opt, "hf_teacher", 2)):
+        teacher = teacher_io.load(folder)
+        spec = family_of(teacher)
+        assert spec.name == teacher_io.spec(folder)["arch"] == family and len(spec.layers(teacher)) == layers
+        assert bool(spec.unit_groups(teacher)) == (family != "hf_teacher")
+        x = torch.randint(0, spec.vocab_size(teacher), (2, 12))
+        with torch.no_grad():
+            logits, hidden = teacher(x, hidden_layers=(0, 1))
+            out = reference(folder)(input_ids=x, output_hidden_states=True)
+        torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-5)
+        for layer in (0, 1):
+            torch.testing.assert_close(hidden[layer], out.hidden_states[layer], rtol=0, atol=1e-5)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_built_on_meta_and_filled_from_the_file_equals_the_loaded_one(hf65, llama, opt):
+    """What ``teacher.placement=shard`` does, on one rank (no sharding): the names in the file (GPT-2's transposed
+    ``Conv1D`` weights, the wrapper's prefix, a tied head) and the computed buffers (Llama's rotary frequencies)."""
+    for folder in (hf65, llama, opt):
+        skeleton = hf.empty(folder)
+        assert all(p.is_meta for p in skeleton.parameters())
+        filled = shard_load.load_sharded(
+            skeleton, safetensors_files(folder), hf.stored_as(skeleton), lambda m: m, torch.device("cpu")
+        ).eval()
+        loaded = teacher_io.load(folder)
+        assert type(filled) is type(loaded)
+        x = torch.randint(0, 65 if folder != llama else 32, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(filled(x), loaded(x), rtol=0, atol=0)
+
+
 def test_hidden_layers_match_output_hidden_states(hf65):
     """Layers 0..n-1 equal HF's hidden states; layer n is the last block's output before the final norm, as in
     Stillroom's GPT (HF's last hidden state is after ``ln_f``)."""
@@ -87,7 +144,7 @@ def test_padded_vocabulary_is_sliced(hf80):
 def test_resolve_and_spec(hf65):
     assert teacher_io.resolve(hf65) == ("hf", hf65)
     spec = teacher_io.spec(hf65)
-    assert spec["arch"] == "hf_teacher"
+    assert spec["arch"] == "hf_gpt2"
     assert spec["config"] == {"vocab_size": 65, "n_layer": 2, "n_embd": 32, "block_size": 64}
 
 
@@ -144,13 +201,12 @@ def run_config(checkpoint: Path, **teacher) -> RunConfig:
     return cfg
 
 
-def test_validation_of_vocabularies_and_context(hf65, hf80):
+def test_validation_of_vocabularies_and_context(hf65, hf80, capsys):
+    """A padded teacher vocabulary is aligned by itself (``tests/unit/test_vocab_alignment.py``): no flag."""
     validate(run_config(hf65))
-    with pytest.raises(ConfigError, match="teacher vocabulary 80 differs from the student's 65.*teacher.vocab=slice"):
-        validate(run_config(hf80))
-    validate(run_config(hf80, vocab="slice"))
-    with pytest.raises(ConfigError, match="teacher.vocab: must be one of strict, slice"):
-        validate(run_config(hf80, vocab="crop"))
+    validate(run_config(hf80))
+    assert teacher_io.run_vocab_size(run_config(hf80)) == 65
+    assert "aligned to the student's 65 tokens" in capsys.readouterr().err
     cfg = run_config(hf65)
     cfg.student["block_size"] = 128
     with pytest.raises(ConfigError, match="student.block_size: 128 is longer than the teacher's context of 64"):

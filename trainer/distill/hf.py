@@ -1,22 +1,23 @@
 """A Hugging Face causal LM from a folder on local disk, as a Stillroom teacher.
 
-The wrapped model follows the model protocol's calling convention (``trainer/models/protocol.py``):
-``module(x, hidden_layers=(...))`` returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings,
-``i`` = the output of block ``i``, before the final norm); ``HFTeacherFamily`` gives its width and its
-transformer layers (FSDP2's units under ``teacher.placement=shard``). ``transformers`` is the optional extra
-``hf``, imported only when a model is read (``trainer.models.hf``) and never allowed to download anything. The
-Llama family and GPT-2 are also Stillroom students (``trainer/models/hf_llama.py``, ``hf_gpt2.py``).
-"""
+A model of a Stillroom family (the Llama family, GPT-2: ``trainer.models.hf.DECODERS``, ``hf_llama.py``,
+``hf_gpt2.py``) is loaded as that family's model, as a student would be, with the model protocol's layers and
+hidden states. Any other causal LM is wrapped here (forward and hidden states only): ``module(x,
+hidden_layers=(...))`` returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings, ``i`` = the
+output of block ``i``, before the final norm); ``HFTeacherFamily`` gives its width and its transformer layers
+(FSDP2's units under ``teacher.placement=shard``). ``transformers`` is the optional extra ``hf``, imported only when
+a model is read (``trainer.models.hf``) and never allowed to download anything."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from trainer.models.hf import first_line, import_transformers, read_config
+from trainer.models.hf import DECODERS, HFDecoderLM, first_line, import_transformers, load_pretrained, read_config
 from trainer.models.protocol import ModelFamily, register
 
 
@@ -28,7 +29,7 @@ def spec(folder: Path) -> dict:
 def config_spec(config, source: str) -> dict:
     """``spec`` of a transformers causal LM's ``config``, read from a ``source`` ("hf" folder or "gguf" file)."""
     return {
-        "arch": HFTeacherFamily.name,
+        "arch": DECODERS[config.model_type].name if config.model_type in DECODERS else HFTeacherFamily.name,
         "source": source,
         "model_type": config.model_type,
         "config": {
@@ -107,14 +108,50 @@ class HFTeacherFamily(ModelFamily[HFCausalLM]):
 register(HFTeacherFamily())
 
 
-def load(folder: Path) -> HFCausalLM:
-    """The folder's causal LM in fp32 on CPU, eval mode, gradients off."""
+def empty(folder: Path) -> nn.Module:
+    """The folder's causal LM (as ``load`` gives it) with its parameters on the meta device and its buffers (rotary
+    frequencies) computed: what ``trainer.distill.shard_load`` shards, then fills."""
+    from accelerate import init_empty_weights
+
     transformers = import_transformers()
-    read_config(folder)
+    config = read_config(folder)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # accelerate's parameter hook undoes the tie made while the model was built
+    if config.model_type in DECODERS:
+        return DECODERS[config.model_type].wrap(model.float(), str(folder))
+    return HFCausalLM(model.float())
+
+
+def stored_as(model: nn.Module) -> Callable[[str], tuple[tuple[str, ...], bool]]:
+    """A parameter's name -> the names a Hugging Face checkpoint may store it by (with or without the base model's
+    prefix, ``transformer.`` or ``model.``), and whether it is stored transposed (GPT-2's ``Conv1D`` weights)."""
+    if isinstance(model, HFDecoderLM):
+        family, prefix = DECODERS[model.config.model_type], f"{model.base_model_prefix}."
+        return lambda name: ((name, name.removeprefix(prefix)), family.stored_transposed(name))
+    wrapped = cast(HFCausalLM, model)
+    prefix = f"{wrapped.model.base_model_prefix}."
+
+    def names(name: str) -> tuple[tuple[str, ...], bool]:
+        key = name.removeprefix("model.")
+        return (key, key.removeprefix(prefix)), False
+
+    return names
+
+
+def load(folder: Path) -> nn.Module:
+    """The folder's causal LM in fp32 on CPU, eval mode, gradients off: a Stillroom family's model where it is one,
+    else the wrapper."""
+    transformers = import_transformers()
+    config = read_config(folder)
+    if config.model_type in DECODERS:
+        model = load_pretrained(folder)
+        model.requires_grad_(False)
+        return model
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: transformers cannot load the model ({first_line(e)})") from None
-    module = HFCausalLM(model.float())
+    module = HFCausalLM(hf_model.float())
     module.requires_grad_(False)
     return module.eval()

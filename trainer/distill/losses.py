@@ -345,7 +345,8 @@ def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: Di
             kd = kd_loss_topk(logits, *teacher.topk, **options)
         else:
             assert teacher.logits is not None  # a teacher's output has full logits or a top-k pair
-            kd = kd_loss(logits, teacher.logits, top_k=d.top_k, **options)
+            real = teacher.logits.shape[-1]  # the real vocabulary: the student's rows past it are padding
+            kd = kd_loss(logits[..., :real], teacher.logits, top_k=d.top_k, **options)
         out["distill/kd"] = kd
         out["train/loss"] = out["train/loss"] + d.alpha * kd
     return out

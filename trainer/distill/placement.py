@@ -21,17 +21,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import safe_open
-from torch.distributed.tensor import DTensor
 
 from parallel.collectives import first_error
 from parallel.mesh import ParallelDims
 from parallel.remote import RemoteClient, Roles
-from parallel.teacher import local_row_offset, shard_frozen, teacher_mesh
+from parallel.teacher import shard_frozen, teacher_mesh
 from trainer import models
 from trainer.data import local_slice
-from trainer.distill import cache
+from trainer.distill import cache, hf, shard_load
 from trainer.distill import teacher as teacher_io
+from trainer.models import hf as hf_folders
 from trainer.models.protocol import family_of
 
 if TYPE_CHECKING:
@@ -168,22 +167,34 @@ class RemoteTeacher(Teacher):
         self.client.close()
 
 
-def load_sharded_export(cfg: RunConfig, shard: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Module:
-    """A dense export as a frozen FSDP2-sharded teacher, never whole on any rank: built on the meta device,
-    sharded by ``shard``, then each parameter's local rows read from the safetensors file."""
-    assert cfg.teacher.checkpoint is not None  # only called for a run with a teacher
-    folder = teacher_io.resolve(cfg.teacher.checkpoint)[1]
-    with torch.device("meta"):
-        module = models.build_from_spec(models.read_export_config(folder))
-    shard(module)
-    module.to_empty(device=device)
-    with safe_open(str(folder / models.WEIGHTS_FILE), framework="pt") as weights, torch.no_grad():
-        for name, param in module.named_parameters():  # a tied weight once, under the name it is stored by
-            local = param.to_local() if isinstance(param, DTensor) else param
-            start = local_row_offset(param)
-            local.copy_(weights.get_slice(name)[start : start + local.shape[0]])
-    sliced = teacher_io.slice_vocabulary(module, cfg.teacher.checkpoint, teacher_io.run_vocab_size(cfg))
+def load_sharded(cfg: RunConfig, shard: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Module:
+    """The teacher as a frozen FSDP2-sharded module. A dense export or a Hugging Face folder with safetensors
+    weights is never whole on any rank (``shard_load``: built on the meta device, sharded, then each rank reads
+    its rows of the file); other teachers are loaded whole, then sharded."""
+    path = cfg.teacher.checkpoint
+    assert path is not None  # only called for a run with a teacher
+    kind, folder = teacher_io.resolve(path)
+    files = hf_folders.safetensors_files(folder) if kind == "hf" else [folder / models.WEIGHTS_FILE]
+    if not (teacher_io.is_dense_export(path) or (kind == "hf" and files)):
+        return shard(teacher_io.load_for_run(cfg, device))
+    skeleton: nn.Module
+    try:
+        if kind == "hf":
+            wrapped = hf.empty(folder)
+            skeleton, stored_as = wrapped, hf.stored_as(wrapped)
+        else:
+            with torch.device("meta"):
+                skeleton = models.build_from_spec(models.read_export_config(folder))
+            stored_as = _same_name
+        module = shard_load.load_sharded(skeleton, files, stored_as, shard, device)
+    except ValueError as e:
+        raise teacher_io.TeacherPathError(str(e)) from None
+    sliced = teacher_io.slice_vocabulary(module, path, teacher_io.run_vocab_size(cfg))
     return teacher_io.freeze(sliced, device)
+
+
+def _same_name(name: str) -> tuple[tuple[str, ...], bool]:
+    return (name,), False
 
 
 def build_teacher(
@@ -214,11 +225,7 @@ def build_teacher(
             return shard_frozen(module, mesh, family_of(module).layers(module).values(), cfg.teacher.param_dtype)
 
         assert cfg.teacher.checkpoint is not None  # preflight: a run with a teacher names it
-        module = (
-            load_sharded_export(cfg, shard_module, device)
-            if teacher_io.is_dense_export(cfg.teacher.checkpoint)
-            else shard_module(teacher_io.load_for_run(cfg, device))
-        )
+        module = load_sharded(cfg, shard_module, device)
     else:
         module = teacher_io.load_for_run(cfg, device)
     return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from trainer import checkpoint, exports, models
-from trainer.distill import hf
+from trainer.distill import hf, vocab
 from trainer.models import hf as hf_folders
 from trainer.models import hf_gguf
 from trainer.models.protocol import ModelFamily, family_of, register
@@ -116,8 +116,8 @@ def fingerprint(path: str | Path) -> str:
 
 
 class VocabSlice(nn.Module):
-    """A teacher whose logits keep only the first ``vocab_size`` entries: a padded teacher vocabulary cut to the
-    student's (``teacher.vocab=slice``). Hidden states, width and layers are the teacher's own."""
+    """A teacher whose logits keep only the first ``vocab_size`` entries: a padded vocabulary cut to the real one
+    (``vocab_alignment``). Hidden states, width and layers are the teacher's own."""
 
     def __init__(self, teacher: nn.Module, vocab_size: int):
         super().__init__()
@@ -156,8 +156,8 @@ def load(
     dtype: str = "fp32",
 ) -> nn.Module:
     """The teacher in eval mode with gradients off (frozen); with ``vocab_size`` smaller than the teacher's
-    vocabulary, its logits cut to that many entries (one warning line, on rank 0). A GGUF teacher is dequantized
-    to ``dtype`` (fp32 | bf16); the others load in the dtype they were saved in."""
+    vocabulary, its logits cut to that many entries. A GGUF teacher is dequantized to ``dtype`` (fp32 | bf16); the
+    others load in the dtype they were saved in."""
     kind, folder = resolve(path)
     if kind in ("hf", "gguf"):
         model: nn.Module
@@ -175,17 +175,10 @@ def load(
 
 def slice_vocabulary(model: nn.Module, path: str | Path, vocab_size: int | None) -> nn.Module:
     """``model`` (the teacher at ``path``) with its logits cut to ``vocab_size`` when that is smaller than its
-    vocabulary (one warning line, on rank 0); else ``model`` itself."""
+    vocabulary; else ``model`` itself."""
     teacher_vocab = spec(path)["config"].get("vocab_size") if vocab_size is not None else None
-    if teacher_vocab is None or vocab_size >= teacher_vocab:
+    if teacher_vocab is None or vocab_size is None or vocab_size >= teacher_vocab:
         return model
-    assert vocab_size is not None  # teacher_vocab is only looked up when it is given
-    if os.environ.get("RANK", "0") == "0":
-        print(
-            f"warning: teacher.vocab=slice: the teacher's {teacher_vocab} logits are cut to the student's "
-            f"first {vocab_size}",
-            file=sys.stderr,
-        )
     return VocabSlice(model, vocab_size)
 
 
@@ -195,15 +188,38 @@ def freeze(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-def run_vocab_size(cfg: RunConfig) -> int | None:
-    """The student's vocabulary when ``teacher.vocab=slice`` (the teacher's logits are cut to it), else None."""
+def vocab_alignment(cfg: RunConfig) -> vocab.Alignment | None:
+    """How ``cfg``'s teacher and student vocabularies align (None for classifiers). A Hugging Face teacher's padding
+    is aligned away (``trainer.distill.vocab``); a Stillroom model has no padding, so its vocabulary must be the
+    student's. VocabError (one line) where they do not align."""
     from trainer import data
 
-    return data.vocab_size(cfg.data) if cfg.teacher.vocab == "slice" else None
+    assert cfg.teacher.checkpoint is not None  # only asked of a run with a teacher
+    kind, folder = resolve(cfg.teacher.checkpoint)
+    teacher = spec(cfg.teacher.checkpoint)["config"].get("vocab_size")
+    if teacher is None:
+        return None
+    student = data.vocab_size(cfg.data)
+    if kind != "hf":
+        if teacher != student:
+            raise vocab.VocabError(f"teacher vocabulary {teacher} differs from the student's {student}")
+        return vocab.Alignment(teacher, student, student, "the data's")
+    student_path = cfg.student.get("path") if cfg.student.get("arch") == "hf" else None
+    return vocab.align(teacher, student, folder, Path(student_path) if student_path else None)
+
+
+def run_vocab_size(cfg: RunConfig) -> int | None:
+    """The vocabulary ``cfg``'s teacher logits are cut to (None: its own); prints the alignment's info line on
+    rank 0 where the vocabularies were aligned (once: a run loads its teacher once)."""
+    alignment = vocab_alignment(cfg)
+    info = alignment.info() if alignment is not None else None
+    if info is not None and os.environ.get("RANK", "0") == "0":
+        print(info, file=sys.stderr)
+    return alignment.real if alignment is not None else None
 
 
 def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """``cfg``'s teacher, its vocabulary cut to the student's when ``teacher.vocab=slice`` (a GGUF one in
+    """``cfg``'s teacher, its logits cut to the real vocabulary (``vocab_alignment``; a GGUF one in
     ``teacher.param_dtype``)."""
     assert cfg.teacher.checkpoint is not None  # preflight: a run that loads a teacher names it
     return load(cfg.teacher.checkpoint, device, vocab_size=run_vocab_size(cfg), dtype=cfg.teacher.param_dtype)

@@ -81,17 +81,21 @@ def weight_files(folder: Path) -> list[str]:
     return [name for name in WEIGHT_FILES if (folder / name).is_file()]
 
 
+def safetensors_files(folder: Path) -> list[Path]:
+    """The folder's safetensors weight files (one, or the shards its index names); [] for pytorch_model.bin."""
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    return [folder / name for name in sorted(files) if (folder / name).is_file()]
+
+
 def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """The shapes of the tensors in the folder's safetensors files, from their headers ({} for pytorch_model.bin)."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
     shapes = {}
-    for name in sorted(files):
-        if (folder / name).is_file():
-            with safe_open(str(folder / name), "pt") as handle:
-                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    for file in safetensors_files(folder):
+        with safe_open(str(file), "pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
     return shapes
 
 
@@ -227,6 +231,7 @@ class HFDecoderLM(nn.Module):
         super().__init__()
         self.config: Any = hf_model.config
         self.source = source
+        self.base_model_prefix: str = cast(Any, hf_model).base_model_prefix  # what checkpoints may leave off names
         for name, child in hf_model.named_children():
             self.add_module(name, child)
 
@@ -246,6 +251,10 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
     def to_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` under the layout of the Hugging Face checkpoint (the same, unless the family changed it)."""
         return state
+
+    def stored_transposed(self, name: str) -> bool:
+        """Whether parameter ``name`` is stored transposed in a Hugging Face checkpoint (``to_hf_state``)."""
+        return False
 
     def build(self, config: HFConfig) -> HFDecoderLM:
         """The folder's model with its weights (``config.loads_weights``), else a randomly initialised one; on the

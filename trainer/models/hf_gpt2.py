@@ -20,6 +20,7 @@ from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_d
 from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice, Unsupported
 
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's Conv1D modules in transformers
+CONV1D_WEIGHTS = tuple(f".{projection}.weight" for projection in PROJECTIONS)
 
 
 class GPT2LM(HFDecoderLM):
@@ -81,11 +82,13 @@ class GPT2Family(HFDecoderFamily):
 
     def to_hf_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The four projections' weights transposed back to ``Conv1D``'s ``[in, out]``."""
-        conv1d = tuple(f".{projection}.weight" for projection in PROJECTIONS)
         return {
-            name: tensor.t().contiguous() if name.startswith("transformer.h.") and name.endswith(conv1d) else tensor
-            for name, tensor in state.items()
+            name: tensor.t().contiguous() if self.stored_transposed(name) else tensor for name, tensor in state.items()
         }
+
+    def stored_transposed(self, name: str) -> bool:
+        """The four projections' weights: ``Conv1D``'s ``[in, out]`` in a checkpoint."""
+        return name.startswith("transformer.h.") and name.endswith(CONV1D_WEIGHTS)
 
     def embeddings(self, model: HFDecoderLM) -> list[str]:
         return ["transformer.wte", "transformer.wpe"]
