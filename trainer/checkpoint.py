@@ -167,7 +167,7 @@ def save(root: Path, step: int, *, model, optimizer, extra: dict, model_spec: di
         state = {"model": model_sd, "optim": optim_sd, "extra": extra_tensors}
         with _single_process_is_fine():
             dcp.save(state, checkpoint_id=str(tmp), process_group=groups.trainer_group())
-        hashes = _hash_shared(_tensor_files(tmp))
+        hashes = files.sha256_split(files.with_suffix(tmp, TENSOR_SUFFIX), groups.trainer_group())
         _on_main(lambda: _publish(tmp, final, model_spec, {"step": step, **extra_plain}, hashes))
     except (OSError, CheckpointException, KeyboardInterrupt) as e:
         if is_main():
@@ -216,22 +216,6 @@ def _on_main(action: Callable[[], None]) -> None:
         error = box[0]
     if error is not None:
         raise OSError(error)
-
-
-def _tensor_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.endswith(TENSOR_SUFFIX) and p.is_file())
-
-
-def _hash_shared(paths: list[Path]) -> dict[str, str]:
-    """{name: SHA-256} of ``paths`` on every rank; each rank of the trainer's group hashes every n-th file."""
-    group = groups.trainer_group()
-    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
-    mine = {path.name: files.sha256(path) for path in paths[rank::size]}
-    if size == 1:
-        return mine
-    everyone: list[dict[str, str] | None] = [None] * size
-    dist.all_gather_object(everyone, mine, group=group)
-    return {name: digest for part in everyone if part for name, digest in part.items()}
 
 
 def _free_space(path: Path) -> str:
@@ -291,7 +275,11 @@ def verify(path: Path, *, shared: bool = False) -> None:
         problems = [problem for name, entry in entries.items() if (problem := files.size_problem(path / name, entry))]
         hashed = sorted(path / name for name, entry in entries.items() if "sha256" in entry)
         if not problems:  # the same on every rank: all ranks hash, or none
-            hashes = _hash_shared(hashed) if shared else {file.name: files.sha256(file) for file in hashed}
+            hashes = (
+                files.sha256_split(hashed, groups.trainer_group())
+                if shared
+                else {file.name: files.sha256(file) for file in hashed}
+            )
             problems = [
                 files.garbled(path / name)
                 for name, entry in entries.items()

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import torch.distributed as dist
+
 MANIFEST_FILE = "manifest.json"
 
 
@@ -17,6 +19,23 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def with_suffix(folder: Path, suffix: str) -> list[Path]:
+    """The files of ``folder`` whose names end with ``suffix``, sorted."""
+    return sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and p.is_file())
+
+
+def sha256_split(paths: list[Path], group: dist.ProcessGroup | None) -> dict[str, str]:
+    """{name: SHA-256} of ``paths`` on every rank of ``group`` (None: the default group), each rank hashing every
+    n-th file; in one process, all of them."""
+    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+    mine = {path.name: sha256(path) for path in paths[rank::size]}
+    if size == 1:
+        return mine
+    everyone: list[dict[str, str] | None] = [None] * size
+    dist.all_gather_object(everyone, mine, group=group)
+    return {name: digest for part in everyone if part for name, digest in part.items()}
 
 
 def describe(folder: Path, hashes: dict[str, str] | None = None) -> dict[str, dict]:

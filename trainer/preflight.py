@@ -10,6 +10,7 @@ have passed, so that a bad value stops the command in well under a second.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -299,6 +300,15 @@ def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
         )
 
 
+@functools.cache
+def _verified_teacher(path: Path) -> None:
+    """``teacher.verify``, once per teacher and process: every job of a sweep, and the run's own check after the
+    preflight, would hash the same files again (loading the teacher checks them once more)."""
+    from trainer.distill import teacher
+
+    teacher.verify(path)
+
+
 def _validate_teacher(cfg: RunConfig) -> None:
     from trainer import data, models
     from trainer.distill import teacher, vocab
@@ -320,7 +330,7 @@ def _validate_teacher(cfg: RunConfig) -> None:
         return  # trained by the recipe before the run starts, then checked again
     try:
         spec = teacher.spec(path)
-        teacher.verify(path)
+        _verified_teacher(path.resolve())
     except teacher.TeacherPathError as e:
         raise ConfigError("teacher.checkpoint", str(e)) from None
     _check_param_dtype(cfg, gguf=spec.get("source") == "gguf")

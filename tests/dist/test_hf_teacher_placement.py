@@ -128,7 +128,7 @@ def memory_run(root: Path, placement: str) -> tuple[list[dict], list[torch.Tenso
     assert proc.returncode == 0, proc.stderr[-5000:]
     ranks = range(2)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in ranks], [
-        torch.load(out / f"rank{r}.pt") for r in ranks
+        torch.load(out / f"rank{r}.pt", weights_only=True) for r in ranks
     ]
 
 

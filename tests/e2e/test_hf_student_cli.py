@@ -35,7 +35,7 @@ TRANSFORMERS_ONLY = """
 import sys, torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+    torch.save(model(input_ids=torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])
 assert not any(name == "trainer" or name.startswith(("trainer.", "parallel")) for name in sys.modules)
 """
 
@@ -80,7 +80,7 @@ def test_transformers_loads_the_export_in_a_fresh_process_with_the_students_logi
     )  # fmt: skip
     with torch.no_grad():
         want = student.eval()(x)
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), want, rtol=0, atol=1e-5)
 
 
 def test_a_config_only_folder_trains_from_random_init_with_overrides_and_is_thinned(root):

@@ -35,7 +35,7 @@ TRANSFORMERS_ONLY = """
 import sys, torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+    torch.save(model(input_ids=torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])
 assert not any(name == "trainer" or name.startswith(("trainer.", "parallel")) for name in sys.modules)
 """
 SCHEMES = {  # id: (weight_bits, act_bits, format)
@@ -84,7 +84,7 @@ def transformers_logits(folder: Path, tmp_path: Path) -> torch.Tensor:
         [sys.executable, "-c", TRANSFORMERS_ONLY, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "logits.pt")],
         cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    return torch.load(tmp_path / "logits.pt")
+    return torch.load(tmp_path / "logits.pt", weights_only=True)
 
 
 def header_bytes(path: Path) -> int:
