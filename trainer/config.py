@@ -33,7 +33,8 @@ def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(map(str, allowed))} (got {value!r})")
 
 
-DATA_TASKS = {"shakespeare": "lm", "synthetic": "lm", "digits": "classify"}
+DATA_TASKS = {"shakespeare": "lm", "synthetic": "lm", "digits": "classify", "text": "lm", "chat": "lm"}
+TOKENIZED_DATA = ("text", "chat")  # read through a subword tokenizer into token shards (trainer/data/shards.py)
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "pipeline")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 TEACHER_PLACEMENTS = ("replicate", "shard", "cache", "remote")
@@ -63,18 +64,29 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"  # shakespeare | digits | synthetic
+    name: str = "shakespeare"  # shakespeare | digits | synthetic | text | chat
     path: str | None = None  # text corpus (default: the packaged Tiny Shakespeare)
     val_fraction: float = 0.1
     eval_batches: int = 20
     synthetic_vocab: int = 32
     synthetic_tokens: int = 20000
+    # data=text|chat: files or globs; a tokenizer folder, GGUF file or `teacher` (teacher.checkpoint's own).
+    files: list[str] = field(default_factory=list)
+    tokenizer: str = "teacher"
+    text_field: str = "text"  # data=text: the field of .json/.jsonl/.parquet rows that holds a document
+    overflow: str = "truncate"  # data=chat: samples longer than the sequence: truncate | drop
+    num_proc: int = 1  # processes that tokenize
+    cache_dir: str = "data_cache"  # token shards, one folder per (files, tokenizer, settings)
 
     def check(self) -> None:
         _one_of(self.name, tuple(DATA_TASKS), "name")
         _check(0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)")
         _check(self.eval_batches >= 1, "eval_batches", "must be >= 1")
         _check(self.synthetic_vocab >= 2, "synthetic_vocab", f"must be >= 2 (got {self.synthetic_vocab})")
+        _one_of(self.overflow, ("truncate", "drop"), "overflow")
+        _check(self.num_proc >= 1, "num_proc", f"must be >= 1 (got {self.num_proc})")
+        if self.name in TOKENIZED_DATA:
+            _check(bool(self.files), "files", f"data={self.name} needs data.files=[PATH or GLOB, ...]")
 
 
 @dataclass
@@ -260,6 +272,10 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     experiment: Any = None
+
+    def __post_init__(self) -> None:
+        if self.data.tokenizer == "teacher" and self.teacher.checkpoint is not None:
+            self.data.tokenizer = self.teacher.checkpoint  # the teacher's own tokenizer (its folder or GGUF file)
 
 
 def register_configs() -> None:

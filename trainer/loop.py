@@ -268,15 +268,21 @@ class Trainer:
                 logits = self.runtime.eval_logits(x) if distributed else model(x)
             if logits is None:
                 continue  # not the last stage: that one scores the batch
+            # Labels of data=chat are IGNORE_INDEX off the assistant's tokens: only the others are scored.
+            scored = y != data.IGNORE_INDEX if self.parts.dataset.masked else None
             sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
             sums[1] += (logits.argmax(-1) == y).sum()
-            sums[2] += y.numel()
+            sums[2] += y.numel() if scored is None else scored.sum()
             if with_teacher:
                 assert teacher is not None  # with_teacher implies it
                 teacher_logits = teacher.eval_logits(x)
                 log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-                sums[3] += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
-                sums[4] -= (log_p.exp() * log_p).sum()
+                agree = logits.argmax(-1) == teacher_logits.argmax(-1)
+                entropy = -(log_p.exp() * log_p)
+                if scored is not None:
+                    agree, entropy = agree & scored, entropy.sum(-1) * scored
+                sums[3] += agree.sum()
+                sums[4] += entropy.sum()
         model.train(was_training)
         if distributed:
             dp_sum(sums, self.runtime.dp_mesh)

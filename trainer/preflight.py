@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from trainer.config import (
     DATA_TASKS,
+    TOKENIZED_DATA,
     ConfigError,
     RunConfig,
     _check,
@@ -269,6 +270,11 @@ def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
             f"1f1b needs at least as many micro-batches as stages: {p.microbatches} < parallel.pp={dims.pp}",
         )
     _check(
+        cfg.data.name != "chat",
+        "data.name",
+        "chat weights each micro-batch's loss by its trained tokens: not supported with pipeline parallelism",
+    )
+    _check(
         t.grad_accum == 1,
         "train.grad_accum",
         f"must be 1 with pipeline parallelism: set parallel.microbatches instead (got {t.grad_accum})",
@@ -355,6 +361,8 @@ def _validate_teacher(cfg: RunConfig) -> None:
             f"teacher vocabulary {t_vocab} differs from the student's {s_vocab} (data={cfg.data.name})",
         )
     vocabulary = alignment.real if alignment is not None else s_vocab
+    if cfg.data.name in TOKENIZED_DATA:
+        _validate_shared_tokenizer(cfg)
     if cfg.distill.top_k is not None:
         _check(
             cfg.distill.top_k <= vocabulary,
@@ -383,6 +391,26 @@ def _validate_teacher(cfg: RunConfig) -> None:
         )
     if tc.placement == "cache":
         _validate_cache(cfg)
+
+
+def _validate_shared_tokenizer(cfg: RunConfig) -> None:
+    """``data.tokenizer``, when it is not the teacher's own, gives the same tokens the same ids as the teacher's."""
+    from trainer.data import tokenizer
+    from trainer.data.errors import DataError
+
+    assert cfg.teacher.checkpoint is not None  # a run with a teacher
+    if cfg.data.tokenizer == cfg.teacher.checkpoint:
+        return
+    try:
+        ours, theirs = tokenizer.load(cfg.data.tokenizer), tokenizer.load(cfg.teacher.checkpoint)
+    except DataError:
+        return  # a teacher without a tokenizer of its own: the vocabulary check above is all there is
+    _check(
+        ours.get_vocab() == theirs.get_vocab(),
+        "data.tokenizer",
+        f"{cfg.data.tokenizer} ({len(ours)} tokens) is not the teacher's tokenizer ({cfg.teacher.checkpoint}, "
+        f"{len(theirs)} tokens): the student and the teacher must share one",
+    )
 
 
 def _check_param_dtype(cfg: RunConfig, gguf: bool) -> None:

@@ -149,6 +149,9 @@ class DataParallelRuntime(StudentRuntime):
             with contextlib.nullcontext() if last else no_gradient_sync(self.modules.values()):
                 with self.layout.autocast:
                     parts = self.losses(x, y, step, micro)
+                    scale = self.batches.loss_scale(step, micro)  # masked labels: the global batch's mean
+                    if scale != 1.0:
+                        parts = {key: value * scale for key, value in parts.items()}
                 (parts["train/loss"] / t.grad_accum).backward()
             if pairwise:
                 pairwise.push()

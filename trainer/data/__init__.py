@@ -4,6 +4,9 @@ A step's global batch (``train.batch_size`` samples) is drawn from the seed and 
 rank ``r`` of ``w`` takes the r-th of w equal slices, and accumulation splits that slice into
 micro-batches. So a resumed run sees exactly the batches it would have seen, and 1 and N ranks
 see the same global batch.
+
+``data=text|chat`` read subword token shards (``shards``: the build and its manifest; ``packed``: the data sets;
+``corpus``, ``chat`` and ``tokenizer``: the files, the conversations and the tokenizer); this module dispatches.
 """
 
 from __future__ import annotations
@@ -14,19 +17,15 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import DataConfig
+from trainer.config import TOKENIZED_DATA, DataConfig
+from trainer.data import shards, tokenizer
+from trainer.data.batching import WHOLE, Shard, local_slice, step_generator
+from trainer.data.errors import DataError
+from trainer.data.packed import IGNORE_INDEX, ChatData, ShardData, TextData
+
+__all__ = ["IGNORE_INDEX", "ChatData", "DataError", "Shard", "ShardData", "TextData", "local_slice", "step_generator"]
 
 SHAKESPEARE = Path(__file__).with_name("tinyshakespeare.txt")
-_STEP_STRIDE = 1_000_003
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Which part of the global batch this process reads."""
-
-    rank: int = 0
-    world: int = 1
-    grad_accum: int = 1
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Batches:
     """The training batches this rank reads, on ``device``: each step's global batch is a function of the seed and
     the step (``train_batch``), of which this rank takes its ``shard``'s slice of micro-batch ``micro``."""
 
-    dataset: TokenData | DigitsData
+    dataset: TokenData | DigitsData | TextData | ChatData
     shard: Shard
     seed: int
     batch_size: int
@@ -48,23 +47,22 @@ class Batches:
         x, y = self.dataset.train_batch(self.seed, step, self.batch_size, self.shard, micro)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * _STEP_STRIDE + step)
-
-
-def local_slice(global_indices: torch.Tensor, shard: Shard, micro: int) -> torch.Tensor:
-    """Rows of the global batch that micro-batch ``micro`` of ``shard.rank`` reads."""
-    per_rank = len(global_indices) // shard.world
-    per_micro = per_rank // shard.grad_accum
-    start = shard.rank * per_rank + micro * per_micro
-    return global_indices[start : start + per_micro]
+    def loss_scale(self, step: int, micro: int = 0) -> float:
+        """The factor that turns micro-batch ``micro``'s mean loss over its own trained tokens into its share of the
+        mean over the global batch's (averaged over micro-batches and ranks, as gradients are): 1 where every
+        label is trained, so that such data's losses are unchanged."""
+        if not self.dataset.masked:
+            return 1.0
+        assert isinstance(self.dataset, ChatData)  # the data set with masked labels
+        local, total = self.dataset.trained_counts(self.seed, step, self.batch_size, self.shard, micro)
+        return local * self.shard.world * self.shard.grad_accum / total
 
 
 class TokenData:
     """Next-token prediction over a 1-D token stream (character-level text or synthetic)."""
 
     task = "lm"
+    masked = False
 
     def __init__(
         self,
@@ -93,7 +91,7 @@ class TokenData:
         starts = torch.randint(high, (batch_size,), generator=step_generator(seed, step))
         return self._windows(self.train_tokens, local_slice(starts, shard, micro))
 
-    def val_batches(self, batch_size: int, shard: Shard = Shard()):
+    def val_batches(self, batch_size: int, shard: Shard = WHOLE):
         """A fixed list of validation batches (the same for every eval and every run)."""
         high = len(self.val_tokens) - self.block_size - 1
         gen = torch.Generator().manual_seed(0)
@@ -115,6 +113,7 @@ class DigitsData:
     """scikit-learn's 8x8 digits as 64 features in [0, 1], with a fixed stratified split."""
 
     task = "classify"
+    masked = False
 
     def __init__(self, val_fraction: float):
         from sklearn.datasets import load_digits
@@ -135,7 +134,7 @@ class DigitsData:
         rows = local_slice(rows, shard, micro)
         return self.x_train[rows], self.y_train[rows]
 
-    def val_batches(self, batch_size: int, shard: Shard = Shard()):
+    def val_batches(self, batch_size: int, shard: Shard = WHOLE):
         """The whole test split, in one batch per rank."""
         rows = torch.arange(len(self.y_val))
         per_rank = -(-len(rows) // shard.world)
@@ -176,6 +175,8 @@ def fingerprint(cfg: DataConfig) -> str:
         return f"synthetic-{cfg.synthetic_vocab}-{cfg.synthetic_tokens}"
     if cfg.name == "digits":
         return DigitsData(cfg.val_fraction).fingerprint
+    if cfg.name in TOKENIZED_DATA:
+        return shards.folder(cfg, block_size=0).name  # the files, the tokenizer and the settings
     path = Path(cfg.path) if cfg.path else SHAKESPEARE
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -186,16 +187,10 @@ def vocab_size(cfg: DataConfig) -> int:
         return cfg.synthetic_vocab
     if cfg.name == "digits":
         return 10
+    if cfg.name in TOKENIZED_DATA:
+        return tokenizer.vocab_size(cfg.tokenizer)
     path = Path(cfg.path) if cfg.path else SHAKESPEARE
     return len(set(read_text(path)))
-
-
-class DataError(ValueError):
-    """The data cannot serve this run: ``key`` names the setting to change."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key, self.message = key, message
 
 
 def read_text(path: Path) -> str:
@@ -215,6 +210,9 @@ def check(cfg: DataConfig, block_size: int) -> None:
     """That both splits of the data hold more than one window of ``block_size`` tokens (DataError otherwise)."""
     if cfg.name == "digits":
         return
+    if cfg.name in TOKENIZED_DATA:
+        _check_tokenized(cfg, block_size)
+        return
     if cfg.name == "synthetic":
         tokens, what = cfg.synthetic_tokens, f"data.synthetic_tokens={cfg.synthetic_tokens}"
     else:
@@ -231,6 +229,25 @@ def check(cfg: DataConfig, block_size: int) -> None:
         )
 
 
+def _check_tokenized(cfg: DataConfig, block_size: int) -> None:
+    """Build (or reuse) the token shards, and check that each split can fill a batch's rows."""
+    _, manifest = shards.prepare(cfg, block_size)
+    stats = manifest["stats"]
+    for split in ("train", "val"):
+        if cfg.name == "text" and stats[f"{split}_tokens"] <= block_size + 1:
+            raise DataError(
+                "student.block_size",
+                f"{block_size} tokens do not fit the data: the {split} split of data.files has "
+                f"{stats[f'{split}_tokens']} tokens (it needs more than {block_size + 1})",
+            )
+        if cfg.name == "chat" and stats[f"{split}_documents"] == 0:
+            raise DataError(
+                "data.files",
+                f"the {split} split has no sample ({stats['documents']} rows, {stats['dropped']} dropped as too long "
+                "or with no assistant token left; see data.val_fraction and data.overflow)",
+            )
+
+
 def model_fields(cfg: DataConfig) -> dict[str, int]:
     """What the data decides in a model's config (a family's config takes those of these fields it has)."""
     if cfg.name == "digits":
@@ -245,4 +262,8 @@ def build(cfg: DataConfig, block_size: int):
         return _synthetic_data(cfg, block_size)
     if cfg.name == "digits":
         return DigitsData(cfg.val_fraction)
+    if cfg.name in TOKENIZED_DATA:
+        root, manifest = shards.prepare(cfg, block_size)
+        kind = TextData if cfg.name == "text" else ChatData
+        return kind(root, manifest, block_size, cfg.eval_batches, tokenizer.load(cfg.tokenizer))
     raise ValueError(f"data.name: unknown data set {cfg.name!r}")

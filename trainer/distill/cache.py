@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -80,6 +80,7 @@ class Manifest:
     values_dtype: str
     indices_dtype: str
     shards: tuple[tuple[int, int], ...]  # [start, stop) steps of each shard
+    data_files: dict[str, str] = field(default_factory=dict)  # {path: SHA-256} of the token shards read
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "values": "raw logits (temperature 1)", **asdict(self)}
@@ -103,6 +104,7 @@ class Manifest:
             values_dtype=_choice(raw, "values_dtype", tuple(VALUE_DTYPES)),
             indices_dtype=_choice(raw, "indices_dtype", ("int16", "int32")),
             shards=_shards(_field(raw, "shards", "list"), steps),
+            data_files=raw.get("data_files") or {},
         )
 
     def shape(self, shard: int) -> tuple[int, int, int, int]:
@@ -165,8 +167,15 @@ def expected_key(cfg: RunConfig) -> CacheKey:
     )
 
 
-def new_manifest(key: CacheKey, steps: int, positions: int, values_dtype: str, n_shards: int) -> Manifest:
-    """Steps split into ``n_shards`` contiguous ranges (one per writing rank)."""
+def new_manifest(
+    key: CacheKey,
+    steps: int,
+    positions: int,
+    values_dtype: str,
+    n_shards: int,
+    data_files: dict[str, str] | None = None,
+) -> Manifest:
+    """Steps split into ``n_shards`` contiguous ranges (one per writing rank); ``data_files``: the token shards."""
     bounds = [steps * i // n_shards for i in range(n_shards + 1)]
     return Manifest(
         key=key,
@@ -175,6 +184,7 @@ def new_manifest(key: CacheKey, steps: int, positions: int, values_dtype: str, n
         values_dtype=values_dtype,
         indices_dtype="int16" if key.vocab <= np.iinfo(np.int16).max + 1 else "int32",
         shards=tuple(zip(bounds[:-1], bounds[1:])),
+        data_files=data_files or {},
     )
 
 

@@ -1,0 +1,62 @@
+"""Small corpora, chat sets and a byte-level BPE tokenizer with a ChatML template, written by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold crypts".split()
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    """``n`` documents of pseudo-random words (lengths vary; deterministic)."""
+    out = []
+    for i in range(n):
+        words = [WORDS[(seed + i * 7 + j * j) % len(WORDS)] for j in range(20 + (i * 13) % 40)]
+        out.append(f"# doc {i}\n" + " ".join(words) + "\n")
+    return out
+
+
+def save_tokenizer(folder: Path, vocab_size: int = 300, template: bool = True) -> Path:
+    """A byte-level BPE tokenizer trained on ``documents(50)``, saved as a transformers fast tokenizer folder."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(documents(50), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    if template:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+def conversations(n: int) -> list[dict]:
+    """``n`` chat rows: system/user/assistant turns (some with two assistant turns), and prompt/completion pairs."""
+    rows: list[dict] = []
+    for i, text in enumerate(documents(n, seed=3)):
+        words = text.split()
+        if i % 3 == 2:
+            rows.append({"prompt": " ".join(words[:5]), "completion": " ".join(words[5:12])})
+            continue
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " ".join(words[:6])}]
+        messages.append({"role": "assistant", "content": " ".join(words[6:14])})
+        if i % 3 == 1:
+            messages += [{"role": "user", "content": "more"}, {"role": "assistant", "content": words[-1]}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,0 +1,292 @@
+"""Token shards of ``data=text|chat`` under ``data.cache_dir``: built once, memory-mapped by every run.
+
+A build reads the rows streaming (``trainer.data.corpus``), in chunks of about ``CHUNK_CHARS`` characters that
+``data.num_proc`` processes tokenize, and writes each chunk's arrays to ``parts/`` (each file written to a temporary
+name and renamed; a chunk's JSON record last). An interrupted build keeps its finished chunks. The chunks are then
+joined into one file per split and array, and ``manifest.json`` (the key, the files' sizes and SHA-256, the counts)
+is written last: a folder with a manifest is complete. The folder's name is a hash of the key: the files' contents,
+the tokenizer's files and the settings; a change makes another folder.
+
+Arrays per split (``train``, ``val``): ``tokens`` (uint16 where the vocabulary fits, else uint32), ``ids`` (the
+document's index in the corpus, int64), ``lengths`` (tokens per document or sample, int64) and, for chat,
+``mask`` (uint8: 1 on the assistant tokens). Text documents end with the tokenizer's end-of-text token. The split
+is by document: document ``i`` is a validation one when frac(i * 0.618...) < ``data.val_fraction`` (a
+low-discrepancy sequence: about that fraction of any prefix of the corpus, the first document included).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import files as file_hashes
+from trainer.config import DataConfig
+from trainer.data import chat, corpus, tokenizer
+from trainer.data.errors import DataError
+
+FORMAT = 1
+CHUNK_CHARS = 1 << 20
+CHUNK_ROWS = 4096
+SPLITS = ("train", "val")
+GOLDEN = (math.sqrt(5) - 1) / 2
+MANIFEST = file_hashes.MANIFEST_FILE
+
+
+def is_val(document: int, val_fraction: float) -> bool:
+    return (document * GOLDEN) % 1.0 < val_fraction
+
+
+def arrays(name: str) -> tuple[str, ...]:
+    """The arrays each split of a ``data.name`` data set has."""
+    return ("tokens", "ids", "lengths", "mask") if name == "chat" else ("tokens", "ids", "lengths")
+
+
+def key(cfg: DataConfig, block_size: int) -> dict[str, Any]:
+    """What the shards depend on: the files' contents in order, the tokenizer's files and the settings."""
+    paths = corpus.expand(cfg.files)
+    settings: dict[str, Any] = {"format": FORMAT, "name": cfg.name, "val_fraction": cfg.val_fraction}
+    if cfg.name == "text":
+        settings["text_field"] = cfg.text_field
+    else:  # a chat sample is cut to the sequence
+        settings.update(block_size=block_size, overflow=cfg.overflow)
+    return {
+        **settings,
+        "tokenizer": tokenizer.fingerprint(cfg.tokenizer),
+        "files": [_content_hash(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in paths],
+    }
+
+
+@functools.cache
+def _content_hash(path: Path, _size: int, _mtime: int) -> str:
+    return file_hashes.sha256(path)
+
+
+def folder(cfg: DataConfig, block_size: int) -> Path:
+    digest = hashlib.sha256(json.dumps(key(cfg, block_size), sort_keys=True).encode()).hexdigest()
+    return Path(cfg.cache_dir) / f"{cfg.name}-{digest[:16]}"
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest of a complete build in ``root`` whose files have their recorded sizes; None otherwise."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if any(file_hashes.size_problem(root / n, e) for n, e in manifest.get("files", {}).items()):
+        return None
+    return manifest
+
+
+def prepare(cfg: DataConfig, block_size: int, progress: bool = True) -> tuple[Path, dict]:
+    """The folder of ``cfg``'s shards and its manifest, built (or finished) first when needed. Processes that
+    prepare the same folder at once (the ranks of a run) take turns: one builds, the others reuse."""
+    root = folder(cfg, block_size)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = read_manifest(root)
+        if manifest is None:
+            manifest = _build(cfg, block_size, root, progress)
+    return root, manifest
+
+
+def mapped(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The array in ``path``, memory-mapped (an empty one read as such: numpy cannot map an empty file)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+
+
+def dtype_for(vocab: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _documents(cfg: DataConfig) -> Iterator[Any]:
+    """The corpus's documents (text) or conversations (chat), in order."""
+    numbers: dict[Path, int] = {}
+    for path, row in corpus.rows(corpus.expand(cfg.files)):
+        numbers[path] = numbers.get(path, 0) + 1
+        if cfg.name == "chat":
+            yield chat.conversation(path, numbers[path], row)
+            continue
+        field = corpus.PLAIN_FIELD if corpus.builder(path) == "text" else cfg.text_field
+        if field not in row:
+            raise DataError("data.text_field", f"{path} row {numbers[path]} has no field {field!r}: {sorted(row)}")
+        text = row[field]
+        if not isinstance(text, str):
+            raise DataError("data.text_field", f"{path} row {numbers[path]}: {field!r} is not a string")
+        yield text
+
+
+def _chunks(cfg: DataConfig) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    chars = 0
+    for item in _documents(cfg):
+        chunk.append(item)
+        chars += len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
+        if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_ROWS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def tokenize_chunk(cfg: DataConfig, block_size: int, first: int, items: list[Any]) -> dict[str, np.ndarray]:
+    """The arrays of one chunk whose first document is number ``first`` ({"train.tokens": ..., ...})."""
+    tok = tokenizer.load(cfg.tokenizer)
+    out: dict[str, list] = {f"{s}.{a}": [] for s in SPLITS for a in arrays(cfg.name)}
+    if cfg.name == "text":
+        encoded = [e.ids for e in tok.backend_tokenizer.encode_batch(items, add_special_tokens=False)]
+        samples: list[tuple[list | None, list | None]] = [(ids + [tok.eos_token_id], None) for ids in encoded]
+    else:
+        samples = [_chat_sample(tok, messages, block_size, cfg.overflow) for messages in items]
+    for i, (ids, mask) in enumerate(samples):
+        if ids is None:  # dropped
+            continue
+        split = "val" if is_val(first + i, cfg.val_fraction) else "train"
+        out[f"{split}.tokens"].append(ids)
+        out[f"{split}.ids"].append([first + i])
+        out[f"{split}.lengths"].append([len(ids)])
+        if mask is not None:
+            out[f"{split}.mask"].append(mask)
+    dtypes: dict[str, Any] = {"tokens": dtype_for(len(tok)), "ids": np.int64, "lengths": np.int64, "mask": np.uint8}
+    return {
+        name: np.fromiter((v for part in parts for v in part), dtype=dtypes[name.split(".")[1]])
+        for name, parts in out.items()
+    }
+
+
+def _chat_sample(tok: Any, messages: list, block_size: int, overflow: str) -> tuple[list | None, list | None]:
+    """A conversation's ids and assistant mask, cut to ``block_size + 1`` tokens (or dropped: (None, None));
+    dropped too when no assistant token is left to train on (the first token is never a target)."""
+    ids, trained = chat.render(tok, messages)
+    if len(ids) > block_size + 1:
+        if overflow == "drop":
+            return None, None
+        ids, trained = ids[: block_size + 1], trained[: block_size + 1]
+    if not any(trained[1:]):
+        return None, None
+    return ids, [int(t) for t in trained]
+
+
+def _worker_tokenize(args: tuple) -> dict[str, np.ndarray]:
+    return tokenize_chunk(*args)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_chunk(parts: Path, index: int, result: dict[str, np.ndarray]) -> None:
+    for name, array in result.items():
+        _write_atomic(parts / f"{name}.{index:06d}.bin", array.tofile)
+    record = {name: len(array) for name, array in result.items()}
+    _write_atomic(parts / f"{index:06d}.json", lambda p: p.write_text(json.dumps(record)))
+
+
+def _build(cfg: DataConfig, block_size: int, root: Path, progress: bool) -> dict:
+    """Tokenize the corpus into ``root`` (finishing the chunks of an interrupted build), join, write the manifest."""
+    tok = tokenizer.load(cfg.tokenizer)
+    if cfg.name == "chat":
+        chat.check_template(tok, cfg.tokenizer)
+    parts = root / "parts"
+    parts.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    n_chunks, documents = 0, 0
+    bar = _progress_bar(progress)
+    pool = multiprocessing.get_context("fork").Pool(cfg.num_proc) if cfg.num_proc > 1 else None
+    pending: deque = deque()
+
+    def finish_oldest() -> None:
+        index, result = pending.popleft()
+        result = result.get() if pool is not None else result
+        _save_chunk(parts, index, result)
+        bar.update(int(sum(len(result[f"{s}.tokens"]) for s in SPLITS)))
+
+    try:
+        for index, items in enumerate(_chunks(cfg)):
+            n_chunks, first = index + 1, documents
+            documents += len(items)
+            if (parts / f"{index:06d}.json").is_file():
+                continue  # done by an interrupted build
+            args = (cfg, block_size, first, items)
+            pending.append((index, pool.apply_async(_worker_tokenize, (args,)) if pool else tokenize_chunk(*args)))
+            while len(pending) > (2 * cfg.num_proc if pool else 0):
+                finish_oldest()
+        while pending:
+            finish_oldest()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    if documents == 0:
+        raise DataError("data.files", f"the corpus is empty: {', '.join(cfg.files)} hold no document")
+    seconds = time.perf_counter() - start
+    _join(parts, root, cfg.name, n_chunks)
+    manifest = _manifest(cfg, block_size, root, documents, seconds)
+    _write_atomic(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    shutil.rmtree(parts)
+    return manifest
+
+
+def _progress_bar(enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        desc="tokenizing", unit=" tokens", unit_scale=True, file=sys.stderr, disable=None if enabled else True
+    )  # None: off when stderr is no terminal
+
+
+def _join(parts: Path, root: Path, name: str, n_chunks: int) -> None:
+    """One file per split and array: the chunks' files in order, copied in blocks (bounded memory)."""
+    for split in SPLITS:
+        for array in arrays(name):
+            target = f"{split}.{array}"
+
+            def write(tmp: Path, target: str = target) -> None:
+                with open(tmp, "wb") as out:
+                    for index in range(n_chunks):
+                        with open(parts / f"{target}.{index:06d}.bin", "rb") as part:
+                            shutil.copyfileobj(part, out, 1 << 22)
+
+            _write_atomic(root / f"{target}.bin", write)
+
+
+def _manifest(cfg: DataConfig, block_size: int, root: Path, documents: int, seconds: float) -> dict:
+    vocab = tokenizer.vocab_size(cfg.tokenizer)
+    stats: dict[str, Any] = {"documents": documents, "dropped": 0}
+    for split in SPLITS:
+        lengths = np.fromfile(root / f"{split}.lengths.bin", dtype=np.int64)
+        stats[f"{split}_documents"] = len(lengths)
+        stats[f"{split}_tokens"] = int(lengths.sum())
+        if cfg.name == "chat":
+            mask = mapped(root / f"{split}.mask.bin", np.dtype(np.uint8))
+            first = np.cumsum(lengths, dtype=np.int64) - lengths
+            stats[f"{split}_trained_tokens"] = int(mask.sum(dtype=np.int64) - mask[first].sum(dtype=np.int64))
+        else:
+            stats[f"{split}_trained_tokens"] = stats[f"{split}_tokens"]
+    stats["dropped"] = documents - stats["train_documents"] - stats["val_documents"]
+    total = stats["train_tokens"] + stats["val_tokens"]
+    stats.update(seconds=seconds, tokens_per_s=total / seconds if seconds > 0 else 0.0)
+    return {
+        "key": key(cfg, block_size),
+        "vocab": vocab,
+        "dtype": str(dtype_for(vocab)),
+        "eos": int(tokenizer.load(cfg.tokenizer).eos_token_id),
+        "stats": stats,
+        "files": file_hashes.describe(root),
+    }
