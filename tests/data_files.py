@@ -60,3 +60,22 @@ def conversations(n: int) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def save_llama(folder: Path, vocab_size: int, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """A small random Llama (``tests.conftest.small_hf_config``'s, with ``vocab_size`` tokens) saved in ``folder``,
+    with the tokenizer folder ``tokenizer``'s files beside it when given."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from tests.conftest import small_hf_config
+
+    config = small_hf_config("llama")
+    config.vocab_size = vocab_size
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for file in tokenizer.iterdir() if tokenizer else ():
+        shutil.copy(file, folder / file.name)
+    return folder

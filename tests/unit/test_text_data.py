@@ -215,3 +215,27 @@ def test_trainer_data_prints_what_the_model_learns_from(tmp_path, tokenizer_dir,
     line = json.loads(capsys.readouterr().out.strip())
     assert line["documents"] == 60 and line["tokens"]["train"] == line["trained_tokens"]["train"] > 0
     assert Path(line["cache"]).is_dir() and line["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["text", "chat"])
+def test_ranks_read_disjoint_slices_of_the_same_global_batch(tmp_path, tokenizer_dir, name):
+    corpus(tmp_path / "corpus")
+    files = (
+        [str(tmp_path / "corpus" / "*.py")]
+        if name == "text"
+        else [str(write_jsonl(tmp_path / "c.jsonl", conversations(20)))]
+    )
+    dataset = data.build(
+        DataConfig(name=name, files=files, tokenizer=str(tokenizer_dir), cache_dir=str(tmp_path)),
+        128 if name == "chat" else BLOCK,
+    )
+    whole = dataset.train_batch(7, 4, 8, data.Shard())
+    for world, accum in ((2, 1), (4, 2)):
+        slices = [
+            dataset.train_batch(7, 4, 8, data.Shard(rank, world, accum), micro)
+            for rank in range(world)
+            for micro in range(accum)
+        ]
+        for part in (0, 1):
+            assert torch.equal(torch.cat([s[part] for s in slices]), whole[part])
+    assert not torch.equal(dataset.train_batch(7, 5, 8, data.Shard())[0], whole[0])

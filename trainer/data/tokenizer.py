@@ -27,7 +27,7 @@ TOKENIZER_FILES = (
 
 def source(name: str) -> Path:
     """The folder or GGUF file ``data.tokenizer`` names; DataError when there is none."""
-    if name == "teacher":
+    if name == "teacher" and not Path(name).exists():
         raise DataError("data.tokenizer", "is `teacher` but the run has no teacher.checkpoint: set data.tokenizer=PATH")
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf":

@@ -1,0 +1,35 @@
+"""``python -m trainer.data`` prepares a data=text corpus (the teacher's tokenizer) and prints one JSON line; a
+rerun reuses the shards; ``python -m trainer.cache`` over the same data names the token shards in its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.data_files import documents, save_llama, save_tokenizer
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
+
+
+def test_prepare_then_cache_the_teacher_over_text(tmp_path):
+    save_llama(tmp_path / "llama_teacher", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(documents(80)):
+        (tmp_path / "corpus" / f"{i:03d}.md").write_text(text)
+    overrides = [
+        "data=text", "data.files=[corpus/*.md]", "data.num_proc=2", "teacher=hf", "teacher.checkpoint=llama_teacher",
+        "distill=kd", "student.block_size=16", "logger=console", "train.batch_size=4", "train.max_steps=3",
+    ]  # fmt: skip
+    line = json.loads(run_cli(tmp_path, *overrides, module="trainer.data").stdout)
+    assert line["documents"] == 80 and line["tokens"]["val"] > 0 and line["trained_tokens"] == line["tokens"]
+    shards = Path(tmp_path / line["cache"])
+    assert json.loads(run_cli(tmp_path, *overrides, module="trainer.data").stdout) == line  # reused
+    run_cli(tmp_path, *overrides, "teacher.cache_dir=cache", module="trainer.cache")
+    named = json.loads((tmp_path / "cache" / "manifest.json").read_text())["data_files"]
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert {Path(p).name: h for p, h in named.items()} == {n: e["sha256"] for n, e in manifest["files"].items()}
+    assert "train.tokens.bin" in {Path(p).name for p in named}
