@@ -22,8 +22,9 @@ def documents(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def save_tokenizer(folder: Path, vocab_size: int = 300, template: bool = True) -> Path:
-    """A byte-level BPE tokenizer trained on ``documents(50)``, saved as a transformers fast tokenizer folder."""
+def save_tokenizer(folder: Path, vocab_size: int = 300, template: bool = True, other: bool = False) -> Path:
+    """A byte-level BPE tokenizer trained on ``documents(50)`` (``other``: on them in upper case, which gives
+    another tokenizer of the same size), saved as a transformers fast tokenizer folder."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -33,7 +34,7 @@ def save_tokenizer(folder: Path, vocab_size: int = 300, template: bool = True) -
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tokenizer.train_from_iterator(documents(50), trainer)
+    tokenizer.train_from_iterator([d.upper() if other else d for d in documents(50)], trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     if template:
         fast.chat_template = CHAT_TEMPLATE

@@ -239,3 +239,17 @@ def test_ranks_read_disjoint_slices_of_the_same_global_batch(tmp_path, tokenizer
         for part in (0, 1):
             assert torch.equal(torch.cat([s[part] for s in slices]), whole[part])
     assert not torch.equal(dataset.train_batch(7, 5, 8, data.Shard())[0], whole[0])
+
+
+def test_a_tokenizer_other_than_the_teachers_is_refused(tmp_path, tokenizer_dir, monkeypatch):
+    from tests.data_files import save_llama
+
+    save_llama(tmp_path / "llama_teacher", 300, tokenizer=tokenizer_dir)
+    save_llama(tmp_path / "student", 300)
+    corpus(tmp_path / "corpus")
+    other = save_tokenizer(tmp_path / "other", other=True)
+    args = text_args(tmp_path, other, "data.files=[corpus/*.py]", "student=hf", "student.path=student")
+    args += ["student.block_size=16", "distill=kd", "teacher=hf", "teacher.checkpoint=llama_teacher"]
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *args)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: data.tokenizer: {other} (300 tokens) is not the teacher's"), lines
