@@ -146,26 +146,23 @@ def _chunks(cfg: DataConfig) -> Iterator[list[Any]]:
 def tokenize_chunk(cfg: DataConfig, block_size: int, first: int, items: list[Any]) -> dict[str, np.ndarray]:
     """The arrays of one chunk whose first document is number ``first`` ({"train.tokens": ..., ...})."""
     tok = tokenizer.load(cfg.tokenizer)
-    out: dict[str, list] = {f"{s}.{a}": [] for s in SPLITS for a in arrays(cfg.name)}
-    if cfg.name == "text":
-        encoded = [e.ids for e in tok.backend_tokenizer.encode_batch(items, add_special_tokens=False)]
-        samples: list[tuple[list | None, list | None]] = [(ids + [tok.eos_token_id], None) for ids in encoded]
+    if cfg.name == "text":  # encode_batch_fast: no character offsets, which text does not need
+        encoded = tok.backend_tokenizer.encode_batch_fast(items, add_special_tokens=False)
+        samples: list[tuple[list | None, list | None]] = [(e.ids + [tok.eos_token_id], None) for e in encoded]
     else:
         samples = [_chat_sample(tok, messages, block_size, cfg.overflow) for messages in items]
+    dtypes: dict[str, Any] = {"tokens": dtype_for(len(tok)), "ids": np.int64, "lengths": np.int64, "mask": np.uint8}
+    out: dict[str, list[np.ndarray]] = {f"{s}.{a}": [np.zeros(0, dtypes[a])] for s in SPLITS for a in arrays(cfg.name)}
     for i, (ids, mask) in enumerate(samples):
         if ids is None:  # dropped
             continue
         split = "val" if is_val(first + i, cfg.val_fraction) else "train"
-        out[f"{split}.tokens"].append(ids)
-        out[f"{split}.ids"].append([first + i])
-        out[f"{split}.lengths"].append([len(ids)])
+        out[f"{split}.tokens"].append(np.array(ids, dtype=dtypes["tokens"]))
+        out[f"{split}.ids"].append(np.array([first + i], dtype=np.int64))
+        out[f"{split}.lengths"].append(np.array([len(ids)], dtype=np.int64))
         if mask is not None:
-            out[f"{split}.mask"].append(mask)
-    dtypes: dict[str, Any] = {"tokens": dtype_for(len(tok)), "ids": np.int64, "lengths": np.int64, "mask": np.uint8}
-    return {
-        name: np.fromiter((v for part in parts for v in part), dtype=dtypes[name.split(".")[1]])
-        for name, parts in out.items()
-    }
+            out[f"{split}.mask"].append(np.array(mask, dtype=np.uint8))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
 def _chat_sample(tok: Any, messages: list, block_size: int, overflow: str) -> tuple[list | None, list | None]:
@@ -179,6 +176,11 @@ def _chat_sample(tok: Any, messages: list, block_size: int, overflow: str) -> tu
     if not any(trained[1:]):
         return None, None
     return ids, [int(t) for t in trained]
+
+
+def _one_thread() -> None:
+    """A tokenizing worker's tokenizer runs on one thread: ``data.num_proc`` workers share the cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _worker_tokenize(args: tuple) -> dict[str, np.ndarray]:
@@ -208,7 +210,7 @@ def _build(cfg: DataConfig, block_size: int, root: Path, progress: bool) -> dict
     start = time.perf_counter()
     n_chunks, documents = 0, 0
     bar = _progress_bar(progress)
-    pool = multiprocessing.get_context("fork").Pool(cfg.num_proc) if cfg.num_proc > 1 else None
+    pool = multiprocessing.get_context("fork").Pool(cfg.num_proc, _one_thread) if cfg.num_proc > 1 else None
     pending: deque = deque()
 
     def finish_oldest() -> None:
