@@ -253,3 +253,32 @@ def test_a_tokenizer_other_than_the_teachers_is_refused(tmp_path, tokenizer_dir,
     code, lines = preflight_in_process(tmp_path, monkeypatch, *args)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: data.tokenizer: {other} (300 tokens) is not the teacher's"), lines
+
+
+def test_a_gguf_files_tokenizer_reads_a_corpus(tmp_path):
+    """``data.tokenizer`` naming a GGUF file: its embedded tokenizer (here 32 byte-level BPE tokens)."""
+    pytest.importorskip("gguf", reason="GGUF files need the `hf` extra")
+    from tests.gguf_files import VOCAB, tiny_llama, write_gguf
+
+    gguf = write_gguf(tiny_llama(), tmp_path / "tiny.gguf")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("ab ba abba " * 40)
+    (tmp_path / "corpus" / "b.txt").write_text("baab a b " * 40)
+    cfg = DataConfig(name="text", files=[str(tmp_path / "corpus" / "*")], tokenizer=str(gguf), cache_dir=str(tmp_path))
+    dataset = data.build(cfg, BLOCK)
+    tok = data.tokenizer.load(str(gguf))
+    assert dataset.vocab_size == data.vocab_size(cfg) == VOCAB
+    assert dataset.val_tokens.tolist() == tok("ab ba abba " * 40, add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+
+
+def test_a_sequence_longer_than_the_students_positions_stops_in_one_line(tmp_path, tokenizer_dir, monkeypatch):
+    from tests.data_files import save_llama
+
+    save_llama(tmp_path / "student", 300)
+    corpus(tmp_path / "corpus", n=80)
+    args = text_args(tmp_path, tokenizer_dir, "data.files=[corpus/*.py]", "student=hf", "student.path=student")
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *args, "student.block_size=128")
+    assert code == 2 and len(lines) == 1, lines
+    assert "student.block_size: 128 is longer than the model's 64 positions" in lines[0], lines
