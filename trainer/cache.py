@@ -86,7 +86,12 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     prepare(
         root,
         cache.new_manifest(
-            cache.expected_key(cfg), t.max_steps, dataset.tokens_per_sample(), cfg.teacher.cache_dtype, env.world_size
+            cache.expected_key(cfg),
+            t.max_steps,
+            dataset.tokens_per_sample(),
+            cfg.teacher.cache_dtype,
+            env.world_size,
+            lse_temperature=cfg.distill.temperature,
         ),
         env.is_main,
     )

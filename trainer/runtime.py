@@ -8,6 +8,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,9 +25,9 @@ from trainer import data
 from trainer.checkpoint import STUDENT
 from trainer.config import DistillConfig, RunConfig
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.losses import logit_losses
+from trainer.distill.losses import fused_logit_losses, logit_losses
 from trainer.distill.placement import Teacher, TeacherOutput
-from trainer.models.protocol import ModelFamily
+from trainer.models.protocol import ModelFamily, fuses_head
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
@@ -113,6 +114,9 @@ class DataParallelRuntime(StudentRuntime):
         self.dims, self.mesh, self.device, self.batches = layout.dims, layout.mesh, layout.device, layout.batches
         self.dp_mesh = layout.dims.dp_mesh(layout.mesh)
         self.student_layers = tuple(f.student_layer for f in cfg.distill.features)
+        # Logit distillation through the student's head=fn: the loss runs inside its forward (FSDP2 gathers the
+        # head's weight once per forward, as for the logits, and reduce-scatters its gradient).
+        self.fused = cfg.distill.fused and cfg.distill.loss != "none" and fuses_head(trainable[STUDENT])
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
@@ -128,9 +132,16 @@ class DataParallelRuntime(StudentRuntime):
     def losses(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The loss terms of micro-batch ``micro`` of step ``step`` (inputs ``x``, labels ``y``)."""
         t_out = self.teacher(x, step, micro) if self.teacher is not None else None
-        s_out = self.modules[STUDENT](x, hidden_layers=self.student_layers)
-        logits, s_hidden = s_out if self.student_layers else (s_out, None)
-        out = logit_losses(logits, y, t_out, self.cfg.distill)
+        student = self.modules[STUDENT]
+        if self.fused:
+            assert t_out is not None  # a KD loss has a teacher
+            head = partial(fused_logit_losses, y=y, teacher=t_out, d=self.cfg.distill)
+            s_out = student(x, hidden_layers=self.student_layers, head=head)
+            out, s_hidden = s_out if self.student_layers else (s_out, None)
+        else:
+            s_out = student(x, hidden_layers=self.student_layers)
+            logits, s_hidden = s_out if self.student_layers else (s_out, None)
+            out = logit_losses(logits, y, t_out, self.cfg.distill)
         if s_hidden is not None:
             assert t_out is not None  # feature distillation runs with a live teacher
             feat, parts = self.modules["features"](s_hidden, t_out.hidden)

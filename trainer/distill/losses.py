@@ -630,11 +630,31 @@ def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: Di
             kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size
         )
         if teacher.topk is not None:
-            kd = kd_loss_topk(logits, *teacher.topk, **options)
+            kd = kd_loss_topk(logits, *teacher.topk, teacher_lse=teacher.lse if d.top_k_tail else None, **options)
         else:
-            assert teacher.logits is not None  # a teacher's output has full logits or a top-k pair
-            real = teacher.logits.shape[-1]  # the real vocabulary: the student's rows past it are padding
-            kd = kd_loss(logits[..., :real], teacher.logits, top_k=d.top_k, **options)
+            # full logits, or a fused teacher's head (a student that cannot fuse computes the teacher's logits here)
+            t_logits = F.linear(*teacher.head) if teacher.head is not None else teacher.logits
+            assert t_logits is not None  # a teacher's output has full logits, its head or a top-k pair
+            real = t_logits.shape[-1]  # the real vocabulary: the student's rows past it are padding
+            kd = kd_loss(logits[..., :real], t_logits, top_k=d.top_k, top_k_tail=d.top_k_tail, **options)
         out["distill/kd"] = kd
         out["train/loss"] = out["train/loss"] + d.alpha * kd
     return out
+
+
+FUSED_CHUNK_SIZE = 1024  # tokens per chunk of the fused loss when distill.chunk_size is not set
+
+
+def fused_logit_losses(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, teacher: TeacherOutput, d: DistillConfig
+) -> dict[str, Tensor]:
+    """:func:`logit_losses` of the head ``(weight, bias)`` on the student's last hidden states ``hidden``, never
+    holding logits for more than a chunk of tokens (of either model, when the teacher gives its head): a model's
+    ``head=`` function. Only ``train/loss`` carries gradient."""
+    side = TeacherSide(logits=teacher.logits, topk=teacher.topk, lse=teacher.lse if d.top_k_tail else None)
+    if teacher.head is not None:
+        t_hidden, t_weight, t_bias = teacher.head
+        side = TeacherSide(hidden=t_hidden, weight=t_weight, bias=t_bias)
+    how = FusedSettings(d.loss, d.temperature, d.beta, d.alpha, d.top_k, d.top_k_tail, d.chunk_size or FUSED_CHUNK_SIZE)
+    loss, kd, ce = fused_kd_terms(hidden, weight, bias, side, how, labels=y)
+    return {"train/ce": ce, "distill/kd": kd, "train/loss": loss}
