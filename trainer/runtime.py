@@ -25,7 +25,7 @@ from trainer import data
 from trainer.checkpoint import STUDENT
 from trainer.config import DistillConfig, RunConfig
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.losses import fused_logit_losses, logit_losses
+from trainer.distill.losses import FUSED_CHUNK_SIZE, fused_logit_losses, logit_losses
 from trainer.distill.placement import Teacher, TeacherOutput
 from trainer.models.protocol import ModelFamily, fuses_head
 
@@ -62,6 +62,7 @@ class StudentRuntime(ABC):
     compressor: Compressor | None
     dp_mesh: DeviceMesh | None  # the ranks that hold the same part of the student (losses and evals sum over them)
     pipelined = False
+    kd_path: str | None = None  # how logit distillation computes its logits (said once at the start of a KD run)
 
     @property
     def student(self) -> nn.Module:
@@ -117,6 +118,12 @@ class DataParallelRuntime(StudentRuntime):
         # Logit distillation through the student's head=fn: the loss runs inside its forward (FSDP2 gathers the
         # head's weight once per forward, as for the logits, and reduce-scatters its gradient).
         self.fused = cfg.distill.fused and cfg.distill.loss != "none" and fuses_head(trainable[STUDENT])
+        if self.fused:
+            chunk = cfg.distill.chunk_size or FUSED_CHUNK_SIZE
+            teacher_side = "its head" if teacher is not None and teacher.gives_head else "its logits"
+            self.kd_path = f"fused head + divergence, {chunk} tokens at a time (teacher: {teacher_side})"
+        elif cfg.distill.fused and cfg.distill.loss != "none":
+            self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
@@ -267,6 +274,8 @@ class PipelineRuntime(StudentRuntime):
             microbatch=(rows, batches.tokens_per_sample),
             device=device,
         )
+        if cfg.distill.fused and cfg.distill.loss != "none":
+            self.kd_path = "full logits on the last stage (a pipelined student's head is not fused)"
         # From here on the student is this rank's stages; the compressor covers their parameters.
         self.trainable = nn.ModuleDict({STUDENT: self.pipeline.part})
         self.compressor = compressor.for_part(self.pipeline.part) if compressor else None

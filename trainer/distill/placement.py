@@ -62,6 +62,7 @@ class Teacher(ABC):
     placement: str
     module: nn.Module | None = None
     scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
+    gives_head = False  # whether its output is its head's input and parameters (a fused loss computes the logits)
 
     def __init__(self) -> None:
         self.wait_seconds = 0.0
@@ -107,7 +108,7 @@ class LiveTeacher(Teacher):
 
     def __init__(self, module: nn.Module, placement: str, hidden_layers: tuple[int, ...] = (), fused: bool = False):
         super().__init__()
-        self.module, self.placement, self.hidden_layers, self.fused = module, placement, hidden_layers, fused
+        self.module, self.placement, self.hidden_layers, self.gives_head = module, placement, hidden_layers, fused
 
     @property
     def whole_module(self) -> nn.Module | None:
@@ -115,7 +116,7 @@ class LiveTeacher(Teacher):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        if self.fused:
+        if self.gives_head:
             out = self.module(x, hidden_layers=self.hidden_layers, head=_head_inputs)
             head, hidden = out if self.hidden_layers else (out, None)
             return TeacherOutput(head=head, hidden=hidden)
