@@ -44,14 +44,14 @@ def overrides(kind: str, root: Path, teacher: Path) -> list[str]:
 
 def launch(root: Path, nproc: int, name: str, args: list[str]) -> tuple[Path, str]:
     """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``; the run's
-    folder and its stderr."""
+    folder and its stdout."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     command = [sys.executable, *torchrun, "-m", "trainer", *args, f"hydra.run.dir={name}"]
     proc = subprocess.run(
         command, cwd=root, env=cli_env(root) | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return root / name, proc.stderr
+    return root / name, proc.stdout
 
 
 @pytest.mark.parametrize("kind", list(STUDENTS))

@@ -94,8 +94,8 @@ class Manifest:
             raise ValueError(f"{_excerpt(raw)} is not a JSON object")
         if _field(raw, "format", "str") not in READABLE_FORMATS:
             raise CacheError(
-                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} (which adds checksums): remove it and "
-                "rebuild it with python -m trainer.cache"
+                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} (format 1 had no checksums): remove it "
+                "and rebuild it with python -m trainer.cache"
             )
         key = _field(raw, "key", "dict")
         steps = _field(raw, "steps", "int")

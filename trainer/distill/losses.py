@@ -409,29 +409,29 @@ def _fused_pass(
     teacher: TeacherSide,
     how: FusedSettings,
     with_grads: bool,
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None]:
-    """The KD and CE sums over the ``kept`` rows, a chunk of them at a time; with ``with_grads`` also the gradients
-    of ``alpha * T**2 * KD + (1 - alpha) * CE`` (both divided by the kept count) for hidden, weight and bias."""
+) -> tuple[Tensor, Tensor, list[Tensor | None] | None]:
+    """The KD and CE means over the ``kept`` rows, a chunk of them at a time; with ``with_grads`` also the gradients
+    of ``alpha * T**2 * KD + (1 - alpha) * CE`` (both averaged over the kept rows) for hidden, weight and bias: each
+    chunk's logits gradient is multiplied into them at once (the weight's and bias's accumulated in fp32 in place)."""
     count = max(kept.numel(), 1)
     kd_scale, ce_scale = how.alpha * how.temperature**2 / count, (1.0 - how.alpha) / count
     vocab = teacher.vocab or weight.shape[0]
     kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     ce_sum = torch.zeros_like(kd_sum)
-    w = weight.detach().requires_grad_(with_grads)
-    b = None if bias is None else bias.detach().requires_grad_(with_grads)
-    grads = None
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    grads: list[Tensor | None] | None = None
     if with_grads:
-        grads = (
+        grads = [
             torch.zeros_like(hidden),
             torch.zeros_like(weight, dtype=torch.float32),
             None if bias is None else torch.zeros_like(bias, dtype=torch.float32),
-        )
+        ]
     for start in range(0, kept.numel(), how.chunk_size):
         index = kept[start : start + how.chunk_size]
         t_rows, t_indices = teacher.rows(index, how.top_k, how.tail, how.temperature)
+        h = hidden.detach().index_select(0, index)
+        logits = F.linear(h, weight, bias).requires_grad_(with_grads)
         with torch.enable_grad():
-            h = hidden.index_select(0, index).detach().requires_grad_(with_grads)
-            logits = F.linear(h, w, b)
             kd = _summed_divergence(
                 logits[:, :vocab],
                 t_rows,
@@ -448,35 +448,35 @@ def _fused_pass(
         kd_sum += kd.detach()
         ce_sum += ce.detach()
         if grads is not None:
-            inputs = (h, w) if b is None else (h, w, b)
-            chunk_grads = torch.autograd.grad(loss, inputs)
-            grads[0].index_copy_(0, index, chunk_grads[0])
-            grads[1].add_(chunk_grads[1])
-            if grads[2] is not None:
-                grads[2].add_(chunk_grads[2])
+            (grad_logits,) = torch.autograd.grad(loss, logits)
+            grad_hidden, grad_weight, grad_bias = grads
+            assert grad_hidden is not None and grad_weight is not None  # made above
+            grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(grad_hidden.dtype))
+            grad_weight.addmm_(grad_logits.t().float(), h.float())
+            if grad_bias is not None:
+                grad_bias.add_(grad_logits.float().sum(0))
     return kd_sum * how.temperature**2 / count, ce_sum / count, grads
 
 
 class _FusedLinearKD(torch.autograd.Function):
     """(alpha * KD + (1 - alpha) * CE, KD, CE) of a head's logits computed a chunk of tokens at a time; the
-    gradients are computed chunk by chunk during forward and saved (shaped like hidden, weight and bias)."""
+    gradients for hidden, weight and bias are computed chunk by chunk during forward, kept, and scaled in place by
+    backward, which hands them over (so backward runs once: a second backward through it raises)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, kept, teacher, how):
         kd, ce, grads = _fused_pass(hidden, weight, bias, labels, kept, teacher, how, with_grads=True)
         assert grads is not None
-        grad_hidden, grad_weight, grad_bias = grads
-        ctx.save_for_backward(
-            grad_hidden, grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype)
-        )
+        ctx.grads = [None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias))]
         ctx.mark_non_differentiable(kd, ce)
         return how.alpha * kd + (1.0 - how.alpha) * ce, kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss for g in (grad_hidden, grad_weight, grad_bias)]
-        return *scaled, None, None, None, None
+        grads, ctx.grads = ctx.grads, None  # not kept: the parameters' .grad may take these tensors as they are
+        if grads is None:
+            raise RuntimeError("the fused KD loss's backward ran twice (its gradients are handed over once)")
+        return *(None if g is None else g.mul_(grad_loss) for g in grads), None, None, None, None
 
 
 def fused_kd_terms(
@@ -642,7 +642,7 @@ def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: Di
     return out
 
 
-FUSED_CHUNK_SIZE = 1024  # tokens per chunk of the fused loss when distill.chunk_size is not set
+FUSED_CHUNK_SIZE = 256  # tokens per chunk of the fused loss when distill.chunk_size is not set
 
 
 def fused_logit_losses(
