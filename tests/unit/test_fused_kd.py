@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import HF_VOCAB, small_hf_config
+from trainer import models
 from trainer.distill.losses import FusedSettings, TeacherSide, fused_kd_terms, fused_linear_kd_loss, kd_loss
+from trainer.models.hf import DECODERS
+from trainer.models.protocol import FINAL_HIDDEN, family_of, fuses_head
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 N_ROWS, N_TOKENS, H_S, H_T, V = 2, 6, 8, 12, 20
@@ -246,3 +250,42 @@ def test_without_grad_and_bad_arguments():
         fused_linear_kd_loss(hidden, weight, t_hidden, t_weight, kind="jsd", top_k=V, top_k_tail=True)
     with pytest.raises(ValueError, match="differ outside the last dim"):
         fused_linear_kd_loss(hidden, weight, t_hidden[:1], t_weight, kind="jsd")
+
+
+def test_the_gradients_are_handed_over_once():
+    hidden, weight, _, t_hidden, t_weight, _, _ = make(seed=7)
+    loss = fused_linear_kd_loss(hidden.requires_grad_(), weight, t_hidden, t_weight, kind="jsd", chunk_size=5)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def protocol_model(kind: str) -> torch.nn.Module:
+    if kind == "gpt":
+        return models.build("gpt", vocab_size=V, n_layer=2, n_head=2, n_embd=16, block_size=N_TOKENS)
+    transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
+    config = small_hf_config(kind)
+    return DECODERS[config.model_type].wrap(transformers.AutoModelForCausalLM.from_config(config).float(), None)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama", "qwen2", "gpt2"])
+def test_models_run_a_head_function_in_place_of_their_head(kind):
+    """``model(x, head=fn)`` returns ``fn(final hidden, weight, bias)``; with the plain head it is the model."""
+    torch.manual_seed(0)
+    model = protocol_model(kind).eval()
+    x = torch.randint(0, HF_VOCAB if kind != "gpt" else V, (2, N_TOKENS), generator=torch.Generator().manual_seed(1))
+    assert fuses_head(model)
+    torch.testing.assert_close(model(x, head=torch.nn.functional.linear), model(x), rtol=0, atol=0)
+    out, hidden = model(x, hidden_layers=(FINAL_HIDDEN,), head=lambda h, w, b: (h, w))
+    assert torch.equal(out[0], hidden[FINAL_HIDDEN]) and out[1] is family_of(model).head(model).weight
+
+
+def test_a_head_that_is_not_a_plain_linear_is_not_fused():
+    """A fake-quantized head (a Linear subclass computing its logits from other weights) keeps the full logits."""
+
+    class FakeQuantized(torch.nn.Linear):
+        pass
+
+    model = protocol_model("gpt")
+    model.head = FakeQuantized(16, V, bias=False)
+    assert not fuses_head(model)
