@@ -177,6 +177,27 @@ def train_teacher_if_missing(cfg: RunConfig) -> None:
     validate(cfg)
 
 
+def build_cache_if_missing(cfg: RunConfig, run_dir: Path) -> None:
+    """With ``teacher.cache_build``, write (or finish) the run's teacher cache with ``python -m trainer.cache`` and
+    the run's overrides when ``teacher.cache_dir`` holds no complete one; a rerun reuses it."""
+    from trainer.distill import cache
+
+    if cfg.teacher.placement != "cache" or not cfg.teacher.cache_build:
+        return
+    try:
+        cache.check(cfg)
+        return
+    except cache.CacheError:
+        pass  # missing or unfinished (the preflight refused any other cache)
+    overrides = list(HydraConfig.get().overrides.task)
+    command = [sys.executable, "-m", "trainer.cache", *overrides, f"hydra.run.dir={run_dir / 'cache_build'}"]
+    print(f"teacher cache {cfg.teacher.cache_dir} missing or unfinished: building it", file=sys.stderr)
+    built = subprocess.run(command)
+    if built.returncode != 0:
+        sys.exit(built.returncode)  # trainer.cache printed why
+    validate(cfg)
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_entry(dict_cfg: DictConfig) -> float | None:
     from trainer.loop import run
@@ -185,9 +206,10 @@ def hydra_entry(dict_cfg: DictConfig) -> float | None:
         cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
         validate(cfg)
         train_teacher_if_missing(cfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        build_cache_if_missing(cfg, run_dir)
     except ConfigError as e:
         fail(str(e))
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     return run(cfg, run_dir, cast(dict[str, Any], OmegaConf.to_container(dict_cfg, resolve=True)))
 
 

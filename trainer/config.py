@@ -53,6 +53,7 @@ class TeacherConfig:
     param_dtype: str = "fp32"
     cache_dir: str | None = None  # cache: folder written by `python -m trainer.cache` (same overrides)
     cache_dtype: str = "fp32"  # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16)
+    cache_build: bool = False  # cache: write cache_dir first (python -m trainer.cache) when it is missing or unfinished
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
     recipe: list[str] = field(default_factory=list)
 
@@ -72,6 +73,7 @@ class DataConfig:
     synthetic_tokens: int = 20000
     # data=text|chat: files or globs; a tokenizer folder, GGUF file or `teacher` (teacher.checkpoint's own).
     files: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # globs of paths to leave out of files' (``*`` crosses folders)
     tokenizer: str = "teacher"
     text_field: str = "text"  # data=text: the field of .json/.jsonl/.parquet rows that holds a document
     overflow: str = "truncate"  # data=chat: samples longer than the sequence: truncate | drop
@@ -265,6 +267,17 @@ class TrainConfig:
 
 
 @dataclass
+class ReportConfig:
+    # Also measure the teacher, the export and a dense copy as transformers loads them (trainer/side_by_side.py).
+    side_by_side: bool = False
+    prompts: list[str] = field(default_factory=list)  # side_by_side: greedy completions by each model
+    new_tokens: int = 32
+
+    def check(self) -> None:
+        _check(self.new_tokens >= 1, "new_tokens", f"must be >= 1 (got {self.new_tokens})")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     student: dict[str, Any] = field(default_factory=lambda: dict(TINY_GPT))
@@ -275,6 +288,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     experiment: Any = None
 
     def __post_init__(self) -> None:
@@ -283,7 +297,11 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """The schema Hydra composes into; the ``student`` group fills the student node whole."""
+    """The schema Hydra composes into (and the resolvers its files use); the ``student`` group fills the student
+    node whole."""
+    from trainer import resolvers
+
+    resolvers.register()
     ConfigStore.instance().store(name="run_schema", node=RunConfig(student={}))
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from parallel import env as dist_env
 from parallel import groups, remote
 from parallel.collectives import dp_sum
-from trainer import checkpoint, data, exports, models, report
+from trainer import checkpoint, data, exports, models, report, side_by_side
 from trainer.build import build_compressor, build_run
 from trainer.config import RunConfig, parallel_dims
 from trainer.distill import cache
@@ -340,6 +340,8 @@ class Trainer:
             self.logger.close()
         if summary is not None:
             print(report.closing_table(summary))
+            if "side_by_side" in summary:
+                print(side_by_side.closing_text(summary["side_by_side"]))
         return last_eval.get("eval/val_loss", float("nan"))
 
     def checkpoint_and_stop(self, step: int, signal_name: str) -> None:
@@ -433,5 +435,9 @@ class Trainer:
             example=next(iter(self.parts.dataset.val_batches(self.cfg.train.batch_size)))[0],
             layer_table=compressor.layer_table() if compressor else None,
         )
+        if self.cfg.report.side_by_side:
+            summary["side_by_side"] = side_by_side.run(
+                self.cfg, self.run_dir, student, list(self.parts.dataset.val_batches(self.cfg.train.batch_size))
+            )
         self.logger.summary(summary)
         return summary

@@ -70,6 +70,16 @@ def validate(cfg: RunConfig) -> None:
     _validate_parallel(cfg)
     _validate_teacher(cfg)
     _validate_compress(cfg)
+    if cfg.report.side_by_side:
+        from trainer.distill import teacher as teacher_io
+
+        _check(
+            cfg.teacher.checkpoint is not None
+            and family.pretrained_format
+            and teacher_io.resolve(cfg.teacher.checkpoint)[0] in ("hf", "gguf"),
+            "report.side_by_side",
+            "measures a Hugging Face or GGUF teacher (teacher.checkpoint) beside a Hugging Face student",
+        )
 
 
 def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -> list[str]:
@@ -443,8 +453,17 @@ def _validate_cache(cfg: RunConfig) -> None:
         "teacher.cache_dir",
         "teacher.placement=cache needs teacher.cache_dir=PATH (written by python -m trainer.cache)",
     )
+    assert cfg.teacher.cache_dir is not None  # checked above
+    if cfg.teacher.cache_build:
+        _check(
+            world_size_from_env() == 1,
+            "teacher.cache_build",
+            "builds the cache in one process: write it first with torchrun ... -m trainer.cache (the same overrides)",
+        )
+        if not (Path(cfg.teacher.cache_dir) / cache.MANIFEST).exists():
+            return  # written before training starts (trainer.__main__.build_cache_if_missing)
     try:
-        cache.check(cfg)
+        cache.check(cfg, complete=not cfg.teacher.cache_build)
     except cache.CacheError as e:
         raise ConfigError("teacher.cache_dir", str(e)) from None
 

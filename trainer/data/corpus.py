@@ -4,10 +4,11 @@ whatever the corpus size): ``.json``/``.jsonl`` and ``.parquet`` rows as they ar
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from trainer.data.errors import DataError
@@ -20,9 +21,10 @@ def builder(path: Path) -> str:
     return {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
 
 
-def expand(patterns: list[str]) -> list[Path]:
-    """The files ``data.files`` names, in its order (each glob's matches sorted, none twice); DataError naming a
-    missing file or a glob that matches nothing."""
+def expand(patterns: list[str], exclude: Sequence[str] = ()) -> list[Path]:
+    """The files ``data.files`` names, in its order (each glob's matches sorted, none twice), less those whose path
+    matches a glob of ``exclude`` (``fnmatch``: ``*`` crosses folders); DataError naming a missing file or a glob
+    that matches nothing."""
     found: list[Path] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -34,7 +36,8 @@ def expand(patterns: list[str]) -> list[Path]:
                 raise DataError("data.files", f"{pattern} does not exist")
             matches = [Path(pattern)]
         found += matches
-    return list(dict.fromkeys(found))
+    kept = (p for p in found if not any(fnmatch.fnmatch(str(p), pattern) for pattern in exclude))
+    return list(dict.fromkeys(kept))
 
 
 def rows(files: list[Path]) -> Iterator[tuple[Path, dict]]:

@@ -57,7 +57,7 @@ def arrays(name: str) -> tuple[str, ...]:
 
 def key(cfg: DataConfig, block_size: int) -> dict[str, Any]:
     """What the shards depend on: the files' contents in order, the tokenizer's files and the settings."""
-    paths = corpus.expand(cfg.files)
+    paths = corpus.expand(cfg.files, cfg.exclude)
     settings: dict[str, Any] = {"format": FORMAT, "name": cfg.name, "val_fraction": cfg.val_fraction}
     if cfg.name == "text":
         settings["text_field"] = cfg.text_field
@@ -116,7 +116,7 @@ def dtype_for(vocab: int) -> np.dtype:
 def _documents(cfg: DataConfig) -> Iterator[Any]:
     """The corpus's documents (text) or conversations (chat), in order."""
     numbers: dict[Path, int] = {}
-    for path, row in corpus.rows(corpus.expand(cfg.files)):
+    for path, row in corpus.rows(corpus.expand(cfg.files, cfg.exclude)):
         numbers[path] = numbers.get(path, 0) + 1
         if cfg.name == "chat":
             yield chat.conversation(path, numbers[path], row)

@@ -362,8 +362,9 @@ class CacheReader:
         return stored.float(), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(lse)
 
 
-def check(cfg: RunConfig) -> Manifest:
-    """The manifest of ``cfg.teacher.cache_dir`` if ``cfg``'s run may read it; else CacheError (one line)."""
+def check(cfg: RunConfig, complete: bool = True) -> Manifest:
+    """The manifest of ``cfg.teacher.cache_dir`` if ``cfg``'s run may read it (once finished, if not ``complete``);
+    else CacheError (one line)."""
     assert cfg.teacher.cache_dir is not None  # preflight: placement=cache names it
     root = Path(cfg.teacher.cache_dir)
     manifest = read_manifest(root)
@@ -383,7 +384,7 @@ def check(cfg: RunConfig) -> Manifest:
             "run's overrides"
         )
     missing = [i for i in range(len(manifest.shards)) if not _shard_complete(root, manifest, i)]
-    if missing:
+    if missing and complete:
         raise CacheError(
             f"{root} is incomplete: shards {missing} of {len(manifest.shards)} are missing or "
             "unfinished (run python -m trainer.cache again to finish them)"

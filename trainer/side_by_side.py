@@ -1,0 +1,125 @@
+"""Teacher and student side by side, each as its users run it (``report.side_by_side=true``): the teacher as the run
+reads it, the student's export and a dense Hugging Face copy of it (``final_dense/``) as transformers alone loads
+them. Per model: val loss, top-1 agreement with the teacher, parameters, bytes on disk, forward tokens/s; and the
+greedy completions of ``report.prompts``. Written to ``side_by_side.json`` and appended to ``report.md``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import exports, models, report
+from trainer.config import RunConfig
+from trainer.data import tokenizer as tokenizers
+from trainer.distill import teacher as teacher_io
+from trainer.models import hf, hf_gguf
+
+DENSE_DIR = "final_dense"
+
+
+def save_dense_folder(student: nn.Module, run_dir: Path) -> Path:
+    """The trained student's float weights (no fake-quant, no compression) as ``run_dir/final_dense``."""
+    final = run_dir / DENSE_DIR
+    staging = exports.staging_dir(final)
+    models.save_dense(report.dense_copy(student), staging)
+    exports.publish(staging, final)
+    return final
+
+
+def load_teacher(path: str, dtype: str) -> hf.TransformersLM:
+    """The teacher (a Hugging Face folder, or a GGUF file dequantized to ``dtype``) as transformers loads it."""
+    kind, found = teacher_io.resolve(path)
+    return hf.TransformersLM(hf_gguf.load(found, dtype)).eval() if kind == "gguf" else hf.load_transformers(found)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], teacher_top1: list[torch.Tensor]):
+    """Val loss (nats/token), top-1 agreement with ``teacher_top1``, forward tokens/s; and this model's top-1."""
+    loss, tokens, seconds, top1 = 0.0, 0, 0.0, []
+    for x, y in batches:
+        start = time.perf_counter()
+        logits = model(x).float()
+        seconds += time.perf_counter() - start
+        loss += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        top1.append(logits.argmax(-1))
+        tokens += y.numel()
+    agree = sum(int((mine == ref).sum()) for mine, ref in zip(top1, teacher_top1 or top1, strict=True))
+    return {"val_loss": loss / tokens, "agreement": agree / tokens, "tokens_per_s": tokens / seconds}, top1
+
+
+@torch.no_grad()
+def complete(model: hf.TransformersLM, tokenizer: Any, prompt: str, new_tokens: int) -> str:
+    """The model's greedy continuation of ``prompt`` (``new_tokens`` tokens at most)."""
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    generate: Any = model.hf_model.generate
+    out = generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return tokenizer.decode(out[0, ids.size(1) :], skip_special_tokens=True)
+
+
+def run(cfg: RunConfig, run_dir: Path, student: nn.Module, val_batches: list) -> dict:
+    """Write ``final_dense/``, measure the teacher and both student folders, write the results; the summary."""
+    assert cfg.teacher.checkpoint is not None  # the preflight asks for a teacher
+    dense = save_dense_folder(student, run_dir)
+    teacher = load_teacher(cfg.teacher.checkpoint, cfg.teacher.param_dtype)
+    rows: list[tuple[str, hf.TransformersLM, int]] = [
+        ("teacher", teacher, 4 * sum(p.numel() for p in teacher.parameters())),
+        ("student (export)", hf.load_transformers(run_dir / "final"), report.folder_bytes(run_dir / "final")),
+        ("student (dense)", hf.load_transformers(dense), report.folder_bytes(dense)),
+    ]
+    tokenizer = tokenizers.load(cfg.data.tokenizer)
+    batches = [(x.cpu(), y.cpu()) for x, y in val_batches]
+    table, completions = [], []
+    teacher_top1: list[torch.Tensor] = []
+    for name, model, size in rows:
+        figures, top1 = measure(model, batches, teacher_top1)
+        teacher_top1 = teacher_top1 or top1
+        table.append({"model": name, "params": report.parameter_count(model), "bytes": size, **figures})
+        completions.append([complete(model, tokenizer, p, cfg.report.new_tokens) for p in cfg.report.prompts])
+    summary = {
+        "models": table,
+        "completions": {p: {r[0]: c[i] for r, c in zip(rows, completions)} for i, p in enumerate(cfg.report.prompts)},
+        "val_tokens": sum(y.numel() for _, y in batches),
+    }
+    (run_dir / "side_by_side.json").write_text(json.dumps(summary, indent=1))
+    with (run_dir / "report.md").open("a") as f:
+        f.write("\n## Teacher and student as transformers loads them\n\n" + markdown(summary) + "\n")
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    lines = [
+        "| model | params | bytes on disk | val loss | top-1 agreement | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['model']} | {r['params']:,} | {r['bytes']:,} | {r['val_loss']:.4f} | {r['agreement']:.4f} "
+            f"| {r['tokens_per_s']:.0f} |"
+            for r in summary["models"]
+        ),
+    ]
+    for prompt, by_model in summary["completions"].items():
+        lines += ["", f"Prompt: `{prompt!r}`", ""]
+        lines += [f"- {name}: `{text!r}`" for name, text in by_model.items()]
+    return "\n".join(lines)
+
+
+def closing_text(summary: dict) -> str:
+    """The table and completions printed when the run ends."""
+    header = f"{'model':<20}{'params':>13}{'bytes':>14}{'val loss':>10}{'agree':>8}{'tok/s':>8}"
+    lines = [header, "-" * len(header)]
+    lines += [
+        f"{r['model']:<20}{r['params']:>13,}{r['bytes']:>14,}{r['val_loss']:>10.4f}{r['agreement']:>8.3f}"
+        f"{r['tokens_per_s']:>8.0f}"
+        for r in summary["models"]
+    ]
+    for prompt, by_model in summary["completions"].items():
+        lines += [f"prompt {prompt!r}"] + [f"  {name:<18}{text!r}" for name, text in by_model.items()]
+    return "\n".join(lines)
