@@ -75,7 +75,7 @@ def validate(cfg: RunConfig) -> None:
 
         _check(
             cfg.teacher.checkpoint is not None
-            and family.pretrained_format
+            and (family.pretrained_format or family.name == "hf")  # student=hf names its decoder family later
             and teacher_io.resolve(cfg.teacher.checkpoint)[0] in ("hf", "gguf"),
             "report.side_by_side",
             "measures a Hugging Face or GGUF teacher (teacher.checkpoint) beside a Hugging Face student",

@@ -1,0 +1,42 @@
+"""``python -m benchmarks.llm --quick`` on a small random Llama teacher and a small corpus: every row trains or is
+measured, the JSON holds them, and the README fragment is written under ``--out`` (the real README and
+benchmarks/results stay as they are)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.llm import END, README, RESULTS_JSON, START
+from tests.conftest import run_cli
+from tests.data_files import documents, save_llama, save_tokenizer
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("transformers", reason="the recipe needs the `hf` extra")
+
+
+def test_quick_run_writes_every_row(tmp_path):
+    save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(documents(30)):
+        (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
+    section = README.read_text().partition(START)[2].partition(END)[0]
+    before = RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
+    args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "2"]
+    proc = run_cli(tmp_path, *args, module="benchmarks.llm", timeout=900)
+    assert proc.stdout.startswith("plan: 6 runs of 4 steps")
+    results = json.loads((tmp_path / "llm.json").read_text())
+    keys = [row["key"] for row in results["rows"]]
+    assert keys == ["teacher", "scratch_ce", "pruned", "pruned_ce", "pruned_kd", "pruned_kd_qat"]
+    runs = {row["key"]: row["runs"] for row in results["rows"]}
+    assert [len(runs[k]) for k in keys] == [1, 1, 1, 2, 2, 1]
+    assert runs["teacher"][0]["agreement"] == 1
+    assert runs["pruned_kd_qat"][0]["bytes"] < runs["pruned_kd"][0]["bytes"] < runs["teacher"][0]["bytes"]
+    assert runs["pruned"][0]["non_embedding_params"] * 2 <= runs["teacher"][0]["non_embedding_params"]
+    assert all(r["val_loss"] > 0 for k in keys for r in runs[k])
+    assert results["overhead"]["ratio"] > 0
+    fragment = (tmp_path / "README_llm.md").read_text()
+    assert "| pruned + KD + int8 QAT | 1 |" in fragment and "bare PyTorch/transformers" in fragment
+    assert README.read_text().partition(START)[2].partition(END)[0] == section
+    assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before
