@@ -11,6 +11,11 @@ dense bf16 rate (``PEAK_BF16_TFLOPS``, matched on the device name; ``--peak-tflo
 Forward FLOPs per token = 2 x (weights of every matmul, the output head included) + 4 x layers x
 context x width (attention scores and values, counted as if not causal, as PaLM's appendix does).
 
+The ``smollm2`` mode times ``python -m trainer experiment=smollm2``'s training step on the real trainer, in bf16:
+the teacher live on the device (dequantized to bf16), the cut student learning from its top-64 with the tail (fused
+KD), ``--smollm2-batch`` x ``--smollm2-block`` tokens a step, no QAT; its FLOPs count both models' matmuls and
+attention the same way. It needs the ``llm`` extra (one error row without it).
+
 Without CUDA it prints one line and exits 0.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,13 +166,68 @@ def run_mode(compiled: bool, sizes: dict, device: torch.device, steps: int, warm
     }
 
 
+SMOLLM2 = ["experiment=smollm2", "train.precision=bf16", "teacher.placement=replicate", "teacher.cache_build=false",
+           "teacher.param_dtype=bf16", "compress.modifiers=[]", "report.side_by_side=false", "logger.progress=false",
+           "logger=console", "train.eval_every=1000000", "train.ckpt_every=1000000", "logger.log_every=1"]  # fmt: skip
+
+
+def hf_forward_flops_per_token(model: nn.Module, block: int) -> float:
+    """``forward_flops_per_token`` of a transformers decoder (its config gives layers and attention width)."""
+    config: Any = model.config
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return 2.0 * matmul_weights + 4.0 * config.num_hidden_layers * block * width
+
+
+def run_smollm2(overrides: list[str], steps: int, warmup: int, run_dir: Path) -> dict:
+    """The real trainer's step on ``experiment=smollm2`` (``SMOLLM2`` plus ``overrides``), timed over ``steps``
+    steps after ``warmup``; stopped before the export (``train.stop_at_step``)."""
+    from benchmarks.common import compose_config
+    from parallel import env as dist_env
+    from trainer.loop import Trainer
+
+    total = warmup + steps
+    cfg, resolved = compose_config(
+        [*SMOLLM2, *overrides, f"train.max_steps={total + 1}", f"train.stop_at_step={total}"]
+    )
+    env = dist_env.detect()
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    trainer = Trainer(cfg, run_dir, env, resolved)
+    teacher = trainer.teacher.module if trainer.teacher is not None else None
+    assert teacher is not None  # a live teacher (teacher.placement=replicate)
+    block, batch = cfg.student["block_size"], cfg.train.batch_size
+    student_flops = hf_forward_flops_per_token(trainer.runtime.student, block)
+    teacher_flops = hf_forward_flops_per_token(getattr(teacher, "model", teacher), block)
+    trainer.fit()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_ms = [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r["step"] > warmup]
+    seconds = sum(step_ms) / 1000
+    step_flops = batch * block * (3 * student_flops + teacher_flops)
+    return {
+        "mode": "smollm2",
+        "steps": len(step_ms),
+        "warmup": warmup,
+        "step_ms": 1000 * seconds / len(step_ms),
+        "tokens_per_s": batch * block * len(step_ms) / seconds,
+        "achieved_tflops": step_flops * len(step_ms) / seconds / 1e12,
+        "final_loss": rows[-1]["train/loss"],
+        "step_flops": step_flops,
+        "batch": batch,
+        "block": block,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(env.device) / 2**30 if env.device.type == "cuda" else None,
+    }
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--batch", type=int, default=None, help=f"sequences per step (default {FULL['batch']})")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not known")
-    parser.add_argument("--modes", default="eager,compile")
+    parser.add_argument("--modes", default="eager,compile,smollm2")
+    parser.add_argument("--smollm2-batch", type=int, default=16, help="the smollm2 mode's sequences per step")
+    parser.add_argument("--smollm2-block", type=int, default=1024, help="the smollm2 mode's tokens per sequence")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
     # A CPU smoke test of this code path at a tiny size: no MFU, and no JSON unless --out is given.
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -196,8 +257,15 @@ def main() -> None:
     )
     results = []
     for mode in args.modes.split(","):
+        if args.tiny and mode == "smollm2":
+            continue  # the real model: not a smoke test's (tests/e2e/test_benchmarks_llm.py runs it on a tiny one)
         try:
-            result = run_mode(mode == "compile", sizes, device, args.steps, args.warmup)
+            if mode == "smollm2":
+                recipe = [f"train.batch_size={args.smollm2_batch}", f"student.block_size={args.smollm2_block}"]
+                with tempfile.TemporaryDirectory() as run_dir:
+                    result = run_smollm2(recipe, args.steps, args.warmup, Path(run_dir))
+            else:
+                result = run_mode(mode == "compile", sizes, device, args.steps, args.warmup)
         except Exception as e:  # one failing mode (e.g. out of memory) must not lose the other's figures
             result = {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         result["mfu"] = result["achieved_tflops"] / peak if peak and "error" not in result else None

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from benchmarks.llm import END, README, RESULTS_JSON, START
+from benchmarks.gpu import run_smollm2
+from benchmarks.llm import END, QUICK, README, RESULTS_JSON, START
 from tests.conftest import run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 
@@ -40,3 +41,19 @@ def test_quick_run_writes_every_row(tmp_path):
     assert "| pruned + KD + int8 QAT | 1 |" in fragment and "bare PyTorch/transformers" in fragment
     assert README.read_text().partition(START)[2].partition(END)[0] == section
     assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before
+
+
+def test_gpu_benchmark_times_the_recipe_on_a_tiny_teacher(tmp_path):
+    """``benchmarks.gpu``'s smollm2 mode (bf16 autocast; on CPU here) times the trainer's steps and counts FLOPs."""
+
+    save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(documents(30)):
+        (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
+    tiny = [
+        "teacher=hf", f"teacher.checkpoint={tmp_path / 'llama'}", f"data.files=[{tmp_path / 'corpus'}/*.py]",
+        f"data.cache_dir={tmp_path / 'data_cache'}", "train.batch_size=4", *QUICK,
+    ]  # fmt: skip
+    result = run_smollm2(tiny, steps=2, warmup=1, run_dir=tmp_path / "run")
+    assert result["mode"] == "smollm2" and result["steps"] == 2 and result["tokens_per_s"] > 0
+    assert result["step_flops"] > 0 and result["block"] == 16 and result["peak_memory_gib"] is None
