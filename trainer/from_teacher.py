@@ -12,7 +12,7 @@ from torch import nn
 from trainer import checkpoint, data, models
 from trainer.config import ConfigError, RunConfig
 from trainer.distill import teacher as teacher_io
-from trainer.models import cut, hf
+from trainer.models import cut, hf, hf_gguf
 from trainer.models.protocol import ConfigFieldError, ModelFamily, family_of
 
 if TYPE_CHECKING:
@@ -27,7 +27,8 @@ def config(cfg: RunConfig) -> cut.CutConfig:
 
 
 def source(cfg: RunConfig) -> nn.Module:
-    """The teacher as a model of its family, on the default device (on the meta device: its architecture only).
+    """The teacher as a model of its family (a GGUF file's: a Hugging Face one), on the default device (on the meta
+    device: its architecture only).
     ConfigError naming the key when there is none, or it cannot be cut."""
     if cfg.teacher.checkpoint is None:
         raise ConfigFieldError(
@@ -38,6 +39,9 @@ def source(cfg: RunConfig) -> nn.Module:
         kind, folder = teacher_io.resolve(cfg.teacher.checkpoint)
         if kind == "hf":
             return hf.load_pretrained(folder)
+        if kind == "gguf":
+            meta = torch.get_default_device().type == "meta"
+            return hf.from_transformers(hf_gguf.empty(folder) if meta else hf_gguf.load(folder), None)
         if torch.get_default_device().type == "meta":
             return models.build_from_spec(teacher_io.spec(folder))
         return teacher_io.load(folder)

@@ -188,3 +188,22 @@ def test_missing_packages_name_the_extra(pair, monkeypatch, package):
         f"teacher.checkpoint: a GGUF model needs gguf and accelerate ({package} is missing): "
         "pip install 'stillroom[hf]'"
     )
+
+
+def test_a_student_is_cut_from_a_gguf_teacher_as_from_its_hf_folder(pair):
+    """``student=from_teacher`` reads a GGUF teacher as a Hugging Face model: the preflight's sizes (meta device)
+    and the cut student's logits are those of the same cut of the Hugging Face folder."""
+    from trainer import data, from_teacher
+    from trainer.config import sequence_length
+
+    cuts = []
+    for checkpoint in pair[::-1]:
+        cfg = run_config(checkpoint)
+        cfg.student = {"arch": "from_teacher", "layers": 1, "width": 0.5, "block_size": 32, "calib_batches": 1}
+        validate(cfg)
+        family, config = from_teacher.spec(cfg)
+        assert family.name == "hf_llama" and family.depth(config) == 1
+        cuts.append(from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg))).eval())
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(cuts[0](x), cuts[1](x), rtol=0, atol=1e-5)

@@ -370,6 +370,12 @@ def load_pretrained(folder: str | Path) -> HFDecoderLM:
     return DECODERS[config.resolve().model_type].build(config).eval()
 
 
+def from_transformers(hf_model: nn.Module, source: str | None) -> HFDecoderLM:
+    """A transformers causal LM of a Hugging Face decoder family (one read from a GGUF file) as that family's model,
+    sharing its modules (``source``: the folder its tokenizer files are in, if any)."""
+    return DECODERS[cast(Any, hf_model).config.model_type].wrap(hf_model, source)
+
+
 class TransformersLM(nn.Module):
     """A causal LM as transformers alone loads and runs it (``from_pretrained``), called as Stillroom calls a model:
     ``forward(idx)`` returns the logits."""

@@ -109,6 +109,14 @@ def load(file: Path, dtype: str = "fp32") -> nn.Module:
     return plain_copy(model)
 
 
+def empty(file: Path) -> nn.Module:
+    """The file's model architecture without its weights, built on the default device (the meta device: sizes only),
+    as ``plain_copy`` would give it."""
+    fields = read_config(file).to_dict()
+    fields.pop("quantization_config", None)
+    return import_transformers().AutoModelForCausalLM.from_config(config_from_dict(fields))
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """``model`` (loaded from a GGUF file) as an ordinary transformers model that ``save_pretrained`` writes: its
     config without the GGUF ``quantization_config``, built on the meta device, then given ``model``'s own
