@@ -41,7 +41,7 @@ RESULTS_JSON = RESULTS / "llm.json"
 START, END = "<!-- results:llm:start -->", "<!-- results:llm:end -->"
 SEEDS = (1337, 1338)
 # Measured on 2 cores (PLATFORM_NOTES.md, "Sizing the SmolLM2 recipe"): what the plan's estimate uses.
-TEACHER_TOKENS_PER_S, STUDENT_TOKENS_PER_S, KD_STEP_S, RUN_OVERHEAD_S = 800, 450, 6.0, 120
+TEACHER_TOKENS_PER_S, STUDENT_TOKENS_PER_S, KD_STEP_S, RUN_OVERHEAD_S = 800, 450, 6.0, 150
 CE = ["distill.loss=none", "distill.alpha=0.0", "distill.top_k=null", "distill.top_k_tail=false",
       "teacher.placement=replicate", "teacher.cache_build=false"]  # fmt: skip
 NO_QAT = ["compress.modifiers=[]"]
@@ -255,7 +255,7 @@ def write_readme(results: dict, readme: Path = README) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every trained row")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every trained row")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds of the CE and KD rows")
     parser.add_argument("--timing-steps", type=int, default=12, help="KD steps timed by the trainer and bare loop")
     parser.add_argument("--teacher", help="a GGUF file or Hugging Face folder in place of SmolLM2 (tests)")

@@ -272,9 +272,11 @@ class ReportConfig:
     side_by_side: bool = False
     prompts: list[str] = field(default_factory=list)  # side_by_side: greedy completions by each model
     new_tokens: int = 32
+    latency_repeats: int = 20  # CPU forward passes whose median is a model's latency in report.md
 
     def check(self) -> None:
         _check(self.new_tokens >= 1, "new_tokens", f"must be >= 1 (got {self.new_tokens})")
+        _check(self.latency_repeats >= 1, "latency_repeats", f"must be >= 1 (got {self.latency_repeats})")
 
 
 @dataclass
