@@ -130,7 +130,7 @@ def as_cut(out: Path, overrides: list[str]) -> dict:
     _, teacher_top1 = side_by_side.measure(side_by_side.load_teacher(cfg.teacher.checkpoint, "fp32"), batches, [])
     student = hf.load_transformers(folder)
     figures, _ = side_by_side.measure(student, batches, teacher_top1)
-    params = report.parameter_count(student)
+    params = side_by_side.weight_count(student)
     return {
         "label": "pruned, no training",
         **figures,
@@ -239,6 +239,13 @@ def render(results: dict) -> str:
         f"- Step time, trainer over a bare PyTorch/transformers KD loop (live teacher, full-vocabulary forward KL, "
         f"{o['steps'] - o['warmup']} timed steps): {o['trainer_ms']:.0f} ms / {o['bare_ms']:.0f} ms = "
         f"{o['ratio']:.3f}.",
+        "",
+        "Greedy completions (seed 1337's pruned + KD student, as transformers loads it):",
+        "",
+        *(
+            f"- `{prompt!r}`: teacher `{results['completions']['teacher'][prompt]!r}`, student `{text!r}`"
+            for prompt, text in results["completions"]["pruned + KD"].items()
+        ),
         END,
     ]
     return "\n".join(text)
@@ -303,12 +310,11 @@ def main(argv: list[str] | None = None) -> None:
         labels[group] = label
         trained.setdefault(group, []).append(read_run(train(args.out, key, [*base, *overrides], env), label))
     first = trained["pruned_kd"][0]
-    teacher_bytes_params = first["teacher"]
+    embedding = first["params"] - first["non_embedding_params"]  # the cut keeps the teacher's embedding whole
     teacher = {
         "label": "teacher (SmolLM2-135M-Instruct, dequantized)" if not args.teacher else "teacher",
-        **teacher_bytes_params,
-        "non_embedding_params": teacher_bytes_params["params"]
-        - (first["params"] - first["non_embedding_params"]),  # the cut keeps the embedding whole
+        **first["teacher"],
+        "non_embedding_params": first["teacher"]["params"] - embedding,
     }
     rows = [{"key": "teacher", "label": teacher["label"], "runs": [teacher]}]
     rows.append({"key": "scratch_ce", "label": labels["scratch_ce"], "runs": trained["scratch_ce"]})

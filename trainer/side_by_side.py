@@ -38,6 +38,11 @@ def load_teacher(path: str, dtype: str) -> hf.TransformersLM:
     return hf.TransformersLM(hf_gguf.load(found, dtype)).eval() if kind == "gguf" else hf.load_transformers(found)
 
 
+def weight_count(model: nn.Module) -> int:
+    """The model's parameters, less a quantized export's scales and zero points (compressed-tensors' names)."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith(("_scale", "_zero_point")))
+
+
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], teacher_top1: list[torch.Tensor]):
     """Val loss (nats/token), top-1 agreement with ``teacher_top1``, forward tokens/s (after one untimed forward);
@@ -84,7 +89,7 @@ def run(cfg: RunConfig, run_dir: Path, student: nn.Module, val_batches: list) ->
     for name, model, size in rows:
         figures, top1 = measure(model, batches, teacher_top1)
         teacher_top1 = teacher_top1 or top1
-        table.append({"model": name, "params": report.parameter_count(model), "bytes": size, **figures})
+        table.append({"model": name, "params": weight_count(model), "bytes": size, **figures})
         completions.append([complete(model, tokenizer, p, cfg.report.new_tokens) for p in cfg.report.prompts])
     summary = {
         "models": table,

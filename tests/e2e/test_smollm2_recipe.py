@@ -61,6 +61,7 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_reuses_the_cache(root):
     teacher, export, dense = side["models"]
     assert [r["model"] for r in side["models"]] == ["teacher", "student (export)", "student (dense)"]
     assert teacher["agreement"] == 1 and 0 <= export["agreement"] <= 1 and export["bytes"] < dense["bytes"]
+    assert export["params"] == dense["params"] < teacher["params"]  # the export's scales are not counted
     assert all(r["val_loss"] > 0 and r["tokens_per_s"] > 0 for r in side["models"])
     assert len(side["completions"]) == 3 and "student (export)" in first.stdout
     report = (root / "run" / "report.md").read_text()
