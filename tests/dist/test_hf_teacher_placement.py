@@ -1,7 +1,8 @@
 """A Hugging Face teacher on 2 ranks (torchrun, gloo): ``teacher.placement=shard`` (its transformer layers are
 FSDP2's units) equals ``replicate`` at every step, logits and hidden states alike, with half the teacher per rank
 from the start (its peak resident memory); a padded vocabulary, aligned by itself, under ``shard`` equals the
-unpadded teacher."""
+unpadded teacher; a student padded past its tokenizer gets the real vocabulary's logits from a remote teacher and a
+cache alike."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, cli_env, read_metrics, save_hf_teachers
+from tests.conftest import FAST, cli_env, read_metrics, save_hf_teachers, save_tokenizer
 
 pytestmark = pytest.mark.dist
 transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")
@@ -96,6 +97,47 @@ def test_padded_hf_teacher_under_shard_equals_the_unpadded_one(root, replicate):
         "teacher.placement=shard",
     )
     assert_same_losses(got, replicate)
+
+
+def run(root: Path, nproc: int, module: str, *overrides: str) -> None:
+    """``python -m module`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m module`` in ``root``."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    proc = subprocess.run(
+        [sys.executable, *torchrun, "-m", module, *overrides],
+        cwd=root, env=cli_env(root) | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def test_a_student_padded_past_its_tokenizer_gets_the_real_vocabulary_from_remote_and_cache(root):
+    """A Llama student of 48 rows whose tokenizer has 32 tokens, the GPT-2 teacher padded to 48: both are cut to 32
+    logits; the remote teacher rank (the live teacher, as ``replicate`` loads it) and a cache of its top-32 give the
+    same losses at every step (the cache regroups the sums: to float rounding)."""
+    student = root / "s48"
+    config = transformers.LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(student)
+    save_tokenizer(student, [f"t{i}" for i in range(32)])
+    common = [
+        *(arg for arg in FAST if not arg.startswith("student.")), "data.synthetic_vocab=48", "student=hf",
+        f"student.path={student}", "student.block_size=16", "distill=kd", "teacher=hf", "teacher.checkpoint=hf48",
+        "train.max_steps=3", "logger.log_every=1", "train.eval_every=3", "teacher.cache_dir=cache_s48",
+    ]  # fmt: skip
+    run(root, 1, "trainer.cache", *common, "hydra.run.dir=build_s48")
+    key = json.loads((root / "cache_s48" / "manifest.json").read_text())["key"]
+    assert (key["vocab"], key["k"]) == (32, 32)
+    run(root, 1, "trainer", *common, "teacher.placement=cache", "hydra.run.dir=cached_s48")
+    run(root, 2, "trainer", *common, "teacher.placement=remote", "parallel.teacher_ranks=1", "hydra.run.dir=remote_s48")
+    cached, remote = (read_metrics(root / name) for name in ("cached_s48", "remote_s48"))
+    kd = [(row["step"], row["distill/kd"], row["train/loss"]) for row in cached if "distill/kd" in row]
+    assert [step for step, _, _ in kd] == [1, 2, 3]
+    by_step = {row["step"]: row for row in remote if "distill/kd" in row}
+    for step, cached_kd, cached_loss in kd:
+        assert by_step[step]["distill/kd"] == pytest.approx(cached_kd, rel=0, abs=1e-6), step
+        assert by_step[step]["train/loss"] == pytest.approx(cached_loss, rel=0, abs=1e-6), step
 
 
 def save_big_llama(folder: Path) -> int:

@@ -208,12 +208,13 @@ def build_teacher(
     """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use.
 
     A remote teacher asks ``next_input((step, micro))`` for the micro-batch after ``(step, micro)`` to request
-    it ahead; its logits have ``vocab`` entries.
+    it ahead; its logits have the real vocabulary's entries (``teacher_io.run_vocab_size``), or ``vocab`` (classes).
     """
     placement = cfg.teacher.placement
     if placement == "remote":
         roles = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks)
-        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), vocab, next_input))
+        logits = teacher_io.run_vocab_size(cfg) or vocab  # the teacher rank cuts its logits to the real vocabulary
+        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), logits, next_input))
     if placement == "cache":
         manifest = cache.check(cfg)
         assert cfg.teacher.cache_dir is not None  # cache.check read it
