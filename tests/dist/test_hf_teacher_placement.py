@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, cli_env, read_metrics, save_hf_teachers, save_tokenizer
+from tests.gguf_files import write_gguf
 
 pytestmark = pytest.mark.dist
 transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")
@@ -154,9 +155,9 @@ def save_big_llama(folder: Path) -> int:
     return 4 * model.num_parameters()
 
 
-def memory_run(root: Path, placement: str) -> tuple[list[dict], list[torch.Tensor]]:
+def memory_run(root: Path, teacher: Path, placement: str) -> tuple[list[dict], list[torch.Tensor]]:
     """``tests/dist/teacher_memory.py`` on 2 ranks: each rank's peak-memory growth and its logits."""
-    out = root / f"memory_{placement}"
+    out = root / f"memory_{teacher.name}_{placement}"
     out.mkdir()
     script = Path(__file__).with_name("teacher_memory.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
@@ -164,7 +165,7 @@ def memory_run(root: Path, placement: str) -> tuple[list[dict], list[torch.Tenso
     # what the process holds, not what the allocator keeps cached after FSDP2's gathers (the same for both runs).
     env = cli_env(root) | {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(
-        [*command, str(root / "llama127"), placement, str(out)],
+        [*command, str(teacher), placement, str(out)],
         cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -174,15 +175,22 @@ def memory_run(root: Path, placement: str) -> tuple[list[dict], list[torch.Tenso
     ]
 
 
-def test_sharded_hf_teacher_is_never_whole_on_a_rank(tmp_path):
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_sharded_hf_teacher_is_never_whole_on_a_rank(tmp_path, kind):
     """Peak resident memory (``ru_maxrss``) grown while the teacher is built and every byte of its parameters on the
     rank is read: a mapped file counts when its pages are touched, so a teacher loaded whole counts whole even
     where its tensors are backed by a lazily read file. The replicated run is the control that the measurement
     sees a whole teacher (at least its bytes); the sharded one must hold about half (it cannot pass by measuring
-    nothing: it must be at least the half it holds). The sharded logits equal the replicated ones."""
+    nothing: it must be at least the half it holds). The sharded logits equal the replicated ones. The same Llama
+    as a Hugging Face folder and as an F32 GGUF file (whose query/key rows a rank reads in transformers' order)."""
     teacher_bytes = save_big_llama(tmp_path / "llama127")
-    whole, want = memory_run(tmp_path, "replicate")
-    sharded, got = memory_run(tmp_path, "shard")
+    teacher = tmp_path / "llama127"
+    if kind == "gguf":
+        model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
+        teacher = write_gguf(model, tmp_path / "llama127.gguf")
+        del model
+    whole, want = memory_run(tmp_path, teacher, "replicate")
+    sharded, got = memory_run(tmp_path, teacher, "shard")
     for rank in range(2):
         held, replicated = sharded[rank]["held"], whole[rank]["held"]
         mib = {key: f"{value / 2**20:.1f} MiB" for key, value in (("replicate", replicated), ("shard", held))}
