@@ -29,6 +29,7 @@ Hugging Face student; the file adds only its safetensors header.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 
 from trainer.compress import qat
 from trainer.models import CONFIG_FILE, WEIGHTS_FILE, unique_state_dict
-from trainer.models.hf import HFDecoderFamily, HFDecoderLM, import_transformers
+from trainer.models.hf import HFDecoderFamily, HFDecoderLM, config_from_dict, import_transformers
 from trainer.models.protocol import family_of
 
 QUANT_METHOD = "compressed-tensors"
@@ -53,15 +54,22 @@ def compressed_specs(model: nn.Module, specs: dict[str, dict]) -> dict[str, dict
     """The quantized modules of ``specs`` (module -> quant spec) that the compressed-tensors format holds: those that
     are untied ``nn.Linear`` modules in transformers too. The others (embeddings, a tied head, GPT-2's ``Conv1D``) are
     written dense, holding their fake-quantized values."""
+    held = untied_linears(cast(HFDecoderLM, model).config.to_json_string(use_diff=False))
+    return {name: spec for name, spec in specs.items() if name in held}
+
+
+@functools.lru_cache(maxsize=8)
+def untied_linears(config_json: str) -> frozenset[str]:
+    """The modules that are untied ``nn.Linear`` in transformers' model of the config ``config_json`` (built on the
+    meta device once per config: the metrics ask at every log step)."""
     transformers = import_transformers()
     with torch.device("meta"):
-        hf_model = transformers.AutoModelForCausalLM.from_config(model.config)
-    hf_modules = dict(hf_model.named_modules())
-    return {
-        name: spec
-        for name, spec in specs.items()
-        if type(hf_modules.get(name)) is nn.Linear and not qat.weight_is_tied(hf_model, hf_modules[name])
-    }
+        hf_model = transformers.AutoModelForCausalLM.from_config(config_from_dict(json.loads(config_json)))
+    return frozenset(
+        name
+        for name, module in hf_model.named_modules()
+        if type(module) is nn.Linear and not qat.weight_is_tied(hf_model, module)
+    )
 
 
 def tensor_bytes(shape: tuple[int, ...], spec: dict | None) -> int:
