@@ -253,7 +253,7 @@ def main() -> None:
                         rows.append(case | launch(case | {"limit_bytes": limit}))
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     run = {
-        "command": "python -m benchmarks.kd_memory " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.kd_memory", *sys.argv[1:]]),
         "wall_seconds": time.perf_counter() - started,
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "limit_gib": limit / GiB,

@@ -130,7 +130,7 @@ def main() -> None:
     started = time.perf_counter()
     students, val_tokens = run(args.workdir, args.teacher_steps, args.steps)
     results = {
-        "command": "python -m benchmarks.kd_tail " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.kd_tail", *sys.argv[1:]]),
         "teacher_steps": args.teacher_steps,
         "steps": args.steps,
         "k": K,
