@@ -120,6 +120,8 @@ def build_run(cfg: RunConfig, env: DistEnv) -> RunParts:
     )
     layout = Layout(dims=dims, mesh=mesh, device=env.device, batches=batches, autocast=autocast)
     runtime = build_runtime(cfg, student, family_of(student), features, layout, teacher, compressor)
+    if runtime.kd_path and env.is_main:
+        print(f"distill: {runtime.kd_path}")
     optimizer = torch.optim.AdamW(
         param_groups(runtime.trainable, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=False
     )

@@ -92,6 +92,7 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
             cfg.teacher.cache_dtype,
             env.world_size,
             dataset.shard_files() if isinstance(dataset, data.ShardData) else {},
+            lse_temperature=cfg.distill.temperature,
         ),
         env.is_main,
     )

@@ -108,7 +108,9 @@ class DistillConfig:
     temperature: float = 1.0
     beta: float = 0.5
     top_k: int | None = None
+    top_k_tail: bool = False  # with top_k: one more bucket holding the rest of the probability mass, both sides
     chunk_size: int | None = None
+    fused: bool = True  # head + divergence a chunk of tokens at a time (no [tokens, V] logits) where models allow
     features: list[FeatureConfig] = field(default_factory=list)
 
     def check(self) -> None:  # the loss kinds are distill.losses' (checked in the preflight)
@@ -119,6 +121,8 @@ class DistillConfig:
             _check(self.top_k >= 1, "top_k", "must be >= 1")
         if self.chunk_size is not None:
             _check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        if self.top_k_tail:
+            _check(self.top_k is not None, "top_k_tail", "needs distill.top_k=K (the tail is what the top-k leaves)")
 
 
 @dataclass

@@ -369,6 +369,11 @@ def _validate_teacher(cfg: RunConfig) -> None:
             "distill.top_k",
             f"{cfg.distill.top_k} is more than the vocabulary ({vocabulary} tokens, data={cfg.data.name})",
         )
+        _check(
+            not cfg.distill.top_k_tail or cfg.distill.top_k < vocabulary,
+            "distill.top_k_tail",
+            f"top_k={cfg.distill.top_k} leaves no tail in a vocabulary of {vocabulary} tokens",
+        )
     t_context = t_cfg.get("block_size")
     if student_family.task == "lm" and t_context is not None:
         _check(

@@ -8,6 +8,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,9 +25,9 @@ from trainer import data
 from trainer.checkpoint import STUDENT
 from trainer.config import DistillConfig, RunConfig
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.losses import logit_losses
+from trainer.distill.losses import FUSED_CHUNK_SIZE, fused_logit_losses, logit_losses
 from trainer.distill.placement import Teacher, TeacherOutput
-from trainer.models.protocol import ModelFamily
+from trainer.models.protocol import ModelFamily, fuses_head
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
@@ -61,6 +62,7 @@ class StudentRuntime(ABC):
     compressor: Compressor | None
     dp_mesh: DeviceMesh | None  # the ranks that hold the same part of the student (losses and evals sum over them)
     pipelined = False
+    kd_path: str | None = None  # how logit distillation computes its logits (said once at the start of a KD run)
 
     @property
     def student(self) -> nn.Module:
@@ -113,6 +115,15 @@ class DataParallelRuntime(StudentRuntime):
         self.dims, self.mesh, self.device, self.batches = layout.dims, layout.mesh, layout.device, layout.batches
         self.dp_mesh = layout.dims.dp_mesh(layout.mesh)
         self.student_layers = tuple(f.student_layer for f in cfg.distill.features)
+        # Logit distillation through the student's head=fn: the loss runs inside its forward (FSDP2 gathers the
+        # head's weight once per forward, as for the logits, and reduce-scatters its gradient).
+        self.fused = cfg.distill.fused and cfg.distill.loss != "none" and fuses_head(trainable[STUDENT])
+        if self.fused:
+            chunk = cfg.distill.chunk_size or FUSED_CHUNK_SIZE
+            teacher_side = "its head" if teacher is not None and teacher.gives_head else "its logits"
+            self.kd_path = f"fused head + divergence, {chunk} tokens at a time (teacher: {teacher_side})"
+        elif cfg.distill.fused and cfg.distill.loss != "none":
+            self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
@@ -128,9 +139,16 @@ class DataParallelRuntime(StudentRuntime):
     def losses(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The loss terms of micro-batch ``micro`` of step ``step`` (inputs ``x``, labels ``y``)."""
         t_out = self.teacher(x, step, micro) if self.teacher is not None else None
-        s_out = self.modules[STUDENT](x, hidden_layers=self.student_layers)
-        logits, s_hidden = s_out if self.student_layers else (s_out, None)
-        out = logit_losses(logits, y, t_out, self.cfg.distill)
+        student = self.modules[STUDENT]
+        if self.fused:
+            assert t_out is not None  # a KD loss has a teacher
+            head = partial(fused_logit_losses, y=y, teacher=t_out, d=self.cfg.distill)
+            s_out = student(x, hidden_layers=self.student_layers, head=head)
+            out, s_hidden = s_out if self.student_layers else (s_out, None)
+        else:
+            s_out = student(x, hidden_layers=self.student_layers)
+            logits, s_hidden = s_out if self.student_layers else (s_out, None)
+            out = logit_losses(logits, y, t_out, self.cfg.distill)
         if s_hidden is not None:
             assert t_out is not None  # feature distillation runs with a live teacher
             feat, parts = self.modules["features"](s_hidden, t_out.hidden)
@@ -259,6 +277,8 @@ class PipelineRuntime(StudentRuntime):
             microbatch=(rows, batches.tokens_per_sample),
             device=device,
         )
+        if cfg.distill.fused and cfg.distill.loss != "none":
+            self.kd_path = "full logits on the last stage (a pipelined student's head is not fused)"
         # From here on the student is this rank's stages; the compressor covers their parameters.
         self.trainable = nn.ModuleDict({STUDENT: self.pipeline.part})
         self.compressor = compressor.for_part(self.pipeline.part) if compressor else None

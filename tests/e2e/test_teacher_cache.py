@@ -256,7 +256,7 @@ def test_a_cache_of_the_old_format_is_refused(root, top8, module):
     proc = run(root, f"run_{folder.name}", *CACHED, f"teacher.cache_dir={folder.name}", module=module, check=False)
     assert one_line(proc, 2) == (
         f"config error: teacher.cache_dir: {folder.name} holds a cache of format 'stillroom-teacher-cache/1', not "
-        "'stillroom-teacher-cache/2' (which adds checksums): remove it and rebuild it with python -m trainer.cache"
+        "'stillroom-teacher-cache/3' (format 1 had no checksums): remove it and rebuild it with python -m trainer.cache"
     )
 
 

@@ -141,6 +141,23 @@ def test_a_manifest_of_format_1_is_refused(tmp_path):
         cache.read_manifest(tmp_path)
 
 
+def test_a_manifest_of_format_2_reads_with_its_log_sum_exp_at_temperature_1(tmp_path):
+    """Format 2 stored the same files, its log-sum-exp at temperature 1: read as such (top_k_tail at T=1 can use it)."""
+    old = {key: value for key, value in MANIFEST.items() if key != "lse_temperature"}
+    (tmp_path / cache.MANIFEST).write_text(json.dumps({**old, "format": "stillroom-teacher-cache/2"}))
+    assert cache.read_manifest(tmp_path).lse_temperature == 1.0
+
+
+def test_the_log_sum_exp_is_stored_at_the_manifests_temperature(tmp_path):
+    manifest = cache.new_manifest(KEY, steps=1, positions=3, values_dtype="fp32", n_shards=1, lse_temperature=2.0)
+    cache.write_json_atomic(tmp_path / cache.MANIFEST, manifest.to_json())
+    assert cache.read_manifest(tmp_path) == manifest
+    logits = torch.randn(4, 3, 11, generator=torch.Generator().manual_seed(1))
+    cache.ShardWriter(tmp_path, manifest, 0).write(0, logits)
+    _, _, lse = cache.CacheReader(tmp_path, manifest).read(0, torch.arange(4))
+    torch.testing.assert_close(lse, torch.logsumexp(logits / 2.0, dim=-1))
+
+
 def test_garbled_progress_is_named(tmp_path):
     write_cache(tmp_path)
     progress = cache.shard_dir(tmp_path, 1) / "progress.json"

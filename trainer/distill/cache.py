@@ -2,12 +2,13 @@
 
 A cache holds, for every training step ``0..steps-1`` and every sample of that step's global batch (a pure
 function of the seed and the step), the teacher's top-k raw logits (values and vocabulary indices) and the
-log-sum-exp of all its logits, per token. Values are raw (temperature 1), so any ``distill.temperature``
-can use them. Shard ``i`` holds a contiguous range of steps in five files::
+log-sum-exp of all its logits at the manifest's ``lse_temperature`` (the writing run's ``distill.temperature``;
+``distill.top_k_tail`` needs it to equal the reading run's), per token. Values are raw (temperature 1), so any
+``distill.temperature`` can use them. Shard ``i`` holds a contiguous range of steps in five files::
 
     shard_00000/values.bin     [steps_i, batch_size, positions, k]  fp32 | bf16 | fp16 (manifest "values_dtype")
     shard_00000/indices.bin    [steps_i, batch_size, positions, k]  int16 | int32
-    shard_00000/lse.bin        [steps_i, batch_size, positions]     fp32
+    shard_00000/lse.bin        [steps_i, batch_size, positions]     fp32: logsumexp(logits / lse_temperature)
     shard_00000/checksums.bin  [steps_i, batch_size, 3]             uint32: CRC32 of each (step, sample)'s bytes in
                                                                     values.bin, indices.bin and lse.bin
     shard_00000/progress.json  {"done": steps written}              replaced atomically after each flushed step
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 MANIFEST = "manifest.json"
-FORMAT = "stillroom-teacher-cache/2"  # /1 had no checksums.bin
+FORMAT = "stillroom-teacher-cache/3"  # /1 had no checksums.bin; /2 no lse_temperature (its log-sum-exp is at T=1)
+READABLE_FORMATS = {FORMAT: None, "stillroom-teacher-cache/2": 1.0}  # format: lse_temperature its manifest implies
 ROW_FILES = ("values.bin", "indices.bin", "lse.bin")  # checksummed per (step, sample), in this order
 CHECKSUMS = "checksums.bin"
 REBUILD = "rebuild it with python -m trainer.cache and this run's overrides (it rewrites the garbled steps)"
@@ -81,6 +83,7 @@ class Manifest:
     indices_dtype: str
     shards: tuple[tuple[int, int], ...]  # [start, stop) steps of each shard
     data_files: dict[str, str] = field(default_factory=dict)  # {path: SHA-256} of the token shards read
+    lse_temperature: float = 1.0  # lse.bin holds logsumexp(logits / lse_temperature)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "values": "raw logits (temperature 1)", **asdict(self)}
@@ -90,14 +93,16 @@ class Manifest:
         """The manifest in parsed JSON ``raw``: CacheError for another format, ValueError saying what is garbled."""
         if not isinstance(raw, dict):
             raise ValueError(f"{_excerpt(raw)} is not a JSON object")
-        if _field(raw, "format", "str") != FORMAT:
+        if _field(raw, "format", "str") not in READABLE_FORMATS:
             raise CacheError(
-                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} (which adds checksums): remove it and "
-                "rebuild it with python -m trainer.cache"
+                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} (format 1 had no checksums): remove it "
+                "and rebuild it with python -m trainer.cache"
             )
         key = _field(raw, "key", "dict")
         steps = _field(raw, "steps", "int")
+        implied = READABLE_FORMATS[raw["format"]]
         return cls(
+            lse_temperature=_field(raw, "lse_temperature", "float") if implied is None else implied,
             key=CacheKey(**{f.name: _field(key, f.name, str(f.type), "key.") for f in fields(CacheKey)}),
             steps=steps,
             positions=_field(raw, "positions", "int"),
@@ -175,6 +180,7 @@ def new_manifest(
     values_dtype: str,
     n_shards: int,
     data_files: dict[str, str] | None = None,
+    lse_temperature: float = 1.0,
 ) -> Manifest:
     """Steps split into ``n_shards`` contiguous ranges (one per writing rank); ``data_files``: the token shards."""
     bounds = [steps * i // n_shards for i in range(n_shards + 1)]
@@ -186,6 +192,7 @@ def new_manifest(
         indices_dtype="int16" if key.vocab <= np.iinfo(np.int16).max + 1 else "int32",
         shards=tuple(zip(bounds[:-1], bounds[1:])),
         data_files=data_files or {},
+        lse_temperature=lse_temperature,
     )
 
 
@@ -318,7 +325,7 @@ class ShardWriter:
         parts = (
             (stored.view(torch.int16) if self.manifest.values_dtype == "bf16" else stored).numpy(),
             indices.numpy().astype(self.manifest.indices_dtype),
-            torch.logsumexp(logits, dim=-1).numpy(),
+            torch.logsumexp(logits / self.manifest.lse_temperature, dim=-1).numpy(),
         )
         for array, part in zip(self.rows, parts):
             array[at] = part
@@ -370,6 +377,12 @@ def check(cfg: RunConfig) -> Manifest:
         )
     if cfg.train.max_steps > manifest.steps:
         raise CacheError(f"{root} holds {manifest.steps} steps but train.max_steps is {cfg.train.max_steps}")
+    if cfg.distill.top_k_tail and manifest.lse_temperature != cfg.distill.temperature:
+        raise CacheError(
+            f"{root} holds the log-sum-exp at temperature {manifest.lse_temperature}, but distill.top_k_tail needs it "
+            f"at distill.temperature={cfg.distill.temperature}: rebuild it with python -m trainer.cache and this "
+            "run's overrides"
+        )
     missing = [i for i in range(len(manifest.shards)) if not _shard_complete(root, manifest, i)]
     if missing:
         raise CacheError(

@@ -32,7 +32,7 @@ from trainer.distill import cache, hf, shard_load
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf as hf_folders
 from trainer.models import hf_gguf
-from trainer.models.protocol import family_of
+from trainer.models.protocol import family_of, fuses_head
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -41,12 +41,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class TeacherOutput:
-    """Full logits ``[..., V]`` (live teachers) or a top-k ``(raw logit values, vocabulary indices)`` pair, each
-    ``[..., k]`` (a cache); hidden states by layer when asked for."""
+    """Full logits ``[..., V]`` (live teachers), the head's input and parameters ``(last hidden state [..., H], weight
+    [V, H], bias or None)`` (a replicated teacher whose family has ``fused_head``, in a fused run), or a top-k
+    ``(raw logit values, vocabulary indices)`` pair, each ``[..., k]``, with the log-sum-exp of the whole rows at
+    the cache's ``lse_temperature`` ``[...]`` (a cache); hidden states by layer when asked for."""
 
     logits: torch.Tensor | None = None
     topk: tuple[torch.Tensor, torch.Tensor] | None = None
     hidden: dict[int, torch.Tensor] | None = None
+    head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    lse: torch.Tensor | None = None
 
 
 class Teacher(ABC):
@@ -59,6 +63,7 @@ class Teacher(ABC):
     placement: str
     module: nn.Module | None = None
     scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
+    gives_head = False  # whether its output is its head's input and parameters (a fused loss computes the logits)
 
     def __init__(self) -> None:
         self.wait_seconds = 0.0
@@ -97,13 +102,14 @@ class Teacher(ABC):
 
 
 class LiveTeacher(Teacher):
-    """A frozen model in memory (``replicate`` or ``shard``); ``step`` and ``micro`` are not needed."""
+    """A frozen model in memory (``replicate`` or ``shard``); ``step`` and ``micro`` are not needed. With ``fused``
+    it returns its head's input and parameters instead of logits (the fused loss computes them a chunk at a time)."""
 
     module: nn.Module
 
-    def __init__(self, module: nn.Module, placement: str, hidden_layers: tuple[int, ...] = ()):
+    def __init__(self, module: nn.Module, placement: str, hidden_layers: tuple[int, ...] = (), fused: bool = False):
         super().__init__()
-        self.module, self.placement, self.hidden_layers = module, placement, hidden_layers
+        self.module, self.placement, self.hidden_layers, self.gives_head = module, placement, hidden_layers, fused
 
     @property
     def whole_module(self) -> nn.Module | None:
@@ -111,9 +117,23 @@ class LiveTeacher(Teacher):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        if self.gives_head:
+            out = self.module(x, hidden_layers=self.hidden_layers, head=_head_inputs)
+            head, hidden = out if self.hidden_layers else (out, None)
+            return TeacherOutput(head=head, hidden=hidden)
         out = self.module(x, hidden_layers=self.hidden_layers)
         logits, hidden = out if self.hidden_layers else (out, None)
         return TeacherOutput(logits=logits, hidden=hidden)
+
+    @torch.no_grad()
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _head_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return hidden, weight, bias
 
 
 class CachedTeacher(Teacher):
@@ -131,24 +151,26 @@ class CachedTeacher(Teacher):
 
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         rows = local_slice(torch.arange(self.reader.manifest.key.batch_size), self.shard, micro)
-        values, indices = self.read(step, rows, x.device)
+        values, indices, lse = self.read(step, rows, x.device)
         tokens = x.shape[:1] if x.is_floating_point() else x.shape  # features: one prediction per sample
         values, indices = (t.reshape(*tokens, -1).to(x.device, non_blocking=True) for t in (values, indices))
-        return TeacherOutput(topk=(values, indices))
+        return TeacherOutput(topk=(values, indices), lse=lse.reshape(tokens).to(x.device, non_blocking=True))
 
-    def read(self, step: int, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values and indices of ``rows``; CacheError when any rank's rows are garbled (``device``: the
+    def read(
+        self, step: int, rows: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Values, indices and log-sum-exp of ``rows``; CacheError when any rank's rows are garbled (``device``: the
         collective's)."""
-        values = indices = torch.empty(0)
+        values = indices = lse = torch.empty(0)
         try:
-            values, indices, _ = self.reader.read(step, rows)
+            values, indices, lse = self.reader.read(step, rows)
             problem = None
         except cache.CacheError as e:
             problem = str(e)
         problem = first_error(problem, device)
         if problem is not None:
             raise cache.CacheError(problem)
-        return values, indices
+        return values, indices, lse
 
 
 class RemoteTeacher(Teacher):
@@ -243,4 +265,7 @@ def build_teacher(
         module = load_sharded(cfg, shard_module, device)
     else:
         module = teacher_io.load_for_run(cfg, device)
-    return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features))
+    # A sharded teacher frees its gathered head after forward: it returns logits, and only the student side is fused.
+    fused = cfg.distill.fused and cfg.distill.loss != "none" and placement == "replicate"
+    fused = fused and fuses_head(module)
+    return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features), fused)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, ModelFamily, UnitGroup, UnitSlice, register
+from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, HeadFn, ModelFamily, UnitGroup, UnitSlice, register
 
 
 @dataclass
@@ -117,7 +117,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
+    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = (), head: HeadFn | None = None):
         """Logits of token ids ``idx`` (and hidden states, see the class). In a pipeline stage (``GPTFamily``
         deletes what it does not own) a float input is the previous stage's output, and a stage without
         ``head`` returns its last block's output."""
@@ -139,7 +139,7 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if FINAL_HIDDEN in hidden_layers:
             hidden[FINAL_HIDDEN] = x
-        logits = self.head(x)
+        logits = self.head(x) if head is None else head(x, self.head.weight, self.head.bias)
         return (logits, hidden) if hidden_layers else logits
 
 
@@ -147,7 +147,7 @@ class GPTFamily(ModelFamily[GPT]):
     """Stillroom's GPT through the model protocol."""
 
     name, model_class, config_class, layers_attr = "gpt", GPT, GPTConfig, "blocks"
-    structured_units = pipelines = True
+    structured_units = pipelines = fused_head = True
 
     def build(self, config: GPTConfig) -> GPT:
         return GPT(config)
@@ -172,6 +172,9 @@ class GPTFamily(ModelFamily[GPT]):
 
     def outputs(self, model: GPT) -> list[str]:
         return ["ln_f", "head"]
+
+    def head(self, model: GPT) -> nn.Module:
+        return model.head
 
     def tied_weights(self, model: GPT) -> list[str]:
         return ["tok_emb.weight"]

@@ -267,7 +267,7 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
 
     config_class = HFConfig
     model_types: tuple[str, ...] = ()
-    structured_units = pipelines = pretrained_format = True
+    structured_units = pipelines = pretrained_format = fused_head = True
 
     @abstractmethod
     def wrap(self, hf_model: nn.Module, source: str | None) -> HFDecoderLM:
@@ -310,6 +310,9 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
 
     def vocab_size(self, model: HFDecoderLM) -> int:
         return model.config.vocab_size
+
+    def head(self, model: HFDecoderLM) -> nn.Module:
+        return model.lm_head
 
     def thinned_widths(self, model: HFDecoderLM, alive: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         """One width per kind for every layer, the widest layer's (a Hugging Face config has no per-layer widths)."""
@@ -357,7 +360,7 @@ class HFFamily(ModelFamily[HFDecoderLM]):
     which answers for it from then on (checkpoints and exports name that family)."""
 
     name, model_class, config_class = "hf", HFDecoderLM, HFConfig
-    structured_units = pipelines = True
+    structured_units = pipelines = fused_head = True
 
     def build(self, config: HFConfig) -> HFDecoderLM:
         return DECODERS[config.resolve().model_type].build(config)
@@ -373,6 +376,9 @@ class HFFamily(ModelFamily[HFDecoderLM]):
 
     def vocab_size(self, model: HFDecoderLM) -> int:
         return model.config.vocab_size
+
+    def head(self, model: HFDecoderLM) -> nn.Module:
+        return model.lm_head
 
 
 register(HFFamily())

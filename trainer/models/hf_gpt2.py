@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
-from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice, Unsupported
+from trainer.models.protocol import FINAL_HIDDEN, HeadFn, UnitGroup, UnitSlice, Unsupported
 
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's Conv1D modules in transformers
 CONV1D_WEIGHTS = tuple(f".{projection}.weight" for projection in PROJECTIONS)
@@ -36,7 +36,7 @@ class GPT2LM(HFDecoderLM):
             for projection in PROJECTIONS:
                 block.set_submodule(projection, _linear(block.get_submodule(projection)))
 
-    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
+    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = (), head: HeadFn | None = None):
         """Logits of token ids ``idx``. In a pipeline stage (``GPT2Family`` deletes what it does not own) a float
         input is the previous stage's output, and a stage without ``lm_head`` returns its last block's output."""
         from transformers.masking_utils import create_causal_mask
@@ -57,7 +57,7 @@ class GPT2LM(HFDecoderLM):
         x = body.ln_f(x)
         if FINAL_HIDDEN in hidden_layers:
             hidden[FINAL_HIDDEN] = x
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if head is None else head(x, self.lm_head.weight, self.lm_head.bias)
         return (logits, hidden) if hidden_layers else logits
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
-from trainer.models.protocol import FINAL_HIDDEN, UnitGroup, UnitSlice
+from trainer.models.protocol import FINAL_HIDDEN, HeadFn, UnitGroup, UnitSlice
 
 # The dim of the residual stream's channels in each parameter, by its module's last name and the parameter's.
 HIDDEN_DIMS = {
@@ -47,7 +47,7 @@ class LlamaLM(HFDecoderLM):
             return kinds[layer]
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
-    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = ()):
+    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = (), head: HeadFn | None = None):
         """Logits of token ids ``idx``. In a pipeline stage (``LlamaFamily`` deletes what it does not own) a float
         input is the previous stage's output, and a stage without ``lm_head`` returns its last layer's output."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -73,7 +73,7 @@ class LlamaLM(HFDecoderLM):
         x = body.norm(x)
         if FINAL_HIDDEN in hidden_layers:
             hidden[FINAL_HIDDEN] = x
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if head is None else head(x, self.lm_head.weight, self.lm_head.bias)
         return (logits, hidden) if hidden_layers else logits
 
 

@@ -4,8 +4,11 @@ One ``ModelFamily`` per architecture is the only code that knows a family's attr
 Its modules follow one calling convention: ``model(idx, hidden_layers=())`` returns logits, or
 ``(logits, {layer: hidden state})`` when layers are asked for (0 = the embeddings, ``i`` = the
 output of decoder layer ``i``, ``FINAL_HIDDEN`` = the last hidden state after the final norm, the
-head's input). A pipeline stage is the same module with what it does not own deleted: it takes
-token ids (first stage) or hidden states and returns hidden states, or logits (last stage).
+head's input). Families with ``fused_head`` also take ``head=fn``: the model calls ``fn(final hidden
+state, head weight, head bias or None)`` in place of its head and returns that in place of the logits
+(a fused loss runs inside the model's forward, where FSDP2 holds the head's weight gathered). A
+pipeline stage is the same module with what it does not own deleted: it takes token ids (first
+stage) or hidden states and returns hidden states, or logits (last stage).
 
 Structured units (attention heads grouped with their key/value heads, MLP channels) are described
 as ``UnitGroup``s: where each unit's rows or columns sit in which parameters, which is all that
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -25,6 +29,10 @@ import torch
 import torch.nn as nn
 
 FINAL_HIDDEN = -1  # hidden_layers key of the final-norm output (what the head reads)
+
+# head=fn of a fused_head family's forward: fn(final hidden state, head weight, head bias or None), called in place of
+# the head; its result is returned in place of the logits.
+HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
 
 # The model class a family works on (a family is only ever handed models of its own class).
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -158,6 +166,7 @@ class ModelFamily(ABC, Generic[ModelT]):
         """The number of logits per token."""
 
     task = "lm"  # lm: next-token prediction over token ids | classify: one label per feature vector
+    fused_head = False  # whether its models' forward takes ``head=fn`` (see the module's docstring)
 
     # ---- students -------------------------------------------------------------------------
     config_class: type | None = None
@@ -198,6 +207,10 @@ class ModelFamily(ABC, Generic[ModelT]):
         """``model``'s config with only its decoder ``layers`` (renumbered from 0), ``widths[kind, i]`` units in the
         unit groups of new layer ``i`` (``thinned_widths``' answer) and a residual stream ``hidden`` wide."""
         raise Unsupported(f"{self.name} models cannot be cut")
+
+    def head(self, model: ModelT) -> nn.Module:
+        """The output head (what ``head=fn`` replaces in a ``fused_head`` family's forward)."""
+        raise Unsupported(f"{self.name} models do not expose their head")
 
     def tied_weights(self, model: ModelT) -> list[str]:
         """Parameters read both where the model starts and where it ends (a tied embedding and head)."""
@@ -271,6 +284,13 @@ def family(arch: str) -> ModelFamily[Any]:
     if arch not in FAMILIES:
         raise KeyError(f"unknown model family {arch!r} (known: {', '.join(sorted(FAMILIES))})")
     return FAMILIES[arch]
+
+
+def fuses_head(model: nn.Module) -> bool:
+    """Whether ``model``'s forward can run a fused loss in place of its head: its family takes ``head=fn`` and the
+    head is a plain ``nn.Linear`` (a fake-quantized head computes its logits from other weights)."""
+    family = family_of(model)
+    return family.fused_head and type(family.head(model)) is nn.Linear
 
 
 def family_of(model: nn.Module) -> ModelFamily[Any]:
