@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.readme_section import replace_section
 from trainer import data, models
 from trainer.config import DataConfig
 
@@ -104,12 +105,7 @@ def render(results: dict) -> str:
 
 
 def write_readme(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not (start and end):
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(head + render(results) + tail)
+    replace_section(readme, START, END, render(results))
 
 
 def main() -> None:
