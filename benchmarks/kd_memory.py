@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.readme_section import markdown_table, replace_section
-from trainer.distill.losses import FUSED_CHUNK_SIZE, fused_linear_kd_loss, kd_loss
+from trainer.distill.fused import FUSED_CHUNK_SIZE
+from trainer.distill.losses import fused_linear_kd_loss, kd_loss
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_JSON = REPO / "benchmarks" / "results" / "kd_memory.json"

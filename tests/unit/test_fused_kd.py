@@ -10,7 +10,8 @@ import torch
 from tests.conftest import HF_VOCAB, small_hf_config
 from tests.kd_reference import per_token_divergence
 from trainer import models
-from trainer.distill.losses import FusedSettings, TeacherSide, fused_kd_terms, fused_linear_kd_loss, kd_loss
+from trainer.distill.fused import FusedSettings, TeacherSide, fused_kd_terms
+from trainer.distill.losses import fused_linear_kd_loss, kd_loss
 from trainer.models.hf import DECODERS
 from trainer.models.protocol import FINAL_HIDDEN, family_of, fuses_head
 
