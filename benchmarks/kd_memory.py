@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.distill.losses import FUSED_CHUNK_SIZE, fused_linear_kd_loss, kd_loss
+from benchmarks.readme_section import markdown_table, replace_section
+from trainer.distill.fused import FUSED_CHUNK_SIZE
+from trainer.distill.losses import fused_linear_kd_loss, kd_loss
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_JSON = REPO / "benchmarks" / "results" / "kd_memory.json"
@@ -175,11 +177,6 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     return columns, lines
 
 
-def markdown(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def render(results: dict) -> str:
     """The README section (markers included) from the benchmark's JSON."""
     checked = [c for c in results["comparisons"] if "value_rel_diff" in c]
@@ -205,19 +202,14 @@ def render(results: dict) -> str:
             "which bounds the peak ratio (≤); the time ratio is then against chunked. The fused loss's value equals "
             f"the naive one (or the chunked one where naive did not fit) within {worst:.1e} relative.",
             "",
-            markdown(*table(results)),
+            markdown_table(*table(results)),
             END,
         ]
     )
 
 
 def write_readme(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not (start and end):
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(head + render(results) + tail)
+    replace_section(readme, START, END, render(results))
 
 
 def main() -> None:
@@ -253,7 +245,7 @@ def main() -> None:
                         rows.append(case | launch(case | {"limit_bytes": limit}))
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     run = {
-        "command": "python -m benchmarks.kd_memory " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.kd_memory", *sys.argv[1:]]),
         "wall_seconds": time.perf_counter() - started,
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "limit_gib": limit / GiB,
@@ -275,7 +267,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     columns, lines = table(results)
-    print(markdown(columns, lines))
+    print(markdown_table(columns, lines))
     print(f"wrote {args.out}")
     if not args.quick:
         write_readme(results)

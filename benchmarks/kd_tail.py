@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.readme_section import replace_section
 from trainer import data, models
 from trainer.config import DataConfig
 
@@ -104,12 +105,7 @@ def render(results: dict) -> str:
 
 
 def write_readme(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not (start and end):
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(head + render(results) + tail)
+    replace_section(readme, START, END, render(results))
 
 
 def main() -> None:
@@ -130,7 +126,7 @@ def main() -> None:
     started = time.perf_counter()
     students, val_tokens = run(args.workdir, args.teacher_steps, args.steps)
     results = {
-        "command": "python -m benchmarks.kd_tail " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m benchmarks.kd_tail", *sys.argv[1:]]),
         "teacher_steps": args.teacher_steps,
         "steps": args.steps,
         "k": K,

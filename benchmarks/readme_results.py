@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from benchmarks.readme_section import markdown_table, replace_section
 from trainer.report import LATENCY_REPEATS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,11 +100,6 @@ def digits_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         for r in d["rows"]
     ]
     return columns, rows
-
-
-def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def distillation_finding(results: dict) -> str:
@@ -264,12 +260,7 @@ def write(results: dict, results_dir: Path, readme: Path) -> None:
     if not readme.exists():
         readme.write_text(section + "\n")
         return
-    text = readme.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not (start and end):
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(head + section + tail)
+    replace_section(readme, START, END, section)
 
 
 def main() -> None:

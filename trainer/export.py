@@ -74,12 +74,9 @@ def main(argv: list[str]) -> int:
     staging = exports.staging_dir(out)
     quantized = quantize_dense(model, targets=targets, **SCHEMES[scheme])
     specs = quant_specs(quantized)
-    unsupported = compressed_tensors.unsupported(quantized, specs)
-    if unsupported is None:
+    if family_of(model).pretrained_format:
         compressed_tensors.save(quantized, staging, specs, masks={})
     else:
-        if family_of(model).pretrained_format:
-            print(f"note: in Stillroom's compressed format: {unsupported} in compressed-tensors", file=sys.stderr)
         export_compressed(quantized, staging, masks={}, quant={})
     exports.publish(staging, out)
     size = folder_bytes(out)

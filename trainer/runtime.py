@@ -25,7 +25,8 @@ from trainer import data
 from trainer.checkpoint import STUDENT
 from trainer.config import DistillConfig, RunConfig
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.losses import FUSED_CHUNK_SIZE, fused_logit_losses, logit_losses
+from trainer.distill.fused import FUSED_CHUNK_SIZE, fused_logit_losses
+from trainer.distill.losses import logit_losses
 from trainer.distill.placement import Teacher, TeacherOutput
 from trainer.models.protocol import ModelFamily, fuses_head
 

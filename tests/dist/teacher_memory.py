@@ -1,7 +1,7 @@
-"""Run by torchrun (gloo): build the teacher at ARGV[1] with ``teacher.placement=ARGV[2]`` on every rank and write
-``ARGV[3]/rank<r>.json`` (how much this process's peak resident set, ``ru_maxrss``, grew while the teacher was
-built and every byte of its parameters on this rank read, and after one forward) and ``ARGV[3]/rank<r>.pt`` (the
-teacher's logits of a fixed batch).
+"""Run by torchrun (gloo): build the teacher at ARGV[1] (a Hugging Face folder or a GGUF file) with
+``teacher.placement=ARGV[2]`` on every rank and write ``ARGV[3]/rank<r>.json`` (how much this process's peak resident
+set, ``ru_maxrss``, grew while the teacher was built and every byte of its parameters on this rank read, and after
+one forward) and ``ARGV[3]/rank<r>.pt`` (the teacher's logits of a fixed batch).
 
 What the build imports or sets up once (transformers and the model's code, accelerate, FSDP2; the model built on
 the meta device, which holds no parameter bytes) is done before the first reading, so the growth is the teacher's
@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from parallel.mesh import ParallelDims
 from trainer.config import RunConfig
 from trainer.distill import hf
+from trainer.distill import teacher as teacher_io
 from trainer.distill.placement import build_teacher
 
 
@@ -32,9 +33,11 @@ def peak_bytes() -> int:
 def main(folder: str, placement: str, out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    hf.empty(Path(folder))  # the model on the meta device: imports its code, a one-time cost, before the reading
+    path = Path(folder)  # the model on the meta device: imports its code, a one-time cost, before the reading
+    hf.empty_gguf(path) if path.suffix == ".gguf" else hf.empty(path)
     cfg = RunConfig()
     cfg.teacher.checkpoint, cfg.teacher.placement = folder, placement
+    cfg.data.name, cfg.data.synthetic_vocab = "synthetic", teacher_io.spec(folder)["config"]["vocab_size"]
     dims = ParallelDims(dp_replicate=1, dp_shard=world, world_size=world)
     dist.barrier()
     before = peak_bytes()

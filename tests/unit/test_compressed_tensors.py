@@ -1,6 +1,7 @@
 """A QAT'd Hugging Face student exported in the compressed-tensors format: transformers loads it in a fresh process
-without Stillroom and computes what the fake-quant student computed; the file is ``compress/model_bytes`` plus what
-the format adds; sparse students keep their zeros; ``python -m trainer.export`` writes the same format.
+without Stillroom and computes what the fake-quant student computed; the file is ``compress/model_bytes`` plus its
+safetensors header; what the format cannot hold (embeddings, a tied head, GPT-2's ``Conv1D``) is stored dense with
+its fake-quantized values; sparse students keep their zeros; ``python -m trainer.export`` writes the same format.
 
 Tolerance: the weights transformers dequantizes equal the fake-quantized ones bit for bit (asserted: the same int
 codes, fp32 scales holding QAT's fp16 values, an exact ``codes * scale`` in fp32), so the logits can differ only by
@@ -8,7 +9,6 @@ the order of float operations of the same fp32 model: 1e-5. (They are in fact eq
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import struct
@@ -21,11 +21,10 @@ import torch
 
 from tests.conftest import HF_VOCAB, save_hf_student
 from trainer import exports, models
-from trainer.compress import build_compressor, compressed_tensors, qat
+from trainer.compress import build_compressor, compressed_tensors, qat, stats
 from trainer.compress.export import quantize_dense
 from trainer.compress.stats import quant_specs
 from trainer.config import ModifierConfig
-from trainer.models.hf import HFDecoderLM
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face students need the `hf` extra")
 
@@ -92,6 +91,15 @@ def header_bytes(path: Path) -> int:
     return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
+def assert_size_is_model_bytes(final: Path, compressor) -> None:
+    """``model.safetensors`` is ``compress/model_bytes`` (codes, fp32 scales, packed shapes, fp32 rest) plus its
+    header, whether the metric is measured on the whole model or from per-shard counts."""
+    weights = final / "model.safetensors"
+    assert weights.stat().st_size == compressor.metrics()["compress/model_bytes"] + header_bytes(weights)
+    from_counts = stats.summary_from_counts(compressor.shard_counts(), qat_active=True)["compress/model_bytes"]
+    assert weights.stat().st_size == from_counts + header_bytes(weights)
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_transformers_loads_the_qat_student_with_its_logits_and_size(source, tmp_path, scheme):
     weight_bits, act_bits, fmt = SCHEMES[scheme]
@@ -119,14 +127,7 @@ def test_transformers_loads_the_qat_student_with_its_logits_and_size(source, tmp
     with torch.no_grad():
         torch.testing.assert_close(served(tokens()), want, rtol=0, atol=LOGITS_ATOL)
 
-    # size: compress/model_bytes (codes, fp16 scales, fp32 rest) plus what the format adds: fp32 instead of fp16
-    # scales (2 bytes each), an int64 weight_shape [2] per packed weight, and the safetensors header
-    specs = quant_specs(model)
-    scales = sum(n_scales(model, name, spec) for name, spec in specs.items())
-    shapes = 0 if act_bits else 16 * len(specs)
-    weights = final / "model.safetensors"
-    model_bytes = compressor.metrics()["compress/model_bytes"]
-    assert weights.stat().st_size == model_bytes + 2 * scales + shapes + header_bytes(weights)
+    assert_size_is_model_bytes(final, compressor)
 
 
 def test_activation_quantization_is_what_transformers_runs(source, tmp_path):
@@ -155,18 +156,43 @@ def test_a_sparse_student_keeps_its_zeros_stored_dense(source, tmp_path, capsys)
     _, dense = student(source, qat_modifier(4, 0))
     dense_size = (export(dense, tmp_path / "dense") / "model.safetensors").stat().st_size
     assert (final / "model.safetensors").stat().st_size == dense_size
+    assert_size_is_model_bytes(final, compressor)  # the zeros are counted as stored
 
 
-def test_quantization_compressed_tensors_cannot_hold_goes_to_stillrooms_format(source, tmp_path, capsys):
-    """A quantized tied embedding (the head shares it) has no compressed-tensors form: Stillroom's format, one note."""
-    qat_all = ModifierConfig(kind="qat", targets=["model.embed_tokens", "lm_head"], weight_bits=8, act_bits=0)
-    model, compressor = student(source, qat_all)
-    assert compressed_tensors.unsupported(model, quant_specs(model)) == (
-        "model.embed_tokens is not a Linear in transformers"
-    )
+# compress=prune_qat as each family's module names say (tests/dist/test_hf_students.py): pruned and fake-quantized
+# decoder Linears and embeddings, a fake-quantized head (both heads here read the embedding's weight)
+PRUNE_QAT_TARGETS = {
+    "llama": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
+    "gpt2": (["transformer.h.*", "transformer.wte", "transformer.wpe"], ["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(PRUNE_QAT_TARGETS))
+def test_a_prune_qat_student_loads_in_transformers_with_its_logits_and_size(tmp_path, capsys, kind):
+    """compress=prune_qat: the Llama's decoder Linears are compressed-tensors int8 codes; its tied embedding/head and
+    all of GPT-2 (``Conv1D``, embeddings, tied head) are dense fp32 holding the fake-quantized values. GPT-2's
+    projections thus lose their int8 activation fake-quant (a note says so): transformers computes the student with
+    that off, to 1e-5."""
+    pruned, head = PRUNE_QAT_TARGETS[kind]
+    prune = ModifierConfig(kind="magnitude", targets=pruned, schedule="constant", final_sparsity=0.5)
+    quantize = ModifierConfig(kind="qat", targets=pruned + head, weight_bits=8, act_bits=8)
+    model, compressor = student(save_hf_student(tmp_path / kind, kind), prune, quantize)
+    specs = quant_specs(model)
+    compressed = compressed_tensors.compressed_specs(model, specs)
+    dense = {"llama": {"model.embed_tokens", "lm_head"}, "gpt2": set(specs)}[kind]
+    assert set(specs) - set(compressed) == dense
     final = export(compressor, tmp_path / "final")
-    assert "compressed-tensors format cannot hold" in capsys.readouterr().err
-    assert json.loads((final / "config.json").read_text())["format"] == "stillroom-compressed"
+    assert ("activation fake-quant is not in the export" in capsys.readouterr().err) == (kind == "gpt2")
+    for name in dense:
+        if specs[name]["act_bits"]:
+            model.get_submodule(name).activation_fake_quantizer.enabled = False
+    with torch.no_grad():
+        want = model(tokens())
+    torch.testing.assert_close(transformers_logits(final, tmp_path), want, rtol=0, atol=LOGITS_ATOL)
+    loaded = exports.load(final)
+    embedding = model.get_submodule(pruned[1])
+    assert torch.equal(loaded.get_submodule(pruned[1]).weight, qat.fake_quantize_weight(embedding))
+    assert_size_is_model_bytes(final, compressor)
 
 
 def test_the_export_cli_writes_compressed_tensors_for_a_hugging_face_run(source, tmp_path):
@@ -192,21 +218,6 @@ def test_the_export_cli_writes_compressed_tensors_for_a_hugging_face_run(source,
     with torch.no_grad():
         torch.testing.assert_close(transformers_logits(out, tmp_path), want.eval()(tokens()), rtol=0, atol=LOGITS_ATOL)
     assert (out / "manifest.json").is_file()
-
-
-def n_scales(model: HFDecoderLM, name: str, spec: dict) -> int:
-    rows, row_len = model.get_submodule(name).weight.shape
-    return rows * (row_len // spec["group_size"])
-
-
-def test_gpt2s_conv1d_projections_have_no_compressed_tensors_form(tmp_path):
-    """transformers' GPT-2 keeps its projections as ``Conv1D``, which compressed-tensors does not quantize."""
-    folder = save_hf_student(tmp_path / "gpt2", "gpt2", weights=False)
-    model = models.build("hf", path=str(folder), vocab_size=HF_VOCAB)
-    build_compressor(model, [dataclasses.replace(qat_modifier(8, 0), targets=["transformer.h.*"])])
-    assert compressed_tensors.unsupported(model, quant_specs(model)) == (
-        "transformer.h.0.attn.c_attn is not a Linear in transformers"
-    )
 
 
 def test_a_channel_pruned_qat_student_is_thinned_then_quantized(source, tmp_path):

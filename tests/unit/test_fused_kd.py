@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import HF_VOCAB, small_hf_config
+from tests.kd_reference import per_token_divergence
 from trainer import models
-from trainer.distill.losses import FusedSettings, TeacherSide, fused_kd_terms, fused_linear_kd_loss, kd_loss
+from trainer.distill.fused import FusedSettings, TeacherSide, fused_kd_terms
+from trainer.distill.losses import fused_linear_kd_loss, kd_loss
 from trainer.models.hf import DECODERS
 from trainer.models.protocol import FINAL_HIDDEN, family_of, fuses_head
 
@@ -35,17 +37,7 @@ def reference(student, teacher, kind, temperature, beta=0.5, top_k=None, tail=Fa
 
         s, t = buckets(s), buckets(t)
     p_s, p_t = torch.softmax(s / temperature, -1), torch.softmax(t / temperature, -1)
-
-    def kl(p, q):
-        return (p * (p.log() - q.log())).sum(-1)
-
-    if kind == "forward_kl":
-        per_token = kl(p_t, p_s)
-    elif kind == "reverse_kl":
-        per_token = kl(p_s, p_t)
-    else:
-        m = beta * p_t + (1 - beta) * p_s
-        per_token = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    per_token = per_token_divergence(p_s, p_t, kind, beta)
     keep = torch.ones(per_token.shape, dtype=torch.bool) if labels is None else labels != IGNORE
     count = max(int(keep.sum()), 1)
     kd = (per_token * keep).sum() / count * temperature**2

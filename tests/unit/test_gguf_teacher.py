@@ -15,6 +15,7 @@ import torch
 
 from tests.gguf_files import TOKENS, VOCAB, q8_rounded, save_llama_pair, tiny_llama, write_gguf
 from trainer.config import ConfigError, RunConfig
+from trainer.distill import hf, shard_load
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf_gguf
 from trainer.models.protocol import family_of
@@ -22,6 +23,7 @@ from trainer.preflight import validate
 
 transformers = pytest.importorskip("transformers", reason="GGUF teachers need the `hf` extra")
 pytest.importorskip("gguf", reason="GGUF teachers need the `hf` extra")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -56,6 +58,30 @@ def test_q8_0_file_is_dequantized(tmp_path):
         got, want = teacher_io.load(file)(x), q8_rounded(model)(input_ids=x).logits
         assert not torch.allclose(want, tiny_llama()(input_ids=x).logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q8_0"])
+def test_filled_row_by_row_from_the_file_it_equals_the_loaded_teacher(pair, tmp_path, quantized):
+    """What ``teacher.placement=shard`` does with a GGUF file, on one rank (no sharding): built on the meta device,
+    each parameter read from the mapped file by rows (transformers' names, Llama's query/key row order undone, Q8_0
+    blocks dequantized), bit for bit the teacher transformers loads; any rows alone read as the same rows."""
+    hf_folder, gguf_file = pair
+    if quantized:
+        gguf_file = write_gguf(
+            transformers.AutoModelForCausalLM.from_pretrained(hf_folder), tmp_path / "q8.gguf", quantized=True
+        )
+    skeleton = hf.empty_gguf(gguf_file)
+    assert all(p.is_meta for p in skeleton.parameters())
+    tensors = shard_load.gguf_index(gguf_file, hf_gguf.check_file(gguf_file), skeleton.model)
+    assert tensors is not None and tensors["model.layers.0.self_attn.q_proj.weight"].order is not None
+    filled = shard_load.load_sharded(skeleton, tensors, gguf_file, hf.stored_as(skeleton), lambda m: m, CPU).eval()
+    loaded = teacher_io.load(gguf_file)
+    for (name, got), (_, want) in zip(filled.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name
+    q_proj = loaded.get_parameter("model.model.layers.1.self_attn.q_proj.weight")
+    rows = torch.empty(24, q_proj.shape[1])
+    tensors["model.layers.1.self_attn.q_proj.weight"].read_rows(5, rows)
+    assert torch.equal(rows, q_proj[5:29])
 
 
 def test_bf16_is_the_fp32_model_rounded(pair):

@@ -101,8 +101,9 @@ def test_teacher_built_on_meta_and_filled_from_the_file_equals_the_loaded_one(hf
     for folder in (hf65, llama, opt):
         skeleton = hf.empty(folder)
         assert all(p.is_meta for p in skeleton.parameters())
+        tensors = shard_load.index(safetensors_files(folder))
         filled = shard_load.load_sharded(
-            skeleton, safetensors_files(folder), hf.stored_as(skeleton), lambda m: m, torch.device("cpu")
+            skeleton, tensors, folder, hf.stored_as(skeleton), lambda m: m, torch.device("cpu")
         ).eval()
         loaded = teacher_io.load(folder)
         assert type(filled) is type(loaded)

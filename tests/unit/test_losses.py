@@ -8,6 +8,7 @@ import weakref
 import pytest
 import torch
 
+from tests.kd_reference import per_token_divergence
 from trainer.distill.losses import KDLoss, kd_loss, kd_loss_topk
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
@@ -20,17 +21,7 @@ def reference(student, teacher, kind, temperature, beta=0.5, labels=None):
     """Straightforward float64 formulas: softmax, then log, then the divergence, mean over kept tokens."""
     p_s = torch.softmax(student.double() / temperature, dim=-1)
     p_t = torch.softmax(teacher.double() / temperature, dim=-1)
-
-    def kl(p, q):
-        return (p * (p.log() - q.log())).sum(-1)
-
-    if kind == "forward_kl":
-        per_token = kl(p_t, p_s)
-    elif kind == "reverse_kl":
-        per_token = kl(p_s, p_t)
-    else:
-        m = beta * p_t + (1 - beta) * p_s
-        per_token = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    per_token = per_token_divergence(p_s, p_t, kind, beta)
     if labels is not None:
         per_token = per_token[labels != IGNORE]
     return per_token.mean() * temperature**2

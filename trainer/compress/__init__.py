@@ -293,22 +293,14 @@ class Compressor:
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the shipped student: thinned (a family with structured units), masked and quantized. A Hugging Face
-        student is written as a Hugging Face folder: dense, or in the compressed-tensors format with fake-quant (see
-        ``compressed_tensors``); unstructured sparsity is kept as zeros there, and a quantization that format cannot
-        hold goes to Stillroom's compressed format, each said in one line. Other students: Stillroom's format."""
+        student is written as a Hugging Face folder, quantized modules in the compressed-tensors format where it holds
+        them and dense with their fake-quantized values elsewhere (see ``compressed_tensors``); unstructured sparsity
+        is kept as zeros there, said in one line. Other students: Stillroom's format."""
         self._ensure_masks()
         specs = stats.quant_specs(self.model)
         family = family_of(self.model)
         model, masks = pruning.thin(self.model, self.masks) if family.structured_units else (self.model, self.masks)
         if not family.pretrained_format:
-            return export_lib.export_compressed(model, out_dir, masks, specs)
-        unsupported = compressed_tensors.unsupported(model, specs) if specs else None
-        if unsupported is not None:
-            print(
-                f"note: the export is in Stillroom's compressed format (trainer.exports.load reads it): {unsupported}, "
-                "which the compressed-tensors format cannot hold",
-                file=sys.stderr,
-            )
             return export_lib.export_compressed(model, out_dir, masks, specs)
         if any(pruner.kind != "channel" for pruner in self.pruners):
             print(

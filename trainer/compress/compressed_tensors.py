@@ -14,17 +14,25 @@ codes the fake quantizer rounds to (``qat.quantize_weight``). Per module:
 
 Scales are stored in the model's dtype (fp32), as llm-compressor does: they hold the fp16 values QAT rounds them
 to, and compressed-tensors dequantizes in the scale's dtype, so ``codes * scale`` is exact and the loaded weight
-equals the fake-quantized one bit for bit. The file is thus larger than ``compress/model_bytes`` by 2 bytes per
-scale, 16 per ``weight_shape`` and the safetensors header.
+equals the fake-quantized one bit for bit.
 
-Quantized embeddings, weight-tied Linears and modules that are not ``nn.Linear`` in transformers (GPT-2's
-``Conv1D``) have no form here (``unsupported`` says which). Sparse weights are stored dense: compressed-tensors
-0.20 and transformers 5 no longer read the ``sparse-bitmask`` format.
+Quantized modules transformers 5.24 cannot load from this format are written dense in fp32, holding their
+fake-quantized values, so transformers still computes the fake-quant student: embeddings (a packed ``nn.Embedding``
+fails in transformers' weight init: the module has no ``weight`` left), a head tied to the embedding, and GPT-2's
+``Conv1D`` projections (compressed-tensors quantizes only ``nn.Linear`` and ``nn.Embedding``). A dense module's
+int8 activation fake-quant has no form there either: transformers runs its inputs in float (a note line says so).
+
+Sparse weights are stored dense: compressed-tensors 0.20 and transformers 5 no longer read the ``sparse-bitmask``
+format. ``tensor_bytes`` is each tensor's exact size in the file, which is what ``compress/model_bytes`` sums for a
+Hugging Face student; the file adds only its safetensors header.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import sys
 from pathlib import Path
 from typing import cast
 
@@ -34,29 +42,48 @@ from safetensors.torch import save_file
 
 from trainer.compress import qat
 from trainer.models import CONFIG_FILE, WEIGHTS_FILE, unique_state_dict
-from trainer.models.hf import HFDecoderFamily, HFDecoderLM, import_transformers
+from trainer.models.hf import HFDecoderFamily, HFDecoderLM, config_from_dict, import_transformers
 from trainer.models.protocol import family_of
 
 QUANT_METHOD = "compressed-tensors"
+FP32_BYTES = 4
+WEIGHT_SHAPE_BYTES = 16  # int64 [rows, row_len]
 
 
-def unsupported(model: nn.Module, specs: dict[str, dict]) -> str | None:
-    """Why the quantized modules ``specs`` (module -> quant spec) of ``model`` have no compressed-tensors form, or
-    None when they do (a Hugging Face student whose quantized modules are untied Linears in transformers too)."""
-    family = family_of(model)
-    if not isinstance(family, HFDecoderFamily):
-        return f"{family.name} is not a Hugging Face family"
+def compressed_specs(model: nn.Module, specs: dict[str, dict]) -> dict[str, dict]:
+    """The quantized modules of ``specs`` (module -> quant spec) that the compressed-tensors format holds: those that
+    are untied ``nn.Linear`` modules in transformers too. The others (embeddings, a tied head, GPT-2's ``Conv1D``) are
+    written dense, holding their fake-quantized values."""
+    held = untied_linears(cast(HFDecoderLM, model).config.to_json_string(use_diff=False))
+    return {name: spec for name, spec in specs.items() if name in held}
+
+
+@functools.lru_cache(maxsize=8)
+def untied_linears(config_json: str) -> frozenset[str]:
+    """The modules that are untied ``nn.Linear`` in transformers' model of the config ``config_json`` (built on the
+    meta device once per config: the metrics ask at every log step)."""
     transformers = import_transformers()
     with torch.device("meta"):
-        hf_model = transformers.AutoModelForCausalLM.from_config(model.config)
-    hf_modules = dict(hf_model.named_modules())
-    for name in specs:
-        module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear) or type(hf_modules.get(name)) is not nn.Linear:
-            return f"{name} is not a Linear in transformers"
-        if qat.weight_is_tied(model, module):
-            return f"{name} shares its weight"
-    return None
+        hf_model = transformers.AutoModelForCausalLM.from_config(config_from_dict(json.loads(config_json)))
+    return frozenset(
+        name
+        for name, module in hf_model.named_modules()
+        if type(module) is nn.Linear and not qat.weight_is_tied(hf_model, module)
+    )
+
+
+def tensor_bytes(shape: tuple[int, ...], spec: dict | None) -> int:
+    """Bytes a tensor of ``shape`` takes in the file: fp32, or for the weight of a module of ``compressed_specs``
+    its codes (packed in int32 words, or int8), fp32 scales and, when packed, its int64 ``weight_shape``."""
+    numel = math.prod(shape)
+    if spec is None:
+        return FP32_BYTES * numel
+    rows, row_len = shape
+    bits = spec["weight_bits"]
+    scales = rows * (row_len // (row_len if bits == 8 else spec["group_size"]))
+    if spec["act_bits"]:
+        return numel + FP32_BYTES * scales
+    return FP32_BYTES * (rows * math.ceil(row_len * bits / 32) + scales) + WEIGHT_SHAPE_BYTES
 
 
 def scheme(spec: dict) -> dict:
@@ -119,10 +146,10 @@ def compressed_state(tensors: dict[str, torch.Tensor], specs: dict[str, dict]) -
 
 
 def save(model: nn.Module, folder: Path, specs: dict[str, dict], masks: dict[str, torch.Tensor]) -> Path:
-    """Write ``model`` (unsharded, thinned) to ``folder`` in the compressed-tensors format, its ``masks`` applied and
-    the modules of ``specs`` quantized; ``unsupported(model, specs)`` must be None."""
+    """Write the Hugging Face student ``model`` (unsharded, thinned) to ``folder``, its ``masks`` applied and the
+    modules of ``specs`` quantized: in the compressed-tensors format where it holds them, dense elsewhere."""
     family = family_of(model)
-    assert isinstance(family, HFDecoderFamily)  # unsupported() said so
+    assert isinstance(family, HFDecoderFamily), f"{family.name} is not a Hugging Face family"
     folder.mkdir(parents=True, exist_ok=True)
     # config, generation config, tokenizer; the weights are written anew below
     family.save_pretrained(cast(HFDecoderLM, model), folder)
@@ -132,9 +159,26 @@ def save(model: nn.Module, folder: Path, specs: dict[str, dict], masks: dict[str
         if name in masks:
             tensor = tensor.masked_fill(~masks[name].cpu(), 0.0)
         tensors[name] = tensor
-    state = compressed_state(family.to_hf_state(tensors), specs)
+    compressed = compressed_specs(model, specs)
+    dense_quantized = {}  # weight name -> spec; a weight shared by modules (a tied head) once, as it is fake-quantized
+    for name, spec in specs.items():
+        if name not in compressed:
+            sharers = qat.weight_sharers(model, model.get_submodule(name))
+            dense_quantized[next(f"{n}.weight" for n in sharers if f"{n}.weight" in tensors)] = spec
+    for key, spec in dense_quantized.items():
+        codes, scale = qat.quantize_weight(tensors[key], spec["weight_bits"], spec["group_size"])
+        tensors[key] = qat.dequantize_weight(codes, scale)
+    unquantized_inputs = [name for name, spec in specs.items() if spec["act_bits"] and name not in compressed]
+    if unquantized_inputs:
+        print(
+            f"note: {len(unquantized_inputs)} modules ({unquantized_inputs[0]}, ...) are stored dense, so their int8 "
+            "activation fake-quant is not in the export (transformers runs their inputs in float)",
+            file=sys.stderr,
+        )
+    state = compressed_state(family.to_hf_state(tensors), compressed)
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    config_file = folder / CONFIG_FILE
-    config = json.loads(config_file.read_text()) | {"quantization_config": quantization_config(specs)}
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if compressed:
+        config_file = folder / CONFIG_FILE
+        config = json.loads(config_file.read_text()) | {"quantization_config": quantization_config(compressed)}
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

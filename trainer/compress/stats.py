@@ -5,7 +5,10 @@ QAT targets (Linears and embeddings; a tied head is stored once, as its embeddin
 integers at their QAT bits with fp16 scales (whether or not fake-quant is on yet), the rest fp32,
 each tensor dense or sparse, whichever ``export.storage_bytes`` says is smaller.
 ``compress/model_bytes`` is exactly the size of the export's blobs; the folder adds its
-``config.json`` and the safetensors header (about 1 KB for a GPT).
+``config.json`` and the safetensors header (about 1 KB for a GPT). A Hugging Face student's export is a Hugging Face
+folder instead, every tensor dense: ``compressed_tensors.tensor_bytes`` sizes each (codes and fp32 scales where the
+compressed-tensors format holds the module, fp32 elsewhere), so ``compress/model_bytes`` is ``model.safetensors``
+less its header.
 
 Under sharding the same metrics come from per-parameter counts over each rank's local shard, summed
 over the shards (``local_counts`` -> ``pruning.sum_over_shards`` -> ``summary_from_counts``), so no
@@ -22,7 +25,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
-from trainer.compress import export, pruning, qat
+from trainer.compress import compressed_tensors, export, pruning, qat
 from trainer.models import unique_state_dict
 from trainer.models.protocol import family_of
 
@@ -35,13 +38,15 @@ COUNT_FIELDS = ("numel", "zeros", "stored_nonzero", "signal", "noise")
 class ParamCounts:
     """One parameter's figures: its global shape and export scheme, and ``COUNT_FIELDS`` summed over the
     shards counted so far (numel and zeros of the weight, nonzeros of its stored values, and for a
-    quantized weight sum w^2 and sum (w - q(w))^2)."""
+    quantized weight sum w^2 and sum (w - q(w))^2); ``file_bytes`` its size in a Hugging Face student's export (None:
+    Stillroom's format, sized from the counts)."""
 
     shape: tuple[int, ...]
     pruned: bool
     bits: int
     group_size: int
     counts: list[float]
+    file_bytes: int | None = None
 
 
 def zero_fraction(tensors: list[torch.Tensor]) -> float:
@@ -73,8 +78,17 @@ def export_tensors(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str
     return tensors
 
 
-def storage(tensors: dict[str, torch.Tensor], specs: dict[str, dict]) -> tuple[int, float]:
-    """(bytes, average bits per stored value) of ``tensors`` when exported with quant ``specs``."""
+def hf_compressed_specs(model: nn.Module, specs: dict[str, dict]) -> dict[str, dict] | None:
+    """For a Hugging Face student, the quant ``specs`` its export holds in the compressed-tensors format (see
+    ``compressed_tensors.compressed_specs``); None for a family exported in Stillroom's format."""
+    return compressed_tensors.compressed_specs(model, specs) if family_of(model).pretrained_format else None
+
+
+def storage(
+    tensors: dict[str, torch.Tensor], specs: dict[str, dict], hf_specs: dict[str, dict] | None = None
+) -> tuple[int, float]:
+    """(bytes, average bits per stored value) of ``tensors`` when exported with quant ``specs``: in Stillroom's
+    format, or with ``hf_specs`` (``hf_compressed_specs``) as a Hugging Face folder."""
     total_bytes, total_bits, total_numel = 0, 0, 0
     for name, tensor in tensors.items():
         module, _, leaf = name.rpartition(".")
@@ -85,7 +99,11 @@ def storage(tensors: dict[str, torch.Tensor], specs: dict[str, dict]) -> tuple[i
             bits, group_size = spec["weight_bits"], spec["group_size"]
             stored, _ = qat.quantize_weight(tensor, bits, group_size)
         nonzero = int(stored.count_nonzero())
-        total_bytes += export.storage_bytes(tensor.numel(), tuple(tensor.shape), nonzero, bits, group_size)
+        if hf_specs is None:
+            total_bytes += export.storage_bytes(tensor.numel(), tuple(tensor.shape), nonzero, bits, group_size)
+        else:
+            hf_spec = hf_specs.get(module) if leaf == "weight" else None
+            total_bytes += compressed_tensors.tensor_bytes(tuple(tensor.shape), hf_spec)
         total_bits += bits * tensor.numel()
         total_numel += tensor.numel()
     return total_bytes, total_bits / max(total_numel, 1)
@@ -97,7 +115,7 @@ def summary(
 ) -> dict[str, float]:
     """The ``compress/*`` metrics; ``pruned_weights`` names the weights that pruning modifiers target."""
     specs = quant_specs(model)
-    model_bytes, weight_bits = storage(export_tensors(model, masks), specs)
+    model_bytes, weight_bits = storage(export_tensors(model, masks), specs, hf_compressed_specs(model, specs))
     dense_bytes = FP32_BYTES * sum(t.numel() for t in unique_state_dict(model).values())
     metrics = {
         "compress/sparsity": zero_fraction([model.get_parameter(n) for n in pruned_weights]),
@@ -138,6 +156,7 @@ def weight_specs(model: nn.Module) -> dict[str, dict]:
 def local_counts(model: nn.Module, masks: dict[str, torch.Tensor], pruned_weights: list[str]) -> dict[str, ParamCounts]:
     """``ParamCounts`` of every parameter (tied ones once) over this rank's local shard of it."""
     specs, pruned = weight_specs(model), set(pruned_weights)
+    hf_specs = hf_compressed_specs(model, quant_specs(model))
     out = {}
     for name, param in model.named_parameters():
         weight = pruning.local(param).detach().float()
@@ -158,6 +177,9 @@ def local_counts(model: nn.Module, masks: dict[str, torch.Tensor], pruned_weight
             bits,
             group_size,
             [float(weight.numel()), float(zeros), float(stored_nonzero), signal, noise],
+            None
+            if hf_specs is None
+            else compressed_tensors.tensor_bytes(tuple(param.shape), hf_specs.get(name.removesuffix(".weight"))),
         )
     return out
 
@@ -170,7 +192,10 @@ def summary_from_counts(counts: dict[str, ParamCounts], qat_active: bool) -> dic
         return sum(c.counts[i] for c in counts.values() if where(c))
 
     model_bytes = sum(
-        export.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size) for c in counts.values()
+        export.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size)
+        if c.file_bytes is None
+        else c.file_bytes
+        for c in counts.values()
     )
     numel = total("numel")
     pruned_numel = total("numel", lambda c: c.pruned)

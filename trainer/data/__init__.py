@@ -19,7 +19,7 @@ import torch
 
 from trainer.config import TOKENIZED_DATA, DataConfig
 from trainer.data import shards, tokenizer
-from trainer.data.batching import WHOLE, Shard, local_slice, step_generator
+from trainer.data.batching import WHOLE, Shard, StreamWindows, local_slice, step_generator
 from trainer.data.errors import DataError
 from trainer.data.packed import IGNORE_INDEX, ChatData, ShardData, TextData
 
@@ -58,7 +58,7 @@ class Batches:
         return local * self.shard.world * self.shard.grad_accum / total
 
 
-class TokenData:
+class TokenData(StreamWindows):
     """Next-token prediction over a 1-D token stream (character-level text or synthetic)."""
 
     task = "lm"
@@ -85,19 +85,6 @@ class TokenData:
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor):
         rows = tokens[starts[:, None] + self._window]
         return rows[:, :-1], rows[:, 1:]
-
-    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
-        high = len(self.train_tokens) - self.block_size - 1
-        starts = torch.randint(high, (batch_size,), generator=step_generator(seed, step))
-        return self._windows(self.train_tokens, local_slice(starts, shard, micro))
-
-    def val_batches(self, batch_size: int, shard: Shard = WHOLE):
-        """A fixed list of validation batches (the same for every eval and every run)."""
-        high = len(self.val_tokens) - self.block_size - 1
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(self.eval_batches):
-            starts = torch.randint(high, (batch_size,), generator=gen)
-            yield self._windows(self.val_tokens, local_slice(starts, shard, 0))
 
     def tokens_per_sample(self) -> int:
         return self.block_size

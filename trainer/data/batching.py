@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,3 +32,30 @@ def local_slice(global_indices: torch.Tensor, shard: Shard, micro: int) -> torch
 
 
 WHOLE = Shard()  # one process reading the whole global batch
+
+
+class StreamWindows:
+    """Windows of ``block_size + 1`` tokens at random starts of a token stream: a step's from its generator, the
+    validation ones from a fixed generator (the same for every eval and every run). A subclass holds the streams
+    (``train_tokens``, ``val_tokens``) and cuts rows out of them (``_windows``)."""
+
+    train_tokens: Any
+    val_tokens: Any
+    block_size: int
+    eval_batches: int
+
+    def _windows(self, tokens: Any, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
+        high = len(self.train_tokens) - self.block_size - 1
+        starts = torch.randint(high, (batch_size,), generator=step_generator(seed, step))
+        return self._windows(self.train_tokens, local_slice(starts, shard, micro))
+
+    def val_batches(self, batch_size: int, shard: Shard = WHOLE):
+        """A fixed list of validation batches."""
+        high = len(self.val_tokens) - self.block_size - 1
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(self.eval_batches):
+            starts = torch.randint(high, (batch_size,), generator=gen)
+            yield self._windows(self.val_tokens, local_slice(starts, shard, 0))

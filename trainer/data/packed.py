@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data.batching import WHOLE, Shard, local_slice, step_generator
+from trainer.data.batching import WHOLE, Shard, StreamWindows, local_slice, step_generator
 from trainer.data.shards import mapped
 
 IGNORE_INDEX = -100
@@ -51,7 +51,7 @@ class ShardData:
         return {str(self.root / name): entry["sha256"] for name, entry in self.manifest["files"].items()}
 
 
-class TextData(ShardData):
+class TextData(ShardData, StreamWindows):
     def __init__(self, root: Path, manifest: dict, block_size: int, eval_batches: int, tokenizer):
         super().__init__(root, manifest, block_size, eval_batches, tokenizer)
         self.train_tokens, self.val_tokens = self._array("train", "tokens"), self._array("val", "tokens")
@@ -60,19 +60,6 @@ class TextData(ShardData):
     def _windows(self, tokens: np.ndarray, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.from_numpy(tokens[starts.numpy()[:, None] + self._window].astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
-
-    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
-        high = len(self.train_tokens) - self.block_size - 1
-        starts = torch.randint(high, (batch_size,), generator=step_generator(seed, step))
-        return self._windows(self.train_tokens, local_slice(starts, shard, micro))
-
-    def val_batches(self, batch_size: int, shard: Shard = WHOLE):
-        """A fixed list of validation batches (the same for every eval and every run)."""
-        high = len(self.val_tokens) - self.block_size - 1
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(self.eval_batches):
-            starts = torch.randint(high, (batch_size,), generator=gen)
-            yield self._windows(self.val_tokens, local_slice(starts, shard, 0))
 
 
 class ChatData(ShardData):

@@ -157,8 +157,9 @@ def expected_key(cfg: RunConfig) -> CacheKey:
     from trainer import data
     from trainer.distill import teacher
 
-    vocab = data.vocab_size(cfg.data)
     assert cfg.teacher.checkpoint is not None  # a cache is of a teacher: preflight and trainer.cache check it
+    alignment = teacher.vocab_alignment(cfg)  # the teacher's logits are cut to the real vocabulary, as in a live run
+    vocab = alignment.real if alignment is not None else data.vocab_size(cfg.data)
     return CacheKey(
         teacher=teacher.fingerprint(cfg.teacher.checkpoint),
         data=data.fingerprint(cfg.data),

@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from trainer.models import hf_gguf
 from trainer.models.hf import DECODERS, HFDecoderLM, first_line, import_transformers, load_pretrained, read_config
 from trainer.models.protocol import ModelFamily, register
 
@@ -111,16 +112,27 @@ register(HFTeacherFamily())
 def empty(folder: Path) -> nn.Module:
     """The folder's causal LM (as ``load`` gives it) with its parameters on the meta device and its buffers (rotary
     frequencies) computed: what ``trainer.distill.shard_load`` shards, then fills."""
+    config = read_config(folder)
+    model = empty_model(config)
+    if config.model_type in DECODERS:
+        return DECODERS[config.model_type].wrap(model, str(folder))
+    return HFCausalLM(model)
+
+
+def empty_gguf(file: Path) -> nn.Module:
+    """The GGUF file's causal LM as ``teacher.load`` wraps it (``HFCausalLM``), on the meta device as ``empty``."""
+    return HFCausalLM(empty_model(hf_gguf.read_config(file)))
+
+
+def empty_model(config) -> nn.Module:
+    """transformers' fp32 causal LM of ``config``, its parameters on the meta device and its buffers computed."""
     from accelerate import init_empty_weights
 
     transformers = import_transformers()
-    config = read_config(folder)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # accelerate's parameter hook undoes the tie made while the model was built
-    if config.model_type in DECODERS:
-        return DECODERS[config.model_type].wrap(model.float(), str(folder))
-    return HFCausalLM(model.float())
+    return model.float()
 
 
 def stored_as(model: nn.Module) -> Callable[[str], tuple[tuple[str, ...], bool]]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from trainer.data import local_slice
 from trainer.distill import cache, hf, shard_load
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf as hf_folders
+from trainer.models import hf_gguf
 from trainer.models.protocol import family_of, fuses_head
 
 if TYPE_CHECKING:
@@ -190,29 +191,42 @@ class RemoteTeacher(Teacher):
 
 
 def load_sharded(cfg: RunConfig, shard: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Module:
-    """The teacher as a frozen FSDP2-sharded module. A dense export or a Hugging Face folder with safetensors
-    weights is never whole on any rank (``shard_load``: built on the meta device, sharded, then each rank reads
-    its rows of the file); other teachers are loaded whole, then sharded."""
+    """The teacher as a frozen FSDP2-sharded module. A dense export, a Hugging Face folder with safetensors weights
+    or a GGUF file of an architecture ``shard_load.gguf_index`` reads is never whole on any rank (``shard_load``:
+    built on the meta device, sharded, then each rank reads its rows of the file); other teachers are loaded whole,
+    then sharded."""
     path = cfg.teacher.checkpoint
     assert path is not None  # only called for a run with a teacher
     kind, folder = teacher_io.resolve(path)
-    files = hf_folders.safetensors_files(folder) if kind == "hf" else [folder / models.WEIGHTS_FILE]
-    if not (teacher_io.is_dense_export(path) or (kind == "hf" and files)):
-        return shard(teacher_io.load_for_run(cfg, device))
-    skeleton: nn.Module
     try:
-        if kind == "hf":
-            wrapped = hf.empty(folder)
-            skeleton, stored_as = wrapped, hf.stored_as(wrapped)
-        else:
-            with torch.device("meta"):
-                skeleton = models.build_from_spec(models.read_export_config(folder))
-            stored_as = _same_name
-        module = shard_load.load_sharded(skeleton, files, stored_as, shard, device)
+        source = _on_meta_device(kind, folder, teacher_io.is_dense_export(path))
+        if source is None:
+            return shard(teacher_io.load_for_run(cfg, device))
+        skeleton, tensors, stored_as = source
+        module = shard_load.load_sharded(skeleton, tensors, folder, stored_as, shard, device)
     except ValueError as e:
         raise teacher_io.TeacherPathError(str(e)) from None
     sliced = teacher_io.slice_vocabulary(module, path, teacher_io.run_vocab_size(cfg))
     return teacher_io.freeze(sliced, device)
+
+
+def _on_meta_device(
+    kind: str, folder: Path, dense_export: bool
+) -> tuple[nn.Module, Mapping[str, shard_load.Rows], shard_load.StoredAs] | None:
+    """The teacher at ``folder`` (of ``kind``) on the meta device, its stored tensors and their names; None where it
+    cannot be read row by row."""
+    if kind == "hf" and hf_folders.safetensors_files(folder):
+        skeleton = hf.empty(folder)
+        return skeleton, shard_load.index(hf_folders.safetensors_files(folder)), hf.stored_as(skeleton)
+    if kind == "gguf":
+        skeleton = hf.empty_gguf(folder)
+        tensors = shard_load.gguf_index(folder, hf_gguf.check_file(folder), cast(hf.HFCausalLM, skeleton).model)
+        return None if tensors is None else (skeleton, tensors, hf.stored_as(skeleton))
+    if dense_export:
+        with torch.device("meta"):
+            skeleton = models.build_from_spec(models.read_export_config(folder))
+        return skeleton, shard_load.index([folder / models.WEIGHTS_FILE]), _same_name
+    return None
 
 
 def _same_name(name: str) -> tuple[tuple[str, ...], bool]:
@@ -230,12 +244,13 @@ def build_teacher(
     """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use.
 
     A remote teacher asks ``next_input((step, micro))`` for the micro-batch after ``(step, micro)`` to request
-    it ahead; its logits have ``vocab`` entries.
+    it ahead; its logits have the real vocabulary's entries (``teacher_io.run_vocab_size``), or ``vocab`` (classes).
     """
     placement = cfg.teacher.placement
     if placement == "remote":
         roles = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks)
-        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), vocab, next_input))
+        logits = teacher_io.run_vocab_size(cfg) or vocab  # the teacher rank cuts its logits to the real vocabulary
+        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), logits, next_input))
     if placement == "cache":
         manifest = cache.check(cfg)
         assert cfg.teacher.cache_dir is not None  # cache.check read it

@@ -11,11 +11,13 @@ built, never at import, and never downloads anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -111,6 +113,29 @@ def read_config(folder: Path):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{folder} holds a {config.model_type} model, which transformers does not run as a causal LM")
     return config
+
+
+def load_decompressed(folder: str | Path, **options: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **options)``, compressed-tensors weights
+    decompressed now (``decompressed``), all by this process: under torch.distributed compressed-tensors splits the
+    (de)compression over the ranks, and its broadcasts would wait forever for ranks that load nothing (rank 0 reading
+    the export)."""
+    transformers = import_transformers()
+    with compressed_tensors_in_this_process():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **options)
+        return decompressed(model)
+
+
+@contextlib.contextmanager
+def compressed_tensors_in_this_process() -> Iterator[None]:
+    """torch.distributed reported not running, so that compressed-tensors (its modules ask
+    ``torch.distributed.is_initialized``) loads by this process alone (see ``load_decompressed``)."""
+    is_initialized = torch.distributed.is_initialized
+    torch.distributed.is_initialized = lambda: False
+    try:
+        yield
+    finally:
+        torch.distributed.is_initialized = is_initialized
 
 
 def decompressed(model: nn.Module) -> nn.Module:
@@ -262,13 +287,12 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
         transformers = import_transformers()
         pretrained = config.resolve()
         if config.loads_weights and torch.get_default_device().type != "meta":
+            assert config.path is not None  # loads_weights says there is a folder
             try:
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    config.path, config=pretrained, local_files_only=True, dtype=torch.float32
-                )
+                model = load_decompressed(config.path, config=pretrained, dtype=torch.float32)
             except (OSError, ValueError, RuntimeError) as e:
                 raise ValueError(f"{config.path}: transformers cannot load the model ({first_line(e)})") from None
-            return self.wrap(decompressed(model), config.path)  # fp32 already (a quantized model refuses .float())
+            return self.wrap(model, config.path)  # fp32 already (a quantized model refuses .float())
         return self.wrap(transformers.AutoModelForCausalLM.from_config(pretrained).float(), config.path)
 
     def config(self, model: HFDecoderLM) -> HFConfig:
@@ -391,9 +415,8 @@ class TransformersLM(nn.Module):
 def load_transformers(folder: str | Path) -> TransformersLM:
     """The Hugging Face folder's model as ``AutoModelForCausalLM.from_pretrained`` gives it, in eval mode on CPU,
     compressed-tensors weights decompressed as its first forward would (ValueError, one line, if it cannot be)."""
-    transformers = import_transformers()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+        model = load_decompressed(folder)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: transformers cannot load the model ({first_line(e)})") from None
-    return TransformersLM(decompressed(model)).eval()
+    return TransformersLM(model).eval()
