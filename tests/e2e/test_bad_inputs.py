@@ -73,7 +73,7 @@ CASES = {
     "unknown student family": (["student.arch=transformer"], "student.arch: unknown model family 'transformer'"),
     "unknown experiment": (
         ["experiment=nope"],
-        "experiment: no option 'nope' (available: quickstart, teacher_shakespeare)",
+        "experiment: no option 'nope' (available: quickstart, smollm2, teacher_shakespeare)",
     ),
     "unknown student option": (
         ["student=huge"],
