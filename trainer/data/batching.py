@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ def local_slice(global_indices: torch.Tensor, shard: Shard, micro: int) -> torch
 WHOLE = Shard()  # one process reading the whole global batch
 
 
-class StreamWindows:
+class StreamWindows(ABC):
     """Windows of ``block_size + 1`` tokens at random starts of a token stream: a step's from its generator, the
     validation ones from a fixed generator (the same for every eval and every run). A subclass holds the streams
     (``train_tokens``, ``val_tokens``) and cuts rows out of them (``_windows``)."""
@@ -44,8 +45,9 @@ class StreamWindows:
     block_size: int
     eval_batches: int
 
+    @abstractmethod
     def _windows(self, tokens: Any, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Inputs and next-token labels of the windows starting at ``starts`` in ``tokens``."""
 
     def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
         high = len(self.train_tokens) - self.block_size - 1
