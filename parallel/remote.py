@@ -1,10 +1,12 @@
 """Dedicated teacher ranks (``teacher.placement=remote``): the last K ranks of the world hold the teacher.
 
 Student rank ``s`` of ``S`` is served by teacher rank ``S + s % K``. A request is three point-to-point messages
-on the pair: a header ``[kind, sequence, rows, tokens]``, the input tokens ``[rows, tokens]``, and the reply, the
-teacher's logits ``[rows, tokens, vocab]`` (fp32). A teacher rank serves its students round-robin in rank order
-(every student makes the same sequence of requests: the same steps, micro-batches and eval batches), so no
-message needs an any-source receive and the protocol runs on gloo and NCCL alike.
+on the pair: a header ``[kind, sequence, rows, tokens, start]``, the input tokens ``[rows, tokens]``, and the reply,
+the teacher's logits ``[rows, tokens - start, vocab]`` (fp32) from position ``start`` on (0 for a data set's batch;
+on-policy distillation sends the student's samples and needs only the positions of their completions). A teacher
+rank serves its students round-robin in rank order (every student makes the same sequence of requests: the same
+steps, micro-batches and eval batches), so no message needs an any-source receive and the protocol runs on gloo and
+NCCL alike.
 
 The student overlaps the teacher with its own step: as soon as it has a micro-batch's logits it sends the next
 micro-batch's inputs (batches are a pure function of the step), so the teacher computes them while the student
@@ -22,6 +24,7 @@ import torch.nn as nn
 
 REQUEST, STOP = 1, 0
 HEADER_TAG = 0
+HEADER_SIZE = 5  # kind, sequence, rows, tokens, start
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,15 @@ def serve(module: nn.Module, students: list[int], device: torch.device) -> int:
     open_students, served = list(students), 0
     while open_students:
         for student in list(open_students):
-            header = torch.empty(4, dtype=torch.int64, device=device)
+            header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
             dist.recv(header, src=student, tag=HEADER_TAG)
-            kind, sequence, rows, tokens = header.tolist()
+            kind, sequence, rows, tokens, start = header.tolist()
             if kind == STOP:
                 open_students.remove(student)
                 continue
             x = torch.empty(rows, tokens, dtype=torch.int64, device=device)
             dist.recv(x, src=student, tag=sequence)
-            logits = module(x).float().contiguous()
+            logits = module(x)[:, start:].float().contiguous()
             dist.send(logits, dst=student, tag=sequence)
             served += 1
     return served
@@ -75,10 +78,10 @@ def serve(module: nn.Module, students: list[int], device: torch.device) -> int:
 class PendingLogits:
     """A request in flight: the sends to wait for and the reply being received."""
 
-    def __init__(self, server: int, sequence: int, x: torch.Tensor, vocab: int):
-        self.header = torch.tensor([REQUEST, sequence, *x.shape], dtype=torch.int64, device=x.device)
+    def __init__(self, server: int, sequence: int, x: torch.Tensor, vocab: int, start: int = 0):
+        self.header = torch.tensor([REQUEST, sequence, *x.shape, start], dtype=torch.int64, device=x.device)
         self.x = x.contiguous()
-        self.logits = torch.empty(*x.shape, vocab, device=x.device)
+        self.logits = torch.empty(x.shape[0], x.shape[1] - start, vocab, device=x.device)
         self.works = [
             dist.isend(self.header, server, tag=HEADER_TAG),
             dist.isend(self.x, server, tag=sequence),
@@ -104,9 +107,10 @@ class RemoteClient:
         self.sequence = 0
         self.ahead: tuple[tuple, PendingLogits] | None = None
 
-    def request(self, x: torch.Tensor) -> PendingLogits:
+    def request(self, x: torch.Tensor, start: int = 0) -> PendingLogits:
+        """Send ``x`` to the teacher rank; its logits from position ``start`` on come back (``wait``)."""
         self.sequence += 1
-        return PendingLogits(self.server, self.sequence, x, self.vocab)
+        return PendingLogits(self.server, self.sequence, x, self.vocab, start)
 
     def logits(self, x: torch.Tensor, key: tuple | None) -> torch.Tensor:
         """The teacher's logits of ``x``; ``key`` (step, micro) names a training micro-batch, None an eval batch."""
@@ -133,4 +137,4 @@ class RemoteClient:
     def close(self) -> None:
         """Drain, then tell the server this student is done."""
         self.drain()
-        dist.send(torch.tensor([STOP, 0, 0, 0], dtype=torch.int64), self.server, tag=HEADER_TAG)
+        dist.send(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64), self.server, tag=HEADER_TAG)

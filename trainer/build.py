@@ -82,15 +82,26 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def micro_batch_after(cfg: RunConfig, batches: data.Batches) -> Callable:
     """``after((step, micro))``: the next (step, micro) of the run and its inputs on this rank, None after the
-    last (a remote teacher requests the next micro-batch's logits ahead)."""
-    t = cfg.train
+    last (a remote teacher requests the next micro-batch's logits ahead). With on-policy distillation, the next
+    micro-batch that has rows the student does not write, and those rows only (the others do not exist yet)."""
+    from trainer.distill.on_policy import on_policy_rows
+
+    t, lmbda = cfg.train, cfg.distill.lmbda
+    if lmbda > 0 and bool(on_policy_rows(t.seed, 0, t.batch_size, lmbda).all()):
+        return lambda key: None  # every row is the student's: nothing is known ahead
 
     def after(key: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
-        step, micro = key[0] + (key[1] + 1) // t.grad_accum, (key[1] + 1) % t.grad_accum
-        if step >= (t.stop_at_step or t.max_steps):
-            return None
-        x, _ = batches.dataset.train_batch(t.seed, step, t.batch_size, batches.shard, micro)
-        return (step, micro), x.to(batches.device)
+        step, micro = key
+        while True:
+            step, micro = step + (micro + 1) // t.grad_accum, (micro + 1) % t.grad_accum
+            if step >= (t.stop_at_step or t.max_steps):
+                return None
+            x, _ = batches.dataset.train_batch(t.seed, step, t.batch_size, batches.shard, micro)
+            if lmbda == 0:
+                return (step, micro), x.to(batches.device)
+            off = ~data.local_slice(on_policy_rows(t.seed, step, t.batch_size, lmbda), batches.shard, micro)
+            if bool(off.any()):
+                return (step, micro), x[off].to(batches.device)
 
     return after
 

@@ -114,6 +114,15 @@ class DistillConfig:
     chunk_size: int | None = None
     fused: bool = True  # head + divergence a chunk of tokens at a time (no [tokens, V] logits) where models allow
     features: list[FeatureConfig] = field(default_factory=list)
+    # On-policy distillation (distill=on_policy, trainer/distill/on_policy.py): the share of each step's samples
+    # the student completes itself (0: off-policy KD only, 1: on-policy only), how many tokens it writes at most,
+    # the prompt's length (data other than chat: the first tokens of the window), how it samples (temperature 0:
+    # greedy; top_p < 1: nucleus sampling).
+    lmbda: float = 0.0
+    max_new_tokens: int = 16
+    prompt_tokens: int = 16
+    gen_temperature: float = 1.0
+    top_p: float = 1.0
 
     def check(self) -> None:  # the loss kinds are distill.losses' (checked in the preflight)
         _check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
@@ -125,6 +134,11 @@ class DistillConfig:
             _check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
         if self.top_k_tail:
             _check(self.top_k is not None, "top_k_tail", "needs distill.top_k=K (the tail is what the top-k leaves)")
+        _check(0 <= self.lmbda <= 1, "lmbda", f"must be in [0, 1] (got {self.lmbda})")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
+        _check(self.prompt_tokens >= 1, "prompt_tokens", f"must be >= 1 (got {self.prompt_tokens})")
+        _check(self.gen_temperature >= 0, "gen_temperature", f"must be >= 0, 0 = greedy (got {self.gen_temperature})")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
 
 
 @dataclass

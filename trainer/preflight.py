@@ -67,6 +67,7 @@ def validate(cfg: RunConfig) -> None:
         "student.arch",
         f"data={cfg.data.name} needs a {task} student (got {cfg.student['arch']}, a {family.task} model)",
     )
+    _validate_on_policy(cfg)
     _validate_parallel(cfg)
     _validate_teacher(cfg)
     _validate_compress(cfg)
@@ -80,6 +81,55 @@ def validate(cfg: RunConfig) -> None:
             "report.side_by_side",
             "measures a Hugging Face or GGUF teacher (teacher.checkpoint) beside a Hugging Face student",
         )
+
+
+def _validate_on_policy(cfg: RunConfig) -> None:
+    """On-policy distillation (``distill.lmbda`` > 0): a teacher that can score samples the student writes during
+    the run, on a language-model data set, in a sequence that holds prompt and completion."""
+    d = cfg.distill
+    if d.lmbda == 0:
+        return
+    _check(
+        d.loss != "none",
+        "distill.lmbda",
+        "on-policy samples are graded by a teacher: set distill.loss (e.g. distill=on_policy) or distill.lmbda=0",
+    )
+    _check(
+        DATA_TASKS[cfg.data.name] == "lm",
+        "distill.lmbda",
+        f"on-policy distillation samples text from the student: data={cfg.data.name} is not a language-model data set",
+    )
+    _check(
+        cfg.teacher.placement != "cache",
+        "teacher.placement",
+        "cache holds the teacher's logits of the data set's samples; on-policy samples (distill.lmbda > 0) do not "
+        "exist before the run: use replicate, shard or remote",
+    )
+    _check(
+        not d.features,
+        "distill.features",
+        "feature distillation is not supported with on-policy distillation (distill.lmbda > 0)",
+    )
+    _check(
+        not parallel_dims(cfg.parallel, world_size_from_env()).pp_enabled,
+        "parallel.strategy",
+        "on-policy distillation (distill.lmbda > 0) is not supported with pipeline parallelism: generation would "
+        "pass every token through all the stages",
+    )
+    length = sequence_length(cfg)
+    if cfg.data.name == "chat":
+        _check(
+            d.max_new_tokens < length,
+            "distill.max_new_tokens",
+            f"{d.max_new_tokens} new tokens after a prompt do not fit the sequence of {length} (student.block_size)",
+        )
+        return
+    _check(
+        d.prompt_tokens + d.max_new_tokens <= length,
+        "distill.prompt_tokens",
+        f"a prompt of {d.prompt_tokens} tokens and distill.max_new_tokens={d.max_new_tokens} are longer than the "
+        f"sequence of {length} tokens (student.block_size)",
+    )
 
 
 def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -> list[str]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from parallel.collectives import PairwiseGradients, dp_mean
+from parallel.collectives import PairwiseGradients, dp_mean, dp_sum
 from parallel.ddp import assert_replicas_equal
 from parallel.mesh import REPLICATE_AXIS, ParallelDims
 from parallel.parallelize import no_gradient_sync, parallelize
@@ -27,6 +27,7 @@ from trainer.config import DistillConfig, RunConfig
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.fused import FUSED_CHUNK_SIZE, fused_logit_losses
 from trainer.distill.losses import logit_losses
+from trainer.distill.on_policy import OnPolicy, summarize
 from trainer.distill.placement import Teacher, TeacherOutput
 from trainer.models.protocol import ModelFamily, fuses_head
 
@@ -125,6 +126,9 @@ class DataParallelRuntime(StudentRuntime):
             self.kd_path = f"fused head + divergence, {chunk} tokens at a time (teacher: {teacher_side})"
         elif cfg.distill.fused and cfg.distill.loss != "none":
             self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
+        # On-policy distillation (distill.lmbda > 0): the student completes some rows before each micro-batch's
+        # losses; with lmbda = 0 nothing of it runs.
+        self.on_policy = OnPolicy(cfg.distill, layout.batches) if cfg.distill.lmbda > 0 else None
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
@@ -139,6 +143,11 @@ class DataParallelRuntime(StudentRuntime):
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The loss terms of micro-batch ``micro`` of step ``step`` (inputs ``x``, labels ``y``)."""
+        if self.on_policy is not None:
+            assert self.teacher is not None  # preflight: on-policy distillation has a teacher
+            return self.on_policy.losses(
+                self.modules[STUDENT], self.student, self.teacher, x, y, step, micro, self.fused, self.layout.autocast
+            )
         t_out = self.teacher(x, step, micro) if self.teacher is not None else None
         student = self.modules[STUDENT]
         if self.fused:
@@ -168,7 +177,8 @@ class DataParallelRuntime(StudentRuntime):
             with contextlib.nullcontext() if last else no_gradient_sync(self.modules.values()):
                 with self.layout.autocast:
                     parts = self.losses(x, y, step, micro)
-                    scale = self.batches.loss_scale(step, micro)  # masked labels: the global batch's mean
+                    # masked labels: the global batch's mean (on-policy: each part's mean over its micro-batch tokens)
+                    scale = self.batches.loss_scale(step, micro) if self.on_policy is None else 1.0
                     if scale != 1.0:
                         parts = {key: value * scale for key, value in parts.items()}
                 (parts["train/loss"] / t.grad_accum).backward()
@@ -178,7 +188,11 @@ class DataParallelRuntime(StudentRuntime):
                 totals[key] = totals.get(key, 0.0) + value.detach() / t.grad_accum
         if pairwise:
             pairwise.finish()
-        return dp_mean(totals, self.dp_mesh)
+        totals = dp_mean(totals, self.dp_mesh)
+        if self.on_policy is not None:
+            stats = dp_sum(self.on_policy.pop_stats().to(self.device), self.dp_mesh)
+            totals.update(summarize(stats, self.dp_mesh.size() if self.dp_mesh is not None else 1))
+        return totals
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return full_tensor(nn.utils.clip_grad_norm_(self.trainable.parameters(), max_norm))

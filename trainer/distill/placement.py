@@ -80,6 +80,21 @@ class Teacher(ABC):
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
 
+    def score(self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int) -> TeacherOutput:
+        """The teacher's output for micro-batch ``micro`` of step ``step`` whose rows ``on`` (bool) the student
+        wrote (on-policy distillation): of those rows only the positions from ``start`` on are needed. Timed like
+        a call."""
+        started = time.perf_counter()
+        out = self.forward_samples(x, on, start, step, micro)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.wait_seconds += time.perf_counter() - started
+        return out
+
+    def forward_samples(self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int) -> TeacherOutput:
+        """``score`` untimed: a live teacher scores the whole micro-batch in one forward."""
+        return self.forward(x, step, micro)
+
     @property
     def whole_module(self) -> nn.Module | None:
         """The teacher as one module on this rank (a replicated teacher), None where its forward is a collective
@@ -185,6 +200,18 @@ class RemoteTeacher(Teacher):
 
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         return TeacherOutput(logits=self.client.logits(x, None if step < 0 else (step, micro)))
+
+    def forward_samples(self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int) -> TeacherOutput:
+        """The student's samples (rows ``on``) go to the teacher rank as they are, and their logits come back from
+        position ``start`` on; the other rows' logits were requested ahead (their inputs are known beforehand).
+        The samples are sent first, so that the teacher rank scores them before the next micro-batch's rows."""
+        logits = torch.zeros(*x.shape, self.client.vocab, device=x.device)
+        samples = self.client.request(x[on], start) if bool(on.any()) else None
+        if not bool(on.all()):
+            logits[~on] = self.client.logits(x[~on], (step, micro))
+        if samples is not None:
+            logits[on, start:] = samples.wait()
+        return TeacherOutput(logits=logits)
 
     def close(self) -> None:
         self.client.close()

@@ -17,7 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, HeadFn, ModelFamily, UnitGroup, UnitSlice, register
+from trainer.models.protocol import (
+    FINAL_HIDDEN,
+    ConfigFieldError,
+    HeadFn,
+    KVCache,
+    ModelFamily,
+    UnitGroup,
+    UnitSlice,
+    register,
+)
 
 
 @dataclass
@@ -52,11 +61,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(k, v, layer)
+        # Without cached positions (or one new position attending to all of them) a causal flag is the whole mask.
+        mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
 
@@ -83,8 +98,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg.n_embd, hidden, cfg.dropout, cfg.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
         return x + self.mlp(self.ln2(x))
 
 
@@ -117,23 +132,33 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = (), head: HeadFn | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        hidden_layers: tuple[int, ...] = (),
+        head: HeadFn | None = None,
+        cache: KVCache | None = None,
+    ):
         """Logits of token ids ``idx`` (and hidden states, see the class). In a pipeline stage (``GPTFamily``
         deletes what it does not own) a float input is the previous stage's output, and a stage without
-        ``head`` returns its last block's output."""
+        ``head`` returns its last block's output. With ``cache`` (incremental decoding), ``idx`` are the positions
+        after the cached ones."""
+        past = 0 if cache is None else cache.length
         if idx.is_floating_point():
             x = idx
         else:
             T = idx.shape[1]
-            if T > self.cfg.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-            pos = torch.arange(T, device=idx.device)
+            if past + T > self.cfg.block_size:
+                raise ValueError(f"sequence length {past + T} exceeds block_size {self.cfg.block_size}")
+            pos = torch.arange(past, past + T, device=idx.device)
             x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         hidden = {0: x} if 0 in hidden_layers else {}
         for name, block in self.blocks.items():
-            x = block(x)
+            x = block(x) if cache is None else block(x, cache, int(name))
             if int(name) + 1 in hidden_layers:
                 hidden[int(name) + 1] = x
+        if cache is not None:
+            cache.length += x.shape[1]
         if self.head is None:
             return x
         x = self.ln_f(x)
@@ -147,7 +172,7 @@ class GPTFamily(ModelFamily[GPT]):
     """Stillroom's GPT through the model protocol."""
 
     name, model_class, config_class, layers_attr = "gpt", GPT, GPTConfig, "blocks"
-    structured_units = pipelines = fused_head = True
+    structured_units = pipelines = fused_head = kv_cache = True
 
     def build(self, config: GPTConfig) -> GPT:
         return GPT(config)

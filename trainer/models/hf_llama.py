@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
-from trainer.models.protocol import FINAL_HIDDEN, HeadFn, UnitGroup, UnitSlice
+from trainer.models.protocol import FINAL_HIDDEN, HeadFn, KVCache, UnitGroup, UnitSlice
 
 # The dim of the residual stream's channels in each parameter, by its module's last name and the parameter's.
 HIDDEN_DIMS = {
@@ -47,27 +47,45 @@ class LlamaLM(HFDecoderLM):
             return kinds[layer]
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
-    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = (), head: HeadFn | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        hidden_layers: tuple[int, ...] = (),
+        head: HeadFn | None = None,
+        cache: KVCache | None = None,
+    ):
         """Logits of token ids ``idx``. In a pipeline stage (``LlamaFamily`` deletes what it does not own) a float
-        input is the previous stage's output, and a stage without ``lm_head`` returns its last layer's output."""
+        input is the previous stage's output, and a stage without ``lm_head`` returns its last layer's output. With
+        ``cache`` (incremental decoding: the whole prompt first, then one position at a time), ``idx`` are the
+        positions after the cached ones."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         body = self.model
         x = idx if idx.is_floating_point() else body.embed_tokens(idx)
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        past = 0 if cache is None else cache.length
+        if past and x.shape[1] > 1:
+            raise ValueError("incremental decoding reads one position at a time after the prompt")
+        positions = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
         rotary = body.rotary_emb(x, position_ids=positions)
         make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         masks: dict[str, Any] = {}
         hidden = {0: x} if 0 in hidden_layers else {}
+        extra = {} if cache is None else {_cache_argument(body.layers["0"]): cache}
         for name, layer in body.layers.items():
             kind = self.attention_kind(int(name))
-            if kind not in masks:
-                masks[kind] = make_mask[kind](
-                    config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+            if kind not in masks:  # one new position attends to every cached one: no mask
+                masks[kind] = (
+                    None
+                    if past
+                    else make_mask[kind](
+                        config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+                    )
                 )
-            x = layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=rotary)
+            x = layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=rotary, **extra)
             if int(name) + 1 in hidden_layers:
                 hidden[int(name) + 1] = x
+        if cache is not None:
+            cache.length += x.shape[1]
         if self.lm_head is None:
             return x
         x = body.norm(x)
@@ -77,11 +95,20 @@ class LlamaLM(HFDecoderLM):
         return (logits, hidden) if hidden_layers else logits
 
 
+def _cache_argument(layer: nn.Module) -> str:
+    """The keyword transformers' decoder layers take their key/value cache by: ``cache`` (5.x), before that
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+
 class LlamaFamily(HFDecoderFamily):
     """Llama, Qwen2 and Mistral causal LMs through the model protocol."""
 
     name, model_class, layers_attr = "hf_llama", LlamaLM, "model.layers"
     model_types = ("llama", "qwen2", "mistral")
+    kv_cache = True
 
     def wrap(self, hf_model: nn.Module, source: str | None) -> LlamaLM:
         return LlamaLM(hf_model, source)

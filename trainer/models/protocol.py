@@ -38,6 +38,25 @@ HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
+class KVCache:
+    """The keys and values of the positions a model has read so far, by decoder layer (incremental decoding). A
+    model whose family has ``kv_cache`` takes ``cache=`` in its forward: it reads ``idx`` as the positions after
+    the ``length`` cached ones, appends their keys and values (``update``, called by each attention layer, also by
+    transformers' own attention modules) and then advances ``length``."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: Any, **kwargs: Any):
+        """The layer's keys and values ``[batch, heads, positions, head_dim]`` with ``key`` and ``value`` appended."""
+        if layer in self.layers:
+            past_key, past_value = self.layers[layer]
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.layers[layer] = (key, value)
+        return key, value
+
+
 class ConfigFieldError(ValueError):
     """A family config's field has a bad value (raised by the config's ``__post_init__``)."""
 
@@ -167,6 +186,7 @@ class ModelFamily(ABC, Generic[ModelT]):
 
     task = "lm"  # lm: next-token prediction over token ids | classify: one label per feature vector
     fused_head = False  # whether its models' forward takes ``head=fn`` (see the module's docstring)
+    kv_cache = False  # whether its models' forward takes ``cache=KVCache`` (incremental decoding)
 
     # ---- students -------------------------------------------------------------------------
     config_class: type | None = None
