@@ -146,6 +146,7 @@ class Trainer:
             wandb_tags=list(lg.wandb.tags),
         )
         self.train_seconds = 0.0
+        self.samples: list[list] = []  # on-policy distillation: the completions of the last evaluation (rank 0)
 
     @property
     def compressor(self) -> Compressor | None:
@@ -326,6 +327,7 @@ class Trainer:
                     if evaluate:
                         last_eval = self.evaluate()
                         metrics.update(last_eval)
+                        self.log_samples(step)
                     self.logger.log(step, metrics)
                     if save:
                         self.save_checkpoint(step)
@@ -343,6 +345,23 @@ class Trainer:
             if "side_by_side" in summary:
                 print(side_by_side.closing_text(summary["side_by_side"]))
         return last_eval.get("eval/val_loss", float("nan"))
+
+    def log_samples(self, step: int) -> None:
+        """On-policy distillation: the last step's completions of every rank, as the table ``gen/samples`` (W&B and
+        metrics.jsonl) on rank 0, kept for the report (a collective)."""
+        on_policy = getattr(self.runtime, "on_policy", None)
+        if on_policy is None:
+            return
+        from trainer.distill.on_policy import SAMPLE_COLUMNS, sample_rows
+
+        examples = [on_policy.examples]
+        if dist.is_initialized():
+            group = groups.trainer_group()
+            examples = [[] for _ in range(dist.get_world_size(group))]
+            dist.all_gather_object(examples, on_policy.examples, group=group)
+        rows = sample_rows([e for rank in examples for e in rank], self.parts.dataset.decode, step)
+        self.logger.table("gen/samples", SAMPLE_COLUMNS, rows, step=step)
+        self.samples = rows
 
     def checkpoint_and_stop(self, step: int, signal_name: str) -> None:
         """After a stop request: make sure step ``step`` is checkpointed, then raise Preempted (every rank)."""
@@ -434,6 +453,7 @@ class Trainer:
             steps=self.cfg.train.max_steps,
             example=next(iter(self.parts.dataset.val_batches(self.cfg.train.batch_size)))[0],
             layer_table=compressor.layer_table() if compressor else None,
+            samples=self.samples[:4] or None,
         )
         if self.cfg.report.side_by_side:
             summary["side_by_side"] = side_by_side.run(

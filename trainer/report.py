@@ -76,6 +76,7 @@ def write(
     steps: int,
     example: torch.Tensor,
     layer_table: tuple[list[str], list[list]] | None,
+    samples: list[list] | None = None,
 ) -> dict:
     """Measure the models, write ``report.md`` and ``report.json``, return the summary figures."""
     exported = exports.load_served(final_dir)  # a Hugging Face student's: as transformers loads and runs it
@@ -129,9 +130,18 @@ def write(
         columns, layer_rows = layer_table
         lines += ["", "## Compression by layer", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in layer_rows]
+    if samples:  # on-policy distillation: what the student wrote at the last evaluation
+        lines += ["", "## On-policy samples", "", "| step | sample | prompt | completion | tokens |"]
+        lines += ["|---|---:|---|---|---:|"]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in samples]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _cell(value: object) -> str:
+    """A markdown table cell: one line, pipes escaped."""
+    return str(value).replace("|", "\\|").replace("\n", "\\n")
 
 
 def closing_table(summary: dict) -> str:

@@ -279,7 +279,8 @@ class OnPolicy:
         self.eos: int | None = manifest.get("eos")
         self.pad = self.eos if self.eos is not None else 0
         self.stats = torch.zeros(len(STATS), dtype=torch.float64)
-        self.examples: list[tuple[torch.Tensor, int, int]] = []  # the last step's first few (tokens, prompt, length)
+        # The last step's completions on this rank: (global sample index, tokens, prompt length, completion length).
+        self.examples: list[tuple[int, list[int], int, int]] = []
 
     def rows(self, step: int, micro: int) -> torch.Tensor:
         """Which rows of this rank's micro-batch ``micro`` of step ``step`` are on-policy (bool)."""
@@ -319,7 +320,9 @@ class OnPolicy:
         y_completion[on_device] = completion_labels(c)
         if micro == 0:
             self.examples = []
-        self.examples += [(c.tokens[i].cpu(), int(c.prompts[i]), int(c.lengths[i])) for i in range(len(index))]
+        self.examples += [
+            (row, c.tokens[i].tolist(), int(c.prompts[i]), int(c.lengths[i])) for i, row in enumerate(global_rows)
+        ]
         return Rollout(x2, y_off, y_completion, on.to(x.device), c)
 
     def losses(
@@ -362,3 +365,14 @@ class OnPolicy:
     def pop_stats(self) -> torch.Tensor:
         stats, self.stats = self.stats, torch.zeros_like(self.stats)
         return stats
+
+
+SAMPLE_COLUMNS = ["step", "sample", "prompt", "completion", "tokens"]
+
+
+def sample_rows(examples: list[tuple[int, list[int], int, int]], decode, step: int) -> list[list]:
+    """Table rows of ``examples`` (every rank's, any order), by sample index: prompt and completion as text."""
+    rows = []
+    for index, tokens, prompt, length in sorted(examples):
+        rows.append([step, index, decode(tokens[:prompt]), decode(tokens[prompt : prompt + length]), length])
+    return rows
