@@ -128,7 +128,8 @@ class DataParallelRuntime(StudentRuntime):
             self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # On-policy distillation (distill.lmbda > 0): the student completes some rows before each micro-batch's
         # losses; with lmbda = 0 nothing of it runs.
-        self.on_policy = OnPolicy(cfg.distill, layout.batches) if cfg.distill.lmbda > 0 else None
+        agree = partial(agree_span, mesh=self.dp_mesh) if layout.dims.fsdp_enabled else None
+        self.on_policy = OnPolicy(cfg.distill, layout.batches, agree) if cfg.distill.lmbda > 0 else None
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
@@ -354,6 +355,16 @@ class PipelineRuntime(StudentRuntime):
         self.pipeline.assert_tied_weights_equal()
         tied = self.pipeline.tied
         return f"pipeline: tied {', '.join(tied)} identical on the first and the last stage" if tied else None
+
+
+def agree_span(first: int, last: int, mesh: DeviceMesh | None) -> tuple[int, int]:
+    """The smallest ``first`` and the largest ``last`` over the data-parallel ranks of ``mesh`` (a collective)."""
+    span = torch.tensor([-first, last], dtype=torch.int64, device=mesh.device_type if mesh is not None else "cpu")
+    if mesh is not None:
+        for axis in range(mesh.ndim):
+            if mesh.size(axis) > 1:
+                torch.distributed.all_reduce(span, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group(axis))
+    return -int(span[0]), int(span[1])
 
 
 def _full_compress_state(compressor: Compressor | None) -> dict | None:

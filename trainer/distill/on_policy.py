@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ from trainer.models.protocol import KVCache, family_of
 if TYPE_CHECKING:
     from trainer.config import DistillConfig
     from trainer.distill.placement import Teacher, TeacherOutput
+
+NO_ROWS = 1 << 30  # the first position a rank without rows to complete offers (``OnPolicy.agree``)
 
 # The statistics each micro-batch adds up (summed over micro-batches and ranks, then turned into metrics).
 STATS = (
@@ -128,13 +131,16 @@ def generate(
     eos: int | None,
     pad: int,
     vocab: int | None = None,
+    span: tuple[int, int] | None = None,
 ) -> Completions:
     """Complete ``rows`` ``[n, T + 1]`` (their first ``prompts[i]`` tokens are row i's prompt) with up to
     ``max_new_tokens`` tokens each (and within the row), all rows at once: the shortest prompt is read in one
     forward, then one position per forward (with a key/value cache where ``model``'s family has one); a row still
     in its prompt keeps its own token. Row ``i`` samples with ``generators[i]``, one uniform per token it samples.
     A row stops after ``eos``; the positions after a row's end hold ``pad``. ``vocab``: sample only among the
-    first ``vocab`` tokens (the real vocabulary). ``model`` runs in eval mode and is put back as it was."""
+    first ``vocab`` tokens (the real vocabulary). ``span``: the positions (first, last) the forwards run over, in
+    place of this batch's own (ranks of a sharded student run the same number of forwards: each is a collective).
+    ``model`` runs in eval mode and is put back as it was."""
     start_time = time.perf_counter()
     tokens = rows.clone()
     n, width = tokens.shape
@@ -143,7 +149,7 @@ def generate(
     ends = torch.minimum(prompts + max_new_tokens, torch.full_like(prompts, width))
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     ended = torch.zeros(n, dtype=torch.bool, device=device)
-    first, last = int(prompts.min()), int(ends.max())
+    first, last = span if span is not None else (int(prompts.min()), int(ends.max()))
     cache = KVCache() if family_of(model).kv_cache else None
     was_training = model.training
     model.eval()
@@ -269,15 +275,22 @@ def fused_mixed_losses(
 
 class OnPolicy:
     """The on-policy part of a run on this rank: which rows of each micro-batch the student completes, the
-    completions, the mixed loss, and the statistics of the step (``STATS``, summed over micro-batches)."""
+    completions, the mixed loss, and the statistics of the step (``STATS``, summed over micro-batches).
 
-    def __init__(self, d: DistillConfig, batches: Batches):
-        self.d, self.batches = d, batches
+    ``agree(first, last)``: where the student's forward is a collective (FSDP2), the span of positions every rank's
+    generation runs over (the smallest first, the largest last; a rank without rows to complete offers
+    ``(NO_ROWS, 0)`` and decodes a row of padding so as to join every forward)."""
+
+    def __init__(self, d: DistillConfig, batches: Batches, agree: Callable[[int, int], tuple[int, int]] | None = None):
+        self.d, self.batches, self.agree = d, batches, agree
         dataset = batches.dataset
         self.masked = bool(dataset.masked)
         manifest: dict[str, Any] = getattr(dataset, "manifest", {})
         self.eos: int | None = manifest.get("eos")
         self.pad = self.eos if self.eos is not None else 0
+        self.sampling: dict[str, Any] = dict(
+            max_new_tokens=d.max_new_tokens, temperature=d.gen_temperature, top_p=d.top_p, eos=self.eos, pad=self.pad
+        )
         self.stats = torch.zeros(len(STATS), dtype=torch.float64)
         # The last step's completions on this rank: (global sample index, tokens, prompt length, completion length).
         self.examples: list[tuple[int, list[int], int, int]] = []
@@ -290,28 +303,29 @@ class OnPolicy:
 
     def rollout(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, micro: int, autocast) -> Rollout:
         """The micro-batch with the on-policy rows completed by ``model`` (no gradient, eval mode)."""
-        on = self.rows(step, micro)
-        if not bool(on.any()):
-            return Rollout(x, y, torch.full_like(y, IGNORE_INDEX), on, None)
         b, d = self.batches, self.d
+        on = self.rows(step, micro)
         index = on.nonzero().flatten()
-        global_rows = local_slice(torch.arange(b.batch_size), b.shard, micro)[index].tolist()
-        generators = [torch.Generator().manual_seed(sample_seed(b.seed, step, i)) for i in global_rows]
         on_device = index.to(x.device)
         x_on, y_on = x[on_device], y[on_device]
+        prompts = prompt_lengths(x_on, y_on, self.masked, d.prompt_tokens)
+        span = None
+        if self.agree is not None:
+            width = x.shape[1] + 1
+            ends = (prompts + d.max_new_tokens).clamp_max(width)
+            mine = (int(prompts.min()), int(ends.max())) if len(index) else None
+            span = self.agree(*(mine or (NO_ROWS, 0)))
+            if span[1] > 0 and mine is None:  # join the other ranks' forwards with a row of padding
+                filler = torch.full((1, width), self.pad, dtype=x.dtype, device=x.device)
+                with autocast:
+                    generate(model, filler, torch.tensor([span[0]]), [torch.Generator()], span=span, **self.sampling)
+        if not len(index):
+            return Rollout(x, y, torch.full_like(y, IGNORE_INDEX), on.to(x.device), None)
+        global_rows = local_slice(torch.arange(b.batch_size), b.shard, micro)[index].tolist()
+        generators = [torch.Generator().manual_seed(sample_seed(b.seed, step, i)) for i in global_rows]
         rows = torch.cat([x_on, torch.full_like(x_on[:, :1], self.pad)], dim=1)
         with autocast:
-            c = generate(
-                model,
-                rows,
-                prompt_lengths(x_on, y_on, self.masked, d.prompt_tokens),
-                generators,
-                max_new_tokens=d.max_new_tokens,
-                temperature=d.gen_temperature,
-                top_p=d.top_p,
-                eos=self.eos,
-                pad=self.pad,
-            )
+            c = generate(model, rows, prompts, generators, span=span, **self.sampling)
         x2 = x.clone()
         x2[on_device] = c.tokens[:, :-1]
         y_off = y.clone()

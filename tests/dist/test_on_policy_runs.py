@@ -1,0 +1,113 @@
+"""On-policy distillation on several ranks (torchrun, gloo) against one process on the same global batch: DDP and
+FSDP2 on 2 ranks write the same completions and reach the same losses at every step as one process whose
+micro-batches are the ranks' slices (``train.grad_accum=2``); a remote teacher rank scores the samples as the
+replicated teacher does; a run stopped midway and resumed equals the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, cli_env, train_small_teacher
+from tests.dist.equality import REASSOCIATION, by_step
+
+pytestmark = pytest.mark.dist
+
+STEPS = 6
+RUN = [
+    *FAST,
+    "distill=on_policy",
+    "teacher=path",
+    "teacher.checkpoint=t/final",
+    "distill.lmbda=0.5",
+    "distill.prompt_tokens=4",
+    "distill.max_new_tokens=8",
+    "distill.top_p=0.9",
+    f"train.max_steps={STEPS}",
+    "logger.log_every=1",
+    "train.eval_every=3",
+    "train.ckpt_every=3",
+]
+KEYS = (
+    "train/loss",
+    "train/ce",
+    "distill/kd",
+    "distill/on_policy_kl",
+    "distill/teacher_logprob",
+    "gen/mean_length",
+    "eval/val_loss",
+)
+
+
+def launch(root: Path, nproc: int, name: str, *overrides: str) -> Path:
+    """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    command = [sys.executable, *torchrun, "-m", "trainer", *RUN, *overrides, f"hydra.run.dir={name}"]
+    env = cli_env(root) | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root / name
+
+
+def samples(run: Path) -> dict[int, list]:
+    """The ``gen/samples`` tables by step: every rank's completions (sample index, prompt, completion)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["rows"] for row in rows if row.get("table") == "gen/samples"}
+
+
+def assert_same(run: Path, reference: Path) -> None:
+    got, want = by_step(run), by_step(reference)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        for key in KEYS:
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)
+    assert samples(run) == samples(reference)
+    assert sorted(samples(reference)) == [3, 6] and len(samples(reference)[6]) == 4  # lmbda 0.5 of 8 samples
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("on_policy")
+    train_small_teacher(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(root) -> Path:
+    return launch(root, 1, "single", "train.grad_accum=2")
+
+
+@pytest.fixture(scope="module")
+def fsdp(root) -> Path:
+    return launch(root, 2, "fsdp", "parallel=fsdp")
+
+
+@pytest.fixture(scope="module")
+def ddp(root) -> Path:
+    return launch(root, 2, "ddp", "parallel=ddp")
+
+
+def test_fsdp_on_two_ranks_equals_one_process(single, fsdp):
+    assert_same(fsdp, single)
+
+
+def test_ddp_on_two_ranks_equals_one_process(single, ddp):
+    assert_same(ddp, single)
+
+
+def test_a_remote_teacher_rank_scores_the_samples_as_the_replicated_teacher(root, ddp):
+    remote = launch(root, 3, "remote", "parallel=ddp", "teacher.placement=remote", "parallel.teacher_ranks=1")
+    assert_same(remote, ddp)
+    assert by_step(remote)[STEPS]["distill/teacher_param_bytes"] == 0  # the student ranks hold no teacher
+
+
+def test_a_run_stopped_midway_and_resumed_equals_the_uninterrupted_run(root, fsdp):
+    launch(root, 2, "resumed", "parallel=fsdp", "train.stop_at_step=4")
+    assert sorted(by_step(root / "resumed")) == [1, 2, 3, 4]
+    resumed = launch(root, 2, "resumed", "parallel=fsdp")
+    assert_same(resumed, fsdp)
