@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import FAST, cli_env, train_small_teacher
 from tests.dist.equality import REASSOCIATION, by_step
+from trainer.distill.on_policy import on_policy_rows
 
 pytestmark = pytest.mark.dist
 
@@ -93,6 +94,10 @@ def ddp(root) -> Path:
 
 
 def test_fsdp_on_two_ranks_equals_one_process(single, fsdp):
+    """At step 0 rank 0 completes all its 4 rows and rank 1 none: rank 1 joins the sharded forwards of rank 0's
+    generation with a row of padding (without it, the ranks' all-gathers do not match and the run hangs)."""
+    first = on_policy_rows(1337, 0, 8, 0.5)
+    assert first[:4].all() and not first[4:].any()
     assert_same(fsdp, single)
 
 
