@@ -4,6 +4,7 @@ exit 2)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,42 @@ def test_bad_on_policy_input_through_the_cli(tmp_path, teacher):
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[0].startswith(f"config error: {expected}"), lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_chat_prompts_are_the_conversation_up_to_the_last_assistant_turn(tmp_path):
+    """data=chat with a Llama student (its key/value cache) and teacher: each sample's prompt is its conversation
+    rendered up to the assistant's turn (generation prompt included); the completion is at most max_new_tokens."""
+    pytest.importorskip("transformers")
+    from tests.data_files import conversations, save_llama, save_tokenizer, write_jsonl
+
+    tokenizer = save_tokenizer(tmp_path / "tok")
+    save_llama(tmp_path / "llama_teacher", 300, seed=1, tokenizer=tokenizer)
+    save_llama(tmp_path / "student", 300, seed=0)
+    write_jsonl(tmp_path / "chat.jsonl", conversations(60))
+    run_cli(
+        tmp_path,
+        "data=chat",
+        "data.files=[chat.jsonl]",
+        "student=hf",
+        "student.path=student",
+        "student.block_size=48",
+        "distill=on_policy",
+        "distill.max_new_tokens=6",
+        "teacher=hf",
+        "teacher.checkpoint=llama_teacher",
+        "logger=console",
+        "logger.progress=false",
+        "logger.log_every=1",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "hydra.run.dir=chat",
+    )
+    rows = {row["step"]: row for row in read_metrics(tmp_path / "chat")}
+    assert 1 <= rows[2]["gen/mean_length"] <= 6 and 0 <= rows[2]["gen/eos_fraction"] <= 1
+    lines = (tmp_path / "chat" / "metrics.jsonl").read_text().splitlines()
+    (table,) = [json.loads(line) for line in lines if '"gen/samples"' in line]
+    assert len(table["rows"]) == 2  # lmbda 0.5 of 4 samples
+    for _, _, prompt, _, length in table["rows"]:
+        assert prompt.startswith("<|im_start|>user") and prompt.endswith("<|im_start|>assistant\n")
+        assert 1 <= length <= 6
