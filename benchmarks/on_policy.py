@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def train(out: Path, key: str, overrides: list[str], env: dict) -> Path:
     return run_dir
 
 
-def held_out_prompts(overrides: list[str], count: int, prompt_tokens: int) -> tuple[torch.Tensor, object]:
+def held_out_prompts(overrides: list[str], count: int, prompt_tokens: int) -> tuple[torch.Tensor, Any]:
     """``count`` prompts of ``prompt_tokens`` tokens: the starts of the first validation windows; and the data set."""
     cfg, _ = compose_config(overrides)
     dataset = data.build(cfg.data, sequence_length(cfg))
