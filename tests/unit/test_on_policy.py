@@ -41,22 +41,22 @@ def gpt(seed: int = 0) -> torch.nn.Module:
     return models.build("gpt", vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK).eval()
 
 
-def llama() -> torch.nn.Module:
+def hf_model(kind: str) -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     from trainer.models.hf import from_transformers
 
     torch.manual_seed(0)
-    return from_transformers(transformers.AutoModelForCausalLM.from_config(small_hf_config("llama")), None).eval()
+    return from_transformers(transformers.AutoModelForCausalLM.from_config(small_hf_config(kind)), None).eval()
 
 
 def generators(seed: int, step: int, rows: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(sample_seed(seed, step, i)) for i in rows]
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("family", ["gpt", "llama", "qwen2", "gpt2"])
 def test_incremental_decoding_equals_the_full_forward(family):
     """The logits of a prompt read at once, then one position at a time through the cache, are the full forward's."""
-    model = gpt() if family == "gpt" else llama()
+    model = gpt() if family == "gpt" else hf_model(family)
     x = torch.randint(VOCAB, (3, BLOCK), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(x)

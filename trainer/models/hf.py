@@ -338,6 +338,14 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
                 shutil.copyfile(source / name, folder / name)
 
 
+def cache_argument(layer: nn.Module) -> str:
+    """The keyword transformers' decoder layers take their key/value cache by (``trainer.models.protocol.KVCache``
+    stands in for transformers' own): ``cache`` (5.x), before that ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+
 def row_slices(module: str, linear: nn.Linear, **shape) -> tuple[UnitSlice, ...]:
     """The unit slices of an in-projection ``linear`` named ``module``: its weight's rows, and its bias's entries
     when it has one (``shape``: ``UnitSlice``'s unit size, parts and gating run)."""

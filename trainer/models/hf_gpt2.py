@@ -16,8 +16,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
-from trainer.models.protocol import FINAL_HIDDEN, HeadFn, UnitGroup, UnitSlice, Unsupported
+from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, cache_argument, register_decoder, row_slices
+from trainer.models.protocol import FINAL_HIDDEN, HeadFn, KVCache, UnitGroup, UnitSlice, Unsupported
 
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's Conv1D modules in transformers
 CONV1D_WEIGHTS = tuple(f".{projection}.weight" for projection in PROJECTIONS)
@@ -36,22 +36,41 @@ class GPT2LM(HFDecoderLM):
             for projection in PROJECTIONS:
                 block.set_submodule(projection, _linear(block.get_submodule(projection)))
 
-    def forward(self, idx: torch.Tensor, hidden_layers: tuple[int, ...] = (), head: HeadFn | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        hidden_layers: tuple[int, ...] = (),
+        head: HeadFn | None = None,
+        cache: KVCache | None = None,
+    ):
         """Logits of token ids ``idx``. In a pipeline stage (``GPT2Family`` deletes what it does not own) a float
-        input is the previous stage's output, and a stage without ``lm_head`` returns its last block's output."""
+        input is the previous stage's output, and a stage without ``lm_head`` returns its last block's output. With
+        ``cache`` (incremental decoding: the whole prompt first, then one position at a time), ``idx`` are the
+        positions after the cached ones."""
         from transformers.masking_utils import create_causal_mask
 
         body = self.transformer
-        positions = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
+        past = 0 if cache is None else cache.length
+        if past and idx.shape[1] > 1:
+            raise ValueError("incremental decoding reads one position at a time after the prompt")
+        positions = torch.arange(past, past + idx.shape[1], device=idx.device).unsqueeze(0)
         x = idx if idx.is_floating_point() else body.drop(body.wte(idx) + body.wpe(positions))
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+        # one new position attends to every cached one: no mask
+        mask = (
+            None
+            if past
+            else create_causal_mask(
+                config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
+            )
         )
+        extra = {} if cache is None else {cache_argument(body.h["0"]): cache}
         hidden = {0: x} if 0 in hidden_layers else {}
         for name, block in body.h.items():
-            x = block(x, attention_mask=mask)
+            x = block(x, attention_mask=mask, **extra)
             if int(name) + 1 in hidden_layers:
                 hidden[int(name) + 1] = x
+        if cache is not None:
+            cache.length += x.shape[1]
         if self.lm_head is None:
             return x
         x = body.ln_f(x)
@@ -76,6 +95,7 @@ class GPT2Family(HFDecoderFamily):
 
     name, model_class, layers_attr = "hf_gpt2", GPT2LM, "transformer.h"
     model_types = ("gpt2",)
+    kv_cache = True
 
     def wrap(self, hf_model: nn.Module, source: str | None) -> GPT2LM:
         return GPT2LM(hf_model, source)

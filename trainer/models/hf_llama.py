@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, register_decoder, row_slices
+from trainer.models.hf import HFConfig, HFDecoderFamily, HFDecoderLM, cache_argument, register_decoder, row_slices
 from trainer.models.protocol import FINAL_HIDDEN, HeadFn, KVCache, UnitGroup, UnitSlice
 
 # The dim of the residual stream's channels in each parameter, by its module's last name and the parameter's.
@@ -70,7 +70,7 @@ class LlamaLM(HFDecoderLM):
         make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         masks: dict[str, Any] = {}
         hidden = {0: x} if 0 in hidden_layers else {}
-        extra = {} if cache is None else {_cache_argument(body.layers["0"]): cache}
+        extra = {} if cache is None else {cache_argument(body.layers["0"]): cache}
         for name, layer in body.layers.items():
             kind = self.attention_kind(int(name))
             if kind not in masks:  # one new position attends to every cached one: no mask
@@ -93,14 +93,6 @@ class LlamaLM(HFDecoderLM):
             hidden[FINAL_HIDDEN] = x
         logits = self.lm_head(x) if head is None else head(x, self.lm_head.weight, self.lm_head.bias)
         return (logits, hidden) if hidden_layers else logits
-
-
-def _cache_argument(layer: nn.Module) -> str:
-    """The keyword transformers' decoder layers take their key/value cache by: ``cache`` (5.x), before that
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
 
 class LlamaFamily(HFDecoderFamily):
