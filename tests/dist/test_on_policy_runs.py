@@ -116,3 +116,8 @@ def test_a_run_stopped_midway_and_resumed_equals_the_uninterrupted_run(root, fsd
     assert sorted(by_step(root / "resumed")) == [1, 2, 3, 4]
     resumed = launch(root, 2, "resumed", "parallel=fsdp")
     assert_same(resumed, fsdp)
+
+
+def test_a_sharded_teacher_scores_the_samples_as_the_replicated_teacher(root, fsdp):
+    shard = launch(root, 2, "shard", "parallel=fsdp", "teacher.placement=shard")
+    assert_same(shard, fsdp)
