@@ -85,7 +85,7 @@ def prompt_lengths(x: torch.Tensor, y: torch.Tensor, masked: bool, prompt_tokens
             lengths.append(row.numel())
             continue
         first = positions[-1]
-        while first - 1 in positions:
+        while first > 0 and bool(row[first - 1]):
             first -= 1
         lengths.append(first + 1)  # label t is token t + 1: the turn's first token sits at first + 1
     return torch.tensor(lengths, dtype=torch.long)
