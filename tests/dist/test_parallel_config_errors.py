@@ -84,6 +84,11 @@ CASES = {
         ["parallel=ddp", "train.accum_order=pairwise", "train.grad_accum=2"],
         "train.accum_order: pairwise applies to one process",
     ),
+    "on-policy distillation through a pipeline": (
+        2,
+        ["parallel=pipeline", "distill=on_policy", "distill.prompt_tokens=4", "distill.max_new_tokens=4"],
+        "parallel.strategy: on-policy distillation (distill.lmbda > 0) is not supported with pipeline parallelism",
+    ),
     "interleaved with one stage per rank": (
         2,
         ["parallel=pipeline", "parallel.pp_schedule=interleaved_1f1b"],
