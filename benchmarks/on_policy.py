@@ -160,7 +160,7 @@ def write_readme(results: dict, readme: Path = README) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of each run")
     parser.add_argument("--block", type=int, default=128, help="tokens per training window")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt of an on-policy row and a held-out one")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens the student writes at most")
