@@ -44,10 +44,10 @@ KEYS = (
 )
 
 
-def launch(root: Path, nproc: int, name: str, *overrides: str) -> Path:
+def launch(root: Path, nproc: int, name: str, *overrides: str, base: list[str] = RUN) -> Path:
     """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    command = [sys.executable, *torchrun, "-m", "trainer", *RUN, *overrides, f"hydra.run.dir={name}"]
+    command = [sys.executable, *torchrun, "-m", "trainer", *base, *overrides, f"hydra.run.dir={name}"]
     env = cli_env(root) | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -121,3 +121,24 @@ def test_a_run_stopped_midway_and_resumed_equals_the_uninterrupted_run(root, fsd
 def test_a_sharded_teacher_scores_the_samples_as_the_replicated_teacher(root, fsdp):
     shard = launch(root, 2, "shard", "parallel=fsdp", "teacher.placement=shard")
     assert_same(shard, fsdp)
+
+
+def test_chat_with_a_llama_student_under_fsdp_equals_one_process(tmp_path):
+    """data=chat: the prompts (up to each conversation's assistant turn) differ in length within and across the
+    ranks, whose generations still run the same sharded forwards; the losses and completions equal one process's."""
+    pytest.importorskip("transformers")
+    from tests.data_files import conversations, save_llama, save_tokenizer, write_jsonl
+
+    save_llama(tmp_path / "llama_teacher", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
+    save_llama(tmp_path / "student", 300, seed=0)
+    write_jsonl(tmp_path / "chat.jsonl", conversations(60))
+    shared = ("logger", "logger.progress", "train.batch_size", "distill", "distill.lmbda", "train.max_steps",
+              "logger.log_every", "train.eval_every", "train.ckpt_every")  # fmt: skip
+    chat = ["data=chat", "data.files=[chat.jsonl]", "student=hf", "student.path=student", "student.block_size=48",
+            "teacher=hf", "teacher.checkpoint=llama_teacher", "distill.max_new_tokens=8",
+            *(o for o in RUN if o.split("=")[0] in shared)]  # fmt: skip
+    one = launch(tmp_path, 1, "chat1", "train.grad_accum=2", base=chat)
+    two = launch(tmp_path, 2, "chat2", "parallel=fsdp", base=chat)
+    assert_same(two, one)
+    lengths = {row[4] for rows in samples(one).values() for row in rows}
+    assert len(lengths) > 1  # completions of several lengths: prompts of several lengths in one batch
