@@ -16,6 +16,10 @@ A tied head (GPT's reads ``tok_emb.weight``) needs the embedding on the last sta
 a replica (unused in its forward; the head reads its weight), the first the original. Every step
 ``sync_tied_grads`` sums the two gradients across the pair and both copies take the same optimizer step, so
 they stay identical (``assert_tied_weights_equal``) and checkpoints and exports hold one copy.
+
+A fused loss (``next_head``) runs inside the last stage's forward through the model protocol's ``head=fn``, as in
+a data-parallel run: FSDP2 gathers the head's weight for that forward, and the stage returns the micro-batch's
+scalar loss instead of its ``[rows, tokens, V]`` logits.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from parallel.parallelize import parallelize
 
 if TYPE_CHECKING:
     from trainer.config import ParallelConfig
-    from trainer.models.protocol import ModelFamily
+    from trainer.models.protocol import HeadFn, ModelFamily
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -70,6 +74,21 @@ def rank_stages(
         )
     )
     return indices, stages, part
+
+
+class LossInsideStage(nn.Module):
+    """The last stage with its loss computed inside its forward: ``next_head()`` gives the head function of the
+    next micro-batch (the last stage runs its forwards in micro-batch order in every schedule) and the forward
+    returns what that function returns, the scalar loss, as ``[1]`` (the schedule concatenates the micro-batches'
+    outputs). With none pending (evaluation) it returns logits."""
+
+    def __init__(self, stage: nn.Module, next_head: Callable[[], HeadFn | None]):
+        super().__init__()
+        self.stage, self.next_head = stage, next_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.next_head()
+        return self.stage(hidden) if head is None else self.stage(hidden, head=head).reshape(1)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -206,27 +225,38 @@ def build_pipeline(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     microbatch: tuple[int, int],
     device: torch.device,
+    next_head: Callable[[], HeadFn | None] | None = None,
 ) -> Pipeline:
     """Split ``student`` (of ``family``, built and QAT-prepared the same way on every rank) into this rank's
     stages, apply data parallelism to each, and build the schedule. Call before the optimizer exists.
 
-    ``loss_fn(logits, target)`` runs on the last stage for each micro-batch and returns what to backpropagate
-    (scaled by the caller: gradients are not rescaled). ``microbatch`` is (rows, tokens) of one micro-batch.
+    ``loss_fn(output, target)`` runs on the last stage for each micro-batch and returns what to backpropagate
+    (scaled by the caller: gradients are not rescaled); ``output`` is the logits, or with ``next_head`` the loss
+    the last stage computed inside its forward (``LossInsideStage``). ``microbatch`` is (rows, tokens) of one
+    micro-batch.
     """
     assert dims.pp_enabled and mesh is not None, "a pipeline needs pp > 1 and a mesh"
     pp_mesh = mesh[PP_AXIS]
     param_names = [name for name, _ in student.named_parameters()]  # before sharding replaces only some ties
     n_stages = dims.pp * cfg.stages_per_rank
     indices, stages, part = rank_stages(student, family, n_stages, dims.pp, pp_mesh.get_local_rank())
-    modules = [parallelize(stage, dims, mesh, cfg, units=family.layers(stage).values()) for stage in stages]
+    last = n_stages - 1
+
+    def runs(index: int, stage: nn.Module) -> nn.Module:
+        """The stage as the schedule runs it: the last one with the loss inside when fused, then parallelized."""
+        wrapped = LossInsideStage(stage, next_head) if index == last and next_head is not None else stage
+        return parallelize(wrapped, dims, mesh, cfg, units=family.layers(stage).values())
+
+    modules = [runs(index, stage) for index, stage in zip(indices, stages)]
     width, vocab = family.width(student), family.vocab_size(student)
     activation_dtype = (PARAM_DTYPES[cfg.param_dtype] if dims.fsdp_enabled else None) or torch.float32
 
     def meta(*shape: int, dtype: torch.dtype = activation_dtype) -> torch.Tensor:
         """What a stage receives or returns (static, so the schedule infers nothing); activations carry gradients."""
-        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
+        return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
 
     rows, tokens = microbatch
+    last_output = meta(1, dtype=torch.float32) if next_head is not None else meta(rows, tokens, vocab)
     pipeline_stages = [
         PipelineStage(
             module,
@@ -235,7 +265,7 @@ def build_pipeline(
             device,
             group=pp_mesh.get_group(),
             input_args=meta(rows, tokens, dtype=torch.long) if s == 0 else meta(rows, tokens, width),
-            output_args=meta(rows, tokens, vocab) if s == n_stages - 1 else meta(rows, tokens, width),
+            output_args=last_output if s == last else meta(rows, tokens, width),
         )
         for s, module in zip(indices, modules)
     ]

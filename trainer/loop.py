@@ -436,6 +436,7 @@ class Trainer:
             compressor.export(staging)
         else:
             models.save_dense(student, staging)
+        data.save_tokenizer(self.cfg.data, staging)
         exports.publish(staging, final)
         teacher = self.teacher.whole_module if self.teacher is not None else None
         teacher_eval = self.evaluate(teacher) if teacher is not None else None

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from trainer import exports, files, models
 from trainer.config import RunConfig
+from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.models.protocol import family_of
 
 LATENCY_REPEATS = 20
@@ -28,8 +29,9 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of an export's files (not of the manifest that records their hashes)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != files.MANIFEST_FILE)
+    """Bytes of an export's model files (not of the manifest that records their hashes, nor of a tokenizer)."""
+    left_out = {files.MANIFEST_FILE, *TOKENIZER_FILES}
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name not in left_out)
 
 
 def dense_copy(model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +30,7 @@ from trainer.distill.fused import FUSED_CHUNK_SIZE, fused_logit_losses
 from trainer.distill.losses import logit_losses
 from trainer.distill.on_policy import OnPolicy, summarize
 from trainer.distill.placement import Teacher, TeacherOutput
-from trainer.models.protocol import ModelFamily, fuses_head
+from trainer.models.protocol import HeadFn, ModelFamily, fuses_head
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
@@ -232,28 +233,53 @@ class DataParallelRuntime(StudentRuntime):
 
 
 class PipelineLoss:
-    """The pipeline's loss on the last stage, per micro-batch: the teacher's logits, then ``logit_losses``.
+    """The pipeline's loss on the last stage, per micro-batch: the teacher's output, then ``logit_losses``.
 
     The target packs the micro-batch's tokens and labels as ``[rows, tokens, 2]``, so the teacher runs on the
     micro-batch the student saw, as the data-parallel runtime does under accumulation. Returns the loss over
     ``microbatches`` (the pipeline does not rescale gradients) and keeps the step's averaged terms.
+
+    Fused, the loss runs inside the last stage's forward instead: ``queue`` takes the step's tokens and labels,
+    ``next_head`` gives the stage each micro-batch's head function in turn (``fused_logit_losses``, the teacher's
+    output computed then), and the stage's output is the loss itself.
     """
 
-    def __init__(self, teacher: nn.Module | None, distill: DistillConfig, microbatches: int):
-        self.teacher, self.distill, self.microbatches = teacher, distill, microbatches
+    def __init__(self, teacher: Teacher | None, distill: DistillConfig, microbatches: int, fused: bool):
+        self.teacher, self.distill, self.microbatches, self.fused = teacher, distill, microbatches, fused
         self.keys = ["train/ce", "train/loss"] + (["distill/kd"] if distill.loss != "none" else [])
         self.totals: dict[str, torch.Tensor] = {}
+        self.pending: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return output.sum() / self.microbatches  # the stage's forward computed and recorded it, as [1]
         x, y = target.unbind(-1)
         t_out = None
         if self.teacher is not None:
             with torch.no_grad():
-                t_out = TeacherOutput(logits=self.teacher(x))
-        parts = logit_losses(logits, y, t_out, self.distill)
+                t_out = TeacherOutput(logits=self.teacher.eval_logits(x))
+        return self.record(logit_losses(output, y, t_out, self.distill))
+
+    def record(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Add a micro-batch's terms to the step's; its loss."""
         for key, value in parts.items():
             self.totals[key] = self.totals.get(key, 0.0) + value.detach() / self.microbatches
-        return parts["train/loss"] / self.microbatches
+        return parts["train/loss"] if self.fused else parts["train/loss"] / self.microbatches
+
+    def queue(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The step's tokens and labels, split into micro-batches as the schedule splits its inputs."""
+        assert not self.pending, "the previous step left micro-batches unused"
+        self.pending.extend(zip(x.tensor_split(self.microbatches), y.tensor_split(self.microbatches)))
+
+    def next_head(self) -> HeadFn | None:
+        """The next queued micro-batch's head function (None when nothing is queued: an evaluation forward)."""
+        if not self.pending:
+            return None
+        x, y = self.pending.popleft()
+        assert self.teacher is not None  # a fused loss is a KD loss
+        t_out = self.teacher(x, -1, -1)
+        fused = partial(fused_logit_losses, y=y, teacher=t_out, d=self.distill)
+        return lambda hidden, weight, bias: self.record(fused(hidden, weight, bias))
 
     def pop_totals(self) -> dict[str, torch.Tensor]:
         """The terms averaged over the micro-batches since the last call."""
@@ -281,7 +307,10 @@ class PipelineRuntime(StudentRuntime):
         self.cfg, self.layout = cfg, layout
         self.dims, self.mesh, self.device, self.batches = dims, mesh, device, batches
         self.dp_mesh = dims.dp_mesh(mesh)
-        self.loss = PipelineLoss(teacher.module if teacher else None, cfg.distill, cfg.parallel.microbatches)
+        # Fused, the loss runs inside the last stage's forward (FSDP2 gathers the head's weight there, as in the
+        # data-parallel runtime); the teacher, replicated on the last stage, gives its head's input when it can.
+        fused = cfg.distill.fused and cfg.distill.loss != "none" and fuses_head(student)
+        self.loss = PipelineLoss(teacher, cfg.distill, cfg.parallel.microbatches, fused)
         rows = cfg.train.batch_size // (dims.dp_size * cfg.parallel.microbatches)
         self.pipeline: Pipeline = build_pipeline(
             student,
@@ -292,15 +321,25 @@ class PipelineRuntime(StudentRuntime):
             loss_fn=self.loss,
             microbatch=(rows, batches.tokens_per_sample),
             device=device,
+            next_head=self.loss.next_head if fused else None,
         )
-        if cfg.distill.fused and cfg.distill.loss != "none":
-            self.kd_path = "full logits on the last stage (a pipelined student's head is not fused)"
+        if fused:
+            assert teacher is not None  # a KD loss has a teacher
+            chunk = cfg.distill.chunk_size or FUSED_CHUNK_SIZE
+            teacher_side = "its head" if teacher.gives_head else "its logits"
+            self.kd_path = (
+                f"fused head + divergence on the last stage, {chunk} tokens at a time (teacher: {teacher_side})"
+            )
+        elif cfg.distill.fused and cfg.distill.loss != "none":
+            self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # From here on the student is this rank's stages; the compressor covers their parameters.
         self.trainable = nn.ModuleDict({STUDENT: self.pipeline.part})
         self.compressor = compressor.for_part(self.pipeline.part) if compressor else None
 
     def forward_backward(self, step: int) -> dict[str, torch.Tensor]:
         x, y = self.batches.train(step)
+        if self.loss.fused and self.pipeline.has_last:
+            self.loss.queue(x, y)
         with self.layout.autocast:
             self.pipeline.step(x, target=torch.stack([x, y], dim=-1))
         self.pipeline.sync_tied_grads()

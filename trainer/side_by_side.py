@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import exports, models, report
-from trainer.config import RunConfig
+from trainer import data, exports, models, report
+from trainer.config import DataConfig, RunConfig
 from trainer.data import tokenizer as tokenizers
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf, hf_gguf
@@ -23,11 +23,13 @@ from trainer.models import hf, hf_gguf
 DENSE_DIR = "final_dense"
 
 
-def save_dense_folder(student: nn.Module, run_dir: Path) -> Path:
-    """The trained student's float weights (no fake-quant, no compression) as ``run_dir/final_dense``."""
+def save_dense_folder(student: nn.Module, run_dir: Path, data_cfg: DataConfig) -> Path:
+    """The trained student's float weights (no fake-quant, no compression) as ``run_dir/final_dense``, with the
+    run's tokenizer."""
     final = run_dir / DENSE_DIR
     staging = exports.staging_dir(final)
     models.save_dense(report.dense_copy(student), staging)
+    data.save_tokenizer(data_cfg, staging)
     exports.publish(staging, final)
     return final
 
@@ -75,7 +77,7 @@ def complete(model: hf.TransformersLM, tokenizer: Any, prompt: str, new_tokens: 
 def run(cfg: RunConfig, run_dir: Path, student: nn.Module, val_batches: list) -> dict:
     """Write ``final_dense/``, measure the teacher and both student folders, write the results; the summary."""
     assert cfg.teacher.checkpoint is not None  # the preflight asks for a teacher
-    dense = save_dense_folder(student, run_dir)
+    dense = save_dense_folder(student, run_dir, cfg.data)
     teacher = load_teacher(cfg.teacher.checkpoint, cfg.teacher.param_dtype)
     rows: list[tuple[str, hf.TransformersLM, int]] = [
         ("teacher", teacher, 4 * sum(p.numel() for p in teacher.parameters())),

@@ -1,5 +1,6 @@
 """``distill.fused=true`` (head + divergence a chunk of tokens at a time, inside the student's forward) trains the
-same student as ``distill.fused=false`` (full logits) at every step, in one process and under FSDP2 on 2 ranks: on
+same student as ``distill.fused=false`` (full logits) at every step, in one process, under FSDP2 on 2 ranks and
+pipelined on 2 ranks (the loss inside the last stage's forward): on
 Stillroom's GPT (forward KL) and on a small Llama with a tied head (JSD with the top-k tail), both from a small GPT
 teacher replicated, whose head is fused too. The chunk size splits each micro-batch's 64 tokens into 3 chunks."""
 
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import FAST, cli_env, save_hf_student
 from tests.dist import test_parallel_runs
 from tests.dist.equality import LOSS_KEYS, REASSOCIATION, by_step
+from tests.dist.test_pipeline_runs import PIPELINE_2
 
 pytestmark = pytest.mark.dist
 
@@ -55,7 +57,7 @@ def launch(root: Path, nproc: int, name: str, args: list[str]) -> tuple[Path, st
 
 
 @pytest.mark.parametrize("kind", list(STUDENTS))
-def test_fused_equals_full_logits_in_one_process_and_under_fsdp(tmp_path, teacher, kind):
+def test_fused_equals_full_logits_in_one_process_under_fsdp_and_pipelined(tmp_path, teacher, kind):
     if kind == "llama":
         pytest.importorskip("transformers", reason="Hugging Face students need the `hf` extra")
         save_hf_student(tmp_path / kind, kind)
@@ -63,9 +65,14 @@ def test_fused_equals_full_logits_in_one_process_and_under_fsdp(tmp_path, teache
     reference, said = launch(tmp_path, 1, "full", [*args, "distill.fused=false", "train.grad_accum=2"])
     assert "distill: fused" not in said
     runs = []
-    for nproc, name, layout in ((1, "fused", "train.grad_accum=2"), (2, "fused_fsdp", "parallel=fsdp")):
-        run, said = launch(tmp_path, nproc, name, [*args, "distill.fused=true", layout])
-        assert "distill: fused head + divergence, 24 tokens at a time (teacher: its head)" in said
+    layouts = (
+        (1, "fused", ["train.grad_accum=2"], ""),
+        (2, "fused_fsdp", ["parallel=fsdp"], ""),
+        (2, "fused_pp", PIPELINE_2, " on the last stage"),
+    )
+    for nproc, name, layout, where in layouts:
+        run, said = launch(tmp_path, nproc, name, [*args, "distill.fused=true", *layout])
+        assert f"distill: fused head + divergence{where}, 24 tokens at a time (teacher: its head)" in said
         runs.append(run)
     want = by_step(reference)
     assert sorted(want) == list(range(1, STEPS + 1))

@@ -233,3 +233,25 @@ def test_a_student_is_cut_from_a_gguf_teacher_as_from_its_hf_folder(pair):
     x = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(cuts[0](x), cuts[1](x), rtol=0, atol=1e-5)
+
+
+def test_an_export_cut_from_a_gguf_teacher_carries_its_tokenizer(pair, tmp_path):
+    """A student cut from a GGUF teacher has no tokenizer files of its own: its Hugging Face folder gets the one the
+    run's text was tokenized with (the GGUF file's), which transformers then loads alone; its bytes on disk leave
+    the tokenizer out."""
+    from trainer import data, from_teacher, models, report
+    from trainer.config import DataConfig, sequence_length
+
+    cfg = run_config(pair[1])
+    cfg.student = {"arch": "from_teacher", "layers": 1, "width": 0.5, "block_size": 32, "calib_batches": 1}
+    student = from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg))).eval()
+    folder = tmp_path / "final"
+    models.save_dense(student, folder)
+    weights_only = report.folder_bytes(folder)
+    assert not (folder / "tokenizer.json").exists()
+    data.save_tokenizer(DataConfig(name="text", tokenizer=str(pair[1])), folder)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    original = hf_gguf.tokenizer(pair[1])
+    assert loaded.get_vocab() == original.get_vocab() and loaded.eos_token == original.eos_token
+    assert loaded("ab ba ab").input_ids == original("ab ba ab").input_ids
+    assert report.folder_bytes(folder) == weights_only

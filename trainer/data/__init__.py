@@ -168,6 +168,12 @@ def fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def save_tokenizer(cfg: DataConfig, folder: Path) -> None:
+    """Give a Hugging Face model folder without a tokenizer the one the data was tokenized with (text and chat)."""
+    if cfg.name in TOKENIZED_DATA:
+        tokenizer.save_into(folder, cfg.tokenizer)
+
+
 def vocab_size(cfg: DataConfig) -> int:
     """The data's vocabulary (classes for digits) without building the data set."""
     if cfg.name == "synthetic":

@@ -88,3 +88,10 @@ def load(name: str) -> Any:
 def vocab_size(name: str) -> int:
     """The ids the tokenizer produces (added tokens included): the student's vocabulary."""
     return len(load(name))
+
+
+def save_into(folder: Path, name: str) -> None:
+    """Write the tokenizer into the Hugging Face model ``folder`` when it holds none (a student cut from a GGUF
+    teacher, or built from a config alone), so that the export tokenizes text as the run did."""
+    if (folder / "config.json").is_file() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        load(name).save_pretrained(folder)
