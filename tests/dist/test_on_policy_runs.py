@@ -142,3 +142,12 @@ def test_chat_with_a_llama_student_under_fsdp_equals_one_process(tmp_path):
     assert_same(two, one)
     lengths = {row[4] for rows in samples(one).values() for row in rows}
     assert len(lengths) > 1  # completions of several lengths: prompts of several lengths in one batch
+
+
+def test_a_remote_teacher_scores_while_the_student_writes_the_next_micro_batch(root, single):
+    """1 student rank + 1 teacher rank, 2 micro-batches a step: the student writes micro-batch 2's samples while
+    the teacher rank scores micro-batch 1's; the run equals one process with the replicated teacher."""
+    remote = launch(
+        root, 2, "remote_accum", "train.grad_accum=2", "teacher.placement=remote", "parallel.teacher_ranks=1"
+    )
+    assert_same(remote, single)

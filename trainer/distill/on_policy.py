@@ -17,6 +17,9 @@ student writes a completion of the sample's prompt, and the teacher grades every
   today's ``(1 - alpha) * CE + alpha * KD`` over the off-policy rows' labels, ``L_on`` the same divergence kind
   (``distill.loss``, reverse KL by default) over the completion tokens only, and ``w`` the rows' shares of the
   micro-batch. Nothing flows through the sampling itself.
+- **A teacher on ranks of its own** (``Teacher.scores_apart``): the samples are sent as soon as they exist
+  (``Teacher.send_samples``), and while the teacher ranks score them the student writes the next micro-batch's
+  samples of the same step (the weights change only after the step's last micro-batch) and sends those too.
 """
 
 from __future__ import annotations
@@ -292,6 +295,7 @@ class OnPolicy:
             max_new_tokens=d.max_new_tokens, temperature=d.gen_temperature, top_p=d.top_p, eos=self.eos, pad=self.pad
         )
         self.stats = torch.zeros(len(STATS), dtype=torch.float64)
+        self.ahead: tuple[tuple[int, int], Rollout, Any] | None = None  # the next micro-batch's, written ahead
         # The last step's completions on this rank: (global sample index, tokens, prompt length, completion length).
         self.examples: list[tuple[int, list[int], int, int]] = []
 
@@ -353,9 +357,21 @@ class OnPolicy:
     ) -> dict[str, torch.Tensor]:
         """The mixed loss terms of micro-batch ``micro`` (``student``: the module that trains, maybe a DDP wrapper;
         ``generator``: the student module itself, which writes the completions); adds to ``stats``."""
-        rollout = self.rollout(generator, x, y, step, micro, autocast)
-        # scored through the teacher's usual call (replicate, shard), or on rows of its own (remote)
-        t_out = teacher.score(rollout.x, rollout.on, rollout.start, step, micro)
+        if self.ahead is not None and self.ahead[0] == (step, micro):
+            _, rollout, sent = self.ahead
+        else:
+            rollout = self.rollout(generator, x, y, step, micro, autocast)
+            sent = teacher.send_samples(rollout.x, rollout.on, rollout.start)
+        self.ahead = None
+        if teacher.scores_apart and micro + 1 < self.batches.shard.grad_accum:
+            # While the teacher's ranks score these samples, write the next micro-batch's (the same weights: the
+            # optimizer steps after the last micro-batch) and send them too.
+            x_next, y_next = self.batches.train(step, micro + 1)
+            following = self.rollout(generator, x_next, y_next, step, micro + 1, autocast)
+            sent_next = teacher.send_samples(following.x, following.on, following.start)
+            self.ahead = ((step, micro + 1), following, sent_next)
+        # scored through the teacher's usual call (replicate, shard), or on ranks of its own (remote)
+        t_out = teacher.score(rollout.x, rollout.on, rollout.start, step, micro, sent)
         if fused:
             head = partial(fused_mixed_losses, rollout=rollout, teacher=t_out, d=self.d)
             out = student(rollout.x, head=head)

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from parallel.collectives import first_error
 from parallel.mesh import ParallelDims
-from parallel.remote import RemoteClient, Roles
+from parallel.remote import PendingLogits, RemoteClient, Roles
 from parallel.teacher import shard_frozen, teacher_mesh
 from trainer import models
 from trainer.data import local_slice
@@ -64,6 +64,7 @@ class Teacher(ABC):
     module: nn.Module | None = None
     scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
     gives_head = False  # whether its output is its head's input and parameters (a fused loss computes the logits)
+    scores_apart = False  # whether it computes on ranks of its own (the student may write the next samples meanwhile)
 
     def __init__(self) -> None:
         self.wait_seconds = 0.0
@@ -80,18 +81,27 @@ class Teacher(ABC):
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
 
-    def score(self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int) -> TeacherOutput:
-        """The teacher's output for micro-batch ``micro`` of step ``step`` whose rows ``on`` (bool) the student
-        wrote (on-policy distillation): of those rows only the positions from ``start`` on are needed. Timed like
-        a call."""
+    def send_samples(self, x: torch.Tensor, on: torch.Tensor, start: int) -> Any:
+        """On-policy distillation: hand the teacher the rows ``on`` (bool) of ``x`` that the student wrote, as soon as
+        they exist (of those rows only the positions from ``start`` on are needed); what ``score`` then collects.
+        A live teacher scores them in ``score`` itself (None here)."""
+        return None
+
+    def score(
+        self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: Any = None
+    ) -> TeacherOutput:
+        """The teacher's output for micro-batch ``micro`` of step ``step`` whose rows ``on`` the student wrote
+        (``sent``: what ``send_samples`` returned for them). Timed like a call."""
         started = time.perf_counter()
-        out = self.forward_samples(x, on, start, step, micro)
+        out = self.forward_samples(x, on, start, step, micro, sent)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         self.wait_seconds += time.perf_counter() - started
         return out
 
-    def forward_samples(self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int) -> TeacherOutput:
+    def forward_samples(
+        self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: Any
+    ) -> TeacherOutput:
         """``score`` untimed: a live teacher scores the whole micro-batch in one forward."""
         return self.forward(x, step, micro)
 
@@ -193,6 +203,7 @@ class RemoteTeacher(Teacher):
     ``parallel.remote``). ``step`` -1 marks an evaluation batch."""
 
     placement = "remote"
+    scores_apart = True
 
     def __init__(self, client: RemoteClient):
         super().__init__()
@@ -201,16 +212,21 @@ class RemoteTeacher(Teacher):
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         return TeacherOutput(logits=self.client.logits(x, None if step < 0 else (step, micro)))
 
-    def forward_samples(self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int) -> TeacherOutput:
-        """The student's samples (rows ``on``) go to the teacher rank as they are, and their logits come back from
-        position ``start`` on; the other rows' logits were requested ahead (their inputs are known beforehand).
-        The samples are sent first, so that the teacher rank scores them before the next micro-batch's rows."""
+    def send_samples(self, x: torch.Tensor, on: torch.Tensor, start: int) -> PendingLogits | None:
+        """The student's samples (rows ``on``) go to the teacher rank as they are; their logits come back from
+        position ``start`` on."""
+        return self.client.request(x[on], start) if bool(on.any()) else None
+
+    def forward_samples(
+        self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: Any
+    ) -> TeacherOutput:
+        """The samples' logits (``sent`` ahead, by ``send_samples``) and the other rows', requested ahead too (their
+        inputs are known beforehand), in one tensor: zeros where nothing is needed."""
         logits = torch.zeros(*x.shape, self.client.vocab, device=x.device)
-        samples = self.client.request(x[on], start) if bool(on.any()) else None
         if not bool(on.all()):
             logits[~on] = self.client.logits(x[~on], (step, micro))
-        if samples is not None:
-            logits[on, start:] = samples.wait()
+        if sent is not None:
+            logits[on, start:] = sent.wait()
         return TeacherOutput(logits=logits)
 
     def close(self) -> None:
