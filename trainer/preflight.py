@@ -1,6 +1,7 @@
 """The checks that run before anything starts and need more than one config node: files (data, teacher,
 checkpoints, caches), the launcher's environment (world size, GPUs), the student's model family, and the
-combinations of nodes. ``validate`` runs every node's own checks first (``trainer.config.check_nodes``).
+combinations of nodes. ``validate`` runs every node's own checks first (``trainer.config.check_nodes``); the parallel
+layout's checks are in ``trainer/preflight_parallel.py``.
 
 Every check raises ``ConfigError`` naming one key; ``python -m trainer`` prints it as one line and exits 2. The
 modules these checks need (torch, the data, the models, compression) are imported only once every node's own checks
@@ -28,9 +29,9 @@ from trainer.config import (
     parallel_dims,
     sequence_length,
 )
+from trainer.preflight_parallel import validate_parallel, world_size_from_env
 
 if TYPE_CHECKING:
-    from parallel.mesh import ParallelDims
     from trainer.models.protocol import ModelFamily
 
 
@@ -60,7 +61,7 @@ def validate(cfg: RunConfig) -> None:
         data.check(cfg.data, sequence_length(cfg))
     except data.DataError as e:
         raise ConfigError(e.key, e.message) from None
-    family, _ = student_spec(cfg)
+    family, model_cfg = student_spec(cfg)
     task = DATA_TASKS[cfg.data.name]
     _check(
         family.task == task,
@@ -68,7 +69,7 @@ def validate(cfg: RunConfig) -> None:
         f"data={cfg.data.name} needs a {task} student (got {cfg.student['arch']}, a {family.task} model)",
     )
     _validate_on_policy(cfg)
-    _validate_parallel(cfg)
+    validate_parallel(cfg, family, model_cfg)
     _validate_teacher(cfg)
     _validate_compress(cfg)
     if cfg.report.side_by_side:
@@ -201,169 +202,6 @@ def check_resume(cfg: RunConfig, path: Path) -> None:
         return
     except checkpoint.CheckpointError as e:
         raise ConfigError(e.config_key or "train.resume", str(e)) from None
-
-
-def world_size_from_env() -> int:
-    """The number of ranks the launcher started (torchrun's WORLD_SIZE), 1 without a launcher."""
-    from parallel.env import detect
-
-    return detect().world_size
-
-
-def _validate_parallel(cfg: RunConfig) -> None:
-    p, t = cfg.parallel, cfg.train
-    world = world_size_from_env()
-    _validate_teacher_ranks(cfg, world)
-    student_ranks = world - p.teacher_ranks
-    if p.backend == "nccl":
-        import torch
-
-        _check(
-            torch.cuda.is_available(),
-            "parallel.backend",
-            "nccl needs a CUDA GPU and none is available (use parallel.backend=gloo or auto)",
-        )
-    if p.strategy == "single":
-        _check(
-            student_ranks == 1,
-            "parallel.strategy",
-            f"single runs one process but the student has {student_ranks} ranks (use parallel=ddp, fsdp or hsdp)",
-        )
-    dims = parallel_dims(p, world)
-    for i, mod in enumerate(cfg.compress.modifiers):
-        _check(
-            not (dims.fsdp_enabled and mod.kind == "channel"),
-            f"compress.modifiers.{i}.kind",
-            "channel pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)",
-        )
-    if dims.pp_enabled:
-        _validate_pipeline(cfg, dims)
-        return
-    _check(
-        t.accum_order == "sequential" or student_ranks == 1,
-        "train.accum_order",
-        f"pairwise applies to one process (on {student_ranks} ranks gradients are synced inside the last backward)",
-    )
-    _check(
-        t.batch_size % (dims.dp_size * t.grad_accum) == 0,
-        "train.batch_size",
-        f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x train.grad_accum={t.grad_accum}",
-    )
-
-
-def _validate_teacher_ranks(cfg: RunConfig, world: int) -> None:
-    """``parallel.teacher_ranks`` goes with ``teacher.placement=remote``, and leaves the student a rank."""
-    k = cfg.parallel.teacher_ranks
-    if cfg.teacher.placement != "remote" or not needs_teacher(cfg):
-        _check(
-            k == 0,
-            "parallel.teacher_ranks",
-            f"applies to teacher.placement=remote only (got {k}; placement is {cfg.teacher.placement})",
-        )
-        return
-    _check(k >= 1, "parallel.teacher_ranks", f"teacher.placement=remote needs at least one teacher rank (got {k})")
-    _check(
-        k < world,
-        "parallel.teacher_ranks",
-        f"{k} teacher ranks leave no student rank in a world of {world} "
-        f"(launch more processes, e.g. torchrun --nproc_per_node={k + 1})",
-    )
-    _check(
-        not cfg.distill.features,
-        "distill.features",
-        "feature distillation is not supported with teacher.placement=remote (only logits are sent back)",
-    )
-    _check(
-        student_spec(cfg)[0].task == "lm",
-        "teacher.placement",
-        f"remote sends token batches to the teacher ranks: it needs a language model student "
-        f"(student.arch is {cfg.student['arch']})",
-    )
-
-
-def _validate_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
-    """What pipeline parallelism (``dims.pp`` > 1) needs, and the combinations it does not support."""
-    p, t = cfg.parallel, cfg.train
-    family, model_cfg = student_spec(cfg)
-    if not dims.fsdp_enabled:
-        for key, default in (("param_dtype", "fp32"), ("cpu_offload", False)):
-            _check(
-                getattr(p, key) == default,
-                f"parallel.{key}",
-                "applies to FSDP2 inside the stages only (set parallel.dp_shard > 1)",
-            )
-    _check(
-        family.pipelines,
-        "parallel.pp",
-        f"pipeline parallelism splits a student at decoder-layer boundaries: {cfg.student['arch']} models have none",
-    )
-    _check(p.stages_per_rank >= 1, "parallel.stages_per_rank", f"must be >= 1 (got {p.stages_per_rank})")
-    stages, depth = dims.pp * p.stages_per_rank, family.depth(model_cfg)
-    _check(
-        stages <= depth,
-        "parallel.pp",
-        f"{stages} pipeline stages for {depth} blocks (the student's decoder layers): every stage needs at least "
-        "one block",
-    )
-    _check(p.microbatches >= 1, "parallel.microbatches", f"must be >= 1 (got {p.microbatches})")
-    if p.pp_schedule == "interleaved_1f1b":
-        _check(
-            p.stages_per_rank >= 2,
-            "parallel.stages_per_rank",
-            f"must be >= 2 with parallel.pp_schedule=interleaved_1f1b (got {p.stages_per_rank})",
-        )
-        _check(
-            p.microbatches % dims.pp == 0,
-            "parallel.microbatches",
-            f"{p.microbatches} is not a multiple of parallel.pp={dims.pp} (interleaved_1f1b)",
-        )
-    else:
-        _check(
-            p.stages_per_rank == 1,
-            "parallel.stages_per_rank",
-            f"must be 1 with parallel.pp_schedule={p.pp_schedule} (got {p.stages_per_rank}; use interleaved_1f1b)",
-        )
-    if p.pp_schedule == "1f1b":
-        _check(
-            p.microbatches >= dims.pp,
-            "parallel.microbatches",
-            f"1f1b needs at least as many micro-batches as stages: {p.microbatches} < parallel.pp={dims.pp}",
-        )
-    _check(
-        cfg.data.name != "chat",
-        "data.name",
-        "chat weights each micro-batch's loss by its trained tokens: not supported with pipeline parallelism",
-    )
-    _check(
-        t.grad_accum == 1,
-        "train.grad_accum",
-        f"must be 1 with pipeline parallelism: set parallel.microbatches instead (got {t.grad_accum})",
-    )
-    _check(
-        t.batch_size % (dims.dp_size * p.microbatches) == 0,
-        "train.batch_size",
-        f"{t.batch_size} is not divisible by data-parallel size {dims.dp_size} x "
-        f"parallel.microbatches={p.microbatches}",
-    )
-    _check(
-        not cfg.distill.features,
-        "distill.features",
-        f"feature distillation is not supported with pipeline parallelism (parallel.pp={dims.pp}): "
-        "the student's hidden states live on different stages",
-    )
-    _check(
-        cfg.teacher.placement == "replicate",
-        "teacher.placement",
-        f"must be replicate with pipeline parallelism: the teacher runs whole on the last stage "
-        f"(got {cfg.teacher.placement})",
-    )
-    for i, mod in enumerate(cfg.compress.modifiers):
-        _check(
-            not (mod.kind == "magnitude" and mod.scope == "global"),
-            f"compress.modifiers.{i}.scope",
-            "global magnitude pruning ranks weights across stages: not supported with pipeline "
-            "parallelism (use scope=layer)",
-        )
 
 
 @functools.cache
