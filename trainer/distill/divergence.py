@@ -34,14 +34,21 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature`` in fp32 (no copy at T=1: a [tokens, V] copy and its backward cost as much as the
+    divergence's own passes)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
 
 def token_divergence(student: Tensor, teacher: Tensor, kind: str, temperature: float, beta: float) -> Tensor:
     """Per-token divergence of logits ``[..., V]`` in fp32 (not scaled by ``T**2``, not reduced)."""
-    logp_s = F.log_softmax(student.float() / temperature, dim=-1)
-    logp_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    logp_s = F.log_softmax(_scaled(student, temperature), dim=-1)
+    logp_t = F.log_softmax(_scaled(teacher, temperature), dim=-1)
     if kind == "forward_kl":
         return _kl(logp_t, logp_s)
     if kind == "reverse_kl":

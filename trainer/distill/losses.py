@@ -182,6 +182,8 @@ def _kd(
         indices = indices.reshape(-1, indices.shape[-1])
     keep = None if labels is None else labels.reshape(-1) != ignore_index
     count = max(student.shape[0], 1) if keep is None else keep.sum().clamp_min(1)
+    if keep is not None and bool(keep.all()):
+        keep = None  # every token counts: no [tokens, V] copies of the kept rows
     div = partial(summed_divergence, kind=kind, temperature=temperature, beta=beta, tail=tail)
 
     if chunk_size is None:
@@ -255,7 +257,9 @@ class KDLoss(nn.Module):
 
 def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: DistillConfig) -> dict[str, Tensor]:
     """``train/ce``, ``distill/kd`` (with a KD loss) and ``train/loss`` = (1 - alpha) * CE + alpha * KD of a batch."""
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    reported_only = d.alpha == 1 and d.loss != "none"  # CE is then a metric: no backward through its log-softmax
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not reported_only):
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
     out = {"train/ce": ce, "train/loss": (1 - d.alpha) * ce}
     if d.loss != "none":
         assert teacher is not None  # preflight: a KD loss has a teacher
