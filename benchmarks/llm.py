@@ -290,19 +290,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    json_path = args.out / "llm.json" if args.quick else RESULTS_JSON
+    readme = args.out / "README_llm.md" if args.quick else README
     if args.readme:
         write_readme(json.loads(RESULTS_JSON.read_text()))
         return
-    if args.overhead_only:
-        results = json.loads(RESULTS_JSON.read_text())
+    if args.overhead_only:  # the base overrides (a test's teacher and files too) are the JSON's
+        results = json.loads(json_path.read_text())
         args.out.mkdir(parents=True, exist_ok=True)
         os.chdir(args.out)
         load_before = os.getloadavg()[0]
         results["overhead"] = overhead(args.out, results["base_overrides"], args.timing_steps, 2)
         results["overhead"]["load_average"] = {"start": load_before, "end": os.getloadavg()[0]}
         results["overhead"]["command"] = " ".join(["python -m benchmarks.llm", *argv])
-        RESULTS_JSON.write_text(json.dumps(results, indent=1))
-        write_readme(results)
+        json_path.write_text(json.dumps(results, indent=1))
+        write_readme(results, readme)
         print(f"trainer/bare step: {results['overhead']['ratio']:.3f}")
         return
     seeds = [SEEDS[0] + i for i in range(args.seeds)]
@@ -360,10 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {**machine(), "cpu_count": os.cpu_count()},
     }
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    json_path = args.out / "llm.json" if args.quick else RESULTS_JSON
     json_path.write_text(json.dumps(results, indent=1))
     print_table(*table(results))
-    readme = args.out / "README_llm.md" if args.quick else README
     if args.quick:
         readme.write_text(f"{START}\n{END}\n")
     write_readme(results, readme)

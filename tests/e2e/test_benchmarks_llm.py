@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("transformers", reason="the recipe needs the `hf` extra")
 
 
-def test_quick_run_writes_every_row(tmp_path):
+def test_quick_run_writes_every_row_and_measures_the_overhead_again(tmp_path):
     save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
     (tmp_path / "corpus").mkdir()
     for i, text in enumerate(documents(30)):
@@ -39,8 +39,16 @@ def test_quick_run_writes_every_row(tmp_path):
     assert results["overhead"]["ratio"] > 0
     fragment = (tmp_path / "README_llm.md").read_text()
     assert "| pruned + KD + int8 QAT | 1 |" in fragment and "bare PyTorch/transformers" in fragment
+    again = run_cli(tmp_path, *args[:3], "--overhead-only", module="benchmarks.llm", timeout=900)
+    assert again.stdout.strip().endswith(f"trainer/bare step: {_ratio(tmp_path):.3f}")
+    assert "--overhead-only`, load average" in (tmp_path / "README_llm.md").read_text()
     assert README.read_text().partition(START)[2].partition(END)[0] == section
     assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before
+
+
+def _ratio(out) -> float:
+    """The trainer/bare step ratio the quick run's JSON holds now."""
+    return json.loads((out / "llm.json").read_text())["overhead"]["ratio"]
 
 
 def test_gpu_benchmark_times_the_recipe_on_a_tiny_teacher(tmp_path):
