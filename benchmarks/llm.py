@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table, trainer_windows
+from benchmarks.readme_section import markdown_table, replace_section
 from trainer import data, from_teacher, models, report, side_by_side
 from trainer.config import sequence_length
 from trainer.models import hf
@@ -229,9 +230,7 @@ def render(results: dict) -> str:
         f"over {results['val_tokens']:,} tokens of held-out files; every figure on the export as transformers "
         "loads it. The teacher's bytes are its fp32 size.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * (len(columns) - 1),
-        *("| " + " | ".join(line) + " |" for line in lines),
+        markdown_table(columns, lines),
         "",
         f"- int8 QAT export: {teacher['bytes'] / qat['bytes']:.2f}x smaller than the fp32 teacher; val loss "
         f"{100 * (qat['val_loss'] / statistics.fmean(r['val_loss'] for r in kd) - 1):+.1f}% against the dense KD "
@@ -259,12 +258,7 @@ def remeasured(o: dict) -> str:
 
 
 def write_readme(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(head + render(results) + tail)
+    replace_section(readme, START, END, render(results))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

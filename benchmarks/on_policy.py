@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table
+from benchmarks.readme_section import markdown_table, replace_section
 from trainer import data, exports
 from trainer.config import sequence_length
 from trainer.distill import teacher as teacher_io
@@ -138,9 +139,7 @@ def render(results: dict) -> str:
         f"teacher's mean log-probability (nats/token) of each student's {s['new_tokens']}-token greedy completions, "
         "and the validation loss of the run's last eval.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * (len(columns) - 1),
-        *("| " + " | ".join(line) + " |" for line in lines),
+        markdown_table(columns, lines),
         "",
         f"First held-out completion, on-policy student: `{first['completion_texts'][0]!r}`; off-policy: "
         f"`{results['arms'][0]['completion_texts'][0]!r}`.",
@@ -150,12 +149,7 @@ def render(results: dict) -> str:
 
 
 def write_readme(results: dict, readme: Path = README) -> None:
-    text = readme.read_text()
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(head + render(results) + tail)
+    replace_section(readme, START, END, render(results))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
