@@ -62,6 +62,17 @@ def rows_to_train(seeds: list[int], scratch_config: Path) -> list[tuple[str, str
     return runs + [("pruned_kd_qat", "pruned + KD + int8 QAT", [f"train.seed={seeds[0]}"])]
 
 
+def base_overrides(steps: int, teacher: str | None, files: str | None, quick: bool) -> list[str]:
+    """The overrides every row shares: the recipe at ``steps`` steps, a test's teacher and files, quick sizes."""
+    base = ["experiment=smollm2", f"train.max_steps={steps}", f"train.eval_every={steps}",
+            f"train.ckpt_every={steps}", "logger=console"]  # fmt: skip
+    if teacher:
+        base += ["teacher=hf" if Path(teacher).is_dir() else "teacher=gguf", f"teacher.checkpoint={teacher}"]
+    if files:
+        base.append(f"data.files=[{files}]")
+    return base + (QUICK if quick else [])
+
+
 def plan(steps: int, batch: int, block: int, seeds: list[int], timing_steps: int) -> tuple[str, float]:
     """What the run will do and its estimated minutes at the measured 2-core speeds."""
     tokens = steps * batch * block
@@ -302,13 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trainer/bare step: {results['overhead']['ratio']:.3f}")
         return
     seeds = [SEEDS[0] + i for i in range(args.seeds)]
-    base = ["experiment=smollm2", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-            f"train.ckpt_every={args.steps}", "logger=console"]  # fmt: skip
-    if args.teacher:
-        base += ["teacher=hf" if Path(args.teacher).is_dir() else "teacher=gguf", f"teacher.checkpoint={args.teacher}"]
-    if args.files:
-        base.append(f"data.files=[{args.files}]")
-    base += QUICK if args.quick else []
+    base = base_overrides(args.steps, args.teacher, args.files, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     os.chdir(args.out)  # relative paths (the teacher caches, a test's files) are the runs' own: they run here
     cfg, _ = compose_config(base)
