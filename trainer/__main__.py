@@ -204,7 +204,7 @@ def build_cache_if_missing(cfg: RunConfig, run_dir: Path) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_entry(dict_cfg: DictConfig) -> float | None:
-    from trainer.loop import run
+    from trainer.process import run
 
     try:
         cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass

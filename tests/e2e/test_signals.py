@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import FAST, cli_env, read_metrics, run_cli
 from trainer import checkpoint
-from trainer.loop import INTERRUPTED_EXIT
 from trainer.preemption import PREEMPTED_EXIT
+from trainer.process import INTERRUPTED_EXIT
 
 pytestmark = pytest.mark.e2e
 STEPS = 400

@@ -1,0 +1,45 @@
+"""``python -m benchmarks.llm_kd_study --quick`` on a small random Llama teacher: with no published CE rows for its
+overrides it trains its own, then every variant on the same seed; the JSON pairs each run with that seed's CE run
+and the README fragment is written under ``--out`` (the real README and benchmarks/results stay as they are)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from benchmarks.llm_kd_study import END, README, START, STUDY_JSON, VARIANTS
+from tests.conftest import run_cli
+from tests.data_files import documents, save_llama, save_tokenizer
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("transformers", reason="the recipe needs the `hf` extra")
+
+
+def test_quick_study_pairs_every_variant_with_the_ce_run_of_its_seed(tmp_path):
+    save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(documents(30)):
+        (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
+    section = README.read_text().partition(START)[2].partition(END)[0]
+    before = STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None
+    args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "1"]
+    proc = run_cli(tmp_path, *args, module="benchmarks.llm_kd_study", timeout=900)
+    assert proc.stdout.startswith(f"plan: {len(VARIANTS)} variants x 1 seeds of 4 steps")
+    results = json.loads((tmp_path / "llm_kd_study.json").read_text())
+    assert results["ce_source"] == "runs of this study" and results["seeds"] == [1337]
+    assert [v["key"] for v in results["variants"]] == list(VARIANTS)
+    ce = results["ce"][0]["val_loss"]
+    for variant in results["variants"]:
+        (run,) = variant["runs"]
+        assert variant["paired"]["deltas"] == [run["val_loss"] - ce]
+    assert any("_T2.0_" in cache.name for cache in (tmp_path / "teacher_cache").iterdir())
+    fragment = (tmp_path / "README_llm_kd_study.md").read_text()
+    assert all(f"| {key} |" in fragment for key in VARIANTS) and "| pruned + CE |" in fragment
+    again = run_cli(tmp_path, *args, "--reuse", module="benchmarks.llm_kd_study", timeout=900)
+    trained = re.compile(r"^\S+: \d+ s$", re.MULTILINE)  # train() prints a line for each run it trains
+    assert len(trained.findall(proc.stdout)) == 1 + len(VARIANTS) and not trained.search(again.stdout), again.stdout
+    assert json.loads((tmp_path / "llm_kd_study.json").read_text())["variants"] == results["variants"]
+    assert README.read_text().partition(START)[2].partition(END)[0] == section
+    assert (STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None) == before
