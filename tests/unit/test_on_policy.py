@@ -67,6 +67,32 @@ def test_incremental_decoding_equals_the_full_forward(family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_incremental_decoding_keeps_a_sliding_window():
+    """A Mistral whose 4-position window is shorter than the sequence: each position read through the cache sees
+    only its window, as in the full forward (transformers' sdpa attention drops the window when given no mask)."""
+    transformers = pytest.importorskip("transformers")
+    from trainer.models.hf import from_transformers
+
+    base = small_hf_config("llama").to_dict()
+    config = transformers.MistralConfig(**{**base, "sliding_window": 4, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    model = from_transformers(transformers.AutoModelForCausalLM.from_config(config), None).eval()
+    x = torch.randint(VOCAB, (2, BLOCK), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x)
+        unwindowed = from_transformers(
+            transformers.AutoModelForCausalLM.from_config(
+                transformers.MistralConfig(**{**config.to_dict(), "sliding_window": None})
+            ),
+            None,
+        )
+        unwindowed.load_state_dict(model.state_dict())
+        assert not torch.allclose(unwindowed.eval()(x)[:, 4:], full[:, 4:], atol=1e-3)  # the window matters here
+        cache = KVCache()
+        steps = [model(x[:, :3], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(3, BLOCK)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cache_changes_no_sampled_token():
     """Sampling with the cache writes what recomputing the whole prefix for every token writes."""
     model = gpt()

@@ -47,6 +47,21 @@ class LlamaLM(HFDecoderLM):
             return kinds[layer]
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
+    def attention_mask(self, kind: str, x: torch.Tensor, past: int) -> Any:
+        """The mask of ``x``'s positions after ``past`` cached ones, as transformers builds it for ``kind``. A new
+        position attends to every cached one under full attention (no mask); under a sliding window it gets its
+        rows of the whole sequence's mask (transformers' sdpa attention ignores the window without one)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        if past and kind == "full_attention":
+            return None
+        make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        length = past + x.shape[1]
+        whole = x.new_empty(x.shape[0], length, x.shape[2]) if past else x  # only its shape, dtype and device
+        positions = torch.arange(length, device=x.device).unsqueeze(0)
+        mask = make(config=self.config, inputs_embeds=whole, attention_mask=None, cache=None, position_ids=positions)
+        return mask[..., past:, :] if past and mask is not None else mask
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -58,8 +73,6 @@ class LlamaLM(HFDecoderLM):
         input is the previous stage's output, and a stage without ``lm_head`` returns its last layer's output. With
         ``cache`` (incremental decoding: the whole prompt first, then one position at a time), ``idx`` are the
         positions after the cached ones."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         body = self.model
         x = idx if idx.is_floating_point() else body.embed_tokens(idx)
         past = 0 if cache is None else cache.length
@@ -67,20 +80,13 @@ class LlamaLM(HFDecoderLM):
             raise ValueError("incremental decoding reads one position at a time after the prompt")
         positions = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
         rotary = body.rotary_emb(x, position_ids=positions)
-        make_mask = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         masks: dict[str, Any] = {}
         hidden = {0: x} if 0 in hidden_layers else {}
         extra = {} if cache is None else {cache_argument(body.layers["0"]): cache}
         for name, layer in body.layers.items():
             kind = self.attention_kind(int(name))
-            if kind not in masks:  # one new position attends to every cached one: no mask
-                masks[kind] = (
-                    None
-                    if past
-                    else make_mask[kind](
-                        config=self.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=positions
-                    )
-                )
+            if kind not in masks:
+                masks[kind] = self.attention_mask(kind, x, past)
             x = layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=rotary, **extra)
             if int(name) + 1 in hidden_layers:
                 hidden[int(name) + 1] = x
