@@ -26,22 +26,24 @@ from trainer.preflight import check_resume, unknown_keys, validate
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
 CONFIG_ERROR_EXIT = 2
-RANK_ZERO_GRACE_S = 3.0
+RANK_ZERO_GRACE_S = 5.0
 
 
 def fail(message: str) -> NoReturn:
     """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun or srun job prints the line (every rank finds it).
-    Under torchrun each rank also writes the line to its error file, so torchrun's summary names the cause."""
+    Under torchrun a rank also writes the line to its error file, so torchrun's summary names the cause. The other
+    ranks wait ``RANK_ZERO_GRACE_S`` first: torchrun stops them once rank 0 exits, so rank 0's line is printed and
+    its file is the summary's root cause (a rank stopped by torchrun left no file to compete with it)."""
     line = f"config error: {message}"
     rank_zero = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     if rank_zero:
         print(line, file=sys.stderr, flush=True)
+    if not rank_zero:  # the launcher stops every rank once one exits: rank 0 goes first, its file the root cause
+        time.sleep(RANK_ZERO_GRACE_S)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:  # the format torch.distributed.elastic's ErrorHandler writes and torchrun's summary reads
         record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
         Path(error_file).write_text(json.dumps({"message": record}))
-    if not rank_zero:  # the launcher stops every rank once one exits: let rank 0 print its line first
-        time.sleep(RANK_ZERO_GRACE_S)
     sys.exit(CONFIG_ERROR_EXIT)
 
 
