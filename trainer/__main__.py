@@ -38,7 +38,7 @@ def fail(message: str) -> NoReturn:
     rank_zero = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     if rank_zero:
         print(line, file=sys.stderr, flush=True)
-    if not rank_zero:  # the launcher stops every rank once one exits: rank 0 goes first, its file the root cause
+    else:  # the launcher stops every rank once one exits: rank 0 goes first, its file the root cause
         time.sleep(RANK_ZERO_GRACE_S)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:  # the format torch.distributed.elastic's ErrorHandler writes and torchrun's summary reads
