@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any, cast
@@ -62,6 +63,13 @@ def trainer_windows(overrides: list[str], run_dir: Path, steps: int, window: int
     Trainer(cfg, run_dir, dist_env.detect(), resolved).fit()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and warmup < r["step"] < steps]
+
+
+def run_env() -> dict[str, str]:
+    """The environment of a ``python -m trainer`` subprocess run by a benchmark: quiet W&B, unbuffered output, and
+    this repository importable from any working folder."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
 
 
 def machine() -> dict:

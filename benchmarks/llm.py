@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, compose_config, machine, print_table, trainer_windows
+from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env, trainer_windows
 from benchmarks.readme_section import markdown_table, replace_section
 from trainer import data, from_teacher, models, report, side_by_side
 from trainer.config import sequence_length
@@ -43,8 +43,9 @@ START, END = "<!-- results:llm:start -->", "<!-- results:llm:end -->"
 SEEDS = (1337, 1338)
 # Measured on 2 cores (PLATFORM_NOTES.md, "Sizing the SmolLM2 recipe"): what the plan's estimate uses.
 TEACHER_TOKENS_PER_S, STUDENT_TOKENS_PER_S, KD_STEP_S, RUN_OVERHEAD_S = 800, 450, 6.0, 150
-CE = ["distill.loss=none", "distill.alpha=0.0", "distill.top_k=null", "distill.top_k_tail=false",
-      "teacher.placement=replicate", "teacher.cache_build=false"]  # fmt: skip
+LIVE_FULL_VOCABULARY = ["distill.top_k=null", "distill.top_k_tail=false", "teacher.placement=replicate",
+                        "teacher.cache_build=false"]  # fmt: skip
+CE = ["distill.loss=none", "distill.alpha=0.0", *LIVE_FULL_VOCABULARY]
 NO_QAT = ["compress.modifiers=[]"]
 QUICK = [
     "data.val_fraction=0.2", "data.eval_batches=2", "student.layers=2", "student.width=0.5", "student.block_size=16",
@@ -320,8 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     text, minutes = plan(args.steps, cfg.train.batch_size, sequence_length(cfg), seeds, args.timing_steps)
     print(text, flush=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = run_env()
     cut = as_cut(args.out, base)
     scratch_config = args.out / "scratch_config"  # the cut student's config.json alone: random init
     scratch_config.mkdir(exist_ok=True)

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, compose_config, machine, print_table
-from benchmarks.llm import CE, NO_QAT, RESULTS_JSON, SEEDS, base_overrides, read_run, train
+from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
+from benchmarks.llm import CE, LIVE_FULL_VOCABULARY, NO_QAT, RESULTS_JSON, SEEDS, base_overrides, read_run, train
 from benchmarks.readme_section import markdown_table, replace_section
 from trainer.config import sequence_length
 
@@ -33,8 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 STUDY_JSON = RESULTS / "llm_kd_study.json"
 START, END = "<!-- results:llm_kd_study:start -->", "<!-- results:llm_kd_study:end -->"
-LIVE_FULL_VOCABULARY = ["distill.top_k=null", "distill.top_k_tail=false", "teacher.placement=replicate",
-                        "teacher.cache_build=false"]  # fmt: skip
 VARIANTS = {
     "alpha0.5": ["distill.alpha=0.5"],
     "full_vocab": LIVE_FULL_VOCABULARY,
@@ -147,8 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = compose_config(base)
     print(f"plan: {len(args.variants)} variants x {len(seeds)} seeds of {args.steps} steps", flush=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = run_env()
     ce = published_ce(base, seeds)
     source = "benchmarks/results/llm.json"
     if ce is None:

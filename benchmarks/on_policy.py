@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS, compose_config, machine, print_table
+from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
 from benchmarks.readme_section import markdown_table, replace_section
 from trainer import data, exports
 from trainer.config import sequence_length
@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     started, load_at_start = time.perf_counter(), os.getloadavg()
-    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = run_env()
     runs = {key: train(args.out, key, [*base, *on_policy, f"distill.lmbda={lmbda}"], env) for key, _, lmbda in ARMS}
     prompts, dataset = held_out_prompts(base, args.prompts, args.prompt_tokens)
     assert cfg.teacher.checkpoint is not None  # the experiment names it
