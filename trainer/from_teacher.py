@@ -1,6 +1,7 @@
 """``student=from_teacher``: the student cut out of the run's teacher by ``trainer.models.cut``. The teacher is read as
 a model of its own family (a Hugging Face folder as a Hugging Face student, a Stillroom export or checkpoint as what
-it holds), and calibrated on the first ``student.calib_batches`` batches of the run's training data."""
+it holds), and calibrated on ``student.calib_batches`` batches of the training data drawn with ``student.calib_seed``
+(not ``train.seed``: runs that differ only in their seed train the same student)."""
 
 from __future__ import annotations
 
@@ -77,17 +78,18 @@ def check_source(cfg: RunConfig, wanted: cut.CutConfig, model: nn.Module) -> nn.
     return model
 
 
-def calibration_batches(cfg: RunConfig, dataset: TokenData | DigitsData, count: int) -> list[torch.Tensor]:
-    """The inputs of the first ``count`` global batches of the run's training data."""
-    t = cfg.train
-    return [dataset.train_batch(t.seed, step, t.batch_size, data.Shard())[0] for step in range(count)]
+def calibration_batches(cfg: RunConfig, dataset: TokenData | DigitsData, wanted: cut.CutConfig) -> list[torch.Tensor]:
+    """The inputs of ``wanted.calib_batches`` global training batches, the first a run seeded ``wanted.calib_seed``
+    would draw."""
+    size = cfg.train.batch_size
+    return [dataset.train_batch(wanted.calib_seed, step, size, data.Shard())[0] for step in range(wanted.calib_batches)]
 
 
 def build(cfg: RunConfig, dataset: TokenData | DigitsData) -> nn.Module:
     """The student cut out of the teacher, with the teacher's weights (every rank cuts the same one)."""
     wanted = config(cfg)
     teacher = check_source(cfg, wanted, source(cfg))
-    batches = calibration_batches(cfg, dataset, wanted.calib_batches) if wanted.calibrates else []
+    batches = calibration_batches(cfg, dataset, wanted) if wanted.calibrates else []
     return cut.cut(teacher, wanted, batches)
 
 

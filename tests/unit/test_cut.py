@@ -256,3 +256,25 @@ def test_the_preflights_spec_is_the_built_students(tmp_path):
     family, config = from_teacher.spec(cfg)
     built = from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg)))
     assert models.model_spec(built) == {"arch": family.name, "config": dataclasses.asdict(config)}
+
+
+def test_the_cut_depends_on_calib_seed_and_not_on_train_seed(tmp_path):
+    """Runs that differ only in ``train.seed`` train the same student (calibration draws with ``calib_seed``); a
+    different ``calib_seed`` calibrates on other batches."""
+    from trainer.config import DataConfig, RunConfig, TeacherConfig, TrainConfig, sequence_length
+
+    save_hf_student(tmp_path / "llama", "llama")
+
+    def calibration(train_seed: int, calib_seed: int) -> list[torch.Tensor]:
+        student = {"arch": "from_teacher", "layers": 3, "layer_select": "importance", "width": 0.5,
+                   "calib_batches": 2, "calib_seed": calib_seed, "block_size": 16}  # fmt: skip
+        cfg = RunConfig(student=student, teacher=TeacherConfig(checkpoint=str(tmp_path / "llama")),
+                        data=DataConfig(name="synthetic"), train=TrainConfig(batch_size=4, seed=train_seed))  # fmt: skip
+        dataset = data.build(cfg.data, sequence_length(cfg))
+        return from_teacher.calibration_batches(cfg, dataset, from_teacher.config(cfg))
+
+    first = calibration(train_seed=1, calib_seed=0)
+    assert len(first) == 2
+    for a, b in zip(first, calibration(train_seed=2, calib_seed=0), strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(first, calibration(train_seed=1, calib_seed=5), strict=True))

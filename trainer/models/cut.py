@@ -30,13 +30,14 @@ class CutConfig:
     """``student=from_teacher``: ``layers`` of the teacher's decoder layers (all when None), chosen ``uniform`` (evenly
     spaced, the first and last included) or by ``importance``; ``width`` the fraction of attention head groups and MLP
     channels kept, ``hidden_width`` that of the model width, both by importance over ``calib_batches`` batches of
-    the run's training data."""
+    the training data drawn with ``calib_seed`` (not ``train.seed``: every seed of a run trains the same student)."""
 
     layers: int | None = None
     layer_select: str = "uniform"
     width: float = 1.0
     hidden_width: float = 1.0
     calib_batches: int = 4
+    calib_seed: int = 0
     block_size: int = 64  # the training sequence length: at most the teacher's positions
     vocab_size: int | None = None  # the data's vocabulary (filled in from the data): the teacher's must be it
 
