@@ -3,11 +3,12 @@ teacher, the student cut from it), at equal training compute.
 
 Two runs from the same cut student, seed and batches, with the live teacher (``teacher.placement=replicate``: a
 cache cannot score samples that do not exist beforehand) and the recipe's divergence (forward KL of the teacher's
-top-64 logits with their tail, T=1, fused), no QAT: ``distill.lmbda=0`` (off-policy KD) and ``distill.lmbda=0.5``
-(half of each step's samples completed by the student from the window's first ``--prompt-tokens`` tokens,
-``--new-tokens`` at most, temperature 1). "Equal training compute": the same optimizer steps, and the same tokens
-through the student's forward and backward and the teacher's forward at every step; the student's generation is
-the on-policy run's extra cost, reported as its training time.
+top-64 logits with their tail, T=1, fused) alone (``distill.alpha=1``: no CE on the data), no QAT:
+``distill.lmbda=0`` (off-policy KD) and ``distill.lmbda=0.5`` (half of each step's samples completed by the student
+from the window's first ``--prompt-tokens`` tokens, ``--new-tokens`` at most, temperature 1). "Equal training
+compute": the same optimizer steps, and the same tokens through the student's forward and backward and the
+teacher's forward at every step; the student's generation is the on-policy run's extra cost, reported as its
+training time.
 
 Each trained student is then measured on held-out prompts (the first ``--prompt-tokens`` tokens of validation
 windows): its greedy completions of ``--new-tokens`` tokens, and the teacher's mean log-probability of their tokens
@@ -45,7 +46,7 @@ README = REPO / "README.md"
 RESULTS_JSON = RESULTS / "on_policy.json"
 START, END = "<!-- results:on_policy:start -->", "<!-- results:on_policy:end -->"
 LIVE = ["teacher.placement=replicate", "teacher.cache_build=false", "compress.modifiers=[]",
-        "report.side_by_side=false"]  # fmt: skip
+        "report.side_by_side=false", "distill.alpha=1.0"]  # fmt: skip
 QUICK = [
     "data.val_fraction=0.2", "data.eval_batches=2", "student.layers=2", "student.width=0.5", "student.block_size=16",
     "student.calib_batches=2", "distill.top_k=8", "train.warmup_steps=1",

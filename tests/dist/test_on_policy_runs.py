@@ -1,7 +1,8 @@
 """On-policy distillation on several ranks (torchrun, gloo) against one process on the same global batch: DDP and
 FSDP2 on 2 ranks write the same completions and reach the same losses at every step as one process whose
 micro-batches are the ranks' slices (``train.grad_accum=2``); a remote teacher rank scores the samples as the
-replicated teacher does; a run stopped midway and resumed equals the uninterrupted run."""
+replicated teacher does; a 2-rank run SIGKILLed inside its last checkpoint write, resumed from the checkpoint before,
+equals the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from trainer.distill.on_policy import on_policy_rows
 pytestmark = pytest.mark.dist
 
 STEPS = 6
+KILL_DURING_CHECKPOINT = Path(__file__).parent.parent / "e2e" / "kill_during_checkpoint.py"
 RUN = [
     *FAST,
     "distill=on_policy",
@@ -44,13 +46,20 @@ KEYS = (
 )
 
 
-def launch(root: Path, nproc: int, name: str, *overrides: str, base: list[str] = RUN) -> Path:
-    """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``."""
+def launch(
+    root: Path, nproc: int, name: str, *overrides: str, base: list[str] = RUN, killed_at: int | None = None
+) -> Path:
+    """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``; with
+    ``killed_at``, every rank SIGKILLs itself inside checkpoint write ``killed_at`` (``kill_during_checkpoint.py``)."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    command = [sys.executable, *torchrun, "-m", "trainer", *base, *overrides, f"hydra.run.dir={name}"]
+    entry = [str(KILL_DURING_CHECKPOINT), str(killed_at)] if killed_at else ["-m", "trainer"]
+    command = [sys.executable, *torchrun, *entry, *base, *overrides, f"hydra.run.dir={name}"]
     env = cli_env(root) | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    if killed_at:
+        assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stderr[-5000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-5000:]
     return root / name
 
 
@@ -111,9 +120,12 @@ def test_a_remote_teacher_rank_scores_the_samples_as_the_replicated_teacher(root
     assert by_step(remote)[STEPS]["distill/teacher_param_bytes"] == 0  # the student ranks hold no teacher
 
 
-def test_a_run_stopped_midway_and_resumed_equals_the_uninterrupted_run(root, fsdp):
-    launch(root, 2, "resumed", "parallel=fsdp", "train.stop_at_step=4")
-    assert sorted(by_step(root / "resumed")) == [1, 2, 3, 4]
+def test_a_run_killed_inside_a_checkpoint_write_and_resumed_equals_the_uninterrupted_run(root, fsdp):
+    """Both FSDP ranks die (SIGKILL) after writing step 6's shards and before the checkpoint is complete: the
+    restart resumes from step 3 and generates and trains steps 4-6 exactly as the uninterrupted run did."""
+    killed = launch(root, 2, "resumed", "parallel=fsdp", killed_at=2)
+    assert (killed / "ckpt" / "step_0000003").is_dir() and not (killed / "ckpt" / "step_0000006").exists()
+    assert sorted(by_step(killed)) == list(range(1, STEPS + 1))  # it had logged every step before it died
     resumed = launch(root, 2, "resumed", "parallel=fsdp")
     assert_same(resumed, fsdp)
 
