@@ -3,11 +3,14 @@
 Every variant trains the same cut student on the same seeds (the same batches) as the llm benchmark's pruned + CE
 rows, and is compared with the CE run of its own seed (a paired difference: the seeds change the data order, which
 moves val loss by more than the variants do). The CE rows are read from ``benchmarks/results/llm.json`` when that
-run had the same base overrides, and trained here otherwise (``--quick``). Variants:
+run had the same base overrides, and trained here otherwise (``--quick``). Variants (each names its ``distill.alpha``,
+so that it does not move with the recipe's default):
 
-- ``alpha0.5``: half KD, half cross-entropy on the data (forward KL, the cached top-64 with its tail, T=1);
+- ``alpha1``: KD alone (forward KL, the cached top-64 with its tail, T=1), no cross-entropy on the data;
 - ``full_vocab``: KD alone against the live teacher's whole vocabulary (no top-k cache): does the cache lose signal?
-- ``t2_alpha0.5``: as ``alpha0.5`` at temperature 2 (a cache of its own, built by its first run).
+- ``t2_alpha0.5``: half KD at temperature 2, half cross-entropy (a cache of its own, built by its first run);
+- ``lr1e-3_ce`` and ``lr1e-3_kd``: CE alone and the recipe's KD (alpha 0.5) at a peak learning rate of 1e-3 (the
+  recipe's is 3e-4), the KD runs paired with the CE runs at the same rate (a variant's ``against``).
 
 Writes ``benchmarks/results/llm_kd_study.json`` and the README section between the ``results:llm_kd_study``
 markers; ``--readme`` rewrites that section from the JSON alone. ``--reuse`` keeps a run folder that already holds
@@ -22,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
@@ -33,11 +37,35 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 STUDY_JSON = RESULTS / "llm_kd_study.json"
 START, END = "<!-- results:llm_kd_study:start -->", "<!-- results:llm_kd_study:end -->"
+LR_1E3 = ["train.lr=1.0e-3", "train.min_lr=1.0e-4"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant's overrides (on the base and ``NO_QAT``) and the variant its runs are paired with (None: pruned +
+    CE at the recipe's settings)."""
+
+    overrides: list[str] = field(default_factory=list)
+    against: str | None = None
+
+
 VARIANTS = {
-    "alpha0.5": ["distill.alpha=0.5"],
-    "full_vocab": LIVE_FULL_VOCABULARY,
-    "t2_alpha0.5": ["distill.temperature=2.0", "distill.alpha=0.5"],
+    "alpha1": Variant(["distill.alpha=1.0"]),
+    "full_vocab": Variant([*LIVE_FULL_VOCABULARY, "distill.alpha=1.0"]),
+    "t2_alpha0.5": Variant(["distill.temperature=2.0", "distill.alpha=0.5"]),
+    "lr1e-3_ce": Variant([*CE, *LR_1E3]),
+    "lr1e-3_kd": Variant(["distill.alpha=0.5", *LR_1E3], against="lr1e-3_ce"),
 }
+
+
+def with_references(keys: list[str]) -> list[str]:
+    """``keys`` in order, each preceded by the variant it is paired with when that is not already there."""
+    ordered: list[str] = []
+    for key in keys:
+        for needed in (VARIANTS[key].against, key):
+            if needed is not None and needed not in ordered:
+                ordered.append(needed)
+    return ordered
 
 
 def published_ce(base: list[str], seeds: list[int]) -> dict[int, dict] | None:
@@ -60,7 +88,8 @@ def run_once(out: Path, key: str, overrides: list[str], env: dict, label: str, r
 
 
 def paired(variant: list[dict], ce: dict[int, dict], seeds: list[int]) -> dict:
-    """Each seed's val loss less CE's of the same seed; their mean and the CE seeds' own spread."""
+    """Each seed's val loss less the reference's (``ce``: CE runs by seed) of the same seed; their mean and the
+    reference seeds' own spread."""
     deltas = [run["val_loss"] - ce[seed]["val_loss"] for run, seed in zip(variant, seeds, strict=True)]
     ce_losses = [ce[seed]["val_loss"] for seed in seeds]
     spread = statistics.stdev(ce_losses) if len(ce_losses) > 1 else 0.0
@@ -71,15 +100,16 @@ def paired(variant: list[dict], ce: dict[int, dict], seeds: list[int]) -> dict:
 
 def table(results: dict) -> tuple[list[str], list[list[str]]]:
     seeds = results["seeds"]
-    columns = ["variant", "overrides", *(f"val loss s{s}" for s in seeds), *(f"Δ vs CE s{s}" for s in seeds),
-               "mean Δ", "top-1 agr.", "train min"]  # fmt: skip
-    lines = [["pruned + CE", "`" + " ".join(CE[:2]) + "`", *(f"{r['val_loss']:.4f}" for r in results["ce"]),
+    columns = ["variant", "overrides", "paired with", *(f"val loss s{s}" for s in seeds),
+               *(f"Δ s{s}" for s in seeds), "mean Δ", "top-1 agr.", "train min"]  # fmt: skip
+    lines = [["pruned + CE", "`" + " ".join(CE[:2]) + "`", "—", *(f"{r['val_loss']:.4f}" for r in results["ce"]),
               *("0" for _ in seeds), "0", f"{statistics.fmean(r['agreement'] for r in results['ce']):.4f}",
               f"{statistics.fmean(r['train_minutes'] for r in results['ce']):.1f}"]]  # fmt: skip
     for v in results["variants"]:
         runs = v["runs"]
         lines.append([
-            v["key"], "`" + " ".join(v["overrides"]) + "`", *(f"{r['val_loss']:.4f}" for r in runs),
+            v["key"], "`" + " ".join(v["overrides"]) + "`", v.get("against") or "pruned + CE",
+            *(f"{r['val_loss']:.4f}" for r in runs),
             *(f"{d:+.4f}" for d in v["paired"]["deltas"]), f"{v['paired']['mean_delta']:+.4f}",
             f"{statistics.fmean(r['agreement'] for r in runs):.4f}",
             f"{statistics.fmean(r['train_minutes'] for r in runs):.1f}",
@@ -89,10 +119,10 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def render(results: dict) -> str:
     columns, lines = table(results)
-    spread = results["variants"][0]["paired"]["ce_seed_std"] if results["variants"] else 0.0
+    spread = statistics.stdev(r["val_loss"] for r in results["ce"]) if len(results["ce"]) > 1 else 0.0
     verdicts = [
-        f"- `{v['key']}`: {'' if v['paired']['below_ce_beyond_spread'] else 'not '}below CE by more than the CE "
-        "seeds' spread"
+        f"- `{v['key']}`: {'' if v['paired']['below_ce_beyond_spread'] else 'not '}below "
+        f"{v.get('against') or 'pruned + CE'} by more than that one's seed spread ({v['paired']['ce_seed_std']:.4f})"
         for v in results["variants"]
     ]
     return "\n".join([
@@ -102,8 +132,8 @@ def render(results: dict) -> str:
         f"`{results['command']}` ({results['wall_seconds'] / 60:.0f} min, load average "
         f"{results['load_average']['start']:.1f} to {results['load_average']['end']:.1f}): {results['tokens']:,} "
         f"training tokens per run, as in the table above; pruned + CE from {results['ce_source']}. Δ is a run's "
-        f"val loss less the CE run's of the same seed (same batches); the CE seeds' own spread (std) is "
-        f"{spread:.4f}.",
+        f"val loss less that of the run it is paired with on the same seed (same batches); pruned + CE's own seed "
+        f"spread (std) is {spread:.4f}.",
         "",
         markdown_table(columns, lines),
         "",
@@ -116,7 +146,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every run (llm's default)")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds of every variant")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="variants to train (with the ones they are paired with)")  # fmt: skip
     parser.add_argument("--teacher", help="a GGUF file or Hugging Face folder in place of SmolLM2 (tests)")
     parser.add_argument("--files", help="a corpus glob in place of the standard library (tests)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default outputs/benchmarks/llm)")
@@ -143,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     os.chdir(args.out)  # the llm benchmark's folder: its data and teacher caches are reused
     cfg, _ = compose_config(base)
-    print(f"plan: {len(args.variants)} variants x {len(seeds)} seeds of {args.steps} steps", flush=True)
+    keys = with_references(args.variants)
+    print(f"plan: {len(keys)} variants x {len(seeds)} seeds of {args.steps} steps", flush=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
     env = run_env()
     ce = published_ce(base, seeds)
@@ -152,14 +184,18 @@ def main(argv: list[str] | None = None) -> None:
         source = "runs of this study"
         ce = {s: run_once(args.out, f"pruned_ce/seed{s}", [*base, *CE, *NO_QAT, f"train.seed={s}"], env,
                           "pruned + CE", args.reuse) for s in seeds}  # fmt: skip
-    variants = []
-    for key in args.variants:
+    variants, by_key = [], {}
+    for key in keys:
+        variant = VARIANTS[key]
         runs = [
-            run_once(args.out, f"study/{key}/seed{s}", [*base, *NO_QAT, *VARIANTS[key], f"train.seed={s}"], env,
+            run_once(args.out, f"study/{key}/seed{s}", [*base, *NO_QAT, *variant.overrides, f"train.seed={s}"], env,
                      key, args.reuse)
             for s in seeds
         ]  # fmt: skip
-        variants.append({"key": key, "overrides": VARIANTS[key], "runs": runs, "paired": paired(runs, ce, seeds)})
+        by_key[key] = dict(zip(seeds, runs, strict=True))
+        reference = ce if variant.against is None else by_key[variant.against]
+        variants.append({"key": key, "overrides": variant.overrides, "against": variant.against, "runs": runs,
+                         "paired": paired(runs, reference, seeds)})  # fmt: skip
     results = {
         "command": " ".join(["python -m benchmarks.llm_kd_study", *argv]),
         "quick": args.quick,

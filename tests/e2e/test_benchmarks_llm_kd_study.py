@@ -1,6 +1,7 @@
 """``python -m benchmarks.llm_kd_study --quick`` on a small random Llama teacher: with no published CE rows for its
-overrides it trains its own, then every variant on the same seed; the JSON pairs each run with that seed's CE run
-and the README fragment is written under ``--out`` (the real README and benchmarks/results stay as they are)."""
+overrides it trains its own, then the chosen variants on the same seed, each after the variant it is paired with;
+the JSON pairs each run with that seed's run of its reference and the README fragment is written under ``--out``
+(the real README and benchmarks/results stay as they are)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 
 import pytest
 
-from benchmarks.llm_kd_study import END, README, START, STUDY_JSON, VARIANTS
+from benchmarks.llm_kd_study import END, README, START, STUDY_JSON
 from tests.conftest import run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 
@@ -24,22 +25,24 @@ def test_quick_study_pairs_every_variant_with_the_ce_run_of_its_seed(tmp_path):
         (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
     section = README.read_text().partition(START)[2].partition(END)[0]
     before = STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None
-    args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "1"]
+    args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "1",
+            "--variants", "full_vocab", "t2_alpha0.5", "lr1e-3_kd"]  # fmt: skip
+    keys = ["full_vocab", "t2_alpha0.5", "lr1e-3_ce", "lr1e-3_kd"]  # lr1e-3_kd's reference trained first
     proc = run_cli(tmp_path, *args, module="benchmarks.llm_kd_study", timeout=900)
-    assert proc.stdout.startswith(f"plan: {len(VARIANTS)} variants x 1 seeds of 4 steps")
+    assert proc.stdout.startswith("plan: 4 variants x 1 seeds of 4 steps")
     results = json.loads((tmp_path / "llm_kd_study.json").read_text())
     assert results["ce_source"] == "runs of this study" and results["seeds"] == [1337]
-    assert [v["key"] for v in results["variants"]] == list(VARIANTS)
-    ce = results["ce"][0]["val_loss"]
+    assert [v["key"] for v in results["variants"]] == keys
+    loss = {v["key"]: v["runs"][0]["val_loss"] for v in results["variants"]} | {None: results["ce"][0]["val_loss"]}
     for variant in results["variants"]:
-        (run,) = variant["runs"]
-        assert variant["paired"]["deltas"] == [run["val_loss"] - ce]
+        assert variant["paired"]["deltas"] == [loss[variant["key"]] - loss[variant["against"]]]
+    assert results["variants"][3]["against"] == "lr1e-3_ce" and loss["lr1e-3_ce"] != loss[None]
     assert any("_T2.0_" in cache.name for cache in (tmp_path / "teacher_cache").iterdir())
     fragment = (tmp_path / "README_llm_kd_study.md").read_text()
-    assert all(f"| {key} |" in fragment for key in VARIANTS) and "| pruned + CE |" in fragment
+    assert all(f"| {key} |" in fragment for key in keys) and "| pruned + CE |" in fragment
     again = run_cli(tmp_path, *args, "--reuse", module="benchmarks.llm_kd_study", timeout=900)
     trained = re.compile(r"^\S+: \d+ s$", re.MULTILINE)  # train() prints a line for each run it trains
-    assert len(trained.findall(proc.stdout)) == 1 + len(VARIANTS) and not trained.search(again.stdout), again.stdout
+    assert len(trained.findall(proc.stdout)) == 1 + len(keys) and not trained.search(again.stdout), again.stdout
     assert json.loads((tmp_path / "llm_kd_study.json").read_text())["variants"] == results["variants"]
     assert README.read_text().partition(START)[2].partition(END)[0] == section
     assert (STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None) == before

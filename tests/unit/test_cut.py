@@ -268,8 +268,9 @@ def test_the_cut_depends_on_calib_seed_and_not_on_train_seed(tmp_path):
     def calibration(train_seed: int, calib_seed: int) -> list[torch.Tensor]:
         student = {"arch": "from_teacher", "layers": 3, "layer_select": "importance", "width": 0.5,
                    "calib_batches": 2, "calib_seed": calib_seed, "block_size": 16}  # fmt: skip
-        cfg = RunConfig(student=student, teacher=TeacherConfig(checkpoint=str(tmp_path / "llama")),
-                        data=DataConfig(name="synthetic"), train=TrainConfig(batch_size=4, seed=train_seed))  # fmt: skip
+        teacher = TeacherConfig(checkpoint=str(tmp_path / "llama"))
+        train = TrainConfig(batch_size=4, seed=train_seed)
+        cfg = RunConfig(student=student, teacher=teacher, data=DataConfig(name="synthetic"), train=train)
         dataset = data.build(cfg.data, sequence_length(cfg))
         return from_teacher.calibration_batches(cfg, dataset, from_teacher.config(cfg))
 
