@@ -9,7 +9,7 @@ run is ``python -m trainer experiment=smollm2 ...`` in a subprocess, and every f
 transformers loads it (``trainer/side_by_side.py``: val loss on the held-out files, top-1 agreement with the teacher,
 parameters, bytes, forward tokens/s); training tokens/s and minutes come from the run's metrics. Last, the trainer's
 KD step time over a bare PyTorch/transformers loop's (the same cut student and teacher modules, AdamW, the same
-batches, full-vocabulary forward KL, ``distill.fused=false``).
+batches, the run's mix of full-vocabulary forward KL and cross-entropy, ``distill.fused=false``).
 
 Writes ``benchmarks/results/llm.json`` and the README section between the ``results:llm`` markers;
 ``--readme`` rewrites that section from the JSON alone; ``--keep ROW`` reads a row's finished runs back from
@@ -158,7 +158,8 @@ def as_cut(out: Path, overrides: list[str]) -> dict:
 
 def bare_step_ms(overrides: list[str], steps: int, warmup: int) -> float:
     """Median step time of a bare PyTorch/transformers KD loop: the cut student, the teacher as transformers loads
-    it, AdamW, the trainer's batches and LR, full-vocabulary forward KL at the run's temperature."""
+    it, AdamW, the trainer's batches and LR, the run's loss: ``alpha`` x full-vocabulary forward KL at the run's
+    temperature (times T^2) plus ``1 - alpha`` x cross-entropy on the data."""
     cfg, _ = compose_config(overrides)
     t = cfg.train
     dataset = data.build(cfg.data, sequence_length(cfg))
@@ -166,16 +167,17 @@ def bare_step_ms(overrides: list[str], steps: int, warmup: int) -> float:
     assert cfg.teacher.checkpoint is not None  # the experiment names it
     teacher = side_by_side.load_teacher(cfg.teacher.checkpoint, "fp32")
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    temperature, times = cfg.distill.temperature, []
+    temperature, alpha, times = cfg.distill.temperature, cfg.distill.alpha, []
     for step in range(steps):
         start = time.perf_counter()
-        x, _ = dataset.train_batch(t.seed, step, t.batch_size, data.Shard())
+        x, y = dataset.train_batch(t.seed, step, t.batch_size, data.Shard())
         with torch.no_grad():
             target = F.log_softmax(teacher(x).float() / temperature, dim=-1)
-        log_q = F.log_softmax(student(x).float() / temperature, dim=-1)
-        loss = temperature**2 * F.kl_div(
-            log_q.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean"
-        )
+        logits = student(x).float()
+        log_q = F.log_softmax(logits / temperature, dim=-1)
+        kl = F.kl_div(log_q.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+        kd = temperature**2 * kl
+        loss = alpha * kd + (1 - alpha) * F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), t.grad_clip)
         optimizer.step()
@@ -256,7 +258,8 @@ def render(results: dict) -> str:
         f"- int8 QAT export: {teacher['bytes'] / qat['bytes']:.2f}x smaller than the fp32 teacher; val loss "
         f"{100 * (qat['val_loss'] / statistics.fmean(r['val_loss'] for r in kd) - 1):+.1f}% against the dense KD "
         "student's.",
-        f"- Step time, trainer over a bare PyTorch/transformers KD loop (live teacher, full-vocabulary forward KL, "
+        "- Step time, trainer over a bare PyTorch/transformers KD loop (live teacher, the run's loss with "
+        f"full-vocabulary forward KL, "
         f"{o['steps'] - o['warmup']} timed steps{remeasured(o)}): {o['trainer_ms']:.0f} ms / {o['bare_ms']:.0f} ms = "
         f"{o['ratio']:.3f}.",
         "",
