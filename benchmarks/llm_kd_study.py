@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
@@ -45,7 +45,7 @@ class Variant:
     """A variant's overrides (on the base and ``NO_QAT``) and the variant its runs are paired with (None: pruned +
     CE at the recipe's settings)."""
 
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str]
     against: str | None = None
 
 
