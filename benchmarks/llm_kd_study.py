@@ -1,8 +1,8 @@
 """Why pruned + KD does or does not beat pruned + CE on SmolLM2: KD variants at ``benchmarks.llm``'s token budget.
 
 Every variant trains the same cut student on the same seeds (the same batches) as the llm benchmark's pruned + CE
-rows, and is compared with the CE run of its own seed (a paired difference: the seeds change the data order, which
-moves val loss by more than the variants do). The CE rows are read from ``benchmarks/results/llm.json`` when that
+rows, and is compared with the run it is paired with on its own seed (a paired difference: the seeds change the
+data order). The CE rows are read from ``benchmarks/results/llm.json`` when that
 run had the same base overrides, and trained here otherwise (``--quick``). Variants (each names its ``distill.alpha``,
 so that it does not move with the recipe's default):
 
