@@ -2,9 +2,9 @@
 
 Every variant trains the same cut student on the same seeds (the same batches) as the llm benchmark's pruned + CE
 rows, and is compared with the run it is paired with on its own seed (a paired difference: the seeds change the
-data order). The CE rows are read from ``benchmarks/results/llm.json`` when that
-run had the same base overrides, and trained here otherwise (``--quick``). Variants (each names its ``distill.alpha``,
-so that it does not move with the recipe's default):
+data order). The CE rows are read from ``benchmarks/results/llm.json`` when that run had the same base overrides,
+and trained here otherwise (``--quick``). Variants (each names its ``distill.alpha``, so that it does not move with
+the recipe's default):
 
 - ``alpha1``: KD alone (forward KL, the cached top-64 with its tail, T=1), no cross-entropy on the data;
 - ``full_vocab``: KD alone against the live teacher's whole vocabulary (no top-k cache): does the cache lose signal?
