@@ -87,12 +87,12 @@ def run_once(out: Path, key: str, overrides: list[str], env: dict, label: str, r
     return read_run(folder, label)
 
 
-def paired(variant: list[dict], ce: dict[int, dict], seeds: list[int]) -> dict:
-    """Each seed's val loss less the reference's (``ce``: CE runs by seed) of the same seed; their mean and the
-    reference seeds' own spread."""
-    deltas = [run["val_loss"] - ce[seed]["val_loss"] for run, seed in zip(variant, seeds, strict=True)]
-    ce_losses = [ce[seed]["val_loss"] for seed in seeds]
-    spread = statistics.stdev(ce_losses) if len(ce_losses) > 1 else 0.0
+def paired(variant: list[dict], reference: dict[int, dict], seeds: list[int]) -> dict:
+    """Each seed's val loss less the ``reference`` run's (runs by seed: pruned + CE or another variant) of the same
+    seed; their mean and the reference seeds' own spread (the JSON keeps its ``ce_`` names)."""
+    deltas = [run["val_loss"] - reference[seed]["val_loss"] for run, seed in zip(variant, seeds, strict=True)]
+    reference_losses = [reference[seed]["val_loss"] for seed in seeds]
+    spread = statistics.stdev(reference_losses) if len(reference_losses) > 1 else 0.0
     mean = statistics.fmean(deltas)
     return {"deltas": deltas, "mean_delta": mean, "ce_seed_std": spread,
             "below_ce_beyond_spread": all(d < 0 for d in deltas) and -mean > spread}  # fmt: skip

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Runs the trainer CLI but SIGKILLs the process inside its Nth checkpoint write (usage in the script).
+KILL_DURING_CHECKPOINT = Path(__file__).resolve().parent / "e2e" / "kill_during_checkpoint.py"
 
 
 def cli_env(tmp_path: Path) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env
+from tests.conftest import KILL_DURING_CHECKPOINT, cli_env
 from tests.data_files import conversations, save_llama, save_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.dist
@@ -21,9 +21,6 @@ pytest.importorskip("transformers", reason="Hugging Face models need the `hf` ex
 
 STEPS = 6
 KEYS = ("train/loss", "train/ce", "distill/kd", "eval/val_loss")
-
-
-KILL_DURING_CHECKPOINT = Path(__file__).parent.parent / "e2e" / "kill_during_checkpoint.py"
 
 
 def launch(root: Path, nproc: int, name: str, *extra: str, killed_at: int | None = None) -> Path:

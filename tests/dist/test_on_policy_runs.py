@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, train_small_teacher
+from tests.conftest import FAST, KILL_DURING_CHECKPOINT, cli_env, train_small_teacher
 from tests.dist.equality import REASSOCIATION, by_step
 from trainer.distill.on_policy import on_policy_rows
 
 pytestmark = pytest.mark.dist
 
 STEPS = 6
-KILL_DURING_CHECKPOINT = Path(__file__).parent.parent / "e2e" / "kill_during_checkpoint.py"
 RUN = [
     *FAST,
     "distill=on_policy",

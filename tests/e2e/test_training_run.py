@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, cli_env, read_metrics, run_cli, train_small_teacher
+from tests.conftest import FAST, KILL_DURING_CHECKPOINT, cli_env, read_metrics, run_cli, train_small_teacher
 from trainer import checkpoint, data, exports, models
 from trainer.config import DataConfig
 
@@ -112,9 +112,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, teacher, reference):
 
 
 def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path, teacher, reference):
-    script = Path(__file__).with_name("kill_during_checkpoint.py")
     proc = subprocess.run(
-        [sys.executable, str(script), "3", *RUN, *kd(teacher), "hydra.run.dir=run"],
+        [sys.executable, str(KILL_DURING_CHECKPOINT), "3", *RUN, *kd(teacher), "hydra.run.dir=run"],
         cwd=tmp_path,
         env=cli_env(tmp_path),
         capture_output=True,
