@@ -80,3 +80,21 @@ def save_llama(folder: Path, vocab_size: int, seed: int = 0, tokenizer: Path | N
     for file in tokenizer.iterdir() if tokenizer else ():
         shutil.copy(file, folder / file.name)
     return folder
+
+
+def save_eos_happy_llama(folder: Path, vocab_size: int, eos: int, seed: int = 0) -> Path:
+    """``save_llama``'s model made to end its text early: every embedding row gets 0.1 on channel 0 and the
+    end-of-text token ``eos`` 2.0, so after any prefix the (tied) head gives ``eos`` about one chance in four to one
+    in a hundred (an 8-token completion ends early about 4 times in 5, at lengths that vary from row to row)."""
+    import torch
+    import transformers
+
+    save_llama(folder, vocab_size, seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[:, 0] = 0.1
+        embedding[eos, 0] = 2.0
+    model.save_pretrained(folder)
+    return folder
+

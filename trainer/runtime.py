@@ -130,7 +130,9 @@ class DataParallelRuntime(StudentRuntime):
         # On-policy distillation (distill.lmbda > 0): the student completes some rows before each micro-batch's
         # losses; with lmbda = 0 nothing of it runs.
         agree = partial(agree_span, mesh=self.dp_mesh) if layout.dims.fsdp_enabled else None
-        self.on_policy = OnPolicy(cfg.distill, layout.batches, agree) if cfg.distill.lmbda > 0 else None
+        total = partial(dp_sum, mesh=self.dp_mesh)
+        on_policy = cfg.distill.lmbda > 0
+        self.on_policy = OnPolicy(cfg.distill, layout.batches, total=total, agree=agree) if on_policy else None
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
@@ -179,7 +181,7 @@ class DataParallelRuntime(StudentRuntime):
             with contextlib.nullcontext() if last else no_gradient_sync(self.modules.values()):
                 with self.layout.autocast:
                     parts = self.losses(x, y, step, micro)
-                    # masked labels: the global batch's mean (on-policy: each part's mean over its micro-batch tokens)
+                    # masked labels: the global batch's mean (on-policy: each part scales itself to its global mean)
                     scale = self.batches.loss_scale(step, micro) if self.on_policy is None else 1.0
                     if scale != 1.0:
                         parts = {key: value * scale for key, value in parts.items()}

@@ -17,14 +17,20 @@ their fp32 results differ in the last bits. Two bounds follow, neither measured 
   shows (at least one: a flip may come and go before the end; twice: second-order terms).
 - How many codes may flip is not bounded beforehand: a flip changes the gradients of the steps after it, so the
   runs drift further apart and more weights cross boundaries (measured: 10 of 26k codes for the 2-stage runs across
-  kernel paths, 115 of 52k for interleaved 1F1B under avx2). What stays bounded is each weight: within one code of
-  the reference's. A wrong layout (a missed all-reduce, a wrong slice, a learning rate 1% off) moves weights by
-  more than a code within a few steps, and already fails the 1e-5 bound at the first steps, before fake-quant.
+  kernel paths, 115 of 52k for interleaved 1F1B under avx2). How far a weight drifts is bounded, on any kernel path
+  (``adam_drift``): AdamW moves a weight by at most ``lr_t * B_t`` a step (plus weight decay, which shrinks the
+  two runs' difference), whatever the gradients, so after fake-quant starts two runs' weights part by at most twice
+  the sum of those moves. Each exported weight is held to one code and a half plus that drift (doubled: the row's
+  scale moves with its largest weight). The bound once held each weight to a code and a half alone, which the
+  drift after a flip exceeds on other CPUs (an AMD EPYC's MKL/oneDNN kernels: blocks.3.attn.proj in the
+  interleaved run). A wrong layout (a missed all-reduce, a wrong slice, a learning rate 1% off) fails the 1e-5
+  bound at the first steps, before fake-quant, and that bound is not loosened.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -75,10 +81,29 @@ def export_weights(run: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def count_flips(run: Path, reference: Path) -> int:
+def adam_bound(step: int, beta1: float, beta2: float) -> float:
+    """The most ``|m_hat / (sqrt(v_hat) + eps)|`` can be at AdamW step ``step`` (1-based) for any gradients: by
+    Cauchy-Schwarz, ``|m_t| / sqrt(v_t) <= (1 - beta1) / sqrt(1 - beta2) * sqrt(sum_k<t (beta1**2 / beta2)**k)``, times
+    the bias corrections ``sqrt(1 - beta2**t) / (1 - beta1**t)``."""
+    ratio = sum((beta1**2 / beta2) ** k for k in range(step))
+    corrections = math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(ratio) * corrections
+
+
+def adam_drift(reference: Path, qat_start: int) -> float:
+    """How far one weight of two runs of ``reference``'s config may part from fake-quant's start on, whatever their
+    gradients: each run moves it by at most ``lr_t * adam_bound(t)`` at each step ``t >= qat_start`` (weight decay
+    only shrinks their difference), so twice the sum of those (the learning rates as the reference logged them)."""
+    cfg = OmegaConf.load(reference / ".hydra" / "config.yaml")
+    lrs = {step: row["train/lr"] for step, row in by_step(reference).items()}
+    beta1, beta2 = cfg.train.beta1, cfg.train.beta2
+    return 2 * sum(lr * adam_bound(step, beta1, beta2) for step, lr in lrs.items() if step >= qat_start)
+
+
+def count_flips(run: Path, reference: Path, drift: float) -> int:
     """Quantized weights of the two exports that differ by a code (asserting every other weight is within half a
-    step, every flip within one); the unquantized
-    tensors (norms, biases) within ``REASSOCIATION``."""
+    step, every flip within one and a half plus twice ``drift``: see the module); the unquantized tensors (norms,
+    biases) within ``REASSOCIATION``."""
     got, want = export_weights(run), export_weights(reference)
     assert sorted(got) == sorted(want)
     flips = 0
@@ -88,7 +113,8 @@ def count_flips(run: Path, reference: Path) -> int:
             assert float(difference.max()) <= REASSOCIATION, name
             continue
         step = expected.abs().amax(dim=1, keepdim=True) / 127  # int8 per row: the largest |w| is code 127
-        assert bool((difference <= FLIPPED * step + REASSOCIATION).all()), f"{name}: a weight moved by over a code"
+        moved = difference > FLIPPED * step + 2 * drift + REASSOCIATION
+        assert not bool(moved.any()), f"{name}: a weight moved by over a code and a half plus the drift {drift:.2e}"
         flips += int((difference > NOT_FLIPPED * step + REASSOCIATION).sum())
     return flips
 
@@ -135,7 +161,7 @@ def assert_same_run(run: Path, reference: Path, teacher: Path, *, steps: int, qa
     ``REASSOCIATION`` when no code flipped (a flip changes the gradients after it). Returns the flipped codes."""
     got, want = by_step(run), by_step(reference)
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
-    flips = count_flips(run, reference)
+    flips = count_flips(run, reference, adam_drift(reference, qat_start))
     change = one_flip_change(reference, teacher)
     for step, expected in want.items():
         for key in LOSS_KEYS:

@@ -1,6 +1,7 @@
 """On-policy distillation on several ranks (torchrun, gloo) against one process on the same global batch: DDP and
 FSDP2 on 2 ranks write the same completions and reach the same losses at every step as one process whose
-micro-batches are the ranks' slices (``train.grad_accum=2``); a remote teacher rank scores the samples as the
+micro-batches are the ranks' slices (``train.grad_accum=2``), and, with completions of different lengths, as one
+process that reads the whole batch at once; a remote teacher rank scores the samples as the
 replicated teacher does; a 2-rank run SIGKILLed inside its last checkpoint write, resumed from the checkpoint before,
 equals the uninterrupted run."""
 
@@ -153,6 +154,36 @@ def test_chat_with_a_llama_student_under_fsdp_equals_one_process(tmp_path):
     assert_same(two, one)
     lengths = {row[4] for rows in samples(one).values() for row in rows}
     assert len(lengths) > 1  # completions of several lengths: prompts of several lengths in one batch
+
+
+def test_completions_of_different_lengths_in_one_step_equal_one_process(tmp_path):
+    """An end-of-text-happy Llama student on text data: within a step some completions end early and others run
+    their 8 tokens, so the ranks' micro-batches hold different numbers of completion tokens. Each loss part is a mean
+    over the global batch's tokens of that part, so DDP and FSDP2 on 2 ranks, and one process with 2 micro-batches,
+    equal one process that reads the whole batch at once, at every step (a mean of the ranks' means would not)."""
+    pytest.importorskip("transformers")
+    from tests.data_files import documents, save_eos_happy_llama, save_llama, save_tokenizer
+
+    save_llama(tmp_path / "llama_teacher", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
+    save_eos_happy_llama(tmp_path / "student", 300, eos=0)  # save_tokenizer's <|endoftext|> is id 0
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(documents(40)):
+        (tmp_path / "corpus" / f"{i:03d}.md").write_text(text)
+    shared = ("logger", "logger.progress", "train.batch_size", "distill", "distill.lmbda", "distill.prompt_tokens",
+              "distill.max_new_tokens", "distill.top_p", "train.max_steps", "logger.log_every")  # fmt: skip
+    text = ["data=text", "data.files=[corpus/*.md]", "student=hf", "student.path=student", "student.block_size=16",
+            "teacher=hf", "teacher.checkpoint=llama_teacher", "train.eval_every=1", "train.ckpt_every=6",
+            *(o for o in RUN if o.split("=")[0] in shared)]  # fmt: skip
+    whole = launch(tmp_path, 1, "whole", base=text)
+    lengths = {step: sorted({row[4] for row in rows}) for step, rows in samples(whole).items()}
+    assert sum(len(step_lengths) > 1 for step_lengths in lengths.values()) >= STEPS // 2, lengths
+    for name, overrides in [("accum2", ["train.grad_accum=2"]), ("ddp", ["parallel=ddp"]), ("fsdp", ["parallel=fsdp"])]:
+        run = launch(tmp_path, 1 if name == "accum2" else 2, name, *overrides, base=text)
+        assert samples(run) == samples(whole), name
+        got, want = by_step(run), by_step(whole)
+        for step, expected in want.items():
+            for key in ("train/loss", "train/ce", "distill/kd", "distill/on_policy_kl", "gen/mean_length"):
+                assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (name, step, key)
 
 
 def test_a_remote_teacher_scores_while_the_student_writes_the_next_micro_batch(root, single):

@@ -16,10 +16,15 @@ student writes a completion of the sample's prompt, and the teacher grades every
   One student forward and one teacher call cover both; the loss is ``w_off * L_off + w_on * L_on``, with ``L_off``
   today's ``(1 - alpha) * CE + alpha * KD`` over the off-policy rows' labels, ``L_on`` the same divergence kind
   (``distill.loss``, reverse KL by default) over the completion tokens only, and ``w`` the rows' shares of the
-  micro-batch. Nothing flows through the sampling itself.
+  global batch. Each part is a mean over the **global batch's** tokens of that part (every micro-batch of every
+  rank), as the chat data's losses are (``Batches.loss_scale``): completions end at different lengths, and a mean of
+  the ranks' means would weigh a short completion's tokens more, so 1 and N ranks would differ. Nothing flows
+  through the sampling itself.
+- **The step's samples first**: at a step's first micro-batch the student writes the completions of every
+  micro-batch of the step on this rank (the weights change only after the step's last micro-batch) and the ranks
+  add up each part's token count (one all-reduce), which the losses are normalised by.
 - **A teacher on ranks of its own** (``Teacher.scores_apart``): the samples are sent as soon as they exist
-  (``Teacher.send_samples``), and while the teacher ranks score them the student writes the next micro-batch's
-  samples of the same step (the weights change only after the step's last micro-batch) and sends those too.
+  (``Teacher.send_samples``), so while the teacher ranks score one micro-batch's the student writes the next's.
 """
 
 from __future__ import annotations
@@ -186,19 +191,29 @@ def generate(
 class Rollout:
     """A micro-batch after generation: inputs ``x`` (on-policy rows replaced by prompt + completion), the labels of
     the off-policy part ``y_off`` and of the on-policy part ``y_on`` (``IGNORE_INDEX`` elsewhere), which rows are
-    on-policy (``on``, bool ``[rows]``), and the completions (None without on-policy rows)."""
+    on-policy (``on``, bool ``[rows]``), and the completions (None without on-policy rows).
+
+    ``shares``: the off- and on-policy rows' shares of the global batch (default: of this micro-batch). ``scales``:
+    for each part, the factor that turns this micro-batch's mean over its own tokens of the part into its share of
+    the mean over the global batch's (``local tokens / global tokens x ranks x micro-batches``: gradients are
+    averaged over both; default 1, the micro-batch being the whole batch)."""
 
     x: torch.Tensor
     y_off: torch.Tensor
     y_on: torch.Tensor
     on: torch.Tensor
     completions: Completions | None
+    shares: tuple[float, float] | None = None
+    scales: tuple[float, float] = (1.0, 1.0)
 
-    @property
-    def weights(self) -> tuple[float, float]:
-        """The off- and on-policy rows' shares of the micro-batch."""
-        on = int(self.on.sum())
-        return 1 - on / self.on.numel(), on / self.on.numel()
+    def __post_init__(self) -> None:
+        if self.shares is None:
+            on = int(self.on.sum()) / self.on.numel()
+            self.shares = (1 - on, on)
+
+    def token_counts(self) -> tuple[int, int]:
+        """The tokens this micro-batch trains of the off- and of the on-policy part."""
+        return int((self.y_off != IGNORE_INDEX).sum()), int((self.y_on != IGNORE_INDEX).sum())
 
     @property
     def start(self) -> int:
@@ -243,17 +258,20 @@ def teacher_logits_at(teacher: TeacherOutput, kept: torch.Tensor) -> torch.Tenso
 
 
 def mixed(off: dict[str, torch.Tensor] | None, on: dict[str, torch.Tensor] | None, rollout: Rollout, zero):
-    """``train/loss`` = the off- and on-policy parts weighted by their rows' shares; ``train/ce`` and ``distill/kd``
-    are the off-policy part's (0 without off-policy rows), ``distill/on_policy`` the on-policy divergence."""
-    w_off, w_on = rollout.weights
+    """``train/loss`` = the off- and on-policy parts, each rescaled to its share of the global batch's mean
+    (``rollout.scales``), weighted by their rows' shares; ``train/ce`` and ``distill/kd`` are the off-policy part's
+    rescaled likewise (0 without off-policy tokens here), ``distill/on_policy`` this micro-batch's own mean of the
+    on-policy divergence (the step's value is a mean over its tokens: ``OnPolicy.stats``)."""
+    assert rollout.shares is not None  # set on creation
+    (w_off, w_on), (s_off, s_on) = rollout.shares, rollout.scales
     loss = zero
     if off is not None:
-        loss = loss + w_off * off["train/loss"]
+        loss = loss + w_off * s_off * off["train/loss"]
     if on is not None:
-        loss = loss + w_on * on["train/loss"]  # alpha = 1: the divergence alone, with its gradient
+        loss = loss + w_on * s_on * on["train/loss"]  # alpha = 1: the divergence alone, with its gradient
     return {
-        "train/ce": off["train/ce"] if off is not None else zero,
-        "distill/kd": off["distill/kd"] if off is not None else zero,
+        "train/ce": s_off * off["train/ce"] if off is not None else zero,
+        "distill/kd": s_off * off["distill/kd"] if off is not None else zero,
         "train/loss": loss,
         "distill/on_policy": on["distill/kd"].detach() if on is not None else zero,
     }
@@ -269,10 +287,10 @@ def fused_mixed_losses(
 ) -> dict[str, torch.Tensor]:
     """``mixed`` through the fused head + divergence: a model's ``head=`` function (two fused passes, each over its
     own labels)."""
-    w_off, w_on = rollout.weights
-    off = fused_logit_losses(hidden, weight, bias, rollout.y_off, teacher, d) if w_off else None
+    n_off, n_on = rollout.token_counts()
+    off = fused_logit_losses(hidden, weight, bias, rollout.y_off, teacher, d) if n_off else None
     on_d = dataclasses.replace(d, alpha=1.0)  # the completions: the divergence alone
-    on = fused_logit_losses(hidden, weight, bias, rollout.y_on, teacher, on_d) if w_on else None
+    on = fused_logit_losses(hidden, weight, bias, rollout.y_on, teacher, on_d) if n_on else None
     return mixed(off, on, rollout, hidden.new_zeros((), dtype=torch.float32))
 
 
@@ -280,12 +298,20 @@ class OnPolicy:
     """The on-policy part of a run on this rank: which rows of each micro-batch the student completes, the
     completions, the mixed loss, and the statistics of the step (``STATS``, summed over micro-batches).
 
+    ``total(counts)``: ``counts`` summed over the data-parallel ranks (None: one rank).
     ``agree(first, last)``: where the student's forward is a collective (FSDP2), the span of positions every rank's
     generation runs over (the smallest first, the largest last; a rank without rows to complete offers
     ``(NO_ROWS, 0)`` and decodes a row of padding so as to join every forward)."""
 
-    def __init__(self, d: DistillConfig, batches: Batches, agree: Callable[[int, int], tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        d: DistillConfig,
+        batches: Batches,
+        total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        agree: Callable[[int, int], tuple[int, int]] | None = None,
+    ):
         self.d, self.batches, self.agree = d, batches, agree
+        self.total = total or (lambda counts: counts)
         dataset = batches.dataset
         self.masked = bool(dataset.masked)
         manifest: dict[str, Any] = getattr(dataset, "manifest", {})
@@ -295,7 +321,8 @@ class OnPolicy:
             max_new_tokens=d.max_new_tokens, temperature=d.gen_temperature, top_p=d.top_p, eos=self.eos, pad=self.pad
         )
         self.stats = torch.zeros(len(STATS), dtype=torch.float64)
-        self.ahead: tuple[tuple[int, int], Rollout, Any] | None = None  # the next micro-batch's, written ahead
+        # The step's micro-batches on this rank, written ahead: (step, [(rollout, what the teacher was sent)]).
+        self.prepared: tuple[int, list[tuple[Rollout, Any]]] | None = None
         # The last step's completions on this rank: (global sample index, tokens, prompt length, completion length).
         self.examples: list[tuple[int, list[int], int, int]] = []
 
@@ -343,6 +370,25 @@ class OnPolicy:
         ]
         return Rollout(x2, y_off, y_completion, on.to(x.device), c)
 
+    def prepare(self, generator: nn.Module, teacher: Teacher, step: int, device: torch.device, autocast) -> None:
+        """Write the completions of every micro-batch of step ``step`` on this rank, hand each to the teacher as soon
+        as it exists, and set each rollout's row shares and token scales from the global batch's token counts."""
+        b = self.batches
+        world, accum = b.shard.world, b.shard.grad_accum
+        prepared = []
+        for micro in range(accum):
+            x, y = b.train(step, micro)
+            rollout = self.rollout(generator, x, y, step, micro, autocast)
+            prepared.append((rollout, teacher.send_samples(rollout.x, rollout.on, rollout.start)))
+        local = torch.tensor([r.token_counts() for r, _ in prepared], dtype=torch.float64)
+        totals = self.total(local.sum(0).to(device)).cpu()
+        on_rows = int(on_policy_rows(b.seed, step, b.batch_size, self.d.lmbda).sum())
+        shares = (1 - on_rows / b.batch_size, on_rows / b.batch_size)
+        for (rollout, _), counts in zip(prepared, local.tolist()):
+            s_off, s_on = (n / total * world * accum if total > 0 else 0.0 for n, total in zip(counts, totals.tolist()))
+            rollout.shares, rollout.scales = shares, (s_off, s_on)
+        self.prepared = (step, prepared)
+
     def losses(
         self,
         student: nn.Module,
@@ -356,20 +402,12 @@ class OnPolicy:
         autocast,
     ) -> dict[str, torch.Tensor]:
         """The mixed loss terms of micro-batch ``micro`` (``student``: the module that trains, maybe a DDP wrapper;
-        ``generator``: the student module itself, which writes the completions); adds to ``stats``."""
-        if self.ahead is not None and self.ahead[0] == (step, micro):
-            _, rollout, sent = self.ahead
-        else:
-            rollout = self.rollout(generator, x, y, step, micro, autocast)
-            sent = teacher.send_samples(rollout.x, rollout.on, rollout.start)
-        self.ahead = None
-        if teacher.scores_apart and micro + 1 < self.batches.shard.grad_accum:
-            # While the teacher's ranks score these samples, write the next micro-batch's (the same weights: the
-            # optimizer steps after the last micro-batch) and send them too.
-            x_next, y_next = self.batches.train(step, micro + 1)
-            following = self.rollout(generator, x_next, y_next, step, micro + 1, autocast)
-            sent_next = teacher.send_samples(following.x, following.on, following.start)
-            self.ahead = ((step, micro + 1), following, sent_next)
+        ``generator``: the student module itself, which writes the completions); adds to ``stats``. ``x``, ``y``: the
+        micro-batch as read; its completions were written at the step's first micro-batch (``prepare``)."""
+        if self.prepared is None or self.prepared[0] != step:
+            self.prepare(generator, teacher, step, x.device, autocast)
+        assert self.prepared is not None  # prepare set it
+        rollout, sent = self.prepared[1][micro]
         # scored through the teacher's usual call (replicate, shard), or on ranks of its own (remote)
         t_out = teacher.score(rollout.x, rollout.on, rollout.start, step, micro, sent)
         if fused:
@@ -377,9 +415,9 @@ class OnPolicy:
             out = student(rollout.x, head=head)
         else:
             logits = student(rollout.x)
-            w_off, w_on = rollout.weights
-            off = logit_losses(logits, rollout.y_off, t_out, self.d) if w_off else None
-            on = logit_losses(logits, rollout.y_on, t_out, dataclasses.replace(self.d, alpha=1.0)) if w_on else None
+            n_off, n_on = rollout.token_counts()
+            off = logit_losses(logits, rollout.y_off, t_out, self.d) if n_off else None
+            on = logit_losses(logits, rollout.y_on, t_out, dataclasses.replace(self.d, alpha=1.0)) if n_on else None
             out = mixed(off, on, rollout, logits.new_zeros((), dtype=torch.float32))
         on_policy = out.pop("distill/on_policy")  # a step's value is a mean over its tokens: through ``stats``
         if rollout.completions is not None:
