@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import ConfigError, RunConfig, register_configs
 from trainer.preflight import check_resume, unknown_keys, validate
+from trainer.resolvers import MissingPackage
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
@@ -54,9 +55,10 @@ def describe_error(error: BaseException) -> str:
     while seen is not None:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    own = next((e for e in chain if isinstance(e, MissingPackage)), None)  # a resolver's line says it all
     for e in chain:
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
-            return f"{e.full_key}: {str(getattr(e, 'msg', e)).splitlines()[0]}"
+            return f"{e.full_key}: {own if own else str(getattr(e, 'msg', e)).splitlines()[0]}"
         if isinstance(e, OverrideParseException):  # its cause is ANTLR's, whose text is "None"
             return f"{e.override}: not a valid override ({e.message.splitlines()[0]})"
     lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]

@@ -39,9 +39,10 @@ def validate(cfg: RunConfig) -> None:
     """Every check that can run before anything starts: each node's own, then those that need files, the
     environment, the student's family or several nodes. Raises ConfigError."""
     check_nodes(cfg)
-    from trainer import checkpoint, data
+    from trainer import checkpoint, data, hub
     from trainer.distill import losses
 
+    hub.localize(cfg)  # Hugging Face Hub ids become their snapshot folders: every check below reads folders
     _check(
         cfg.distill.loss in ("none", *losses.KINDS),
         "distill.loss",

