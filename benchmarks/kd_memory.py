@@ -10,10 +10,10 @@ once the inputs exist (Linux: reset through ``/proc/self/clear_refs``), under an
 that does not fit fails its allocation (recorded as out of memory) instead of pressing on a shared machine; a case
 whose full-size tensors alone exceed the limit is recorded as such without running. CUDA (bf16, when a GPU is
 present): ``max_memory_allocated`` above the inputs. Writes ``benchmarks/results/kd_memory.json``, prints the table
-and rewrites the README's section from the JSON.
+and rewrites its section of docs/results.md from the JSON.
 
     python -m benchmarks.kd_memory [--vocab 49152 128256] [--tokens 2048 8192] [--hidden 576 2048] [--quick]
-    python -m benchmarks.kd_memory --readme   # the README section from the JSON alone
+    python -m benchmarks.kd_memory --readme   # the docs/results.md section from the JSON alone
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.readme_section import markdown_table, replace_section
+from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer.distill.fused import FUSED_CHUNK_SIZE
 from trainer.distill.losses import fused_linear_kd_loss, kd_loss
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_JSON = REPO / "benchmarks" / "results" / "kd_memory.json"
-README = REPO / "README.md"
 START, END = "<!-- results:kd_memory:start -->", "<!-- results:kd_memory:end -->"
 RESULT_PREFIX = "kd-memory-result: "
 METHODS = ("naive", "chunked", "fused")
@@ -178,7 +177,7 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def render(results: dict) -> str:
-    """The README section (markers included) from the benchmark's JSON."""
+    """The docs/results.md section (markers included) from the benchmark's JSON."""
     checked = [c for c in results["comparisons"] if "value_rel_diff" in c]
     worst = max((c["value_rel_diff"] for c in checked), default=float("nan"))
     m = results["machine"]
@@ -208,7 +207,7 @@ def render(results: dict) -> str:
     )
 
 
-def write_readme(results: dict, readme: Path = README) -> None:
+def write_readme(results: dict, readme: Path = RESULTS_DOC) -> None:
     replace_section(readme, START, END, render(results))
 
 
@@ -220,7 +219,7 @@ def main() -> None:
     parser.add_argument("--memory-limit-gib", type=float, default=14.0)
     parser.add_argument("--quick", action="store_true", help="one small case per method (a test's run)")
     parser.add_argument("--out", type=Path, default=RESULTS_JSON)
-    parser.add_argument("--readme", action="store_true", help="rewrite the README section from --out and stop")
+    parser.add_argument("--readme", action="store_true", help="rewrite the docs/results.md section from --out and stop")
     parser.add_argument("--merge", action="store_true", help="add these cases to --out's, replacing the same ones")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -245,7 +244,7 @@ def main() -> None:
                         rows.append(case | launch(case | {"limit_bytes": limit}))
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     run = {
-        "command": " ".join(["python -m benchmarks.kd_memory", *sys.argv[1:]]),
+        "command": command_line("benchmarks.kd_memory", sys.argv[1:]),
         "wall_seconds": time.perf_counter() - started,
         "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
         "limit_gib": limit / GiB,

@@ -1,11 +1,11 @@
 """Top-k distillation with and without the tail bucket, against full KD: three students trained the same way from
 the same teacher (full KD, ``distill.top_k=8``, ``distill.top_k=8 distill.top_k_tail=true``; KD alone, alpha 1, T=1),
 compared on the Tiny Shakespeare validation split by the mean per-token KL(full-KD student || student) and
-KL(teacher || student). Every run is the real CLI. Writes ``benchmarks/results/kd_tail.json`` and rewrites the
-README's section from it.
+KL(teacher || student). Every run is the real CLI. Writes ``benchmarks/results/kd_tail.json`` and rewrites its
+section of docs/results.md from it.
 
     python -m benchmarks.kd_tail [--teacher-steps 300] [--steps 200] [--quick]
-    python -m benchmarks.kd_tail --readme   # the README section from the JSON alone
+    python -m benchmarks.kd_tail --readme   # the docs/results.md section from the JSON alone
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.readme_section import replace_section
+from benchmarks.readme_section import RESULTS_DOC, command_line, replace_section
 from trainer import data, models
 from trainer.config import DataConfig
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_JSON = REPO / "benchmarks" / "results" / "kd_tail.json"
-README = REPO / "README.md"
 START, END = "<!-- results:kd_tail:start -->", "<!-- results:kd_tail:end -->"
 K = 8
 COMMON = ["data=shakespeare", "logger=console", "logger.progress=false", "train.batch_size=12"]
@@ -104,7 +103,7 @@ def render(results: dict) -> str:
     )
 
 
-def write_readme(results: dict, readme: Path = README) -> None:
+def write_readme(results: dict, readme: Path = RESULTS_DOC) -> None:
     replace_section(readme, START, END, render(results))
 
 
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps (a test's run)")
     parser.add_argument("--out", type=Path, default=RESULTS_JSON)
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "kd_tail")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README section from --out and stop")
+    parser.add_argument("--readme", action="store_true", help="rewrite the docs/results.md section from --out and stop")
     args = parser.parse_args()
     if args.readme:
         write_readme(json.loads(args.out.read_text()))
@@ -126,7 +125,7 @@ def main() -> None:
     started = time.perf_counter()
     students, val_tokens = run(args.workdir, args.teacher_steps, args.steps)
     results = {
-        "command": " ".join(["python -m benchmarks.kd_tail", *sys.argv[1:]]),
+        "command": command_line("benchmarks.kd_tail", sys.argv[1:]),
         "teacher_steps": args.teacher_steps,
         "steps": args.steps,
         "k": K,

@@ -11,8 +11,8 @@ parameters, bytes, forward tokens/s); training tokens/s and minutes come from th
 KD step time over a bare PyTorch/transformers loop's (the same cut student and teacher modules, AdamW, the same
 batches, the run's mix of full-vocabulary forward KL and cross-entropy, ``distill.fused=false``).
 
-Writes ``benchmarks/results/llm.json`` and the README section between the ``results:llm`` markers;
-``--readme`` rewrites that section from the JSON alone; ``--keep ROW`` reads a row's finished runs back from
+Writes ``benchmarks/results/llm.json``, the docs/results.md section between the ``results:llm`` markers and README.md's
+headline table; ``--readme`` rewrites both from the JSON alone; ``--keep ROW`` reads a row's finished runs back from
 ``--out`` instead of training them (a row the change being measured leaves alone). ``--quick --teacher DIR --files
 GLOB`` is a test's run on a small model: a few steps, everything under ``--out`` only.
 """
@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import readme_results
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env, trainer_windows
-from benchmarks.readme_section import markdown_table, replace_section
+from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer import data, from_teacher, models, report, side_by_side
 from trainer.config import sequence_length
 from trainer.models import hf
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
 RESULTS_JSON = RESULTS / "llm.json"
 START, END = "<!-- results:llm:start -->", "<!-- results:llm:end -->"
 SEEDS = (1337, 1338)
@@ -210,7 +210,7 @@ def mean_std(rows: list[dict], key: str) -> dict:
 
 
 def table(results: dict) -> tuple[list[str], list[list[str]]]:
-    """The README/console table: one line per row (mean ± std over seeds where there are several)."""
+    """The docs/console table: one line per row (mean ± std over seeds where there are several)."""
     columns = ["row", "seeds", "non-emb. params", "params", "bytes on disk", "val loss", "top-1 agreement",
                "train tokens/s", "train min"]  # fmt: skip
     lines = []
@@ -275,7 +275,7 @@ def render(results: dict) -> str:
 
 
 def kept_line(results: dict) -> list[str]:
-    """The README line naming the runs read back from an earlier run (``--keep``), if any."""
+    """The line naming the runs read back from an earlier run (``--keep``), if any."""
     kept = results.get("kept_runs")
     return [f"- Read back from an earlier run with the same overrides (`--keep`): {', '.join(kept)}."] if kept else []
 
@@ -287,8 +287,11 @@ def remeasured(o: dict) -> str:
     return f"; `{o['command']}`, load average {o['load_average']['start']:.1f} to {o['load_average']['end']:.1f}"
 
 
-def write_readme(results: dict, readme: Path = README) -> None:
+def write_readme(results: dict, readme: Path = RESULTS_DOC) -> None:
+    """The section of ``readme``; for docs/results.md, README.md's headline too (it reads benchmarks/results)."""
     replace_section(readme, START, END, render(results))
+    if readme == RESULTS_DOC:
+        readme_results.write_headline()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -299,11 +302,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--teacher", help="a GGUF file or Hugging Face folder in place of SmolLM2 (tests)")
     parser.add_argument("--files", help="a corpus glob in place of the standard library (tests)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default outputs/benchmarks/llm)")
-    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and README fragment under --out")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README section from the JSON and stop")
+    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and results fragment under --out")
+    parser.add_argument("--readme", action="store_true", help="rewrite its docs section and README headline from JSON")
     parser.add_argument("--keep", nargs="+", default=[], choices=TRAINED_ROWS, help="rows whose runs are read back")
     parser.add_argument(
-        "--overhead-only", action="store_true", help="measure the trainer/bare step ratio again (JSON, README)"
+        "--overhead-only", action="store_true", help="measure the trainer/bare step ratio again (JSON, docs)"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     json_path = args.out / "llm.json" if args.quick else RESULTS_JSON
-    readme = args.out / "README_llm.md" if args.quick else README
+    readme = args.out / "README_llm.md" if args.quick else RESULTS_DOC
     if args.readme:
         write_readme(json.loads(RESULTS_JSON.read_text()))
         return
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         load_before = os.getloadavg()[0]
         results["overhead"] = overhead(args.out, results["base_overrides"], args.timing_steps, 2)
         results["overhead"]["load_average"] = {"start": load_before, "end": os.getloadavg()[0]}
-        results["overhead"]["command"] = " ".join(["python -m benchmarks.llm", *argv])
+        results["overhead"]["command"] = command_line("benchmarks.llm", argv)
         json_path.write_text(json.dumps(results, indent=1))
         write_readme(results, readme)
         print(f"trainer/bare step: {results['overhead']['ratio']:.3f}")
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append({"key": "pruned", "label": cut["label"], "runs": [cut]})
     rows += [{"key": k, "label": labels[k], "runs": trained[k]} for k in ("pruned_ce", "pruned_kd", "pruned_kd_qat")]
     results = {
-        "command": " ".join(["python -m benchmarks.llm", *argv]),
+        "command": command_line("benchmarks.llm", argv),
         "quick": args.quick,
         "steps": args.steps,
         "batch_size": cfg.train.batch_size,

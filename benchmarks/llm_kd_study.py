@@ -12,7 +12,7 @@ the recipe's default):
 - ``lr1e-3_ce`` and ``lr1e-3_kd``: CE alone and the recipe's KD (alpha 0.5) at a peak learning rate of 1e-3 (the
   recipe's is 3e-4), the KD runs paired with the CE runs at the same rate (a variant's ``against``).
 
-Writes ``benchmarks/results/llm_kd_study.json`` and the README section between the ``results:llm_kd_study``
+Writes ``benchmarks/results/llm_kd_study.json`` and the docs/results.md section between the ``results:llm_kd_study``
 markers; ``--readme`` rewrites that section from the JSON alone. ``--reuse`` keeps a run folder that already holds
 its ``side_by_side.json`` (a study stopped midway goes on where it was).
 """
@@ -30,11 +30,10 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
 from benchmarks.llm import CE, LIVE_FULL_VOCABULARY, NO_QAT, RESULTS_JSON, SEEDS, base_overrides, read_run, train
-from benchmarks.readme_section import markdown_table, replace_section
+from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer.config import sequence_length
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
 STUDY_JSON = RESULTS / "llm_kd_study.json"
 START, END = "<!-- results:llm_kd_study:start -->", "<!-- results:llm_kd_study:end -->"
 LR_1E3 = ["train.lr=1.0e-3", "train.min_lr=1.0e-4"]
@@ -151,9 +150,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--teacher", help="a GGUF file or Hugging Face folder in place of SmolLM2 (tests)")
     parser.add_argument("--files", help="a corpus glob in place of the standard library (tests)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default outputs/benchmarks/llm)")
-    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and README fragment under --out")
+    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and results fragment under --out")
     parser.add_argument("--reuse", action="store_true", help="keep runs whose folder has its side_by_side.json")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README section from the JSON and stop")
+    parser.add_argument("--readme", action="store_true", help="rewrite the docs/results.md section from the JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = 4
@@ -165,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     json_path = args.out / "llm_kd_study.json" if args.quick else STUDY_JSON
-    readme = args.out / "README_llm_kd_study.md" if args.quick else README
+    readme = args.out / "README_llm_kd_study.md" if args.quick else RESULTS_DOC
     if args.readme:
-        replace_section(README, START, END, render(json.loads(STUDY_JSON.read_text())))
+        replace_section(RESULTS_DOC, START, END, render(json.loads(STUDY_JSON.read_text())))
         return
     seeds = [SEEDS[0] + i for i in range(args.seeds)]
     base = base_overrides(args.steps, args.teacher, args.files, args.quick)
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         variants.append({"key": key, "overrides": variant.overrides, "against": variant.against, "runs": runs,
                          "paired": paired(runs, reference, seeds)})  # fmt: skip
     results = {
-        "command": " ".join(["python -m benchmarks.llm_kd_study", *argv]),
+        "command": command_line("benchmarks.llm_kd_study", argv),
         "quick": args.quick,
         "steps": args.steps,
         "tokens": args.steps * cfg.train.batch_size * sequence_length(cfg),

@@ -14,7 +14,7 @@ Each trained student is then measured on held-out prompts (the first ``--prompt-
 windows): its greedy completions of ``--new-tokens`` tokens, and the teacher's mean log-probability of their tokens
 (nats/token, higher: text the teacher finds likelier); and its validation loss (the run's last eval).
 
-Writes ``benchmarks/results/on_policy.json`` and the README section between the ``results:on_policy`` markers;
+Writes ``benchmarks/results/on_policy.json`` and the docs/results.md section between the ``results:on_policy`` markers;
 ``--readme`` rewrites that section from the JSON alone. ``--quick --teacher DIR --files GLOB`` is a test's run on a
 small model: a few steps, everything under ``--out`` only.
 """
@@ -35,14 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
-from benchmarks.readme_section import markdown_table, replace_section
+from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer import data, exports
 from trainer.config import sequence_length
 from trainer.distill import teacher as teacher_io
 from trainer.distill.on_policy import generate
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
 RESULTS_JSON = RESULTS / "on_policy.json"
 START, END = "<!-- results:on_policy:start -->", "<!-- results:on_policy:end -->"
 LIVE = ["teacher.placement=replicate", "teacher.cache_build=false", "compress.modifiers=[]",
@@ -149,7 +148,7 @@ def render(results: dict) -> str:
     return "\n".join(text)
 
 
-def write_readme(results: dict, readme: Path = README) -> None:
+def write_readme(results: dict, readme: Path = RESULTS_DOC) -> None:
     replace_section(readme, START, END, render(results))
 
 
@@ -163,8 +162,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--teacher", help="a GGUF file or Hugging Face folder in place of SmolLM2 (tests)")
     parser.add_argument("--files", help="a corpus glob in place of the standard library (tests)")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default outputs/benchmarks/on_policy)")
-    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and README fragment under --out")
-    parser.add_argument("--readme", action="store_true", help="rewrite the README section from the JSON and stop")
+    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and results fragment under --out")
+    parser.add_argument("--readme", action="store_true", help="rewrite the docs/results.md section from the JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.block, args.prompt_tokens, args.new_tokens, args.prompts = 4, 16, 6, 6, 4
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         arms.append({"key": key, "label": label, "lmbda": lmbda, **figures})
     d = cfg.distill
     results = {
-        "command": " ".join(["python -m benchmarks.on_policy", *argv]),
+        "command": command_line("benchmarks.on_policy", argv),
         "quick": args.quick,
         "settings": {
             "steps": args.steps,
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
     print_table(*table(results))
-    readme = args.out / "README_on_policy.md" if args.quick else README
+    readme = args.out / "README_on_policy.md" if args.quick else RESULTS_DOC
     if args.quick:
         readme.write_text(f"{START}\n{END}\n")
     write_readme(results, readme)

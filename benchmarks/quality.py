@@ -9,9 +9,9 @@ as test-set errors.
 
 Every run is ``python -m trainer ...`` in a subprocess (cwd = the repository), its run folder pinned
 under ``--out``; the figures are read back from its ``report.json`` and ``metrics.jsonl``. Writes
-``benchmarks/results/quality.json``, two PNG plots beside it, and the README's results section
-(``benchmarks.readme_results``). ``--quick`` is a smoke run: a few steps, one seed, a short-trained
-teacher, and everything (JSON, plots, README fragment) written under ``--out`` only.
+``benchmarks/results/quality.json``, two PNG plots beside it, its section of docs/results.md and README.md's
+headline table (``benchmarks.readme_results``). ``--quick`` is a smoke run: a few steps, one seed, a short-trained
+teacher, and everything (JSON, plots, results fragment) written under ``--out`` only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from benchmarks import readme_results
 from benchmarks.common import RESULTS, compose_config, machine, print_table
 from benchmarks.quality_plots import plot_compression, plot_val_loss
+from benchmarks.readme_section import command_line, portable
 from trainer import data
 from trainer.config import sequence_length
 
@@ -97,8 +98,8 @@ def stat(values: list[float]) -> dict:
 
 
 def display_path(path: Path) -> str:
-    """``path`` relative to the repository when it lies inside it (the JSON is committed), else absolute."""
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+    """``path`` relative to the repository (the JSON is committed; the runs' cwd is the repository)."""
+    return portable(str(path))
 
 
 def read_run(run_dir: Path) -> dict:
@@ -194,7 +195,7 @@ def shakespeare_table(runner: Runner, teacher_dir: Path, steps: int, seeds: list
     cfg, _ = compose_config([*STUDENT_BASE, "distill=kd"])
     base = [
         *STUDENT_BASE,
-        f"teacher.checkpoint={teacher_dir / 'final'}",
+        f"teacher.checkpoint={display_path(teacher_dir / 'final')}",
         f"train.max_steps={steps}",
         f"train.eval_every={max(1, steps // VAL_CURVE_POINTS)}",
         f"train.ckpt_every={steps}",
@@ -261,7 +262,7 @@ def digits_table(runner: Runner, steps: int, seeds: list[int]) -> dict:
     for s in seeds:
         for v in DIGITS_VARIANTS:
             extra = (
-                [f"teacher.checkpoint={runner.out / f'digits/teacher/seed{s}' / 'final'}"]
+                [f"teacher.checkpoint={display_path(runner.out / f'digits/teacher/seed{s}' / 'final')}"]
                 if v.key == "distilled"
                 else []
             )
@@ -325,7 +326,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: few steps, one seed; JSON, plots and README fragment go under --out only",
+        help="smoke run: few steps, one seed; JSON, plots and results fragment go under --out only",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_val_loss(shakespeare, plots["val_loss"])
     plot_compression(shakespeare, plots["compression"])
     results = {
-        "command": " ".join(["python -m benchmarks.quality", *argv]),
+        "command": command_line("benchmarks.quality", argv),
         "quick": args.quick,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "teacher_trained_in_this_run": teacher_trained,
@@ -372,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     ):
         print(f"\n{title}")
         print_table(columns, rows)
-    readme = args.out / "README_results.md" if args.quick else readme_results.README
+    readme = args.out / "README_results.md" if args.quick else readme_results.RESULTS_DOC
     readme_results.write(results, results_dir, readme)
+    if not args.quick:
+        readme_results.write_headline()
     print(
         f"\nwrote {json_path}, {', '.join(p.name for p in plots.values())} and the results section of {readme}; "
         f"{results['wall_seconds'] / 60:.1f} min"

@@ -1,8 +1,13 @@
-"""The README sections that benchmarks generate from their JSON: a markdown table, and a marked section replaced."""
+"""The sections of docs/results.md (and README.md's headline) that benchmarks generate from their JSON: a markdown
+table, and a marked section replaced; and the command line a JSON records, naming no path of the machine it ran on."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DOC = REPO / "docs" / "results.md"
 
 
 def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -19,3 +24,17 @@ def replace_section(readme: Path, start: str, end: str, section: str) -> None:
     if not (found_start and found_end):
         raise SystemExit(f"{readme} has no {start} ... {end} markers")
     readme.write_text(head + section + tail)
+
+
+def portable(arg: str) -> str:
+    """``arg`` with an absolute path (alone, or after ``=`` as in ``--out=DIR`` or ``teacher.checkpoint=DIR``)
+    written relative to the repository: the JSON and docs are committed, and name no path of the machine."""
+    key, eq, value = arg.rpartition("=") if "=" in arg else ("", "", arg)
+    if not os.path.isabs(value):
+        return arg
+    return key + eq + Path(os.path.relpath(value, REPO)).as_posix()
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """``python -m MODULE ARGS`` as a results JSON records it (see ``portable``)."""
+    return " ".join([f"python -m {module}", *map(portable, argv)])

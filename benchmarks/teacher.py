@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import print_table, write_json
+from benchmarks.readme_section import command_line
 from trainer import models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +159,7 @@ def main() -> None:
             "memory": memory(root, teacher, args.nprocs),
             "speed": speed(root, teacher, args.steps, args.warmup),
             "remote": remote_vs_replicate(root, teacher, args.steps, args.warmup),
-            "command": "python -m benchmarks.teacher " + " ".join(sys.argv[1:]),
+            "command": command_line("benchmarks.teacher", sys.argv[1:]),
             "cpus": os.cpu_count(),
         }
     print(f"teacher {TEACHER} vs student {STUDENT}: {result['flops_ratio']:.1f}x the forward FLOPs per token\n")

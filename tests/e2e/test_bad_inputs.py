@@ -218,7 +218,7 @@ def test_export_never_writes_over_an_existing_folder(tmp_path):
 
 
 def test_a_checkpoint_folder_is_a_teacher_and_an_export_source(tmp_path):
-    """As the README says: a checkpoint folder (or a run without ``final/``) works as a teacher and as the
+    """As docs/teachers.md says: a checkpoint folder (or a run without ``final/``) works as a teacher and as the
     source of a post-training export (it used to fail with ``Missing key ... model.tok_emb.weight``)."""
     run_cli(tmp_path, *FAST, "train.max_steps=4", "train.ckpt_every=2", "hydra.run.dir=t")
     step_2 = tmp_path / "t" / "ckpt" / "step_0000002"

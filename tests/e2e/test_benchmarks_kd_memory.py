@@ -1,5 +1,6 @@
 """``python -m benchmarks.kd_memory --quick``: every method runs in its own process, the fused loss's value equals the
-naive one, and the table and README section come out of the JSON (the real README and results stay as they are)."""
+naive one, and the table and docs/results.md section come out of the JSON (the real docs and results stay as they
+are)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import json
 
 import pytest
 
-from benchmarks.kd_memory import END, METHODS, README, START, render, table
+from benchmarks.kd_memory import END, METHODS, RESULTS_DOC, START, render, table
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 
 
 def test_quick_run_measures_every_method_and_renders_its_table(tmp_path):
-    before = README.read_text()
+    before = RESULTS_DOC.read_text()
     out = tmp_path / "kd_memory.json"
     proc = run_cli(tmp_path, "--quick", "--out", str(out), module="benchmarks.kd_memory", timeout=600)
     results = json.loads(out.read_text())
@@ -29,7 +30,7 @@ def test_quick_run_measures_every_method_and_renders_its_table(tmp_path):
     assert "| cpu | 4,096 | 256 | 64 |" in proc.stdout
     section = render(results)
     assert section.startswith(START) and section.endswith(END) and "| cpu | 4,096 | 256 | 64 |" in section
-    assert README.read_text() == before  # a quick run leaves the README alone
+    assert RESULTS_DOC.read_text() == before  # a quick run leaves docs/results.md alone
 
 
 def test_a_case_over_the_memory_limit_is_recorded_without_running():

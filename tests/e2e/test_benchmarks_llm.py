@@ -1,5 +1,5 @@
 """``python -m benchmarks.llm --quick`` on a small random Llama teacher and a small corpus: every row trains or is
-measured, the JSON holds them, and the README fragment is written under ``--out`` (the real README and
+measured, the JSON holds them, and the results fragment is written under ``--out`` (docs/results.md and
 benchmarks/results stay as they are)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from benchmarks.gpu import run_smollm2
-from benchmarks.llm import END, QUICK, README, RESULTS_JSON, START
+from benchmarks.llm import END, QUICK, RESULTS_DOC, RESULTS_JSON, START
 from tests.conftest import run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 
@@ -22,7 +22,7 @@ def test_quick_run_writes_every_row_and_measures_the_overhead_again(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i, text in enumerate(documents(30)):
         (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
-    section = README.read_text().partition(START)[2].partition(END)[0]
+    section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
     before = RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
     args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "2"]
     proc = run_cli(tmp_path, *args, module="benchmarks.llm", timeout=900)
@@ -42,7 +42,7 @@ def test_quick_run_writes_every_row_and_measures_the_overhead_again(tmp_path):
     again = run_cli(tmp_path, *args[:3], "--overhead-only", module="benchmarks.llm", timeout=900)
     assert again.stdout.strip().endswith(f"trainer/bare step: {_ratio(tmp_path):.3f}")
     assert "--overhead-only`, load average" in (tmp_path / "README_llm.md").read_text()
-    assert README.read_text().partition(START)[2].partition(END)[0] == section
+    assert RESULTS_DOC.read_text().partition(START)[2].partition(END)[0] == section
     assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before
 
 

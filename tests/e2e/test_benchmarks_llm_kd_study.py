@@ -1,7 +1,7 @@
 """``python -m benchmarks.llm_kd_study --quick`` on a small random Llama teacher: with no published CE rows for its
 overrides it trains its own, then the chosen variants on the same seed, each after the variant it is paired with;
-the JSON pairs each run with that seed's run of its reference and the README fragment is written under ``--out``
-(the real README and benchmarks/results stay as they are)."""
+the JSON pairs each run with that seed's run of its reference and the results fragment is written under ``--out``
+(docs/results.md and benchmarks/results stay as they are)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from benchmarks.llm_kd_study import END, README, START, STUDY_JSON
+from benchmarks.llm_kd_study import END, RESULTS_DOC, START, STUDY_JSON
 from tests.conftest import run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 
@@ -23,7 +23,7 @@ def test_quick_study_pairs_every_variant_with_the_ce_run_of_its_seed(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i, text in enumerate(documents(30)):
         (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
-    section = README.read_text().partition(START)[2].partition(END)[0]
+    section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
     before = STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None
     args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "1",
             "--variants", "full_vocab", "t2_alpha0.5", "lr1e-3_kd"]  # fmt: skip
@@ -44,5 +44,5 @@ def test_quick_study_pairs_every_variant_with_the_ce_run_of_its_seed(tmp_path):
     trained = re.compile(r"^\S+: \d+ s$", re.MULTILINE)  # train() prints a line for each run it trains
     assert len(trained.findall(proc.stdout)) == 1 + len(keys) and not trained.search(again.stdout), again.stdout
     assert json.loads((tmp_path / "llm_kd_study.json").read_text())["variants"] == results["variants"]
-    assert README.read_text().partition(START)[2].partition(END)[0] == section
+    assert RESULTS_DOC.read_text().partition(START)[2].partition(END)[0] == section
     assert (STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None) == before

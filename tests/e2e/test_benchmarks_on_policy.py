@@ -1,6 +1,6 @@
 """``python -m benchmarks.on_policy --quick`` on a small random Llama teacher and a small corpus: both runs train,
-each student's greedy completions are scored by the teacher, the JSON holds them, and the README fragment is
-written under ``--out`` (the real README and benchmarks/results stay as they are)."""
+each student's greedy completions are scored by the teacher, the JSON holds them, and the results fragment is
+written under ``--out`` (docs/results.md and benchmarks/results stay as they are)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from benchmarks.on_policy import END, README, RESULTS_JSON, START
+from benchmarks.on_policy import END, RESULTS_DOC, RESULTS_JSON, START
 from tests.conftest import run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 
@@ -21,7 +21,7 @@ def test_quick_run_compares_on_and_off_policy(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i, text in enumerate(documents(30)):
         (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
-    section = README.read_text().partition(START)[2].partition(END)[0]
+    section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
     before = RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
     args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py"]
     proc = run_cli(tmp_path, *args, module="benchmarks.on_policy", timeout=900)
@@ -35,5 +35,5 @@ def test_quick_run_compares_on_and_off_policy(tmp_path):
         assert len(arm["completions"]) == 4 and all(1 <= len(c) <= 6 for c in arm["completions"])
     fragment = (tmp_path / "README_on_policy.md").read_text()
     assert "| on-policy (lmbda 0.5) |" in fragment and "teacher log-prob" in fragment
-    assert README.read_text().partition(START)[2].partition(END)[0] == section
+    assert RESULTS_DOC.read_text().partition(START)[2].partition(END)[0] == section
     assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before

@@ -1,6 +1,7 @@
-"""``python -m benchmarks.quality --quick``: every row trains, and the JSON, plots and README fragment come out of it.
+"""``python -m benchmarks.quality --quick``: every row trains, and the JSON, plots and results fragment come out of it.
 
-The quick run writes everything under its ``--out`` folder; the real README and benchmarks/results must not change.
+The quick run writes everything under its ``--out`` folder; docs/results.md, the README and benchmarks/results must
+not change.
 """
 
 from __future__ import annotations
@@ -9,18 +10,19 @@ import json
 
 import pytest
 
-from benchmarks.readme_results import END, README, RESULTS_JSON, START
+from benchmarks.readme_results import END, HEADLINE_END, HEADLINE_START, README, RESULTS_DOC, RESULTS_JSON, START
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def full_run_outputs() -> tuple[str, bytes | None]:
-    """What only the full run writes: the README's results section (the rest of the README is edited by others)
-    and benchmarks/results/quality.json."""
-    section = README.read_text().partition(START)[2].partition(END)[0]
-    return section, RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
+def full_run_outputs() -> tuple[str, str, bytes | None]:
+    """What only the full run writes: the quality section of docs/results.md, the README's headline (the rest of
+    both is edited by others) and benchmarks/results/quality.json."""
+    section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
+    headline = README.read_text().partition(HEADLINE_START)[2].partition(HEADLINE_END)[0]
+    return section, headline, RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -78,4 +80,4 @@ def test_readme_fragment_is_generated_into_the_out_folder_only(quick_run):
     assert "| distilled, reverse KL |" in fragment and "| small net distilled |" in fragment
     assert "better than the student from scratch" in fragment or "lower validation loss than" in fragment
     assert "Tiny Shakespeare" in stdout and "digits" in stdout
-    assert after == before, "a --quick run must not touch the README's results or benchmarks/results/quality.json"
+    assert after == before, "a --quick run must not touch docs/results.md, README.md or the results JSON"

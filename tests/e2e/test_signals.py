@@ -149,7 +149,7 @@ def resume_matches_uninterrupted(root: Path, step: int, reference: list[dict]) -
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr
-    # Two DDP ranks match one process to float rounding (README); the step count and resume point are exact.
+    # Two DDP ranks match one process to float rounding (docs/distributed.md); the step count and resume point are exact.
     assert_same_metrics(read_metrics(root / "run"), reference, tolerance=1e-5)
 
 
@@ -170,7 +170,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, refere
 def test_sigterm_to_torchrun_checkpoints_and_torchrun_exits_1(tmp_path, reference):
     """SIGTERM to torchrun itself (what a scheduler sends): torchrun forwards it, every rank finishes its step,
     checkpoints and exits 75, and torchrun ends with its own ``SignalException`` traceback and exit code 1 (what
-    the README tells users to expect); the same command resumes to the uninterrupted run's metrics."""
+    docs/faults.md tells users to expect); the same command resumes to the uninterrupted run's metrics."""
     proc = start(tmp_path, *TORCHRUN_DDP)
     wait_for_rows(proc, tmp_path / "run" / "metrics.jsonl", SIGNAL_AFTER_ROWS)
     proc.send_signal(signal.SIGTERM)
