@@ -1,4 +1,11 @@
-"""GPU training throughput of distillation: a ~110M-parameter GPT student learning from a ~4x larger teacher.
+"""The GPU tier's tests, then the GPU training throughput of distillation.
+
+First the GPU tier (``python -m pytest -q -p no:cacheprovider -m gpu tests/gpu``) in a subprocess: each test's
+outcome and skip reason (from its JUnit XML) and the pass/skip/fail counts go into the JSON; past ``--tier-timeout``
+seconds it is stopped and counts as timed out. On a first run its stored-loss test records
+``tests/gpu/assets/quickstart_losses.json`` (and skips, asking for it to be committed). ``--no-tier`` leaves it out.
+
+Then the throughput of distillation: a ~110M-parameter GPT student learning from a ~4x larger teacher.
 
 bf16 autocast (fp32 master weights, fused AdamW), the teacher frozen in bf16, the trainer's own loss
 (``trainer.distill.losses.logit_losses``: (1 - alpha) * CE + alpha * T^2 * forward KL), random tokens (speed
@@ -16,7 +23,8 @@ the teacher live on the device (dequantized to bf16), the cut student learning f
 KD), ``--smollm2-batch`` x ``--smollm2-block`` tokens a step, no QAT; its FLOPs count both models' matmuls and
 attention the same way. It needs the ``llm`` extra (one error row without it).
 
-Without CUDA it prints one line and exits 0.
+With the defaults the whole runs in about 8 minutes on one H100-class GPU (the tier under 5, the timings about 3;
+the 2-GPU tests skip there). Without CUDA it prints one line and exits 0, writing nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +32,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +54,9 @@ from trainer.distill.losses import logit_losses
 from trainer.distill.placement import TeacherOutput
 from trainer.models.gpt import GPTConfig
 
+REPO = Path(__file__).resolve().parent.parent
+TIER = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"]
+OUTCOMES = ("passed", "skipped", "failed", "errors")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), first match on the device name wins.
 PEAK_BF16_TFLOPS = [
     ("H100 PCIe", 756.0),
@@ -219,15 +235,81 @@ def run_smollm2(overrides: list[str], steps: int, warmup: int, run_dir: Path) ->
     }
 
 
+def read_junit(report: Path) -> list[dict]:
+    """Every test case of a pytest JUnit XML report: its id, outcome (``OUTCOMES``), seconds, and the skip reason or
+    failure message."""
+    tests = []
+    for case in ET.parse(report).getroot().iter("testcase"):
+        test = {"test": f"{case.get('classname', '')}::{case.get('name', '')}", "seconds": float(case.get("time", 0))}
+        found = {child.tag: child for child in case}
+        for tag, outcome in (("error", "errors"), ("failure", "failed"), ("skipped", "skipped")):
+            if tag in found:
+                test |= {"outcome": outcome, "message": found[tag].get("message", "")}
+                break
+        else:
+            test["outcome"] = "passed"
+        tests.append(test)
+    return tests
+
+
+def run_tier(timeout: float) -> dict:
+    """The GPU tier (``TIER``) in a subprocess in a session of its own: the counts of ``OUTCOMES``, each test's outcome,
+    its seconds, the end of its output when it did not pass. Past ``timeout`` seconds its whole process group is asked
+    to stop (SIGTERM, which torchrun passes on to its workers), then killed 10 s later."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    start, timed_out = time.perf_counter(), False
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "tier.xml"
+        proc = subprocess.Popen(
+            [sys.executable, *TIER, f"--junitxml={report}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                output, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                output, _ = proc.communicate()
+        tests = read_junit(report) if report.exists() else []
+    result: dict[str, Any] = {
+        "command": "python " + " ".join(TIER),
+        "exit_code": proc.returncode,
+        "timed_out": timed_out,
+        "seconds": round(time.perf_counter() - start, 1),
+        **{outcome: sum(t["outcome"] == outcome for t in tests) for outcome in OUTCOMES},
+        "tests": tests,
+    }
+    if proc.returncode != 0:
+        result["output_tail"] = output[-4000:]
+    return result
+
+
+def tier_line(tier: dict) -> str:
+    counts = ", ".join(f"{tier[outcome]} {outcome}" for outcome in OUTCOMES)
+    ended = "timed out" if tier["timed_out"] else f"exit {tier['exit_code']}"
+    return f"gpu tier: {counts} in {tier['seconds']:.0f} s ({ended})"
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (torch.compile compiles here)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (torch.compile compiles here)")
     parser.add_argument("--batch", type=int, default=None, help=f"sequences per step (default {FULL['batch']})")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not known")
     parser.add_argument("--modes", default="eager,compile,smollm2")
     parser.add_argument("--smollm2-batch", type=int, default=16, help="the smollm2 mode's sequences per step")
     parser.add_argument("--smollm2-block", type=int, default=1024, help="the smollm2 mode's tokens per sequence")
+    parser.add_argument("--no-tier", action="store_true", help="time only: leave out the GPU tier's tests")
+    parser.add_argument("--tier-timeout", type=float, default=300, help="seconds the GPU tier may take")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
     # A CPU smoke test of this code path at a tiny size: no MFU, and no JSON unless --out is given.
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -239,8 +321,19 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu benchmark skipped: no CUDA device available")
+        print("python -m benchmarks.gpu needs CUDA and found no CUDA device: nothing run, nothing written")
         return
+    started = time.perf_counter()
+    tier = None
+    if device.type == "cuda" and not args.no_tier:  # the tier needs CUDA: a CPU smoke run (--device cpu) has none
+        print(f"gpu tier: python {' '.join(TIER)} (at most {args.tier_timeout:.0f} s)", flush=True)
+        tier = run_tier(args.tier_timeout)
+        print(tier_line(tier), flush=True)
+        for test in tier["tests"]:
+            if test["outcome"] != "passed":
+                print(
+                    f"  {test['outcome']}: {test['test']}: {test['message'].splitlines()[0] if test['message'] else ''}"
+                )
     sizes = dict(TINY if args.tiny else FULL)
     if args.batch:
         sizes["batch"] = args.batch
@@ -258,7 +351,7 @@ def main() -> None:
     results = []
     for mode in args.modes.split(","):
         if args.tiny and mode == "smollm2":
-            continue  # the real model: not a smoke test's (tests/e2e/test_benchmarks_llm.py runs it on a tiny one)
+            continue  # the real model: not a smoke test's (tests/slow/test_benchmarks_llm.py runs it on a tiny one)
         try:
             if mode == "smollm2":
                 recipe = [f"train.batch_size={args.smollm2_batch}", f"student.block_size={args.smollm2_block}"]
@@ -288,7 +381,8 @@ def main() -> None:
     if args.tiny and args.out == RESULTS / "gpu.json":
         return  # a smoke test never replaces the real figures
     payload = {
-        "command": "python -m benchmarks.gpu",
+        "command": " ".join(["python -m benchmarks.gpu", *sys.argv[1:]]),
+        "wall_seconds": round(time.perf_counter() - started, 1),
         "device": name,
         "peak_bf16_tflops": peak,
         "cuda": torch.version.cuda,
@@ -299,6 +393,7 @@ def main() -> None:
         "vocab": sizes["vocab"],
         "block": sizes["block"],
         "batch": sizes["batch"],
+        "tier": tier,
         "modes": results,
         "machine": machine(),
     }

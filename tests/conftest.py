@@ -149,3 +149,24 @@ def save_tokenizer(folder: Path, tokens: list[str]) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=tokens[0]).save_pretrained(folder)
     return folder
+
+
+# Test tiers by folder (tests/<folder>/...): the default command (no -m) runs every tier but ``slow`` and ``gpu``;
+# ``-m slow`` re-runs the benchmarks' quick modes and the larger runs, ``-m gpu`` the tests that need CUDA (each skips
+# with its reason without it). A -m expression of one's own selects as it says.
+FOLDER_MARKERS = {"e2e": "e2e", "dist": "dist", "slurm": "slurm", "slow": "slow", "gpu": "gpu"}
+NOT_BY_DEFAULT = ("slow", "gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        folder = item.path.resolve().relative_to(tests).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[folder])
+    if config.option.markexpr:
+        return
+    kept = [item for item in items if not any(item.get_closest_marker(name) for name in NOT_BY_DEFAULT)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept

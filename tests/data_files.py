@@ -97,4 +97,3 @@ def save_eos_happy_llama(folder: Path, vocab_size: int, eos: int, seed: int = 0)
         embedding[eos, 0] = 2.0
     model.save_pretrained(folder)
     return folder
-

@@ -105,7 +105,7 @@ class FeatureConfig:
 
 @dataclass
 class DistillConfig:
-    loss: str = "none"  # none | one of trainer.distill.losses.KINDS (forward_kl | reverse_kl | jsd)
+    loss: str = "none"  # none | a registered divergence (trainer.distill.divergence.DIVERGENCES)
     alpha: float = 0.0
     temperature: float = 1.0
     beta: float = 0.5
@@ -124,7 +124,7 @@ class DistillConfig:
     gen_temperature: float = 1.0
     top_p: float = 1.0
 
-    def check(self) -> None:  # the loss kinds are distill.losses' (checked in the preflight)
+    def check(self) -> None:  # the loss kinds are registered divergences (checked in the preflight)
         _check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
         _check(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1] (got {self.alpha})")
         _check(0 <= self.beta <= 1, "beta", f"must be in [0, 1] (got {self.beta})")
@@ -143,7 +143,7 @@ class DistillConfig:
 
 @dataclass
 class ModifierConfig:
-    kind: str = "magnitude"  # magnitude | channel | nm | qat
+    kind: str = "magnitude"  # qat | a pruning kind (trainer.compress.modifiers.PRUNERS: magnitude | channel | nm)
     targets: list[str] = field(default_factory=lambda: ["blocks.*"])
     start_step: int = 0
     end_step: int = 0

@@ -22,6 +22,7 @@ from trainer.config import (
     DATA_TASKS,
     TOKENIZED_DATA,
     ConfigError,
+    DistillConfig,
     RunConfig,
     _check,
     check_nodes,
@@ -40,14 +41,9 @@ def validate(cfg: RunConfig) -> None:
     environment, the student's family or several nodes. Raises ConfigError."""
     check_nodes(cfg)
     from trainer import checkpoint, data, hub
-    from trainer.distill import losses
 
     hub.localize(cfg)  # Hugging Face Hub ids become their snapshot folders: every check below reads folders
-    _check(
-        cfg.distill.loss in ("none", *losses.KINDS),
-        "distill.loss",
-        f"must be one of none, {', '.join(losses.KINDS)} (got {cfg.distill.loss!r})",
-    )
+    check_distill_loss(cfg.distill)
     t = cfg.train
     if t.resume not in ("auto", "never"):
         _check(
@@ -83,6 +79,17 @@ def validate(cfg: RunConfig) -> None:
             "report.side_by_side",
             "measures a Hugging Face or GGUF teacher (teacher.checkpoint) beside a Hugging Face student",
         )
+
+
+def check_distill_loss(d: DistillConfig) -> None:
+    """``distill.loss`` is none or a divergence registered now (``trainer.distill.divergence.DIVERGENCES``)."""
+    from trainer.distill.divergence import DIVERGENCES
+
+    _check(
+        d.loss == "none" or d.loss in DIVERGENCES,
+        "distill.loss",
+        f"must be one of none, {', '.join(DIVERGENCES)} (got {d.loss!r})",
+    )
 
 
 def _validate_on_policy(cfg: RunConfig) -> None:

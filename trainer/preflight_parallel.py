@@ -42,12 +42,15 @@ def validate_parallel(cfg: RunConfig, family: ModelFamily, model_cfg: Any) -> No
             f"single runs one process but the student has {student_ranks} ranks (use parallel=ddp, fsdp or hsdp)",
         )
     dims = parallel_dims(p, world)
-    for i, mod in enumerate(cfg.compress.modifiers):
-        _check(
-            not (dims.fsdp_enabled and mod.kind == "channel"),
-            f"compress.modifiers.{i}.kind",
-            "channel pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)",
-        )
+    if dims.fsdp_enabled and cfg.compress.modifiers:
+        from trainer.compress.modifiers import PRUNERS
+
+        for i, mod in enumerate(cfg.compress.modifiers):
+            _check(
+                mod.kind not in PRUNERS or not PRUNERS[mod.kind].structured,
+                f"compress.modifiers.{i}.kind",
+                f"{mod.kind} pruning needs full weights: use parallel=ddp (FSDP/HSDP shard them)",
+            )
     if dims.pp_enabled:
         _validate_pipeline(cfg, dims, family, model_cfg)
         return

@@ -149,7 +149,8 @@ def resume_matches_uninterrupted(root: Path, step: int, reference: list[dict]) -
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr
-    # Two DDP ranks match one process to float rounding (docs/distributed.md); the step count and resume point are exact.
+    # Two DDP ranks match one process to float rounding (docs/distributed.md); the step count and resume point
+    # are exact.
     assert_same_metrics(read_metrics(root / "run"), reference, tolerance=1e-5)
 
 

@@ -37,55 +37,31 @@ import torch.nn as nn
 from trainer import models
 from trainer.compress import compressed_tensors, pruning, qat, stats
 from trainer.compress import export as export_lib
-from trainer.compress.modifiers import (  # re-exported: the package's config checks
-    KINDS,
-    PRUNING_KINDS,
-    check,
+from trainer.compress.modifiers import (  # re-exported: the package's config checks and pruning kinds
+    PRUNERS,
+    QAT,
+    Pruner,
+    modifier_kinds,
+    pruning_kind,
     resolve_targets,
     validate_modifiers,
 )
-from trainer.compress.schedules import Schedule
 from trainer.config import ConfigError, ModifierConfig
 from trainer.models.protocol import family_of
 
-__all__ = ["KINDS", "PRUNING_KINDS", "Compressor", "build_compressor", "resolve_targets", "validate_modifiers"]
+__all__ = [
+    "PRUNERS",
+    "Compressor",
+    "Pruner",
+    "build_compressor",
+    "modifier_kinds",
+    "pruning_kind",
+    "resolve_targets",
+    "validate_modifiers",
+]
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def _weight_names(model: nn.Module, module_names: list[str]) -> list[str]:
-    """The parameter names of the modules' weights, each shared weight once."""
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    names = [canonical[id(model.get_submodule(m).weight)] for m in module_names]
-    return list(dict.fromkeys(names))
-
-
-def _build_pruner(model: nn.Module, mod: ModifierConfig, key: str) -> pruning.Pruner:
-    modules = resolve_targets(model, list(mod.targets), f"{key}.targets")
-    one_shot = mod.kind == "nm" or mod.schedule == "constant"
-    schedule = Schedule(
-        kind="constant" if mod.kind == "nm" else mod.schedule,
-        start_step=mod.start_step,
-        end_step=mod.start_step if one_shot else mod.end_step,
-        every=mod.every,
-        initial=mod.initial_sparsity,
-        final=1.0 - mod.n / mod.m if mod.kind == "nm" else mod.final_sparsity,
-    )
-    if mod.kind == "channel":
-        groups = pruning.unit_groups(model, set(modules))
-        check(
-            bool(groups),
-            f"{key}.targets",
-            "matches no attention or MLP layer (heads or channels of the model's unit groups)",
-        )
-        return pruning.Pruner("channel", schedule, groups=groups, norm=mod.norm)
-    weights = _weight_names(model, modules)
-    if mod.kind == "nm":
-        for name in weights:
-            width = model.get_parameter(name).shape[-1]
-            check(width % mod.m == 0, f"{key}.m", f"{name} has {width} inputs, not a multiple of m={mod.m}")
-    return pruning.Pruner(mod.kind, schedule, weights=weights, scope=mod.scope, n=mod.n, m=mod.m)
 
 
 def build_compressor(model: nn.Module, modifiers: list[ModifierConfig]) -> Compressor:
@@ -96,7 +72,7 @@ def build_compressor(model: nn.Module, modifiers: list[ModifierConfig]) -> Compr
     validate_modifiers(modifiers, family_of(model))
     qat_phases = None
     for i, mod in enumerate(modifiers):
-        if mod.kind != "qat":
+        if mod.kind != QAT:
             continue
         key = f"compress.modifiers.{i}"
         modules = resolve_targets(model, list(mod.targets), f"{key}.targets")
@@ -106,9 +82,9 @@ def build_compressor(model: nn.Module, modifiers: list[ModifierConfig]) -> Compr
             raise ConfigError(f"{key}.targets", str(e)) from None
         qat_phases = QATPhases(modules, mod.start_step, mod.freeze_step)
     pruners = [
-        _build_pruner(model, mod, f"compress.modifiers.{i}")
+        PRUNERS[mod.kind].build(model, mod, f"compress.modifiers.{i}")
         for i, mod in enumerate(modifiers)
-        if mod.kind in PRUNING_KINDS
+        if mod.kind != QAT
     ]
     return Compressor(model, pruners, qat_phases)
 
@@ -139,7 +115,7 @@ class QATPhases:
 class Compressor:
     """Masks, schedules and QAT phases of the student; see the module docstring for the call order."""
 
-    def __init__(self, model: nn.Module, pruners: list[pruning.Pruner], qat_phases: QATPhases | None):
+    def __init__(self, model: nn.Module, pruners: list[Pruner], qat_phases: QATPhases | None):
         self.model = model
         self.pruners = pruners
         self.qat = qat_phases
@@ -231,8 +207,8 @@ class Compressor:
 
     @property
     def counts_are_exact(self) -> bool:
-        """Whether ``stats.summary_from_counts`` gives this compressor's export size (no ``channel`` thinning)."""
-        return all(p.kind != "channel" for p in self.pruners)
+        """Whether ``stats.summary_from_counts`` gives this compressor's export size (no structured kind's thinning)."""
+        return not any(p.structured for p in self.pruners)
 
     @torch.no_grad()
     def shard_counts(self) -> dict[str, stats.ParamCounts]:
@@ -302,7 +278,7 @@ class Compressor:
         model, masks = pruning.thin(self.model, self.masks) if family.structured_units else (self.model, self.masks)
         if not family.pretrained_format:
             return export_lib.export_compressed(model, out_dir, masks, specs)
-        if any(pruner.kind != "channel" for pruner in self.pruners):
+        if any(not pruner.structured for pruner in self.pruners):
             print(
                 "note: the pruned weights are stored as zeros (dense): transformers and compressed-tensors no longer "
                 "read the sparse-bitmask format",

@@ -4,14 +4,14 @@ Masks are bool tensors shaped like their parameter (True = kept). The pruning fu
 the current masks and return subsets of them, so nothing pruned comes back. Their math is
 elementwise or uses small reductions (per row, per unit, counts). Magnitude and N:M pruning run on
 FSDP2 shards (DTensors): elementwise ops stay local and thresholds all-reduce counts. Channel
-pruning and ``thin`` need full tensors.
+pruning and ``thin`` need full tensors. The pruning kinds that use them are in ``trainer.compress.modifiers``.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,6 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from trainer.compress import qat
-from trainer.compress.schedules import Schedule
 from trainer.models.protocol import UnitGroup, family_of
 
 FLOAT32_INF_BITS = 0x7F800000
@@ -212,42 +211,3 @@ def thin(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, d
         for name, mask in small_masks.items():
             small.get_parameter(name).masked_fill_(~mask, 0.0)
     return small.train(model.training), small_masks
-
-
-@dataclass
-class Pruner:
-    """One pruning modifier bound to the parameters it masks (names as in ``named_parameters()``)."""
-
-    kind: str  # magnitude | nm | channel
-    schedule: Schedule
-    weights: list[str] = field(default_factory=list)  # magnitude / nm: the weights it ranks
-    groups: list[UnitGroup] = field(default_factory=list)  # channel: the unit groups it ranks
-    scope: str = "layer"
-    norm: int = 1
-    n: int = 2
-    m: int = 4
-    last_update: int | None = None  # the schedule's update step last applied
-
-    @property
-    def weight_names(self) -> list[str]:
-        """The weight matrices it prunes (what ``compress/sparsity`` is measured over)."""
-        return self.weights + [name for g in self.groups for name in g.weight_names]
-
-    @property
-    def param_names(self) -> list[str]:
-        """Every parameter it masks (channel pruning also masks the in-layer bias)."""
-        return self.weights + [name for g in self.groups for name in g.param_names]
-
-    def new_masks(
-        self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], step: int
-    ) -> dict[str, torch.Tensor]:
-        """Masks at the schedule's sparsity for ``step``, each a subset of the current one."""
-        sparsity = self.schedule.sparsity(step)
-        if self.kind == "magnitude":
-            return magnitude_masks({n: params[n] for n in self.weights}, masks, sparsity, self.scope)
-        if self.kind == "nm":
-            return {n: nm_mask(params[n], masks[n], self.n, self.m) for n in self.weights}
-        new = {}
-        for group in self.groups:
-            new.update(channel_masks(group, params, masks, sparsity, self.norm))
-        return new

@@ -1,6 +1,16 @@
-"""The divergence core every KD loss shares: per-token forward KL, reverse KL and generalised JSD of
-temperature-scaled logits in fp32, the top-k buckets (with the tail bucket of the rest of the mass), and the sum over
-row chunks whose student gradient is computed chunk by chunk."""
+"""The divergence core every KD loss shares: the registered per-token divergences (``DIVERGENCES``: forward KL,
+reverse KL and generalised JSD, and any kind registered with ``@divergence(name)``) of temperature-scaled logits in
+fp32, the top-k buckets (with the tail bucket of the rest of the mass), and the sum over row chunks whose student
+gradient is computed chunk by chunk.
+
+A new KD kind is one function of the student's and the teacher's log-probabilities over the last dim (at the
+temperature) and ``distill.beta``, returning the per-token divergence; registered, ``distill.loss=<name>`` passes the
+preflight and works in every path (full logits, chunked, top-k with or without the tail bucket, fused)::
+
+    @divergence("total_variation")
+    def total_variation(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+        return 0.5 * (logp_s.exp() - logp_t.exp()).abs().sum(-1)
+"""
 
 from __future__ import annotations
 
@@ -12,15 +22,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("forward_kl", "reverse_kl", "jsd")
+# A KD kind: (log p_s, log p_t, beta) -> per-token divergence ``[...]`` (fp32, not scaled by ``T**2``, not reduced).
+TokenDivergence = Callable[[Tensor, Tensor, float], Tensor]
+
+DIVERGENCES: dict[str, TokenDivergence] = {}  # distill.loss=<name> -> its divergence; filled by @divergence(name)
 
 # div(student_rows, teacher_rows, index_rows_or_None) -> summed divergence of those rows (fp32 scalar).
 Divergence = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
+def divergence(name: str) -> Callable[[TokenDivergence], TokenDivergence]:
+    """Register the decorated function as the KD kind ``distill.loss=name`` (see the module docstring)."""
+
+    def register(fn: TokenDivergence) -> TokenDivergence:
+        if name == "none" or name in DIVERGENCES:
+            raise ValueError(f"the divergence name {name!r} is taken")
+        DIVERGENCES[name] = fn
+        return fn
+
+    return register
+
+
+def lookup(kind: str) -> TokenDivergence:
+    """The registered divergence ``kind``; ValueError listing the registered ones for any other name."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown distillation loss kind {kind!r}; expected one of: {', '.join(DIVERGENCES)}")
+    return DIVERGENCES[kind]
+
+
 def check_args(kind: str, temperature: float, beta: float, chunk_size: int | None) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown distillation loss kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    lookup(kind)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= beta <= 1.0:
@@ -34,6 +65,30 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+@divergence("forward_kl")
+def forward_kl(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+    """KL(p_t || p_s)."""
+    return _kl(logp_t, logp_s)
+
+
+@divergence("reverse_kl")
+def reverse_kl(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+    """KL(p_s || p_t)."""
+    return _kl(logp_s, logp_t)
+
+
+@divergence("jsd")
+def jsd(logp_s: Tensor, logp_t: Tensor, beta: float) -> Tensor:
+    """beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), with m = beta * p_t + (1 - beta) * p_s."""
+    # log m = log(beta * p_t + (1 - beta) * p_s); log(0) = -inf keeps beta in {0, 1} finite.
+    log_m = torch.logaddexp(logp_t + _log(beta), logp_s + _log(1.0 - beta))
+    return beta * _kl(logp_t, log_m) + (1.0 - beta) * _kl(logp_s, log_m)
+
+
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """``logits / temperature`` in fp32 (no copy at T=1: a [tokens, V] copy and its backward cost as much as the
     divergence's own passes)."""
@@ -41,21 +96,13 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf
-
-
 def token_divergence(student: Tensor, teacher: Tensor, kind: str, temperature: float, beta: float) -> Tensor:
-    """Per-token divergence of logits ``[..., V]`` in fp32 (not scaled by ``T**2``, not reduced)."""
+    """Per-token divergence ``kind`` (a registered one) of logits ``[..., V]`` in fp32 (not scaled by ``T**2``, not
+    reduced)."""
+    div = lookup(kind)
     logp_s = F.log_softmax(_scaled(student, temperature), dim=-1)
     logp_t = F.log_softmax(_scaled(teacher, temperature), dim=-1)
-    if kind == "forward_kl":
-        return _kl(logp_t, logp_s)
-    if kind == "reverse_kl":
-        return _kl(logp_s, logp_t)
-    # log m = log(beta * p_t + (1 - beta) * p_s); log(0) = -inf keeps beta in {0, 1} finite.
-    log_m = torch.logaddexp(logp_t + _log(beta), logp_s + _log(1.0 - beta))
-    return beta * _kl(logp_t, log_m) + (1.0 - beta) * _kl(logp_s, log_m)
+    return div(logp_s, logp_t, beta)
 
 
 # The tail bucket's logit where the tail holds no mass in fp32 (finite, so that 0 * log 0 terms stay 0).

@@ -1,4 +1,5 @@
-"""Logit distillation losses: forward KL, reverse KL and a generalised Jensen-Shannon divergence.
+"""Logit distillation losses: forward KL, reverse KL, a generalised Jensen-Shannon divergence, and any divergence
+registered with ``@divergence(name)`` (``trainer.distill.divergence.DIVERGENCES``).
 
 Every divergence is computed in fp32 from ``log_softmax`` of temperature-scaled logits, averaged over the
 tokens whose label is not ``ignore_index`` and multiplied by ``T**2`` (so gradient magnitudes do not shrink
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.distill.divergence import (
-    KINDS,
+    DIVERGENCES,
     ChunkedDivergence,
     check_args,
     check_tail,
     chunked_sum,
+    divergence,
     select_rows,
     summed_divergence,
     teacher_buckets,
@@ -111,6 +113,7 @@ def kd_loss(
     - ``forward_kl``: KL(p_t || p_s)
     - ``reverse_kl``: KL(p_s || p_t)
     - ``jsd``: beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), with m = beta * p_t + (1 - beta) * p_s
+    - any other registered kind: its function of ``log p_s``, ``log p_t`` and ``beta``
 
     ``top_k=k`` restricts both distributions to the teacher's top-k vocabulary indices ``idx`` and
     renormalises them there (the tail is dropped on both sides): ``p_t = softmax(teacher[idx] / T)``,
@@ -120,9 +123,9 @@ def kd_loss(
     Args:
         student_logits: ``[..., V]`` logits (any float dtype; computed in fp32).
         teacher_logits: ``[..., V]`` logits; detached.
-        kind: one of ``forward_kl``, ``reverse_kl``, ``jsd``.
+        kind: a registered divergence (``DIVERGENCES``: ``forward_kl``, ``reverse_kl``, ``jsd``, ...).
         temperature: softmax temperature ``T > 0``; the loss is multiplied by ``T**2``.
-        beta: mixture weight of the teacher in ``jsd`` (in ``[0, 1]``).
+        beta: mixture weight of the teacher in ``jsd`` (in ``[0, 1]``; every kind is given it).
         labels: ``[...]`` targets; tokens equal to ``ignore_index`` are excluded. None keeps all tokens.
         ignore_index: label value of ignored tokens.
         chunk_size: tokens per chunk; bounds the fp32 working set to ``chunk_size x V`` in forward and
@@ -201,7 +204,7 @@ class KDLoss(nn.Module):
     """Module wrapper of :func:`kd_loss` with fixed settings.
 
     Args:
-        kind: one of ``forward_kl``, ``reverse_kl``, ``jsd``.
+        kind: a registered divergence (``DIVERGENCES``: ``forward_kl``, ``reverse_kl``, ``jsd``, ...).
         temperature: softmax temperature ``T > 0``.
         beta: teacher weight of the ``jsd`` mixture, in ``[0, 1]``.
         ignore_index: label value of tokens excluded from the mean.
@@ -280,8 +283,9 @@ def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: Di
 
 
 __all__ = [
-    "KINDS",
+    "DIVERGENCES",
     "KDLoss",
+    "divergence",
     "fused_linear_kd_loss",
     "kd_loss",
     "kd_loss_topk",

@@ -1,14 +1,18 @@
 """``python -m benchmarks.llm --quick`` on a small random Llama teacher and a small corpus: every row trains or is
 measured, the JSON holds them, and the results fragment is written under ``--out`` (docs/results.md and
-benchmarks/results stay as they are)."""
+benchmarks/results stay as they are). Also ``benchmarks.gpu`` on CPU: its smollm2 mode on a tiny teacher, its one
+line without CUDA, and its run of the GPU tier (every test read as skipped with its reason)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 
-from benchmarks.gpu import run_smollm2
+from benchmarks.common import RESULTS
+from benchmarks.gpu import run_smollm2, run_tier
 from benchmarks.llm import END, QUICK, RESULTS_DOC, RESULTS_JSON, START
 from tests.conftest import run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
@@ -65,3 +69,28 @@ def test_gpu_benchmark_times_the_recipe_on_a_tiny_teacher(tmp_path):
     result = run_smollm2(tiny, steps=2, warmup=1, run_dir=tmp_path / "run")
     assert result["mode"] == "smollm2" and result["steps"] == 2 and result["tokens_per_s"] > 0
     assert result["step_flops"] > 0 and result["block"] == 16 and result["peak_memory_gib"] is None
+
+
+def test_gpu_benchmark_without_cuda_prints_one_line_and_writes_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the benchmark would run")
+    before = sorted(RESULTS.iterdir())
+    proc = run_cli(tmp_path, module="benchmarks.gpu", timeout=300)
+    assert proc.stdout.splitlines() == [
+        "python -m benchmarks.gpu needs CUDA and found no CUDA device: nothing run, nothing written"
+    ]
+    assert sorted(RESULTS.iterdir()) == before and not any(tmp_path.iterdir())
+
+
+def test_gpu_benchmark_reads_the_gpu_tiers_outcomes_and_stops_it_in_time():
+    """``benchmarks.gpu``'s tier run (``pytest -m gpu tests/gpu`` in a subprocess): without CUDA every test is read
+    as skipped with its reason; past its timeout the tier is stopped and says so."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the tier would run its tests")
+    tier = run_tier(timeout=600)
+    assert tier["exit_code"] == 0 and not tier["timed_out"], tier.get("output_tail")
+    assert tier["skipped"] == len(tier["tests"]) >= 6 and tier["passed"] == tier["failed"] == tier["errors"] == 0
+    assert all(re.fullmatch(r"needs (1 CUDA device|2 CUDA devices), found 0", t["message"]) for t in tier["tests"])
+    assert {t["test"].partition("::")[0] for t in tier["tests"]} >= {"tests.gpu.test_gpu_quickstart_curve"}
+    stopped = run_tier(timeout=1)
+    assert stopped["timed_out"] and stopped["exit_code"] != 0 and stopped["tests"] == []
