@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.config import ConfigError
+from trainer.config import TOKENIZED_DATA, ConfigError
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -124,9 +124,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def localize(cfg: RunConfig) -> None:
-    """Replace the hub ids of ``cfg`` (``teacher.checkpoint``, ``student.path`` of ``student=hf``, ``data.tokenizer``)
-    by their snapshot folders; a tokenizer that is the teacher's follows it. ConfigError naming the key. A teacher
-    with a ``recipe`` is left alone: the recipe makes it."""
+    """Replace the hub ids of ``cfg`` (``teacher.checkpoint``, ``student.path`` of ``student=hf``, ``data.tokenizer``
+    of tokenized data) by their snapshot folders; a tokenizer that is the teacher's follows it. ConfigError naming
+    the key. A teacher with a ``recipe`` is left alone: the recipe makes it."""
     teacher = cfg.teacher.checkpoint
     if teacher is not None and not cfg.teacher.recipe:
         cfg.teacher.checkpoint = _local_at("teacher.checkpoint", teacher)
@@ -134,7 +134,8 @@ def localize(cfg: RunConfig) -> None:
             cfg.data.tokenizer = cfg.teacher.checkpoint
     if cfg.student.get("arch") == "hf" and isinstance(cfg.student.get("path"), str):
         cfg.student["path"] = _local_at("student.path", cfg.student["path"])
-    cfg.data.tokenizer = _local_at("data.tokenizer", cfg.data.tokenizer)
+    if cfg.data.name in TOKENIZED_DATA:  # other data sets read no tokenizer
+        cfg.data.tokenizer = _local_at("data.tokenizer", cfg.data.tokenizer)
 
 
 def _local_at(key: str, value: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, save_hf_student
+from tests.conftest import FAST, cli_env, save_hf_student, slow
 from tests.dist import test_parallel_runs
 from tests.dist.equality import assert_same_run
 
@@ -78,7 +78,7 @@ def launch(root: Path, nproc: int, name: str, overrides: list[str]) -> Path:
     return root / name
 
 
-@pytest.fixture(scope="module", params=list(TARGETS))
+@pytest.fixture(scope="module", params=[kind if kind == "llama" else slow(kind, id=kind) for kind in TARGETS])
 def kind(request) -> str:
     return request.param
 
@@ -99,8 +99,11 @@ def reference(runs, kind, teacher) -> Path:
 
 @pytest.mark.parametrize(
     "layout",
-    [["parallel=ddp"], ["parallel=fsdp"], ["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"]],
-    ids=["ddp", "fsdp", "pipeline"],
+    [
+        slow(["parallel=ddp"], id="ddp"),
+        pytest.param(["parallel=fsdp"], id="fsdp"),
+        pytest.param(["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"], id="pipeline"),
+    ],
 )
 def test_a_hugging_face_student_matches_one_process(runs, kind, teacher, reference, layout):
     name = layout[0].split("=")[1]
@@ -108,6 +111,7 @@ def test_a_hugging_face_student_matches_one_process(runs, kind, teacher, referen
     assert_same_run(run, reference, teacher, steps=STEPS, qat_start=QAT_START)
 
 
+@pytest.mark.slow  # HSDP itself: tests/dist/test_parallel_runs.py
 def test_a_llama_student_on_hsdp_2x2_matches_one_process(tmp_path_factory, teacher):
     """HSDP on 4 ranks (2 replicas x 2 shards) against one process summing its 4 micro-batches in the order the
     collectives do (``train.accum_order=pairwise``)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, cli_env, read_metrics, save_hf_teachers, save_tokenizer
+from tests.conftest import FAST, cli_env, read_metrics, save_hf_teachers, save_tokenizer, slow
 from tests.gguf_files import write_gguf
 
 pytestmark = pytest.mark.dist
@@ -175,7 +175,7 @@ def memory_run(root: Path, teacher: Path, placement: str) -> tuple[list[dict], l
     ]
 
 
-@pytest.mark.parametrize("kind", ["hf", "gguf"])
+@pytest.mark.parametrize("kind", ["hf", slow("gguf", id="gguf")])
 def test_sharded_hf_teacher_is_never_whole_on_a_rank(tmp_path, kind):
     """Peak resident memory (``ru_maxrss``) grown while the teacher is built and every byte of its parameters on the
     rank is read: a mapped file counts when its pages are touched, so a teacher loaded whole counts whole even

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, read_metrics
+from tests.conftest import FAST, cli_env, read_metrics, slow
 from tests.dist import test_parallel_runs
 from tests.dist.equality import REASSOCIATION, by_step
 from tests.families.gated_lm import NAME
@@ -99,8 +99,11 @@ def assert_same_curve(run: Path, reference: Path) -> None:
 
 @pytest.mark.parametrize(
     "layout",
-    [["parallel=ddp"], ["parallel=fsdp"], ["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"]],
-    ids=["ddp", "fsdp", "pipeline"],
+    [
+        slow(["parallel=ddp"], id="ddp"),
+        pytest.param(["parallel=fsdp"], id="fsdp"),
+        slow(["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"], id="pipeline"),
+    ],
 )
 def test_the_test_family_matches_one_process(runs, teacher, reference, layout):
     name = layout[0].split("=")[1]

@@ -135,6 +135,7 @@ def test_a_sharded_teacher_scores_the_samples_as_the_replicated_teacher(root, fs
     assert_same(shard, fsdp)
 
 
+@pytest.mark.slow  # completions of several lengths under FSDP: the default tier has them in the text data test
 def test_chat_with_a_llama_student_under_fsdp_equals_one_process(tmp_path):
     """data=chat: the prompts (up to each conversation's assistant turn) differ in length within and across the
     ranks, whose generations still run the same sharded forwards; the losses and completions equal one process's."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import slow
 from tests.dist import test_parallel_runs
 from tests.dist.test_parallel_runs import assert_same, by_step, single, torchrun
 
@@ -70,7 +71,14 @@ def test_interleaved_1f1b_two_stages_per_rank_matches_single_process(runs, teach
     assert_same(runs / "pp2_interleaved", reference, teacher)
 
 
-@pytest.mark.parametrize("first, then", [("pipeline", "pipeline"), ("pipeline", "single"), ("single", "pipeline")])
+@pytest.mark.parametrize(
+    "first, then",
+    [
+        slow("pipeline", "pipeline", id="pipeline-pipeline"),
+        pytest.param("pipeline", "single", id="pipeline-single"),
+        slow("single", "pipeline", id="single-pipeline"),
+    ],
+)
 def test_resume_continues_the_curve_also_across_layouts(runs, teacher, reference2, first, then):
     """Stop at step 5, resume from the DCP checkpoint (optimizer state is keyed by parameter name, so stages
     and whole students read each other's)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, read_metrics, run_cli
+from tests.conftest import FAST, cli_env, read_metrics, run_cli, slow
 from trainer import checkpoint
 from trainer.preemption import PREEMPTED_EXIT
 from trainer.process import INTERRUPTED_EXIT
@@ -76,7 +76,7 @@ def assert_same_metrics(got: list[dict], expected: list[dict], tolerance: float)
     assert got[-1]["eval/val_loss"] == pytest.approx(expected[-1]["eval/val_loss"], abs=tolerance)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+@pytest.mark.parametrize("sig", [slow(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM")])
 def test_signal_checkpoints_exits_and_resume_matches_uninterrupted(sig, tmp_path, reference):
     proc = start(tmp_path, sys.executable, "-m", "trainer", *RUN)
     wait_for_rows(proc, tmp_path / "run" / "metrics.jsonl", SIGNAL_AFTER_ROWS)

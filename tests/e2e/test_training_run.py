@@ -184,6 +184,7 @@ def test_torchrun_single_process_equals_plain_python(tmp_path, teacher, referenc
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow  # a larger run: two 300-step trainings held to an accuracy
 def test_digits_teacher_and_distilled_student(tmp_path):
     common = [
         "data=digits",
