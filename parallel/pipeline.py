@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
 from parallel.fsdp import PARAM_DTYPES
@@ -44,7 +43,13 @@ if TYPE_CHECKING:
     from trainer.config import ParallelConfig
     from trainer.models.protocol import HeadFn, ModelFamily
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+def schedule_classes() -> dict[str, type]:
+    """The schedule class of each ``parallel.pp_schedule``. ``torch.distributed.pipelining`` is imported here, when
+    a pipeline is built, not with this module: its import costs every process 0.7 s of CPU."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
 def stage_blocks(n_layer: int, n_stages: int) -> list[range]:
@@ -255,6 +260,8 @@ def build_pipeline(
         """What a stage receives or returns (static, so the schedule infers nothing); activations carry gradients."""
         return torch.empty(shape, dtype=dtype, device="meta", requires_grad=dtype.is_floating_point)
 
+    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
+
     rows, tokens = microbatch
     last_output = meta(1, dtype=torch.float32) if next_head is not None else meta(rows, tokens, vocab)
     pipeline_stages = [
@@ -269,7 +276,7 @@ def build_pipeline(
         )
         for s, module in zip(indices, modules)
     ]
-    schedule_cls = SCHEDULES[cfg.pp_schedule]
+    schedule_cls = schedule_classes()[cfg.pp_schedule]
     schedule = schedule_cls(
         pipeline_stages if schedule_cls is ScheduleInterleaved1F1B else pipeline_stages[0],
         n_microbatches=cfg.microbatches,

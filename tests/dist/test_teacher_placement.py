@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, read_metrics, train_small_teacher
+from tests.conftest import FAST, cli_env, read_metrics, slow, train_small_teacher
 
 pytestmark = pytest.mark.dist
 
@@ -62,7 +62,7 @@ def replicate(root) -> Path:
     return root / "replicate"
 
 
-@pytest.mark.parametrize("student", ["fsdp", "ddp"])
+@pytest.mark.parametrize("student", ["fsdp", slow("ddp", id="ddp")])
 def test_sharded_teacher_equals_replicated_with_half_the_bytes(root, replicate, student):
     launch(root, 2, "trainer", f"shard_{student}", f"parallel={student}", "teacher.placement=shard")
     got, want = by_step(root / f"shard_{student}"), by_step(replicate)
@@ -115,7 +115,7 @@ def test_a_row_garbled_on_one_rank_stops_every_rank(root):
     assert "exitcode  : 1" in proc.stderr  # torchrun's summary: a worker exited 1 (torchrun then ends the others)
 
 
-@pytest.mark.parametrize("teacher_ranks", [1, 2])
+@pytest.mark.parametrize("teacher_ranks", [1, slow(2, id="2")])
 def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teacher_ranks):
     """2 student ranks (DDP) + ``teacher_ranks`` dedicated teacher ranks: the same KD loss at every step, and the
     same top-1 agreement and teacher entropy at evals, as the teacher replicated on the 2 student ranks."""

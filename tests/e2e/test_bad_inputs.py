@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, preflight_in_process, read_metrics, run_cli
+from tests.conftest import FAST, preflight_in_process, read_metrics, run_cli, slow
 from trainer import checkpoint, exports, models
 
 pytestmark = pytest.mark.e2e
@@ -169,8 +169,12 @@ def test_resume_never_in_a_run_dir_that_holds_a_run_refuses(tmp_path):
     ("changes", "difference"),
     [
         (["train.seed=7"], "train.seed 1337 there, 7 here"),
-        (["data.synthetic_tokens=30000"], "data synthetic-32-20000 there, synthetic-32-30000 here"),
-        (["train.max_steps=4", "train.lr=2e-3"], "train.lr 0.001 there, 0.002 here, train.max_steps 2 there, 4 here"),
+        slow(["data.synthetic_tokens=30000"], "data synthetic-32-20000 there, synthetic-32-30000 here", id="data"),
+        slow(
+            ["train.max_steps=4", "train.lr=2e-3"],
+            "train.lr 0.001 there, 0.002 here, train.max_steps 2 there, 4 here",
+            id="two fields",
+        ),
     ],
 )
 def test_resume_with_other_settings_refuses_naming_them(tmp_path, changes, difference):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, read_metrics, run_cli, slow
 from tests.gguf_files import save_llama_pair, tiny_llama, write_gguf
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def kd_by_step(rows: list[dict]) -> dict[int, float]:
     return {row["step"]: row["distill/kd"] for row in rows if "distill/kd" in row}
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", slow("bf16", id="bf16")])
 def test_gguf_teacher_distills_a_student(root, live, dtype):
     rows = live if dtype == "fp32" else distill(root, dtype)
     kd = kd_by_step(rows)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import HF_VOCAB, save_hf_student
+from tests.conftest import HF_VOCAB, save_hf_student, slow
 from trainer import exports, models
 from trainer.compress import build_compressor, compressed_tensors, qat, stats
 from trainer.compress.export import quantize_dense
@@ -100,7 +100,7 @@ def assert_size_is_model_bytes(final: Path, compressor) -> None:
     assert weights.stat().st_size == from_counts + header_bytes(weights)
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("scheme", [s if s == "int8" else slow(s, id=s) for s in SCHEMES])
 def test_transformers_loads_the_qat_student_with_its_logits_and_size(source, tmp_path, scheme):
     weight_bits, act_bits, fmt = SCHEMES[scheme]
     model, compressor = student(source, qat_modifier(weight_bits, act_bits))
