@@ -168,6 +168,12 @@ def slow(*values: object, id: str | None = None):
     return pytest.param(*values, id=id, marks=pytest.mark.slow)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker more than the cores, to use the time the multi-process and SLURM tests spend waiting
+    (rendezvous, job scheduling) on another test."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     tests = Path(__file__).resolve().parent
     for item in items:

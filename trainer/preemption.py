@@ -6,6 +6,7 @@ once (KeyboardInterrupt). The handlers only set a flag; ranks agree on it with o
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -18,6 +19,7 @@ from parallel import groups
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL (sysexits.h): try again later; launch/slurm/*.sbatch requeue on it
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+CTRL_C_NOTICE = "Ctrl-C: finishing this step and writing a checkpoint (Ctrl-C again aborts)"
 
 
 class Preempted(Exception):
@@ -53,6 +55,7 @@ class StopRequests:
             self.received = signal.Signals(signum).name
         if signum == signal.SIGINT:  # the next Ctrl-C interrupts whatever runs
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(CTRL_C_NOTICE, file=sys.stderr, flush=True)
 
     def agreed(self) -> bool:
         """Whether any rank received a stop signal (a collective under a process group: every rank calls it)."""

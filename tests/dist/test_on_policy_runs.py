@@ -130,6 +130,7 @@ def test_a_run_killed_inside_a_checkpoint_write_and_resumed_equals_the_uninterru
     assert_same(resumed, fsdp)
 
 
+@pytest.mark.slow  # the sharded teacher's forward, as in tests/dist/test_teacher_placement.py
 def test_a_sharded_teacher_scores_the_samples_as_the_replicated_teacher(root, fsdp):
     shard = launch(root, 2, "shard", "parallel=fsdp", "teacher.placement=shard")
     assert_same(shard, fsdp)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import FAST, cli_env
+from tests.conftest import FAST, cli_env, slow
 
 pytestmark = pytest.mark.dist
 
@@ -120,17 +120,18 @@ def test_bad_parallel_input_is_one_line_exit_2(tmp_path, name):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (
+        pytest.param(
             ["parallel=fsdp", "train.batch_size=5"],
             "train.batch_size: 5 is not divisible by data-parallel size 2 x train.grad_accum=1",
+            id="batch",
         ),
-        (["parallel=fsdp", "parallel.dp_shard=3"], "parallel.dp_shard: "),
-        (
+        slow(["parallel=fsdp", "parallel.dp_shard=3"], "parallel.dp_shard: ", id="dp_shard"),
+        slow(
             ["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2", "student.n_layer=1"],
             "parallel.pp: 2 pipeline",
+            id="pipeline",
         ),
     ],
-    ids=["batch", "dp_shard", "pipeline"],
 )
 def test_under_torchrun_the_ranks_exit_2_and_rank_0_prints_the_line(tmp_path, overrides, expected):
     """Rank 0 alone prints the line; every rank exits 2 and writes the line to the error file torchrun reads, so

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import FAST, read_metrics, run_cli, train_small_teacher
+from tests.conftest import FAST, read_metrics, run_cli, slow, train_small_teacher
 from trainer import checkpoint, files
 from trainer.__main__ import CONF_DIR
 from trainer.config import ConfigError, RunConfig, register_configs
@@ -192,7 +192,7 @@ def flip_bit(path: Path, step: int, row: int, itemsize: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name, itemsize", [("values.bin", 4), ("indices.bin", 2)])
+@pytest.mark.parametrize("name, itemsize", [("values.bin", 4), slow("indices.bin", 2, id="indices.bin-2")])
 def test_a_garbled_row_stops_training_with_one_line(root, top8, name, itemsize):
     """A bit flipped in step 3, row 5: steps 1-3 train (step 2 is checkpointed), the 4th stops with one line
     naming the file, step and row, exit 1, the checkpoint kept; a rerun of the build rewrites the row."""
@@ -231,7 +231,7 @@ def manifest_text(top8: Path, form: str) -> str:
     [
         ("not JSON", "trainer", "Expecting property name enclosed in double quotes: line 1 column 52 (char 51)"),
         ("not an object", "trainer.cache", '"manifest" is not a JSON object'),
-        ("missing field", "trainer", "key.seed is missing"),
+        slow("missing field", "trainer", "key.seed is missing", id="missing field-trainer-key.seed is missing"),
         ("wrong type", "trainer.cache", 'shards is "all", not an array'),
     ],
 )
@@ -248,7 +248,7 @@ def test_a_garbled_manifest_is_one_line(root, top8, form, module, why):
     assert not (root / f"run_{folder.name}").exists()
 
 
-@pytest.mark.parametrize("module", ["trainer", "trainer.cache"])
+@pytest.mark.parametrize("module", ["trainer", slow("trainer.cache", id="trainer.cache")])
 def test_a_cache_of_the_old_format_is_refused(root, top8, module):
     folder = root / f"format1_{module}"
     folder.mkdir()
