@@ -42,7 +42,7 @@ def reference2(runs, teacher) -> Path:
     return single(runs, teacher, "single_accum2", "train.grad_accum=2")
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", [slow("gpipe", id="gpipe"), "1f1b"])
 def test_two_stages_match_single_process(runs, teacher, reference2, schedule):
     proc = torchrun(runs, teacher, 2, f"pp2_{schedule}", *PIPELINE_2, f"parallel.pp_schedule={schedule}")
     assert TIED in proc.stderr
