@@ -159,7 +159,7 @@ def memory_run(root: Path, teacher: Path, placement: str) -> tuple[list[dict], l
     """``tests/dist/teacher_memory.py`` on 2 ranks: each rank's peak-memory growth and its logits."""
     out = root / f"memory_{teacher.name}_{placement}"
     out.mkdir()
-    script = Path(__file__).with_name("teacher_memory.py")
+    script = Path(__file__).parent.parent / "dist" / "teacher_memory.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     # A fixed mmap threshold: glibc returns each freed buffer of 64 KiB or more to the system at once, so the peak is
     # what the process holds, not what the allocator keeps cached after FSDP2's gathers (the same for both runs).
