@@ -28,14 +28,19 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quickstart(workdir) -> tuple[Path, str]:
-    proc = run_cli(workdir, "experiment=quickstart", "logger.progress=false", "hydra.run.dir=qs", timeout=900)
+    proc = run_cli(workdir, "experiment=quickstart", "logger.progress=false", "hydra.run.dir=qs", timeout=1800)
     return workdir / "qs", proc.stdout
 
 
 @pytest.fixture(scope="module")
 def prune_qat(workdir, quickstart) -> Path:
     run_cli(
-        workdir, "experiment=quickstart", "compress=prune_qat", "logger.progress=false", "hydra.run.dir=pq", timeout=900
+        workdir,
+        "experiment=quickstart",
+        "compress=prune_qat",
+        "logger.progress=false",
+        "hydra.run.dir=pq",
+        timeout=1800,
     )
     return workdir / "pq"
 
