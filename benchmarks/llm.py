@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from benchmarks import readme_results
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env, trainer_windows
 from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
-from trainer import data, from_teacher, models, report, side_by_side
+from trainer import data, models, report, side_by_side
 from trainer.config import sequence_length
+from trainer.cut import from_teacher
 from trainer.models import hf
 
 REPO = Path(__file__).resolve().parent.parent

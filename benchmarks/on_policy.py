@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
 from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
-from trainer import data, exports
+from trainer import data, export
 from trainer.config import sequence_length
 from trainer.distill import teacher as teacher_io
 from trainer.distill.on_policy import generate
@@ -81,7 +81,7 @@ def held_out_prompts(overrides: list[str], count: int, prompt_tokens: int) -> tu
 def measure(run_dir: Path, teacher: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> dict:
     """The trained student's greedy completions of ``prompts`` and the teacher's mean log-probability of their
     tokens; the run's last validation loss and training time."""
-    student = exports.load(run_dir / "final")
+    student = export.load(run_dir / "final")
     n, p = prompts.shape
     rows = torch.cat([prompts, torch.zeros(n, new_tokens + 1, dtype=prompts.dtype)], dim=1)
     c = generate(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import compose_config, print_table, random_teacher, timing_parser, trainer_windows, write_json
-from trainer import data, exports
+from trainer import data, export
 from trainer.build import build_student, param_groups
 from trainer.config import sequence_length
 from trainer.distill.losses import kd_loss
@@ -32,7 +32,7 @@ def bare_windows(overrides: list[str], teacher_dir: Path, steps: int, window: in
     torch.manual_seed(t.seed)
     dataset = data.build(cfg.data, sequence_length(cfg))
     student = build_student(cfg, dataset)
-    teacher = exports.load(teacher_dir).requires_grad_(False)
+    teacher = export.load(teacher_dir).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     shard = data.Shard()
     times = []

@@ -52,11 +52,11 @@ def run_cli(
 
 
 def preflight_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> tuple[int, list[str]]:
-    """What ``python -m trainer OVERRIDES`` does before Hydra starts (``trainer.__main__.preflight``), in this
+    """What ``python -m trainer OVERRIDES`` does before Hydra starts (``trainer.cli.train.preflight``), in this
     process with cwd=tmp_path: (its exit code, its stderr lines). For the many one-line refusals, which need no new
     interpreter each; tests also run a few of them as real processes, which checks the way from ``main`` to the line.
     Fails the test when the overrides pass the preflight."""
-    from trainer.__main__ import preflight
+    from trainer.cli.train import preflight
     from trainer.config import register_configs
 
     monkeypatch.chdir(tmp_path)

@@ -15,8 +15,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.env import DistEnv
 from parallel.mesh import ParallelDims
-from trainer import data, from_teacher, models
+from trainer import data, models
 from trainer.config import ModifierConfig, RunConfig, needs_teacher, parallel_dims, sequence_length
+from trainer.cut import from_teacher
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.placement import Teacher, build_teacher
 from trainer.models.protocol import ModelFamily, family_of

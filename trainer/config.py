@@ -1,6 +1,6 @@
 """Typed run configuration (Hydra structured configs); each node checks its own values (``check``).
 
-Checks that need files, the environment, the model or several nodes at once are in ``trainer/preflight.py``,
+Checks that need files, the environment, the model or several nodes at once are in ``trainer/preflight/__init__.py``,
 which runs these first (``check_nodes``). Nothing here imports the modules that read the config.
 """
 

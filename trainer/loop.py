@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from parallel import env as dist_env
 from parallel import groups
 from parallel.collectives import dp_sum
-from trainer import checkpoint, data, exports, models, report, side_by_side
+from trainer import checkpoint, data, export, models, report, side_by_side
 from trainer.build import build_compressor, build_run
 from trainer.config import RunConfig
 from trainer.logging import RunLogger
@@ -359,16 +359,16 @@ class Trainer:
             return None
         assert student is not None  # rank 0 holds the whole student
         final = self.run_dir / "final"
-        staging = exports.staging_dir(final)
+        staging = export.staging_dir(final)
         if compressor:
             compressor.export(staging)
         else:
             models.save_dense(student, staging)
         data.save_tokenizer(self.cfg.data, staging)
-        exports.publish(staging, final)
+        export.publish(staging, final)
         teacher = self.teacher.whole_module if self.teacher is not None else None
         teacher_eval = self.evaluate(teacher) if teacher is not None else None
-        export_eval = self.evaluate(exports.load_served(final).to(self.env.device))
+        export_eval = self.evaluate(export.load_served(final).to(self.env.device))
         summary = report.write(
             self.run_dir,
             cfg=self.cfg,

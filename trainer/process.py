@@ -9,9 +9,8 @@ import torch.distributed as dist
 
 from parallel import env as dist_env
 from parallel import groups, remote
-from trainer import checkpoint
+from trainer import cache, checkpoint
 from trainer.config import RunConfig, parallel_dims
-from trainer.distill import cache
 from trainer.distill.teacher import TeacherPathError
 from trainer.loop import NonFiniteLoss, Trainer
 from trainer.preemption import PREEMPTED_EXIT, Preempted

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer import exports, files, models
+from trainer import export, files, models
 from trainer.config import RunConfig
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.models.protocol import family_of
@@ -81,7 +81,7 @@ def write(
     samples: list[list] | None = None,
 ) -> dict:
     """Measure the models, write ``report.md`` and ``report.json``, return the summary figures."""
-    exported = exports.load_served(final_dir)  # a Hugging Face student's: as transformers loads and runs it
+    exported = export.load_served(final_dir)  # a Hugging Face student's: as transformers loads and runs it
     dense_student = dense_copy(student)
     rows = [
         ("student (fp32 dense)", dense_student, student_eval, dense_export_bytes(dense_student)),

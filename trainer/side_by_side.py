@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import data, exports, models, report
+from trainer import data, export, models, report
 from trainer.config import DataConfig, RunConfig
 from trainer.data import tokenizer as tokenizers
 from trainer.distill import teacher as teacher_io
-from trainer.models import hf, hf_gguf
+from trainer.models import hf
+from trainer.models.hf import gguf
 
 DENSE_DIR = "final_dense"
 
@@ -27,17 +28,17 @@ def save_dense_folder(student: nn.Module, run_dir: Path, data_cfg: DataConfig) -
     """The trained student's float weights (no fake-quant, no compression) as ``run_dir/final_dense``, with the
     run's tokenizer."""
     final = run_dir / DENSE_DIR
-    staging = exports.staging_dir(final)
+    staging = export.staging_dir(final)
     models.save_dense(report.dense_copy(student), staging)
     data.save_tokenizer(data_cfg, staging)
-    exports.publish(staging, final)
+    export.publish(staging, final)
     return final
 
 
 def load_teacher(path: str, dtype: str) -> hf.TransformersLM:
     """The teacher (a Hugging Face folder, or a GGUF file dequantized to ``dtype``) as transformers loads it."""
     kind, found = teacher_io.resolve(path)
-    return hf.TransformersLM(hf_gguf.load(found, dtype)).eval() if kind == "gguf" else hf.load_transformers(found)
+    return hf.TransformersLM(gguf.load(found, dtype)).eval() if kind == "gguf" else hf.load_transformers(found)
 
 
 def weight_count(model: nn.Module) -> int:

@@ -39,7 +39,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
 from tests.conftest import read_metrics
-from trainer import checkpoint, data, exports, models
+from trainer import checkpoint, data, export, models
 from trainer.compress import qat
 from trainer.config import DataConfig, DistillConfig
 from trainer.distill.losses import logit_losses
@@ -73,7 +73,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def export_weights(run: Path) -> dict[str, torch.Tensor]:
     """Every weight of the shipped student (``final/``) as its forward uses it (int8 codes times scales)."""
-    model = exports.load(run / "final")
+    model = export.load(run / "final")
     return {
         f"{name}.weight": module.weight.detach().float()
         for name, module in model.named_modules()
@@ -136,7 +136,7 @@ def one_flip_change(reference: Path, teacher: Path) -> dict[str, float]:
     tokens = data.build(DataConfig(**cfg["data"]), cfg["student"]["block_size"])
     x, y = next(tokens.val_batches(cfg["train"]["batch_size"]))
     with torch.no_grad():
-        teacher_logits = exports.load(teacher)(x)
+        teacher_logits = export.load(teacher)(x)
     distill = DistillConfig(**{k: v for k, v in cfg["distill"].items() if k != "features"})
     terms = logit_losses(student(x), y, TeacherOutput(logits=teacher_logits), distill)
     change = {}

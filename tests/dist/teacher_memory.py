@@ -21,9 +21,9 @@ from torch.distributed.tensor import DTensor
 
 from parallel.mesh import ParallelDims
 from trainer.config import RunConfig
-from trainer.distill import hf
 from trainer.distill import teacher as teacher_io
 from trainer.distill.placement import build_teacher
+from trainer.models.hf import causal_lm
 
 
 def peak_bytes() -> int:
@@ -34,7 +34,7 @@ def main(folder: str, placement: str, out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(folder)  # the model on the meta device: imports its code, a one-time cost, before the reading
-    hf.empty_gguf(path) if path.suffix == ".gguf" else hf.empty(path)
+    causal_lm.empty_gguf(path) if path.suffix == ".gguf" else causal_lm.empty(path)
     cfg = RunConfig()
     cfg.teacher.checkpoint, cfg.teacher.placement = folder, placement
     cfg.data.name, cfg.data.synthetic_vocab = "synthetic", teacher_io.spec(folder)["config"]["vocab_size"]

@@ -126,7 +126,7 @@ def test_the_test_family_is_channel_pruned_and_exported_smaller(runs, teacher):
     assert export["params"] < dense["params"] and export["bytes"] < dense["bytes"]
     assert export["val_loss"] == pytest.approx(dense["val_loss"], rel=1e-4)  # the same function, thinned
     code = (
-        "import sys; from trainer import exports; m = exports.load(sys.argv[1]); "
+        "import sys; from trainer import export; m = export.load(sys.argv[1]); "
         "print(type(m).__name__, sum(p.numel() for p in m.parameters()))"
     )
     loaded = subprocess.run(

@@ -11,7 +11,7 @@ import sys
 
 import torch.distributed.checkpoint as dcp
 
-from trainer.__main__ import main
+from trainer.cli.train import main
 
 kill_at = int(sys.argv.pop(1))
 real_save = dcp.save

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, preflight_in_process, read_metrics, run_cli, slow
-from trainer import checkpoint, exports, models
+from trainer import checkpoint, export, models
 
 pytestmark = pytest.mark.e2e
 
@@ -24,9 +24,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "latin1.txt").write_bytes("caf\xe9 au lait, ".encode("latin-1") * 500)
     (root / "a_folder").mkdir()
     teacher = models.build("gpt", vocab_size=32, n_layer=1, n_head=1, n_embd=16, block_size=16)
-    staging = exports.staging_dir(root / "teacher32")
+    staging = export.staging_dir(root / "teacher32")
     models.save_dense(teacher, staging)
-    exports.publish(staging, root / "teacher32")
+    export.publish(staging, root / "teacher32")
     return {path.stem: path for path in root.iterdir()}
 
 
@@ -240,7 +240,7 @@ def test_a_checkpoint_folder_is_a_teacher_and_an_export_source(tmp_path):
     shutil.rmtree(tmp_path / "t" / "final")
     run_cli(tmp_path, str(tmp_path / "t"), "quantize=int8_weight", f"out={tmp_path / 'q4'}", module="trainer.export")
     x = torch.randint(0, 32, (2, 16))
-    two, four = exports.load(tmp_path / "q2"), exports.load(tmp_path / "q4")
+    two, four = export.load(tmp_path / "q2"), export.load(tmp_path / "q4")
     assert two(x).shape == four(x).shape == (2, 16, 32) and not torch.equal(two(x), four(x))  # steps 2 and 4
 
 
@@ -340,4 +340,4 @@ def test_exports_follow_the_umask_and_are_sealed(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in final.iterdir()}
     assert set(modes) == {"config.json", "model.safetensors", "manifest.json"}
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes  # as any other file
-    exports.verify(final)
+    export.verify(final)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from trainer import exports, models
+from trainer import export, models
 from trainer.report import folder_bytes
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,7 @@ def test_post_training_quantization(tmp_path, dense, scheme, min_ratio, max_erro
     model, folder = dense
     proc = run_cli(tmp_path, str(folder), f"quantize={scheme}", f"out={tmp_path / 'q'}", module="trainer.export")
     assert "smaller than the fp32 export" in proc.stdout
-    quantized = exports.load(tmp_path / "q")
+    quantized = export.load(tmp_path / "q")
     assert folder_bytes(folder) / folder_bytes(tmp_path / "q") >= min_ratio
     x = torch.randint(0, 65, (2, 32))
     reference, approx = model(x), quantized(x)

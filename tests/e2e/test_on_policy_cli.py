@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, preflight_in_process, read_metrics, run_cli
-from trainer import exports, models
+from trainer import export, models
 
 pytestmark = pytest.mark.e2e
 
@@ -25,9 +25,9 @@ def teacher(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("on_policy")
     torch.manual_seed(0)
     model = models.build("gpt", vocab_size=32, n_layer=2, n_head=2, n_embd=32, block_size=16)
-    staging = exports.staging_dir(root / "teacher")
+    staging = export.staging_dir(root / "teacher")
     models.save_dense(model, staging)
-    exports.publish(staging, root / "teacher")
+    export.publish(staging, root / "teacher")
     return root / "teacher"
 
 

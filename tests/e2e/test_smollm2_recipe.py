@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import read_metrics, run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
-from trainer import __main__ as cli
+from trainer.cli import train as cli
 from trainer.config import register_configs
 
 pytestmark = pytest.mark.e2e

@@ -22,10 +22,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import FAST, read_metrics, run_cli, slow, train_small_teacher
-from trainer import checkpoint, files
-from trainer.__main__ import CONF_DIR
+from trainer import cache, checkpoint, files
+from trainer.cli.train import CONF_DIR
 from trainer.config import ConfigError, RunConfig, register_configs
-from trainer.distill import cache
 from trainer.preflight import validate
 
 pytestmark = pytest.mark.e2e

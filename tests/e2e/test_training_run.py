@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, KILL_DURING_CHECKPOINT, cli_env, read_metrics, run_cli, train_small_teacher
-from trainer import checkpoint, data, exports, models
+from trainer import checkpoint, data, export, models
 from trainer.config import DataConfig
 
 pytestmark = pytest.mark.e2e
@@ -133,7 +133,7 @@ def test_kill_during_checkpoint_write_leaves_a_resumable_run(tmp_path, teacher, 
 
 
 def test_export_reloads_to_the_trained_student(reference):
-    exported = exports.load(reference / "final")
+    exported = export.load(reference / "final")
     trained = models.build_from_spec(checkpoint.read_model_spec(checkpoint.latest(reference / "ckpt")))
     checkpoint.load_model_weights(checkpoint.latest(reference / "ckpt"), trained)
     x, _ = next(data.build(DataConfig(name="synthetic"), 16).val_batches(4))

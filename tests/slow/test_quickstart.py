@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli_env, read_metrics, run_cli
-from trainer import exports
+from trainer import export
 from trainer.report import folder_bytes
 
 pytestmark = pytest.mark.e2e
@@ -60,7 +60,7 @@ def test_quickstart_prints_teacher_and_student(quickstart):
     rows = {line.split("  ")[0].strip(): line for line in stdout.splitlines()}
     assert "teacher" in rows and "student (export)" in rows, stdout
     assert final_eval(run_dir)["step"] == 2000
-    assert exports.load(run_dir / "final") is not None
+    assert export.load(run_dir / "final") is not None
 
 
 def test_prune_qat_hits_target_sparsity_at_end_step(prune_qat):

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from tests.conftest import HF_VOCAB, save_hf_student, slow
-from trainer import exports, models
+from trainer import export, models
 from trainer.compress import build_compressor, compressed_tensors, qat, stats
-from trainer.compress.export import quantize_dense
 from trainer.compress.stats import quant_specs
+from trainer.compress.stillroom_format import quantize_dense
 from trainer.config import ModifierConfig
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face students need the `hf` extra")
@@ -68,10 +68,10 @@ def qat_modifier(weight_bits: int, act_bits: int) -> ModifierConfig:
     )
 
 
-def export(compressor, folder: Path) -> Path:
-    staging = exports.staging_dir(folder)
+def export_to(compressor, folder: Path) -> Path:
+    staging = export.staging_dir(folder)
     compressor.export(staging)
-    exports.publish(staging, folder)
+    export.publish(staging, folder)
     return folder
 
 
@@ -104,7 +104,7 @@ def assert_size_is_model_bytes(final: Path, compressor) -> None:
 def test_transformers_loads_the_qat_student_with_its_logits_and_size(source, tmp_path, scheme):
     weight_bits, act_bits, fmt = SCHEMES[scheme]
     model, compressor = student(source, qat_modifier(weight_bits, act_bits))
-    final = export(compressor, tmp_path / "final")
+    final = export_to(compressor, tmp_path / "final")
     assert {"config.json", "model.safetensors", "generation_config.json", "manifest.json"} <= {
         f.name for f in final.iterdir()
     }
@@ -119,11 +119,11 @@ def test_transformers_loads_the_qat_student_with_its_logits_and_size(source, tmp
     torch.testing.assert_close(transformers_logits(final, tmp_path), want, rtol=0, atol=LOGITS_ATOL)
 
     # the weights transformers dequantized are the fake-quantized ones, bit for bit
-    loaded = exports.load(final)
+    loaded = export.load(final)
     for name in quant_specs(model):
         got = loaded.get_submodule(name).weight
         assert torch.equal(got, qat.fake_quantize_weight(model.get_submodule(name))), name
-    served = exports.load_served(final)
+    served = export.load_served(final)
     with torch.no_grad():
         torch.testing.assert_close(served(tokens()), want, rtol=0, atol=LOGITS_ATOL)
 
@@ -133,12 +133,12 @@ def test_transformers_loads_the_qat_student_with_its_logits_and_size(source, tmp
 def test_activation_quantization_is_what_transformers_runs(source, tmp_path):
     """The int8 per-token activations change the logits, and transformers' copy has the change."""
     model, compressor = student(source, qat_modifier(8, 8))
-    final = export(compressor, tmp_path / "final")
+    final = export_to(compressor, tmp_path / "final")
     weight_only, _ = student(source, qat_modifier(8, 0))
     with torch.no_grad():
         want, without = model(tokens()), weight_only(tokens())
     assert (want - without).abs().max() > 100 * LOGITS_ATOL
-    torch.testing.assert_close(exports.load_served(final)(tokens()), want, rtol=0, atol=LOGITS_ATOL)
+    torch.testing.assert_close(export.load_served(final)(tokens()), want, rtol=0, atol=LOGITS_ATOL)
 
 
 def test_a_sparse_student_keeps_its_zeros_stored_dense(source, tmp_path, capsys):
@@ -146,9 +146,9 @@ def test_a_sparse_student_keeps_its_zeros_stored_dense(source, tmp_path, capsys)
     are stored (as codes 0) and the file is the size of the dense int4 one; a note line says so."""
     prune = ModifierConfig(kind="magnitude", targets=["model.layers.*"], schedule="constant", final_sparsity=0.5)
     model, compressor = student(source, prune, qat_modifier(4, 0))
-    final = export(compressor, tmp_path / "sparse")
+    final = export_to(compressor, tmp_path / "sparse")
     assert "sparse-bitmask" in capsys.readouterr().err
-    loaded = exports.load_served(final)
+    loaded = export.load_served(final)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens()), model(tokens()), rtol=0, atol=LOGITS_ATOL)
     q_proj = loaded.hf_model.model.layers[0].self_attn.q_proj.weight
@@ -181,7 +181,7 @@ def test_a_prune_qat_student_loads_in_transformers_with_its_logits_and_size(tmp_
     compressed = compressed_tensors.compressed_specs(model, specs)
     dense = {"llama": {"model.embed_tokens", "lm_head"}, "gpt2": set(specs)}[kind]
     assert set(specs) - set(compressed) == dense
-    final = export(compressor, tmp_path / "final")
+    final = export_to(compressor, tmp_path / "final")
     assert ("activation fake-quant is not in the export" in capsys.readouterr().err) == (kind == "gpt2")
     for name in dense:
         if specs[name]["act_bits"]:
@@ -189,7 +189,7 @@ def test_a_prune_qat_student_loads_in_transformers_with_its_logits_and_size(tmp_
     with torch.no_grad():
         want = model(tokens())
     torch.testing.assert_close(transformers_logits(final, tmp_path), want, rtol=0, atol=LOGITS_ATOL)
-    loaded = exports.load(final)
+    loaded = export.load(final)
     embedding = model.get_submodule(pruned[1])
     assert torch.equal(loaded.get_submodule(pruned[1]).weight, qat.fake_quantize_weight(embedding))
     assert_size_is_model_bytes(final, compressor)
@@ -199,9 +199,9 @@ def test_the_export_cli_writes_compressed_tensors_for_a_hugging_face_run(source,
     """``python -m trainer.export RUN quantize=int4_weight`` on a dense Hugging Face student's run."""
     run = tmp_path / "run"
     dense = models.build("hf", path=str(source), vocab_size=HF_VOCAB)
-    staging = exports.staging_dir(run / "final")
+    staging = export.staging_dir(run / "final")
     models.save_dense(dense, staging)
-    exports.publish(staging, run / "final")
+    export.publish(staging, run / "final")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
@@ -213,7 +213,7 @@ def test_the_export_cli_writes_compressed_tensors_for_a_hugging_face_run(source,
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["format"] == "pack-quantized"
     assert config["config_groups"]["group_0"]["weights"]["group_size"] == 32
-    want = exports.load(run / "final")
+    want = export.load(run / "final")
     quantize_dense(want, weight_bits=4, group_size=32, act_bits=0, targets=["model.layers.*"])
     with torch.no_grad():
         torch.testing.assert_close(transformers_logits(out, tmp_path), want.eval()(tokens()), rtol=0, atol=LOGITS_ATOL)
@@ -226,8 +226,8 @@ def test_a_channel_pruned_qat_student_is_thinned_then_quantized(source, tmp_path
     prune = ModifierConfig(kind="channel", targets=["model.layers.*"], schedule="constant", start_step=1)
     model, compressor = student(source, prune, qat_modifier(8, 0))
     compressor.after_optimizer_step(1)
-    final = export(compressor, tmp_path / "final")
+    final = export_to(compressor, tmp_path / "final")
     config = json.loads((final / "config.json").read_text())
     assert (config["num_key_value_heads"], config["num_attention_heads"], config["intermediate_size"]) == (1, 2, 64)
     with torch.no_grad():
-        torch.testing.assert_close(exports.load_served(final)(tokens()), model(tokens()), rtol=0, atol=LOGITS_ATOL)
+        torch.testing.assert_close(export.load_served(final)(tokens()), model(tokens()), rtol=0, atol=LOGITS_ATOL)

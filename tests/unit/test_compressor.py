@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from trainer import checkpoint, models
 from trainer.compress import build_compressor, qat, resolve_targets, validate_modifiers
 from trainer.config import ConfigError, ModifierConfig
-from trainer.exports import load
+from trainer.export import load
 from trainer.models import WEIGHTS_FILE, build
 
 VOCAB = 17

@@ -1,4 +1,4 @@
-"""``trainer.models.cut``: a student cut out of its teacher computes what the teacher does with the same layers, head
+"""``trainer.cut``: a student cut out of its teacher computes what the teacher does with the same layers, head
 groups, MLP channels and embedding channels removed by hand; uniform selection keeps evenly spaced layers,
 importance selection drops the layer that does nothing, width selection keeps the most active units; bad cuts are
 refused naming the field."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import HF_VOCAB, save_hf_student, small_hf_config
-from trainer import data, from_teacher, models
-from trainer.models import cut
+from trainer import cut, data, models
+from trainer.cut import from_teacher
 from trainer.models.protocol import ConfigFieldError, family_of
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from trainer.compress import build_compressor, qat
-from trainer.compress.export import (
+from trainer.compress.stillroom_format import (
     QuantizedLinear,
     export_compressed,
     load_compressed,
@@ -26,7 +26,7 @@ from trainer.compress.export import (
     unpack_int4,
 )
 from trainer.config import ModifierConfig
-from trainer.exports import load
+from trainer.export import load
 from trainer.models import CONFIG_FILE, WEIGHTS_FILE, build, save_dense, unique_state_dict
 from trainer.report import folder_bytes
 

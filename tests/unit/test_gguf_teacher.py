@@ -15,9 +15,9 @@ import torch
 
 from tests.gguf_files import TOKENS, VOCAB, q8_rounded, save_llama_pair, tiny_llama, write_gguf
 from trainer.config import ConfigError, RunConfig
-from trainer.distill import hf, shard_load
+from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
-from trainer.models import hf_gguf
+from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import family_of
 from trainer.preflight import validate
 
@@ -70,11 +70,13 @@ def test_filled_row_by_row_from_the_file_it_equals_the_loaded_teacher(pair, tmp_
         gguf_file = write_gguf(
             transformers.AutoModelForCausalLM.from_pretrained(hf_folder), tmp_path / "q8.gguf", quantized=True
         )
-    skeleton = hf.empty_gguf(gguf_file)
+    skeleton = causal_lm.empty_gguf(gguf_file)
     assert all(p.is_meta for p in skeleton.parameters())
-    tensors = shard_load.gguf_index(gguf_file, hf_gguf.check_file(gguf_file), skeleton.model)
+    tensors = shard_load.gguf_index(gguf_file, gguf.check_file(gguf_file), skeleton.model)
     assert tensors is not None and tensors["model.layers.0.self_attn.q_proj.weight"].order is not None
-    filled = shard_load.load_sharded(skeleton, tensors, gguf_file, hf.stored_as(skeleton), lambda m: m, CPU).eval()
+    filled = shard_load.load_sharded(
+        skeleton, tensors, gguf_file, causal_lm.stored_as(skeleton), lambda m: m, CPU
+    ).eval()
     loaded = teacher_io.load(gguf_file)
     for (name, got), (_, want) in zip(filled.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(got, want), name
@@ -121,7 +123,7 @@ def test_fingerprint_is_the_files_bytes(pair, tmp_path):
 
 def test_tokenizer_is_the_files(pair):
     _, gguf_file = pair
-    tokenizer = hf_gguf.tokenizer(gguf_file)
+    tokenizer = gguf.tokenizer(gguf_file)
     assert len(tokenizer) == VOCAB and tokenizer.get_vocab() == {token: i for i, token in enumerate(TOKENS)}
     ids = tokenizer("ab ba", add_special_tokens=False).input_ids
     assert [TOKENS[i] for i in ids] == ["ab", "Ġ", "ba"] and tokenizer.decode(ids) == "ab ba"
@@ -135,7 +137,7 @@ def test_plain_copy_saves_what_transformers_loads(pair, tmp_path):
     )
     with pytest.raises(ValueError, match="quantized with gguf and is not serializable"):
         loaded.save_pretrained(tmp_path / "refused")
-    copy = hf_gguf.plain_copy(loaded)
+    copy = gguf.plain_copy(loaded)
     assert all(a.data_ptr() == b.data_ptr() for a, b in zip(copy.parameters(), loaded.parameters(), strict=True))
     copy.save_pretrained(tmp_path / "plain")
     assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
@@ -219,8 +221,9 @@ def test_missing_packages_name_the_extra(pair, monkeypatch, package):
 def test_a_student_is_cut_from_a_gguf_teacher_as_from_its_hf_folder(pair):
     """``student=from_teacher`` reads a GGUF teacher as a Hugging Face model: the preflight's sizes (meta device)
     and the cut student's logits are those of the same cut of the Hugging Face folder."""
-    from trainer import data, from_teacher
+    from trainer import data
     from trainer.config import sequence_length
+    from trainer.cut import from_teacher
 
     cuts = []
     for checkpoint in pair[::-1]:
@@ -239,8 +242,9 @@ def test_an_export_cut_from_a_gguf_teacher_carries_its_tokenizer(pair, tmp_path)
     """A student cut from a GGUF teacher has no tokenizer files of its own: its Hugging Face folder gets the one the
     run's text was tokenized with (the GGUF file's), which transformers then loads alone; its bytes on disk leave
     the tokenizer out."""
-    from trainer import data, from_teacher, models, report
+    from trainer import data, models, report
     from trainer.config import DataConfig, sequence_length
+    from trainer.cut import from_teacher
 
     cfg = run_config(pair[1])
     cfg.student = {"arch": "from_teacher", "layers": 1, "width": 0.5, "block_size": 32, "calib_batches": 1}
@@ -251,7 +255,7 @@ def test_an_export_cut_from_a_gguf_teacher_carries_its_tokenizer(pair, tmp_path)
     assert not (folder / "tokenizer.json").exists()
     data.save_tokenizer(DataConfig(name="text", tokenizer=str(pair[1])), folder)
     loaded = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    original = hf_gguf.tokenizer(pair[1])
+    original = gguf.tokenizer(pair[1])
     assert loaded.get_vocab() == original.get_vocab() and loaded.eos_token == original.eos_token
     assert loaded("ab ba ab").input_ids == original("ab ba ab").input_ids
     assert report.folder_bytes(folder) == weights_only

@@ -13,7 +13,7 @@ import torch
 
 from parallel.pipeline import rank_stages
 from tests.conftest import HF_VOCAB, save_hf_student, small_hf_config
-from trainer import exports, models
+from trainer import export, models
 from trainer.compress import pruning
 from trainer.models.hf import HFConfig
 from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, family_of
@@ -189,7 +189,7 @@ def save_tokenizer(folder: Path) -> None:
 def test_the_export_is_a_hugging_face_folder(kind, tmp_path):
     """A student from a folder with weights and a tokenizer, thinned: its export holds the new sizes in
     config.json, the source's tokenizer and generation config, and transformers loads it with the same logits;
-    ``trainer.exports.load`` reads it back as the family's model."""
+    ``trainer.export.load`` reads it back as the family's model."""
     source = save_hf_student(tmp_path / "source", kind)
     save_tokenizer(source)
     model, x = models.build("hf", path=str(source)).eval(), tokens()
@@ -205,7 +205,7 @@ def test_the_export_is_a_hugging_face_folder(kind, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
     torch.testing.assert_close(loaded(input_ids=x).logits, small(x), rtol=0, atol=1e-5)
     assert transformers.AutoTokenizer.from_pretrained(final).convert_tokens_to_ids("t3") == 3
-    again = exports.load(final)
+    again = export.load(final)
     assert family_of(again) is family_of(model) and torch.equal(again(x), small(x))
 
 

@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import save_hf_student
 from trainer.config import ConfigError, RunConfig
-from trainer.distill import hf, shard_load
+from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
-from trainer.models.hf import safetensors_files
+from trainer.models.hf import causal_lm, safetensors_files
 from trainer.models.protocol import family_of
 from trainer.preflight import validate
 
@@ -99,11 +99,11 @@ def test_teacher_built_on_meta_and_filled_from_the_file_equals_the_loaded_one(hf
     """What ``teacher.placement=shard`` does, on one rank (no sharding): the names in the file (GPT-2's transposed
     ``Conv1D`` weights, the wrapper's prefix, a tied head) and the computed buffers (Llama's rotary frequencies)."""
     for folder in (hf65, llama, opt):
-        skeleton = hf.empty(folder)
+        skeleton = causal_lm.empty(folder)
         assert all(p.is_meta for p in skeleton.parameters())
         tensors = shard_load.index(safetensors_files(folder))
         filled = shard_load.load_sharded(
-            skeleton, tensors, folder, hf.stored_as(skeleton), lambda m: m, torch.device("cpu")
+            skeleton, tensors, folder, causal_lm.stored_as(skeleton), lambda m: m, torch.device("cpu")
         ).eval()
         loaded = teacher_io.load(folder)
         assert type(filled) is type(loaded)

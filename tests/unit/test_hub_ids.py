@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tests.conftest import preflight_in_process, read_metrics, run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 from trainer import hub, resolvers
-from trainer.__main__ import CONF_DIR
+from trainer.cli.train import CONF_DIR
 from trainer.config import RunConfig, register_configs
 from trainer.distill import teacher as teacher_io
 from trainer.preflight import student_spec, validate

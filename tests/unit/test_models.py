@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import exports, models
+from trainer import export, models
 
 
 def tiny_gpt(**kw):
@@ -49,7 +49,7 @@ def test_export_reloads_to_identical_logits(tmp_path, arch):
         torch.manual_seed(0)
         model, x = models.build("mlp", in_dim=64, n_classes=10, hidden=[32, 16]), torch.rand(5, 64)
     models.save_dense(model, tmp_path)
-    loaded = exports.load(tmp_path)
+    loaded = export.load(tmp_path)
     assert torch.equal(model.eval()(x), loaded(x))
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
 
@@ -64,9 +64,9 @@ def test_load_refuses_weights_of_another_shape(tmp_path):
     )
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(Exception, match="size mismatch|do not fit"):
-        exports.load(tmp_path)
+        export.load(tmp_path)
 
 
 def test_load_refuses_a_folder_that_is_not_an_export(tmp_path):
-    with pytest.raises(exports.ExportError, match="no config.json .not a Stillroom export.$"):
-        exports.load(tmp_path)
+    with pytest.raises(export.ExportError, match="no config.json .not a Stillroom export.$"):
+        export.load(tmp_path)

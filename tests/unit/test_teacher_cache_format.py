@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.distill import cache
+from trainer import cache
 
 KEY = cache.CacheKey(
     teacher="t", data="d", val_fraction=0.1, seed=1, batch_size=4, block_size=3, k=5, vocab=11, precision="fp32"

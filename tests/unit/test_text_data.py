@@ -205,7 +205,7 @@ def test_sequence_longer_than_the_data_stops_in_one_line(tmp_path, tokenizer_dir
 def test_trainer_data_prints_what_the_model_learns_from(tmp_path, tokenizer_dir, monkeypatch, capsys):
     import sys
 
-    from trainer.data.__main__ import main
+    from trainer.cli.data import main
 
     corpus(tmp_path / "corpus", n=60)
     monkeypatch.chdir(tmp_path)

@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 
 from trainer import models
-from trainer.compress import compressed_tensors, pruning, qat, stats
-from trainer.compress import export as export_lib
+from trainer.compress import compressed_tensors, pruning, qat, stats, stillroom_format
 from trainer.compress.modifiers import (  # re-exported: the package's config checks and pruning kinds
     PRUNERS,
     QAT,
@@ -277,7 +276,7 @@ class Compressor:
         family = family_of(self.model)
         model, masks = pruning.thin(self.model, self.masks) if family.structured_units else (self.model, self.masks)
         if not family.pretrained_format:
-            return export_lib.export_compressed(model, out_dir, masks, specs)
+            return stillroom_format.export_compressed(model, out_dir, masks, specs)
         if any(not pruner.structured for pruner in self.pruners):
             print(
                 "note: the pruned weights are stored as zeros (dense): transformers and compressed-tensors no longer "

@@ -3,7 +3,7 @@
 Model size and bits describe the export (``Compressor.export``): the thinned GPT, masked,
 QAT targets (Linears and embeddings; a tied head is stored once, as its embedding) stored as
 integers at their QAT bits with fp16 scales (whether or not fake-quant is on yet), the rest fp32,
-each tensor dense or sparse, whichever ``export.storage_bytes`` says is smaller.
+each tensor dense or sparse, whichever ``stillroom_format.storage_bytes`` says is smaller.
 ``compress/model_bytes`` is exactly the size of the export's blobs; the folder adds its
 ``config.json`` and the safetensors header (about 1 KB for a GPT). A Hugging Face student's export is a Hugging Face
 folder instead, every tensor dense: ``compressed_tensors.tensor_bytes`` sizes each (codes and fp32 scales where the
@@ -25,7 +25,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
-from trainer.compress import compressed_tensors, export, pruning, qat
+from trainer.compress import compressed_tensors, pruning, qat, stillroom_format
 from trainer.models import unique_state_dict
 from trainer.models.protocol import family_of
 
@@ -100,7 +100,9 @@ def storage(
             stored, _ = qat.quantize_weight(tensor, bits, group_size)
         nonzero = int(stored.count_nonzero())
         if hf_specs is None:
-            total_bytes += export.storage_bytes(tensor.numel(), tuple(tensor.shape), nonzero, bits, group_size)
+            total_bytes += stillroom_format.storage_bytes(
+                tensor.numel(), tuple(tensor.shape), nonzero, bits, group_size
+            )
         else:
             hf_spec = hf_specs.get(module) if leaf == "weight" else None
             total_bytes += compressed_tensors.tensor_bytes(tuple(tensor.shape), hf_spec)
@@ -192,7 +194,7 @@ def summary_from_counts(counts: dict[str, ParamCounts], qat_active: bool) -> dic
         return sum(c.counts[i] for c in counts.values() if where(c))
 
     model_bytes = sum(
-        export.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size)
+        stillroom_format.storage_bytes(int(c.counts[0]), c.shape, int(c.counts[2]), c.bits, c.group_size)
         if c.file_bytes is None
         else c.file_bytes
         for c in counts.values()

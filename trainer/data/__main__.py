@@ -1,50 +1,5 @@
-"""``python -m trainer.data [hydra overrides]``: tokenize the data set of a run (``data=text|chat``) into its token
-shards without training, and print one JSON line of what the model will learn from."""
+"""``python -m trainer.data OVERRIDES``: tokenize the run's data into shards (``trainer.cli.data``)."""
 
-from __future__ import annotations
+from trainer.cli.data import main
 
-import json
-import sys
-
-from trainer import data
-from trainer.__main__ import preflight
-from trainer.config import TOKENIZED_DATA, ConfigError, RunConfig, check_nodes, register_configs, sequence_length
-from trainer.data import shards
-
-
-def summary(cfg: RunConfig) -> dict:
-    """The counts of ``cfg``'s prepared data set (building its shards first if needed)."""
-    root, manifest = shards.prepare(cfg.data, sequence_length(cfg))
-    stats = manifest["stats"]
-    return {
-        "documents": stats["documents"],
-        "dropped": stats["dropped"],
-        "tokens": {split: stats[f"{split}_tokens"] for split in ("train", "val")},
-        "trained_tokens": {split: stats[f"{split}_trained_tokens"] for split in ("train", "val")},
-        "tokens_per_s": round(stats["tokens_per_s"], 1),
-        "cache": str(root),
-    }
-
-
-def prepare(cfg: RunConfig, prepared: list[dict]) -> None:
-    """The run config's own checks, then the data set's (which builds it); ConfigError naming the key."""
-    check_nodes(cfg)
-    if cfg.data.name not in TOKENIZED_DATA:
-        raise ConfigError("data.name", f"python -m trainer.data prepares data=text or chat (got {cfg.data.name})")
-    try:
-        data.check(cfg.data, sequence_length(cfg))
-        prepared.append(summary(cfg))
-    except data.DataError as e:
-        raise ConfigError(e.key, e.message) from None
-
-
-def main() -> None:
-    register_configs()
-    prepared: list[dict] = []
-    preflight(sys.argv[1:], lambda cfg: prepare(cfg, prepared))
-    for line in prepared:
-        print(json.dumps(line))
-
-
-if __name__ == "__main__":
-    main()
+main()

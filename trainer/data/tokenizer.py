@@ -35,11 +35,11 @@ def source(name: str) -> Path:
     if path.is_dir() and any((path / f).is_file() for f in TOKENIZER_FILES):
         return path
     if path.is_dir():
-        from trainer.models import hf_gguf
+        from trainer.models.hf import gguf
 
-        gguf = hf_gguf.find(path)
-        if gguf is not None:
-            return gguf
+        found = gguf.find(path)
+        if found is not None:
+            return found
     raise DataError("data.tokenizer", f"{name} is neither a tokenizer folder nor a GGUF file")
 
 
@@ -65,10 +65,10 @@ def load(name: str) -> Any:
     """The tokenizer (a transformers fast tokenizer) ``data.tokenizer`` names; DataError (one line)."""
     path = source(name)
     if path.is_file():
-        from trainer.models import hf_gguf
+        from trainer.models.hf import gguf
 
         try:
-            tokenizer = hf_gguf.tokenizer(path)
+            tokenizer = gguf.tokenizer(path)
         except ValueError as e:
             raise DataError("data.tokenizer", str(e)) from None
     else:

@@ -2,7 +2,7 @@
 
 - ``replicate``: a whole frozen copy on every rank.
 - ``shard``: FSDP2 over every data-parallel rank (one flat axis), frozen, forward only, parameters resharded
-  after each forward, so a rank holds about 1/N of the teacher between forwards (``parallel.teacher``).
+  after each forward, so a rank holds about 1/N of the teacher between forwards (``parallel.frozen``).
 - ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch).
 - ``remote``: the teacher on ranks of its own (``parallel.remote``); this rank sends inputs, receives logits.
 
@@ -23,15 +23,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from parallel.collectives import first_error
+from parallel.frozen import shard_frozen, teacher_mesh
 from parallel.mesh import ParallelDims
 from parallel.remote import PendingLogits, RemoteClient, Roles
-from parallel.teacher import shard_frozen, teacher_mesh
-from trainer import models
+from trainer import cache, models
 from trainer.data import local_slice
-from trainer.distill import cache, hf, shard_load
+from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf as hf_folders
-from trainer.models import hf_gguf
+from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import family_of, fuses_head
 
 if TYPE_CHECKING:
@@ -259,12 +259,12 @@ def _on_meta_device(
     """The teacher at ``folder`` (of ``kind``) on the meta device, its stored tensors and their names; None where it
     cannot be read row by row."""
     if kind == "hf" and hf_folders.safetensors_files(folder):
-        skeleton = hf.empty(folder)
-        return skeleton, shard_load.index(hf_folders.safetensors_files(folder)), hf.stored_as(skeleton)
+        skeleton = causal_lm.empty(folder)
+        return skeleton, shard_load.index(hf_folders.safetensors_files(folder)), causal_lm.stored_as(skeleton)
     if kind == "gguf":
-        skeleton = hf.empty_gguf(folder)
-        tensors = shard_load.gguf_index(folder, hf_gguf.check_file(folder), cast(hf.HFCausalLM, skeleton).model)
-        return None if tensors is None else (skeleton, tensors, hf.stored_as(skeleton))
+        skeleton = causal_lm.empty_gguf(folder)
+        tensors = shard_load.gguf_index(folder, gguf.check_file(folder), cast(causal_lm.HFCausalLM, skeleton).model)
+        return None if tensors is None else (skeleton, tensors, causal_lm.stored_as(skeleton))
     if dense_export:
         with torch.device("meta"):
             skeleton = models.build_from_spec(models.read_export_config(folder))

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from parallel.teacher import local_row_offset
+from parallel.frozen import local_row_offset
 
 DTYPES = {
     "F64": torch.float64,

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from trainer import checkpoint, exports, models
-from trainer.distill import hf, vocab
+from trainer import checkpoint, export, models
+from trainer.distill import vocab
 from trainer.models import hf as hf_folders
-from trainer.models import hf_gguf
+from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import ModelFamily, family_of, register
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def resolve(path: str | Path) -> tuple[str, Path]:
             )
         return "hf", p
     try:
-        gguf_file = hf_gguf.find(p)
+        gguf_file = gguf.find(p)
     except ValueError as e:
         raise TeacherPathError(str(e)) from None
     if gguf_file is not None:
@@ -68,8 +68,8 @@ def spec(path: str | Path) -> dict:
     read = {
         "export": models.read_export_config,
         "checkpoint": checkpoint.read_model_spec,
-        "hf": hf.spec,
-        "gguf": lambda file: hf.config_spec(hf_gguf.read_config(file), "gguf"),
+        "hf": causal_lm.spec,
+        "gguf": lambda file: causal_lm.config_spec(gguf.read_config(file), "gguf"),
     }[kind]
     try:
         return read(folder)
@@ -91,12 +91,12 @@ def verify(path: str | Path) -> None:
     kind, folder = resolve(path)
     try:
         if kind in ("export", "hf"):  # a Hugging Face folder Stillroom exported has a manifest; others have none
-            exports.verify(folder)
+            export.verify(folder)
         elif kind == "checkpoint":
             checkpoint.verify(folder)
         elif kind == "gguf":
-            hf_gguf.check_file(folder)
-    except (exports.ExportError, checkpoint.CheckpointError, ValueError) as e:
+            gguf.check_file(folder)
+    except (export.ExportError, checkpoint.CheckpointError, ValueError) as e:
         raise TeacherPathError(str(e)) from None
 
 
@@ -162,13 +162,13 @@ def load(
     if kind in ("hf", "gguf"):
         model: nn.Module
         try:
-            model = hf.load(folder) if kind == "hf" else hf.HFCausalLM(hf_gguf.load(folder, dtype))
+            model = causal_lm.load(folder) if kind == "hf" else causal_lm.HFCausalLM(gguf.load(folder, dtype))
         except ValueError as e:
             raise TeacherPathError(str(e)) from None
     else:
         try:
-            model = exports.load(folder) if kind == "export" else checkpoint_model(folder)
-        except (exports.ExportError, checkpoint.CheckpointError) as e:
+            model = export.load(folder) if kind == "export" else checkpoint_model(folder)
+        except (export.ExportError, checkpoint.CheckpointError) as e:
             raise TeacherPathError(str(e)) from None
     return freeze(slice_vocabulary(model, path, vocab_size), device)
 

@@ -1,4 +1,4 @@
-"""Models: build one from its family's config, save and load a dense export (``trainer.exports.load`` reads any).
+"""Models: build one from its family's config, save and load a dense export (``trainer.export.load`` reads any).
 
 A family (``trainer/models/protocol.py``) registers itself when its module is imported; the built-in
 ones are imported here (the Hugging Face ones import transformers only when they build a model)."""
@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
-from trainer.models import gpt, hf, hf_gpt2, hf_llama, mlp  # noqa: F401  (registers the built-in families)
+from trainer.models import gpt, hf, mlp  # noqa: F401  (registers the built-in families)
+from trainer.models.hf import gpt2, llama  # noqa: F401
 from trainer.models.protocol import FAMILIES, ConfigFieldError, ModelFamily, family, family_of
 
 DENSE_FORMAT = "stillroom-dense"
@@ -127,7 +128,7 @@ def read_export_config(path: str | Path) -> dict:
 
 
 def load_dense(path: str | Path) -> nn.Module:
-    """Rebuild a model from a dense export folder (``save_dense``), in eval mode on CPU; ``trainer.exports.load``
+    """Rebuild a model from a dense export folder (``save_dense``), in eval mode on CPU; ``trainer.export.load``
     reads any export."""
     meta = read_export_config(path)
     if meta["format"] != DENSE_FORMAT:

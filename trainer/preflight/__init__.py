@@ -1,7 +1,7 @@
 """The checks that run before anything starts and need more than one config node: files (data, teacher,
 checkpoints, caches), the launcher's environment (world size, GPUs), the student's model family, and the
 combinations of nodes. ``validate`` runs every node's own checks first (``trainer.config.check_nodes``); the parallel
-layout's checks are in ``trainer/preflight_parallel.py``.
+layout's checks are in ``trainer/preflight/layout.py``.
 
 Every check raises ``ConfigError`` naming one key; ``python -m trainer`` prints it as one line and exits 2. The
 modules these checks need (torch, the data, the models, compression) are imported only once every node's own checks
@@ -30,7 +30,7 @@ from trainer.config import (
     parallel_dims,
     sequence_length,
 )
-from trainer.preflight_parallel import validate_parallel, world_size_from_env
+from trainer.preflight.layout import validate_parallel, world_size_from_env
 
 if TYPE_CHECKING:
     from trainer.models.protocol import ModelFamily
@@ -164,7 +164,8 @@ def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -
 def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
     """The student's model family and its checked config dataclass (vocabulary or input size from the data; a
     student cut from the teacher: the cut model's). Raises ConfigError naming the key."""
-    from trainer import data, from_teacher, models
+    from trainer import data, models
+    from trainer.cut import from_teacher
 
     try:
         if from_teacher.is_cut(cfg):
@@ -337,7 +338,7 @@ def _check_param_dtype(cfg: RunConfig, gguf: bool) -> None:
 
 def _validate_cache(cfg: RunConfig) -> None:
     """A cached teacher: logits only, and a complete cache written for this teacher, data and batch layout."""
-    from trainer.distill import cache
+    from trainer import cache
 
     _check(
         not cfg.distill.features,
@@ -357,7 +358,7 @@ def _validate_cache(cfg: RunConfig) -> None:
             "builds the cache in one process: write it first with torchrun ... -m trainer.cache (the same overrides)",
         )
         if not (Path(cfg.teacher.cache_dir) / cache.MANIFEST).exists():
-            return  # written before training starts (trainer.__main__.build_cache_if_missing)
+            return  # written before training starts (trainer.cli.train.build_cache_if_missing)
     try:
         cache.check(cfg, complete=not cfg.teacher.cache_build)
     except cache.CacheError as e:

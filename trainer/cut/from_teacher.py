@@ -1,4 +1,4 @@
-"""``student=from_teacher``: the student cut out of the run's teacher by ``trainer.models.cut``. The teacher is read as
+"""``student=from_teacher``: the student cut out of the run's teacher by ``trainer.cut``. The teacher is read as
 a model of its own family (a Hugging Face folder as a Hugging Face student, a Stillroom export or checkpoint as what
 it holds), and calibrated on ``student.calib_batches`` batches of the training data drawn with ``student.calib_seed``
 (not ``train.seed``: runs that differ only in their seed train the same student)."""
@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from trainer import checkpoint, data, models
+from trainer import checkpoint, cut, data, models
 from trainer.config import ConfigError, RunConfig
 from trainer.distill import teacher as teacher_io
-from trainer.models import cut, hf, hf_gguf
+from trainer.models import hf
+from trainer.models.hf import gguf
 from trainer.models.protocol import ConfigFieldError, ModelFamily, family_of
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def source(cfg: RunConfig) -> nn.Module:
             return hf.load_pretrained(folder)
         if kind == "gguf":
             meta = torch.get_default_device().type == "meta"
-            return hf.from_transformers(hf_gguf.empty(folder) if meta else hf_gguf.load(folder), None)
+            return hf.from_transformers(gguf.empty(folder) if meta else gguf.load(folder), None)
         if torch.get_default_device().type == "meta":
             return models.build_from_spec(teacher_io.spec(folder))
         return teacher_io.load(folder)

@@ -1,5 +1,5 @@
 """``python -m trainer.cache [hydra overrides]``: run the teacher once over every batch training will read and
-write its top-k logits to ``teacher.cache_dir`` (see trainer/distill/cache.py for the format).
+write its top-k logits to ``teacher.cache_dir`` (see trainer/cache/__init__.py for the format).
 
 Give it the training run's overrides; train with them plus ``teacher.placement=cache``. Under torchrun each
 rank writes its own shards (a contiguous range of steps each). Run it again to finish an interrupted build, or
@@ -20,10 +20,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from parallel import env as dist_env
-from trainer import data
-from trainer.__main__ import CONF_DIR, fail, preflight
+from trainer import cache, data
+from trainer.cli.train import CONF_DIR, fail, preflight
 from trainer.config import ConfigError, RunConfig, register_configs, sequence_length
-from trainer.distill import cache
 from trainer.distill import teacher as teacher_io
 from trainer.preflight import validate
 
@@ -147,7 +146,3 @@ def main() -> None:
     register_configs()
     preflight(sys.argv[1:], validate_build)
     hydra_entry()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Hugging Face causal LMs as Stillroom models: a folder read offline, the ``student=hf`` config, the wrapper and
-family base the Hugging Face decoder families share (``hf_llama.py``, ``hf_gpt2.py``), and the Hugging Face
+family base the Hugging Face decoder families share (``hf/llama.py``, ``hf/gpt2.py``), and the Hugging Face
 folder a dense export of one is.
 
 The wrapper holds transformers' own modules under the names transformers gives them (``model.layers.3.mlp``,

@@ -13,7 +13,7 @@ log-sum-exp of all its logits at the manifest's ``lse_temperature`` (the writing
                                                                     values.bin, indices.bin and lse.bin
     shard_00000/progress.json  {"done": steps written}              replaced atomically after each flushed step
 
-``python -m trainer.cache`` writes it (trainer/cache.py), and on a rerun verifies the steps already written;
+``python -m trainer.cache`` writes it (trainer/cli/cache.py), and on a rerun verifies the steps already written;
 ``CacheReader`` reads it by (step, rows) and verifies every row it returns against its CRC32s.
 """
 

@@ -1,7 +1,7 @@
 """A Hugging Face causal LM from a folder on local disk, as a Stillroom teacher.
 
-A model of a Stillroom family (the Llama family, GPT-2: ``trainer.models.hf.DECODERS``, ``hf_llama.py``,
-``hf_gpt2.py``) is loaded as that family's model, as a student would be, with the model protocol's layers and
+A model of a Stillroom family (the Llama family, GPT-2: ``trainer.models.hf.DECODERS``, ``hf/llama.py``,
+``hf/gpt2.py``) is loaded as that family's model, as a student would be, with the model protocol's layers and
 hidden states. Any other causal LM is wrapped here (forward and hidden states only): ``module(x,
 hidden_layers=(...))`` returns logits ``[B, T, V]`` (and hidden states by layer: 0 = the embeddings, ``i`` = the
 output of block ``i``, before the final norm); ``HFTeacherFamily`` gives its width and its transformer layers
@@ -17,8 +17,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from trainer.models import hf_gguf
-from trainer.models.hf import DECODERS, HFDecoderLM, first_line, import_transformers, load_pretrained, read_config
+from trainer.models.hf import DECODERS, HFDecoderLM, first_line, gguf, import_transformers, load_pretrained, read_config
 from trainer.models.protocol import ModelFamily, register
 
 
@@ -121,7 +120,7 @@ def empty(folder: Path) -> nn.Module:
 
 def empty_gguf(file: Path) -> nn.Module:
     """The GGUF file's causal LM as ``teacher.load`` wraps it (``HFCausalLM``), on the meta device as ``empty``."""
-    return HFCausalLM(empty_model(hf_gguf.read_config(file)))
+    return HFCausalLM(empty_model(gguf.read_config(file)))
 
 
 def empty_model(config) -> nn.Module:

@@ -1,6 +1,6 @@
 """Any export folder Stillroom writes, loaded back: dense (``trainer.models``), a Hugging Face folder (a Hugging Face
-student's, ``trainer.models.hf``) or compressed (``trainer.compress.export``: int8/int4 codes, sparse bitmasks,
-thinned units).
+student's, ``trainer.models.hf``) or compressed (``trainer.compress.stillroom_format``: int8/int4 codes, sparse
+bitmasks, thinned units). ``python -m trainer.export`` (``trainer.cli.export``) writes a quantized one.
 
 An export is written to a staging folder, sealed with a ``manifest.json`` (size and SHA-256 of every file) and
 renamed into place (``publish``); ``load`` checks the manifest first, so a damaged file is named, not loaded. A Hugging
@@ -66,7 +66,7 @@ def load(path: str | Path) -> nn.Module:
             return hf.load_pretrained(path)
         if models.read_export_config(path)["format"] == models.DENSE_FORMAT:
             return models.load_dense(path)
-        from trainer.compress.export import load_compressed  # torchao: imported only for a compressed export
+        from trainer.compress.stillroom_format import load_compressed  # torchao: imported only for a compressed export
 
         return load_compressed(path)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:

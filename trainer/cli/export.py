@@ -3,7 +3,7 @@
 SOURCE is a run folder, a checkpoint folder or an export. The model (trained without QAT) gets
 its Linear layers quantized — ``int8_dynamic`` (int8 weights per channel, int8 activations per
 token), ``int8_weight`` (weights only) or ``int4_weight`` (int4 per group of 32) — and is written
-as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.exports.load``: a Hugging Face
+as a compressed export (default ``<run_dir>/final_<scheme>``), loadable with ``trainer.export.load``: a Hugging Face
 student's in the compressed-tensors format, which transformers loads (see ``trainer.compress.compressed_tensors``),
 any other in Stillroom's compressed format.
 """
@@ -14,10 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer import exports, models
+from trainer import export, models
 from trainer.compress import compressed_tensors
-from trainer.compress.export import export_compressed, quantize_dense
 from trainer.compress.stats import quant_specs
+from trainer.compress.stillroom_format import export_compressed, quantize_dense
 from trainer.distill import teacher as source_io
 from trainer.models.protocol import family_of
 from trainer.report import folder_bytes
@@ -55,8 +55,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e} ({USAGE})", file=sys.stderr)
         return 2
     try:  # a Hugging Face student's export is a Hugging Face folder: loaded as that student's family
-        model = exports.load(folder) if kind == "hf" else source_io.load(folder)
-    except (exports.ExportError, source_io.TeacherPathError) as e:
+        model = export.load(folder) if kind == "hf" else source_io.load(folder)
+    except (export.ExportError, source_io.TeacherPathError) as e:
         print(f"error: SOURCE: {e}", file=sys.stderr)
         return 2
     scheme = options["quantize"]
@@ -71,18 +71,14 @@ def main(argv: list[str]) -> int:
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         dense = folder_bytes(models.save_dense(model, Path(scratch)))
-    staging = exports.staging_dir(out)
+    staging = export.staging_dir(out)
     quantized = quantize_dense(model, targets=targets, **SCHEMES[scheme])
     specs = quant_specs(quantized)
     if family_of(model).pretrained_format:
         compressed_tensors.save(quantized, staging, specs, masks={})
     else:
         export_compressed(quantized, staging, masks={}, quant={})
-    exports.publish(staging, out)
+    export.publish(staging, out)
     size = folder_bytes(out)
     print(f"wrote {out}: {size:,} bytes ({dense / size:.2f}x smaller than the fp32 export, {dense:,} bytes)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
