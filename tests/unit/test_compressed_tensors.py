@@ -154,7 +154,7 @@ def test_a_sparse_student_keeps_its_zeros_stored_dense(source, tmp_path, capsys)
     q_proj = loaded.hf_model.model.layers[0].self_attn.q_proj.weight
     assert float((q_proj == 0).float().mean()) >= 0.5
     _, dense = student(source, qat_modifier(4, 0))
-    dense_size = (export(dense, tmp_path / "dense") / "model.safetensors").stat().st_size
+    dense_size = (export_to(dense, tmp_path / "dense") / "model.safetensors").stat().st_size
     assert (final / "model.safetensors").stat().st_size == dense_size
     assert_size_is_model_bytes(final, compressor)  # the zeros are counted as stored
 
