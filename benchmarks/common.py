@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from parallel import env as dist_env
 from trainer import models
 from trainer.config import RunConfig, register_configs
-from trainer.loop import Trainer
+from trainer.process import train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,7 +60,7 @@ def trainer_windows(overrides: list[str], run_dir: Path, steps: int, window: int
             f"train.ckpt_every={steps}",
         ]
     )
-    Trainer(cfg, run_dir, dist_env.detect(), resolved).fit()
+    train(cfg, run_dir, dist_env.detect(), resolved)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and warmup < r["step"] < steps]
 

@@ -53,6 +53,7 @@ from trainer.config import DistillConfig
 from trainer.distill.losses import logit_losses
 from trainer.distill.placement import TeacherOutput
 from trainer.models.gpt import GPTConfig
+from trainer.process import trainer_for
 
 REPO = Path(__file__).resolve().parent.parent
 TIER = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"]
@@ -200,7 +201,6 @@ def run_smollm2(overrides: list[str], steps: int, warmup: int, run_dir: Path) ->
     steps after ``warmup``; stopped before the export (``train.stop_at_step``)."""
     from benchmarks.common import compose_config
     from parallel import env as dist_env
-    from trainer.loop import Trainer
 
     total = warmup + steps
     cfg, resolved = compose_config(
@@ -209,13 +209,14 @@ def run_smollm2(overrides: list[str], steps: int, warmup: int, run_dir: Path) ->
     env = dist_env.detect()
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    trainer = Trainer(cfg, run_dir, env, resolved)
+    trainer = trainer_for(cfg, run_dir, env, resolved)
     teacher = trainer.teacher.module if trainer.teacher is not None else None
     assert teacher is not None  # a live teacher (teacher.placement=replicate)
     block, batch = cfg.student["block_size"], cfg.train.batch_size
     student_flops = hf_forward_flops_per_token(trainer.runtime.student, block)
     teacher_flops = hf_forward_flops_per_token(getattr(teacher, "model", teacher), block)
     trainer.fit()
+    trainer.close()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_ms = [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r["step"] > warmup]
     seconds = sum(step_ms) / 1000

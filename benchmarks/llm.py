@@ -36,8 +36,7 @@ from benchmarks import readme_results
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env, trainer_windows
 from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer import data, models, report, side_by_side
-from trainer.config import sequence_length
-from trainer.cut import from_teacher
+from trainer.build import build_student
 from trainer.models import hf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,10 +137,10 @@ def read_run(run_dir: Path, label: str) -> dict:
 def as_cut(out: Path, overrides: list[str]) -> dict:
     """The cut student before any training, saved as a Hugging Face folder and measured as transformers loads it."""
     cfg, _ = compose_config(overrides)
-    dataset = data.build(cfg.data, sequence_length(cfg))
+    dataset = data.build(cfg.data, cfg.sequence_length)
     folder = out / "pruned_as_cut"
     shutil.rmtree(folder, ignore_errors=True)
-    models.save_dense(from_teacher.build(cfg, dataset).eval(), folder)
+    models.save_dense(build_student(cfg, dataset).eval(), folder)
     batches = list(dataset.val_batches(cfg.train.batch_size))
     assert cfg.teacher.checkpoint is not None  # the experiment names it
     _, teacher_top1 = side_by_side.measure(side_by_side.load_teacher(cfg.teacher.checkpoint, "fp32"), batches, [])
@@ -163,8 +162,8 @@ def bare_step_ms(overrides: list[str], steps: int, warmup: int) -> float:
     temperature (times T^2) plus ``1 - alpha`` x cross-entropy on the data."""
     cfg, _ = compose_config(overrides)
     t = cfg.train
-    dataset = data.build(cfg.data, sequence_length(cfg))
-    student = from_teacher.build(cfg, dataset).train()
+    dataset = data.build(cfg.data, cfg.sequence_length)
+    student = build_student(cfg, dataset).train()
     assert cfg.teacher.checkpoint is not None  # the experiment names it
     teacher = side_by_side.load_teacher(cfg.teacher.checkpoint, "fp32")
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
@@ -341,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     os.chdir(args.out)  # relative paths (the teacher caches, a test's files) are the runs' own: they run here
     cfg, _ = compose_config(base)
-    text, minutes = plan(args.steps, cfg.train.batch_size, sequence_length(cfg), seeds, args.timing_steps)
+    text, minutes = plan(args.steps, cfg.train.batch_size, cfg.sequence_length, seeds, args.timing_steps)
     print(text, flush=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
     env = run_env()
@@ -376,8 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "steps": args.steps,
         "batch_size": cfg.train.batch_size,
-        "block_size": sequence_length(cfg),
-        "tokens": args.steps * cfg.train.batch_size * sequence_length(cfg),
+        "block_size": cfg.sequence_length,
+        "tokens": args.steps * cfg.train.batch_size * cfg.sequence_length,
         "seeds": seeds,
         "base_overrides": base,
         "planned_minutes": round(minutes, 1),

@@ -31,7 +31,6 @@ from pathlib import Path
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
 from benchmarks.llm import CE, LIVE_FULL_VOCABULARY, NO_QAT, RESULTS_JSON, SEEDS, base_overrides, read_run, train
 from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
-from trainer.config import sequence_length
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY_JSON = RESULTS / "llm_kd_study.json"
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": command_line("benchmarks.llm_kd_study", argv),
         "quick": args.quick,
         "steps": args.steps,
-        "tokens": args.steps * cfg.train.batch_size * sequence_length(cfg),
+        "tokens": args.steps * cfg.train.batch_size * cfg.sequence_length,
         "seeds": seeds,
         "base_overrides": base,
         "ce_source": source,

@@ -43,13 +43,13 @@ PARTS = ("params", "grads", "optimizer", "masks")
 
 def measure(overrides: list[str]) -> dict[str, int]:
     """This rank's training-state bytes for the run ``overrides`` describe (call under torchrun or alone)."""
-    from trainer.loop import Trainer
+    from trainer.process import trainer_for
     from trainer.runtime import DataParallelRuntime
 
     cfg, resolved = compose_config(overrides)
     env = dist_env.init(cfg.parallel.backend)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp), env, resolved)
+        trainer = trainer_for(cfg, Path(tmp), env, resolved)
         trainer.train_step(0)
         runtime = trainer.runtime
         assert isinstance(runtime, DataParallelRuntime)  # STRATEGIES has no pipeline
@@ -57,7 +57,7 @@ def measure(overrides: list[str]) -> dict[str, int]:
         x, y = trainer.parts.batches.train(1)
         runtime.losses(x, y, 1, 0)["train/loss"].backward()
         row = state_bytes(list(runtime.trainable.parameters()), trainer.optimizer, runtime.compressor.masks.values())
-        trainer.logger.close()
+        trainer.close()
     return row
 
 

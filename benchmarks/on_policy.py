@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS, compose_config, machine, print_table, run_env
 from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer import data, export
-from trainer.config import sequence_length
-from trainer.distill import teacher as teacher_io
+from trainer.build import load_teacher
 from trainer.distill.on_policy import generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +71,7 @@ def train(out: Path, key: str, overrides: list[str], env: dict) -> Path:
 def held_out_prompts(overrides: list[str], count: int, prompt_tokens: int) -> tuple[torch.Tensor, Any]:
     """``count`` prompts of ``prompt_tokens`` tokens: the starts of the first validation windows; and the data set."""
     cfg, _ = compose_config(overrides)
-    dataset = data.build(cfg.data, sequence_length(cfg))
+    dataset = data.build(cfg.data, cfg.sequence_length)
     windows = torch.cat([x for x, _ in dataset.val_batches(cfg.train.batch_size)])
     return windows[:count, :prompt_tokens], dataset
 
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {key: train(args.out, key, [*base, *on_policy, f"distill.lmbda={lmbda}"], env) for key, _, lmbda in ARMS}
     prompts, dataset = held_out_prompts(base, args.prompts, args.prompt_tokens)
     assert cfg.teacher.checkpoint is not None  # the experiment names it
-    teacher = teacher_io.load(cfg.teacher.checkpoint, vocab_size=teacher_io.run_vocab_size(cfg))
+    teacher = load_teacher(cfg, torch.device("cpu"))
     eos = getattr(dataset, "manifest", {}).get("eos")
     arms = []
     for key, label, lmbda in ARMS:

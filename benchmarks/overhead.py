@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from benchmarks.common import compose_config, print_table, random_teacher, timing_parser, trainer_windows, write_json
 from trainer import data, export
 from trainer.build import build_student, param_groups
-from trainer.config import sequence_length
 from trainer.distill.losses import kd_loss
 from trainer.lr_schedule import lr_at
 
@@ -30,7 +29,7 @@ def bare_windows(overrides: list[str], teacher_dir: Path, steps: int, window: in
     cfg, _ = compose_config(overrides)
     t, d = cfg.train, cfg.distill
     torch.manual_seed(t.seed)
-    dataset = data.build(cfg.data, sequence_length(cfg))
+    dataset = data.build(cfg.data, cfg.sequence_length)
     student = build_student(cfg, dataset)
     teacher = export.load(teacher_dir).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))

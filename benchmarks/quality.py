@@ -32,7 +32,6 @@ from benchmarks.common import RESULTS, compose_config, machine, print_table
 from benchmarks.quality_plots import plot_compression, plot_val_loss
 from benchmarks.readme_section import command_line, portable
 from trainer import data
-from trainer.config import sequence_length
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "outputs" / "benchmarks" / "quality"
@@ -238,7 +237,7 @@ def shakespeare_table(runner: Runner, teacher_dir: Path, steps: int, seeds: list
         "student_arch": _arch(cfg.student),
         "teacher_arch": _teacher_arch(teacher_dir),
         "distill": {"alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature, "beta": cfg.distill.beta},
-        "latency_batch": [cfg.train.batch_size, sequence_length(cfg)],
+        "latency_batch": [cfg.train.batch_size, cfg.sequence_length],
     }
 
 
@@ -284,7 +283,7 @@ def digits_table(runner: Runner, steps: int, seeds: list[int]) -> dict:
                 "hinton_mnist_errors": HINTON_MNIST_ERRORS[v.key],
             }
         )
-    test_examples = len(data.build(cfg.data, sequence_length(cfg)).y_val)
+    test_examples = len(data.build(cfg.data, cfg.sequence_length).y_val)
     return {
         "steps": steps,
         "seeds": seeds,

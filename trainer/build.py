@@ -15,13 +15,13 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.env import DistEnv
 from parallel.mesh import ParallelDims
-from trainer import data, models
-from trainer.config import ModifierConfig, RunConfig, needs_teacher, parallel_dims, sequence_length
+from trainer import cache, data, models
+from trainer.config import ConfigError, ModifierConfig, RunConfig, parallel_dims
 from trainer.cut import from_teacher
+from trainer.distill import teacher as teacher_io
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.placement import Teacher, build_teacher
 from trainer.models.protocol import ModelFamily, family_of
-from trainer.preflight import student_spec
 from trainer.runtime import Layout, StudentRuntime, build_runtime
 
 if TYPE_CHECKING:
@@ -44,11 +44,66 @@ class RunParts:
     autocast: Any  # the context the forward passes run in (bf16 autocast, or nothing)
 
 
+def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
+    """The student's model family and its checked config dataclass (vocabulary or input size from the data; a
+    student cut from the teacher: the cut model's). Raises ConfigError naming the key."""
+    try:
+        if from_teacher.is_cut(cfg.student):
+            return from_teacher.spec(cfg.student, cfg.teacher.checkpoint, cfg.data)
+        return models.student_config(cfg.student, data.model_fields(cfg.data))
+    except models.ConfigFieldError as e:
+        raise ConfigError(f"student.{e.key}", e.message) from None
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint besides the model, by config key (a checkpoint records
+    it; ``train.allow_resume_changes`` waives the check)."""
+    t = cfg.train
+    return {
+        "data": data.fingerprint(cfg.data),
+        "data.val_fraction": cfg.data.val_fraction,
+        "train.seed": t.seed,
+        "train.batch_size": t.batch_size,
+        "train.lr": t.lr,
+        "train.min_lr": t.min_lr,
+        "train.warmup_steps": t.warmup_steps,
+        "train.max_steps": t.max_steps,
+    }
+
+
+def teacher_vocab(cfg: RunConfig) -> int | None:
+    """The vocabulary ``cfg``'s teacher logits are cut to (None: its own; ``teacher_io.run_vocab_size``)."""
+    assert cfg.teacher.checkpoint is not None  # only asked of a run with a teacher
+    return teacher_io.run_vocab_size(cfg.teacher.checkpoint, cfg.data, cfg.hf_student_folder)
+
+
+def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """``cfg``'s teacher, whole and frozen on ``device``, its logits cut to the real vocabulary (a GGUF one in
+    ``teacher.param_dtype``)."""
+    assert cfg.teacher.checkpoint is not None  # preflight: a run that loads a teacher names it
+    return teacher_io.load(cfg.teacher.checkpoint, device, vocab_size=teacher_vocab(cfg), dtype=cfg.teacher.param_dtype)
+
+
+def cache_key(cfg: RunConfig) -> cache.CacheKey:
+    """The key of the teacher cache ``cfg``'s run reads (and ``python -m trainer.cache`` with ``cfg`` writes)."""
+    assert cfg.teacher.checkpoint is not None  # a cache is of a teacher: preflight and trainer.cache check it
+    alignment = teacher_io.vocab_alignment(cfg.teacher.checkpoint, cfg.data, cfg.hf_student_folder)
+    vocab = alignment.real if alignment is not None else data.vocab_size(cfg.data)  # cut as in a live run
+    return cache.expected_key(cfg.teacher, cfg.data, cfg.train, cfg.distill.top_k, cfg.sequence_length, vocab)
+
+
+def checked_cache(cfg: RunConfig, complete: bool = True) -> cache.Manifest:
+    """The manifest of ``teacher.cache_dir`` if ``cfg``'s run may read it (once finished, if not ``complete``);
+    else CacheError (one line)."""
+    assert cfg.teacher.cache_dir is not None  # preflight: placement=cache names it
+    return cache.check(cfg.teacher.cache_dir, cache_key(cfg), cfg.train.max_steps, cfg.distill, complete)
+
+
 def build_student(cfg: RunConfig, dataset: Any) -> nn.Module:
     """A freshly initialised student of ``cfg.student``'s family (its vocabulary or input size from the data), or one
     cut out of the teacher (calibrated on ``dataset``'s training batches)."""
-    if from_teacher.is_cut(cfg):
-        return from_teacher.build(cfg, dataset)
+    if from_teacher.is_cut(cfg.student):
+        return from_teacher.build(cfg.student, cfg.teacher.checkpoint, cfg.data, dataset, cfg.train.batch_size)
     family, config = student_spec(cfg)
     return family.build(config)
 
@@ -107,23 +162,38 @@ def micro_batch_after(cfg: RunConfig, batches: data.Batches) -> Callable:
     return after
 
 
+def build_run_teacher(
+    cfg: RunConfig, dims: ParallelDims, device: torch.device, batches: data.Batches, vocab: int
+) -> Teacher | None:
+    """The run's teacher in its placement (None for a run without one); ``vocab``: the data's classes."""
+    if not cfg.distill.needs_teacher:
+        return None
+    placement = cfg.teacher.placement
+    return build_teacher(
+        cfg.teacher,
+        cfg.distill,
+        dims,
+        device,
+        batches.shard,
+        vocab,
+        real_vocab=teacher_vocab(cfg) if placement in ("remote", "replicate", "shard") else None,
+        next_input=micro_batch_after(cfg, batches),
+        cache_manifest=checked_cache(cfg) if placement == "cache" else None,
+        teacher_ranks=cfg.parallel.teacher_ranks,
+    )
+
+
 def build_run(cfg: RunConfig, env: DistEnv) -> RunParts:
     t = cfg.train
     torch.manual_seed(t.seed)
-    dataset = data.build(cfg.data, sequence_length(cfg))
+    dataset = data.build(cfg.data, cfg.sequence_length)
     dims = parallel_dims(cfg.parallel, env.world_size)
     mesh = dims.build_mesh(env.device.type)
     batches = data.Batches(
         dataset, data.Shard(dims.dp_rank(mesh), dims.dp_size, t.grad_accum), t.seed, t.batch_size, env.device
     )
     student = build_student(cfg, dataset).to(env.device)
-    teacher = (
-        build_teacher(
-            cfg, dims, env.device, batches.shard, getattr(dataset, "vocab_size", 0), micro_batch_after(cfg, batches)
-        )
-        if needs_teacher(cfg)
-        else None
-    )
+    teacher = build_run_teacher(cfg, dims, env.device, batches, getattr(dataset, "vocab_size", 0))
     features = build_features(cfg, student, teacher)
     compressor = build_compressor(student, cfg.compress.modifiers)
     spec = models.model_spec(student)
@@ -131,7 +201,9 @@ def build_run(cfg: RunConfig, env: DistEnv) -> RunParts:
         torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
     )
     layout = Layout(dims=dims, mesh=mesh, device=env.device, batches=batches, autocast=autocast)
-    runtime = build_runtime(cfg, student, family_of(student), features, layout, teacher, compressor)
+    runtime = build_runtime(
+        cfg.distill, cfg.parallel, cfg.train, student, family_of(student), features, layout, teacher, compressor
+    )
     if runtime.kd_path and env.is_main:
         print(f"distill: {runtime.kd_path}")
     optimizer = torch.optim.AdamW(

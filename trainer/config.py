@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
@@ -139,6 +140,11 @@ class DistillConfig:
         _check(self.prompt_tokens >= 1, "prompt_tokens", f"must be >= 1 (got {self.prompt_tokens})")
         _check(self.gen_temperature >= 0, "gen_temperature", f"must be >= 0, 0 = greedy (got {self.gen_temperature})")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a loss compares the student with a teacher (logits or features)."""
+        return self.loss != "none" or bool(self.features)
 
 
 @dataclass
@@ -311,6 +317,17 @@ class RunConfig:
         if self.data.tokenizer == "teacher" and self.teacher.checkpoint is not None:
             self.data.tokenizer = self.teacher.checkpoint  # the teacher's own tokenizer (its folder or GGUF file)
 
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per training window: the student's ``block_size`` (1 for a model without one)."""
+        return int(self.student.get("block_size", 1))
+
+    @property
+    def hf_student_folder(self) -> Path | None:
+        """The folder of a Hugging Face student (``student=hf``), None for any other."""
+        path = self.student.get("path") if self.student.get("arch") == "hf" else None
+        return Path(path) if path else None
+
 
 def register_configs() -> None:
     """The schema Hydra composes into (and the resolvers its files use); the ``student`` group fills the student
@@ -336,15 +353,6 @@ def check_nodes(node: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{e.key}", e.message) from None
     for f in dataclasses.fields(node):
         check_nodes(getattr(node, f.name), f"{prefix}{f.name}.")
-
-
-def needs_teacher(cfg: RunConfig) -> bool:
-    return cfg.distill.loss != "none" or bool(cfg.distill.features)
-
-
-def sequence_length(cfg: RunConfig) -> int:
-    """Tokens per training window: the student's ``block_size`` (1 for a model without one)."""
-    return int(cfg.student.get("block_size", 1))
 
 
 def parallel_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from trainer.config import TOKENIZED_DATA, ConfigError
 
 if TYPE_CHECKING:
-    from trainer.config import RunConfig
+    from trainer.config import DataConfig, TeacherConfig
 
 # owner/name[@revision]: each part a letter or digit, then letters, digits, "_", "-" or "." (the Hub's own rules).
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
@@ -123,19 +123,19 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def localize(cfg: RunConfig) -> None:
-    """Replace the hub ids of ``cfg`` (``teacher.checkpoint``, ``student.path`` of ``student=hf``, ``data.tokenizer``
-    of tokenized data) by their snapshot folders; a tokenizer that is the teacher's follows it. ConfigError naming
-    the key. A teacher with a ``recipe`` is left alone: the recipe makes it."""
-    teacher = cfg.teacher.checkpoint
-    if teacher is not None and not cfg.teacher.recipe:
-        cfg.teacher.checkpoint = _local_at("teacher.checkpoint", teacher)
-        if cfg.data.tokenizer == teacher:  # the teacher's own tokenizer (RunConfig's `teacher`)
-            cfg.data.tokenizer = cfg.teacher.checkpoint
-    if cfg.student.get("arch") == "hf" and isinstance(cfg.student.get("path"), str):
-        cfg.student["path"] = _local_at("student.path", cfg.student["path"])
-    if cfg.data.name in TOKENIZED_DATA:  # other data sets read no tokenizer
-        cfg.data.tokenizer = _local_at("data.tokenizer", cfg.data.tokenizer)
+def localize(teacher: TeacherConfig, student: dict, data: DataConfig) -> None:
+    """Replace the hub ids of ``teacher.checkpoint``, ``student.path`` (of ``student=hf``) and ``data.tokenizer`` (of
+    tokenized data) by their snapshot folders, in place; a tokenizer that is the teacher's follows it. ConfigError
+    naming the key. A teacher with a ``recipe`` is left alone: the recipe makes it."""
+    checkpoint = teacher.checkpoint
+    if checkpoint is not None and not teacher.recipe:
+        teacher.checkpoint = _local_at("teacher.checkpoint", checkpoint)
+        if data.tokenizer == checkpoint:  # the teacher's own tokenizer (RunConfig's `teacher`)
+            data.tokenizer = teacher.checkpoint
+    if student.get("arch") == "hf" and isinstance(student.get("path"), str):
+        student["path"] = _local_at("student.path", student["path"])
+    if data.name in TOKENIZED_DATA:  # other data sets read no tokenizer
+        data.tokenizer = _local_at("data.tokenizer", data.tokenizer)
 
 
 def _local_at(key: str, value: str) -> str:

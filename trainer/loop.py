@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from parallel import env as dist_env
 from parallel import groups
 from parallel.collectives import dp_sum
-from trainer import checkpoint, data, export, models, report, side_by_side
-from trainer.build import build_compressor, build_run
-from trainer.config import RunConfig
+from trainer import checkpoint, data, models
+from trainer.build import RunParts, build_compressor
+from trainer.config import LoggerConfig, ModifierConfig, TrainConfig
 from trainer.logging import RunLogger
 from trainer.lr_schedule import lr_at
 from trainer.metrics import held_bytes, peak_memory_bytes, state_bytes
 from trainer.preemption import Preempted, StopRequests
-from trainer.preflight import run_identity
 
 if TYPE_CHECKING:
     from trainer.compress import Compressor
@@ -39,15 +38,28 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    """One run on this rank: the parts (``trainer.build``), then the loop (``fit``): step, log, evaluate,
-    checkpoint, and at the end export and report."""
+    """One run's loop on this rank over its built parts (``trainer.build``): step, log, evaluate, checkpoint
+    (``fit``), then ``close``. ``train``: the steps, optimizer schedule and checkpoints; ``logger_cfg``: the progress
+    bar and W&B; ``modifiers``: the compression a plain copy of the student gets; ``identity``: what a checkpoint
+    must share with the run to resume it (``trainer.build.run_identity``, None: anything)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, env: dist_env.DistEnv, resolved_config: dict):
-        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+    def __init__(
+        self,
+        parts: RunParts,
+        run_dir: Path,
+        env: dist_env.DistEnv,
+        train: TrainConfig,
+        logger_cfg: LoggerConfig,
+        run_name: str,
+        modifiers: list[ModifierConfig],
+        identity: dict,
+        resolved_config: dict,
+    ):
+        self.parts, self.run_dir, self.env = parts, run_dir, env
+        self.train, self.modifiers, self.identity = train, modifiers, identity
         self.ckpt_root = run_dir / "ckpt"
-        self.parts = build_run(cfg, env)
-        self.runtime, self.teacher, self.optimizer = self.parts.runtime, self.parts.teacher, self.parts.optimizer
-        self.tokens_per_step = cfg.train.batch_size * self.parts.batches.tokens_per_sample
+        self.runtime, self.teacher, self.optimizer = parts.runtime, parts.teacher, parts.optimizer
+        self.tokens_per_step = train.batch_size * parts.batches.tokens_per_sample
         self.last_checkpoint: Path | None = None  # the newest good checkpoint: set by resume and each save
         self.start_step = self.resume()
         # W&B's config shows the sizes this run resolved (-1 = infer replaced) and the world size.
@@ -59,18 +71,18 @@ class Trainer:
             "pp": dims.pp,
         }
         resolved_config = {**resolved_config, "parallel": {**resolved_config.get("parallel", {}), **sizes}}
-        t, lg = cfg.train, cfg.logger
+        self.log_every, lg = logger_cfg.log_every, logger_cfg
         self.logger = RunLogger(
             run_dir,
             config=resolved_config,
-            total_steps=t.max_steps,
+            total_steps=train.max_steps,
             start_step=self.start_step,
             is_main=env.is_main,
             progress=lg.progress,
             wandb_mode=lg.wandb.mode,
             wandb_project=lg.wandb.project,
             wandb_entity=lg.wandb.entity,
-            wandb_name=lg.wandb.name or cfg.name,
+            wandb_name=lg.wandb.name or run_name,
             wandb_tags=list(lg.wandb.tags),
         )
         self.train_seconds = 0.0
@@ -89,16 +101,16 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # building the copy must not advance the training RNG
             student = models.build_from_spec(self.parts.student_spec).to(self.env.device)
         student.train(self.runtime.student.training)
-        return student, build_compressor(student, self.cfg.compress.modifiers)
+        return student, build_compressor(student, self.modifiers)
 
     # ---- state -------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        t = self.cfg.train
+        t = self.train
         return {
             "rng": {"torch": torch.get_rng_state()},
             "compress": self.compressor.state_dict() if self.compressor else {},
             "data": {"fingerprint": self.parts.dataset.fingerprint, "seed": t.seed},
-            "run": run_identity(self.cfg),
+            "run": self.identity,
             "lr_schedule": {"lr": t.lr, "min_lr": t.min_lr, "warmup_steps": t.warmup_steps, "max_steps": t.max_steps},
         }
 
@@ -106,7 +118,7 @@ class Trainer:
         """The step to start at: 0, or that of the newest usable checkpoint, loaded in place. A corrupt checkpoint is
         named and the one before it used; one of another model or other settings (seed, data, batch, LR
         schedule), or none usable, raises CheckpointError (nothing deleted)."""
-        mode = self.cfg.train.resume
+        mode = self.train.resume
         candidates = {"never": [], "auto": checkpoint.list_complete(self.ckpt_root)}.get(mode, [Path(mode)])
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if not candidates:
@@ -123,7 +135,7 @@ class Trainer:
             optimizer=self.optimizer,
             extra_template=self.extra_state(),
             model_spec=self.parts.student_spec,
-            run_identity=None if self.cfg.train.allow_resume_changes else run_identity(self.cfg),
+            run_identity=None if self.train.allow_resume_changes else self.identity,
         )
         torch.set_rng_state(state["rng"]["torch"])
         if self.compressor:
@@ -145,14 +157,14 @@ class Trainer:
             optimizer=self.optimizer,
             extra=self.extra_state(),
             model_spec=self.parts.student_spec,
-            keep_last=self.cfg.train.keep_last,
+            keep_last=self.train.keep_last,
         )
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, step: int, measure_memory: bool = False) -> dict[str, torch.Tensor]:
         """Optimizer step ``step`` (0-based): accumulate, check, clip, step, compress. With ``measure_memory``,
         also the ``memory/*`` figures of every rank, taken after the optimizer step while gradients exist."""
-        t = self.cfg.train
+        t = self.train
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -191,7 +203,7 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, correct, count, agree, entropy
         shard = self.parts.batches.shard
         shard = data.Shard(shard.rank, shard.world) if distributed else data.Shard()  # no accumulation
-        for x, y in self.parts.dataset.val_batches(self.cfg.train.batch_size, shard):
+        for x, y in self.parts.dataset.val_batches(self.train.batch_size, shard):
             x, y = x.to(self.env.device), y.to(self.env.device)
             with self.parts.autocast:
                 logits = self.runtime.eval_logits(x) if distributed else model(x)
@@ -225,8 +237,10 @@ class Trainer:
         return out
 
     # ---- the run -----------------------------------------------------------------------
-    def fit(self) -> float:
-        t, log_every = self.cfg.train, self.cfg.logger.log_every
+    def fit(self) -> dict[str, float] | None:
+        """Train from the start step to ``train.stop_at_step`` or the end; the last evaluation's metrics after the
+        last step (``train.max_steps``), None after an earlier stop. Raises Preempted on a stop request."""
+        t, log_every = self.train, self.log_every
         stop = t.stop_at_step or t.max_steps
         self.runtime.student.train()
         last_eval: dict[str, float] = {}
@@ -262,17 +276,17 @@ class Trainer:
                     interval_start, interval_steps = time.perf_counter(), 0
                 if step < stop and stops.agreed():
                     self.checkpoint_and_stop(step, stops.signal_name)
-            summary = self.finish(last_eval) if step == t.max_steps else None
         finally:
             stops.restore()
+        return last_eval if step == t.max_steps else None
+
+    def close(self) -> None:
+        """Release the teacher (its connections, a remote one's ranks) and close the logger."""
+        try:
             if self.teacher is not None:
                 self.teacher.close()
+        finally:
             self.logger.close()
-        if summary is not None:
-            print(report.closing_table(summary))
-            if "side_by_side" in summary:
-                print(side_by_side.closing_text(summary["side_by_side"]))
-        return last_eval.get("eval/val_loss", float("nan"))
 
     def log_samples(self, step: int) -> None:
         """On-policy distillation: the last step's completions of every rank, as the table ``gen/samples`` (W&B and
@@ -348,45 +362,3 @@ class Trainer:
         if table:
             self.logger.table("compress/layers", *compressor.layer_table(), step=step)
         return compressor.metrics()
-
-    def finish(self, last_eval: dict[str, float]) -> dict | None:
-        """Export the student to <run_dir>/final, measure it, write report.md; the summary on rank 0."""
-        checked = self.runtime.check_consistency()
-        if checked and self.env.is_main:
-            print(checked, file=sys.stderr)
-        student, compressor = self.whole_student()
-        if not self.env.is_main:
-            return None
-        assert student is not None  # rank 0 holds the whole student
-        final = self.run_dir / "final"
-        staging = export.staging_dir(final)
-        if compressor:
-            compressor.export(staging)
-        else:
-            models.save_dense(student, staging)
-        data.save_tokenizer(self.cfg.data, staging)
-        export.publish(staging, final)
-        teacher = self.teacher.whole_module if self.teacher is not None else None
-        teacher_eval = self.evaluate(teacher) if teacher is not None else None
-        export_eval = self.evaluate(export.load_served(final).to(self.env.device))
-        summary = report.write(
-            self.run_dir,
-            cfg=self.cfg,
-            student=student,
-            teacher=teacher,
-            final_dir=final,
-            student_eval=last_eval,
-            export_eval=export_eval,
-            teacher_eval=teacher_eval,
-            train_seconds=self.train_seconds,
-            steps=self.cfg.train.max_steps,
-            example=next(iter(self.parts.dataset.val_batches(self.cfg.train.batch_size)))[0],
-            layer_table=compressor.layer_table() if compressor else None,
-            samples=self.samples[:4] or None,
-        )
-        if self.cfg.report.side_by_side:
-            summary["side_by_side"] = side_by_side.run(
-                self.cfg, self.run_dir, student, list(self.parts.dataset.val_batches(self.cfg.train.batch_size))
-            )
-        self.logger.summary(summary)
-        return summary

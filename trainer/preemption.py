@@ -55,7 +55,8 @@ class StopRequests:
             self.received = signal.Signals(signum).name
         if signum == signal.SIGINT:  # the next Ctrl-C interrupts whatever runs
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            print(CTRL_C_NOTICE, file=sys.stderr, flush=True)
+            sys.stderr.write(CTRL_C_NOTICE + "\n")  # one write: a second Ctrl-C cannot split the line
+            sys.stderr.flush()
 
     def agreed(self) -> bool:
         """Whether any rank received a stop signal (a collective under a process group: every rank calls it)."""

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from parallel import env as dist_env
 from parallel import groups, remote
-from trainer import cache, checkpoint
+from trainer import cache, checkpoint, data, export, models, report, side_by_side
+from trainer.build import build_run, load_teacher, run_identity
 from trainer.config import RunConfig, parallel_dims
 from trainer.distill.teacher import TeacherPathError
 from trainer.loop import NonFiniteLoss, Trainer
@@ -29,7 +30,7 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
         if roles and roles.is_teacher(env.rank):
             val_loss = serve_teacher(cfg, roles, env)
         else:
-            val_loss = Trainer(cfg, run_dir, env, resolved_config).fit()
+            val_loss = train(cfg, run_dir, env, resolved_config)
         dist_env.wait_for_all()
         return val_loss
     # Both stops happen on every rank at the same step (the loss and the stop flag are reduced over ranks).
@@ -65,12 +66,88 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
         dist_env.shutdown()
 
 
+def train(cfg: RunConfig, run_dir: Path, env: dist_env.DistEnv, resolved_config: dict) -> float:
+    """A student rank's whole run: build, train, and after the last step export and report; the final validation
+    loss (nan after an earlier stop)."""
+    trainer = trainer_for(cfg, run_dir, env, resolved_config)
+    try:
+        last_eval = trainer.fit()
+        summary = finish(cfg, trainer, last_eval) if last_eval is not None else None
+    finally:
+        trainer.close()
+    if summary is not None:
+        print(report.closing_table(summary))
+        if "side_by_side" in summary:
+            print(side_by_side.closing_text(summary["side_by_side"]))
+    return (last_eval or {}).get("eval/val_loss", float("nan"))
+
+
+def trainer_for(cfg: RunConfig, run_dir: Path, env: dist_env.DistEnv, resolved_config: dict) -> Trainer:
+    """The run's parts, built, in a loop resumed from the newest usable checkpoint (``close`` it after use)."""
+    identity = run_identity(cfg)
+    modifiers = cfg.compress.modifiers
+    return Trainer(
+        build_run(cfg, env), run_dir, env, cfg.train, cfg.logger, cfg.name, modifiers, identity, resolved_config
+    )
+
+
+def finish(cfg: RunConfig, trainer: Trainer, last_eval: dict[str, float]) -> dict | None:
+    """Export the student to <run_dir>/final, measure it, write report.md; the summary on rank 0 (a collective)."""
+    checked = trainer.runtime.check_consistency()
+    if checked and trainer.env.is_main:
+        print(checked, file=sys.stderr)
+    student, compressor = trainer.whole_student()
+    if not trainer.env.is_main:
+        return None
+    assert student is not None  # rank 0 holds the whole student
+    final = trainer.run_dir / "final"
+    staging = export.staging_dir(final)
+    if compressor:
+        compressor.export(staging)
+    else:
+        models.save_dense(student, staging)
+    data.save_tokenizer(cfg.data, staging)
+    export.publish(staging, final)
+    teacher = trainer.teacher.whole_module if trainer.teacher is not None else None
+    teacher_eval = trainer.evaluate(teacher) if teacher is not None else None
+    export_eval = trainer.evaluate(export.load_served(final).to(trainer.env.device))
+    val_batches = trainer.parts.dataset.val_batches(cfg.train.batch_size)
+    summary = report.write(
+        trainer.run_dir,
+        report_cfg=cfg.report,
+        title=cfg.name,
+        setup=f"data: {cfg.data.name}; student: {cfg.student['arch']}; distill: {cfg.distill.loss}"
+        f" (alpha={cfg.distill.alpha}, T={cfg.distill.temperature})",
+        student=student,
+        teacher=teacher,
+        final_dir=final,
+        student_eval=last_eval,
+        export_eval=export_eval,
+        teacher_eval=teacher_eval,
+        train_seconds=trainer.train_seconds,
+        steps=cfg.train.max_steps,
+        example=next(iter(val_batches))[0],
+        layer_table=compressor.layer_table() if compressor else None,
+        samples=trainer.samples[:4] or None,
+    )
+    if cfg.report.side_by_side:
+        assert cfg.teacher.checkpoint is not None  # the preflight asks for a teacher
+        summary["side_by_side"] = side_by_side.run(
+            cfg.teacher,
+            cfg.data,
+            cfg.report,
+            trainer.run_dir,
+            student,
+            list(trainer.parts.dataset.val_batches(cfg.train.batch_size)),
+        )
+    trainer.logger.summary(summary)
+    return summary
+
+
 def serve_teacher(cfg: RunConfig, roles: remote.Roles, env: dist_env.DistEnv) -> float:
     """A teacher rank's whole run: answer its students' requests with the teacher's logits until they stop."""
-    from trainer.distill import teacher as teacher_io
-
     parallel_dims(cfg.parallel, env.world_size).build_mesh(env.device.type)  # its groups need every rank
-    module = teacher_io.load_for_run(cfg, env.device)
+    module = load_teacher(cfg, env.device)
     served = remote.serve(module, roles.served_by(env.rank), env.device)
     print(f"teacher rank {env.rank}: served {served} requests of ranks {roles.served_by(env.rank)}", file=sys.stderr)
     return float("nan")

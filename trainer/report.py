@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from trainer import export, files, models
-from trainer.config import RunConfig
+from trainer.config import ReportConfig
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.models.protocol import family_of
 
@@ -67,7 +67,9 @@ def cpu_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = LATEN
 def write(
     run_dir: Path,
     *,
-    cfg: RunConfig,
+    report_cfg: ReportConfig,
+    title: str,
+    setup: str,
     student: nn.Module,
     teacher: nn.Module | None,
     final_dir: Path,
@@ -80,7 +82,8 @@ def write(
     layer_table: tuple[list[str], list[list]] | None,
     samples: list[list] | None = None,
 ) -> dict:
-    """Measure the models, write ``report.md`` and ``report.json``, return the summary figures."""
+    """Measure the models, write ``report.md`` and ``report.json`` (headed by the run's ``title`` and its ``setup``
+    line), return the summary figures."""
     exported = export.load_served(final_dir)  # a Hugging Face student's: as transformers loads and runs it
     dense_student = dense_copy(student)
     rows = [
@@ -99,7 +102,7 @@ def write(
                 "bytes": size,
                 "val_loss": evals.get("eval/val_loss", float("nan")),
                 "accuracy": evals.get("eval/accuracy"),
-                "latency_ms": cpu_latency_ms(cpu_model, example.cpu(), cfg.report.latency_repeats),
+                "latency_ms": cpu_latency_ms(cpu_model, example.cpu(), report_cfg.latency_repeats),
             }
         )
     summary = {
@@ -109,13 +112,12 @@ def write(
         "export_ratio": table[0]["bytes"] / table[1]["bytes"],
     }
     lines = [
-        f"# Run report: {cfg.name}",
+        f"# Run report: {title}",
         "",
         f"- steps: {steps}",
         f"- training time: {train_seconds:.1f} s",
-        f"- data: {cfg.data.name}; student: {cfg.student['arch']}; distill: {cfg.distill.loss}"
-        f" (alpha={cfg.distill.alpha}, T={cfg.distill.temperature})",
-        f"- latency: median of {cfg.report.latency_repeats} CPU forward passes on a fixed batch of shape "
+        f"- {setup}",
+        f"- latency: median of {report_cfg.latency_repeats} CPU forward passes on a fixed batch of shape "
         f"{tuple(example.shape)}",
         f"- export: {summary['export_ratio']:.2f}x smaller on disk than the fp32 dense student; the fp32 row's"
         " val loss is the trained model's (with its masks and fake-quant, if any)",

@@ -24,7 +24,7 @@ from parallel.parallelize import no_gradient_sync, parallelize
 from parallel.pipeline import Pipeline, build_pipeline
 from trainer import data
 from trainer.checkpoint import STUDENT
-from trainer.config import DistillConfig, RunConfig
+from trainer.config import DistillConfig, ParallelConfig, TrainConfig
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.fused import FUSED_CHUNK_SIZE, fused_logit_losses
 from trainer.distill.losses import logit_losses
@@ -106,40 +106,43 @@ class DataParallelRuntime(StudentRuntime):
 
     def __init__(
         self,
-        cfg: RunConfig,
+        distill: DistillConfig,
+        parallel: ParallelConfig,
+        train: TrainConfig,
         trainable: nn.ModuleDict,
         family: ModelFamily,
         layout: Layout,
         teacher: Teacher | None,
         compressor: Compressor | None,
     ):
-        self.cfg, self.trainable, self.layout = cfg, trainable, layout
+        self.distill, self.trainable, self.layout = distill, trainable, layout
+        self.grad_accum, self.accum_order = train.grad_accum, train.accum_order
         self.teacher, self.compressor = teacher, compressor
         self.dims, self.mesh, self.device, self.batches = layout.dims, layout.mesh, layout.device, layout.batches
         self.dp_mesh = layout.dims.dp_mesh(layout.mesh)
-        self.student_layers = tuple(f.student_layer for f in cfg.distill.features)
+        self.student_layers = tuple(f.student_layer for f in distill.features)
         # Logit distillation through the student's head=fn: the loss runs inside its forward (FSDP2 gathers the
         # head's weight once per forward, as for the logits, and reduce-scatters its gradient).
-        self.fused = cfg.distill.fused and cfg.distill.loss != "none" and fuses_head(trainable[STUDENT])
+        self.fused = distill.fused and distill.loss != "none" and fuses_head(trainable[STUDENT])
         if self.fused:
-            chunk = cfg.distill.chunk_size or FUSED_CHUNK_SIZE
+            chunk = distill.chunk_size or FUSED_CHUNK_SIZE
             teacher_side = "its head" if teacher is not None and teacher.gives_head else "its logits"
             self.kd_path = f"fused head + divergence, {chunk} tokens at a time (teacher: {teacher_side})"
-        elif cfg.distill.fused and cfg.distill.loss != "none":
+        elif distill.fused and distill.loss != "none":
             self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # On-policy distillation (distill.lmbda > 0): the student completes some rows before each micro-batch's
         # losses; with lmbda = 0 nothing of it runs.
         agree = partial(agree_span, mesh=self.dp_mesh) if layout.dims.fsdp_enabled else None
         total = partial(dp_sum, mesh=self.dp_mesh)
-        on_policy = cfg.distill.lmbda > 0
-        self.on_policy = OnPolicy(cfg.distill, layout.batches, total=total, agree=agree) if on_policy else None
+        on_policy = distill.lmbda > 0
+        self.on_policy = OnPolicy(distill, layout.batches, total=total, agree=agree) if on_policy else None
         # The modules that run forward/backward: DDP wrappers, or the FSDP2-sharded modules themselves.
         self.modules = {
             name: parallelize(
                 module,
                 layout.dims,
                 layout.mesh,
-                cfg.parallel,
+                parallel,
                 units=family.layers(module).values() if name == STUDENT else (),
             )
             for name, module in trainable.items()
@@ -156,13 +159,13 @@ class DataParallelRuntime(StudentRuntime):
         student = self.modules[STUDENT]
         if self.fused:
             assert t_out is not None  # a KD loss has a teacher
-            head = partial(fused_logit_losses, y=y, teacher=t_out, d=self.cfg.distill)
+            head = partial(fused_logit_losses, y=y, teacher=t_out, d=self.distill)
             s_out = student(x, hidden_layers=self.student_layers, head=head)
             out, s_hidden = s_out if self.student_layers else (s_out, None)
         else:
             s_out = student(x, hidden_layers=self.student_layers)
             logits, s_hidden = s_out if self.student_layers else (s_out, None)
-            out = logit_losses(logits, y, t_out, self.cfg.distill)
+            out = logit_losses(logits, y, t_out, self.distill)
         if s_hidden is not None:
             assert t_out is not None  # feature distillation runs with a live teacher
             feat, parts = self.modules["features"](s_hidden, t_out.hidden)
@@ -172,12 +175,12 @@ class DataParallelRuntime(StudentRuntime):
         return out
 
     def forward_backward(self, step: int) -> dict[str, torch.Tensor]:
-        t = self.cfg.train
+        accum = self.grad_accum
         totals: dict[str, torch.Tensor] = {}
-        pairwise = PairwiseGradients(list(self.trainable.parameters())) if t.accum_order == "pairwise" else None
-        for micro in range(t.grad_accum):
+        pairwise = PairwiseGradients(list(self.trainable.parameters())) if self.accum_order == "pairwise" else None
+        for micro in range(accum):
             x, y = self.batches.train(step, micro)
-            last = micro == t.grad_accum - 1
+            last = micro == accum - 1
             with contextlib.nullcontext() if last else no_gradient_sync(self.modules.values()):
                 with self.layout.autocast:
                     parts = self.losses(x, y, step, micro)
@@ -185,11 +188,11 @@ class DataParallelRuntime(StudentRuntime):
                     scale = self.batches.loss_scale(step, micro) if self.on_policy is None else 1.0
                     if scale != 1.0:
                         parts = {key: value * scale for key, value in parts.items()}
-                (parts["train/loss"] / t.grad_accum).backward()
+                (parts["train/loss"] / accum).backward()
             if pairwise:
                 pairwise.push()
             for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value.detach() / t.grad_accum
+                totals[key] = totals.get(key, 0.0) + value.detach() / accum
         if pairwise:
             pairwise.finish()
         totals = dp_mean(totals, self.dp_mesh)
@@ -297,7 +300,9 @@ class PipelineRuntime(StudentRuntime):
 
     def __init__(
         self,
-        cfg: RunConfig,
+        distill: DistillConfig,
+        parallel: ParallelConfig,
+        batch_size: int,
         student: nn.Module,
         family: ModelFamily,
         layout: Layout,
@@ -306,20 +311,20 @@ class PipelineRuntime(StudentRuntime):
     ):
         assert layout.mesh is not None  # a pipeline runs on a device mesh
         dims, mesh, device, batches = layout.dims, layout.mesh, layout.device, layout.batches
-        self.cfg, self.layout = cfg, layout
+        self.layout = layout
         self.dims, self.mesh, self.device, self.batches = dims, mesh, device, batches
         self.dp_mesh = dims.dp_mesh(mesh)
         # Fused, the loss runs inside the last stage's forward (FSDP2 gathers the head's weight there, as in the
         # data-parallel runtime); the teacher, replicated on the last stage, gives its head's input when it can.
-        fused = cfg.distill.fused and cfg.distill.loss != "none" and fuses_head(student)
-        self.loss = PipelineLoss(teacher, cfg.distill, cfg.parallel.microbatches, fused)
-        rows = cfg.train.batch_size // (dims.dp_size * cfg.parallel.microbatches)
+        fused = distill.fused and distill.loss != "none" and fuses_head(student)
+        self.loss = PipelineLoss(teacher, distill, parallel.microbatches, fused)
+        rows = batch_size // (dims.dp_size * parallel.microbatches)
         self.pipeline: Pipeline = build_pipeline(
             student,
             family,
             dims,
             mesh,
-            cfg.parallel,
+            parallel,
             loss_fn=self.loss,
             microbatch=(rows, batches.tokens_per_sample),
             device=device,
@@ -327,12 +332,12 @@ class PipelineRuntime(StudentRuntime):
         )
         if fused:
             assert teacher is not None  # a KD loss has a teacher
-            chunk = cfg.distill.chunk_size or FUSED_CHUNK_SIZE
+            chunk = distill.chunk_size or FUSED_CHUNK_SIZE
             teacher_side = "its head" if teacher.gives_head else "its logits"
             self.kd_path = (
                 f"fused head + divergence on the last stage, {chunk} tokens at a time (teacher: {teacher_side})"
             )
-        elif cfg.distill.fused and cfg.distill.loss != "none":
+        elif distill.fused and distill.loss != "none":
             self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # From here on the student is this rank's stages; the compressor covers their parameters.
         self.trainable = nn.ModuleDict({STUDENT: self.pipeline.part})
@@ -418,7 +423,9 @@ def _full_compress_state(compressor: Compressor | None) -> dict | None:
 
 
 def build_runtime(
-    cfg: RunConfig,
+    distill: DistillConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
     student: nn.Module,
     family: ModelFamily,
     features: FeatureDistiller | None,
@@ -426,8 +433,9 @@ def build_runtime(
     teacher: Teacher | None,
     compressor: Compressor | None,
 ) -> StudentRuntime:
-    """The runtime of ``cfg.parallel``'s layout. Call after QAT is prepared and before the optimizer exists."""
+    """The runtime of ``layout``'s parallel sizes (``parallel``: its settings), training with ``distill``'s losses on
+    ``train``'s batches. Call after QAT is prepared and before the optimizer exists."""
     if layout.dims.pp_enabled:
-        return PipelineRuntime(cfg, student, family, layout, teacher, compressor)
+        return PipelineRuntime(distill, parallel, train.batch_size, student, family, layout, teacher, compressor)
     trainable = nn.ModuleDict({STUDENT: student, **({"features": features} if features is not None else {})})
-    return DataParallelRuntime(cfg, trainable, family, layout, teacher, compressor)
+    return DataParallelRuntime(distill, parallel, train, trainable, family, layout, teacher, compressor)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import data, export, models, report
-from trainer.config import DataConfig, RunConfig
+from trainer.config import DataConfig, ReportConfig, TeacherConfig
 from trainer.data import tokenizer as tokenizers
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf
@@ -75,17 +75,25 @@ def complete(model: hf.TransformersLM, tokenizer: Any, prompt: str, new_tokens: 
     return tokenizer.decode(out[0, ids.size(1) :], skip_special_tokens=True)
 
 
-def run(cfg: RunConfig, run_dir: Path, student: nn.Module, val_batches: list) -> dict:
-    """Write ``final_dense/``, measure the teacher and both student folders, write the results; the summary."""
-    assert cfg.teacher.checkpoint is not None  # the preflight asks for a teacher
-    dense = save_dense_folder(student, run_dir, cfg.data)
-    teacher = load_teacher(cfg.teacher.checkpoint, cfg.teacher.param_dtype)
+def run(
+    teacher_cfg: TeacherConfig,
+    data_cfg: DataConfig,
+    report_cfg: ReportConfig,
+    run_dir: Path,
+    student: nn.Module,
+    val_batches: list,
+) -> dict:
+    """Write ``final_dense/``, measure the teacher and both student folders on ``val_batches``, complete
+    ``report_cfg.prompts``, write the results; the summary."""
+    assert teacher_cfg.checkpoint is not None  # the preflight asks for a teacher
+    dense = save_dense_folder(student, run_dir, data_cfg)
+    teacher = load_teacher(teacher_cfg.checkpoint, teacher_cfg.param_dtype)
     rows: list[tuple[str, hf.TransformersLM, int]] = [
         ("teacher", teacher, 4 * sum(p.numel() for p in teacher.parameters())),
         ("student (export)", hf.load_transformers(run_dir / "final"), report.folder_bytes(run_dir / "final")),
         ("student (dense)", hf.load_transformers(dense), report.folder_bytes(dense)),
     ]
-    tokenizer = tokenizers.load(cfg.data.tokenizer)
+    tokenizer = tokenizers.load(data_cfg.tokenizer)
     batches = [(x.cpu(), y.cpu()) for x, y in val_batches]
     table, completions = [], []
     teacher_top1: list[torch.Tensor] = []
@@ -93,10 +101,10 @@ def run(cfg: RunConfig, run_dir: Path, student: nn.Module, val_batches: list) ->
         figures, top1 = measure(model, batches, teacher_top1)
         teacher_top1 = teacher_top1 or top1
         table.append({"model": name, "params": weight_count(model), "bytes": size, **figures})
-        completions.append([complete(model, tokenizer, p, cfg.report.new_tokens) for p in cfg.report.prompts])
+        completions.append([complete(model, tokenizer, p, report_cfg.new_tokens) for p in report_cfg.prompts])
     summary = {
         "models": table,
-        "completions": {p: {r[0]: c[i] for r, c in zip(rows, completions)} for i, p in enumerate(cfg.report.prompts)},
+        "completions": {p: {r[0]: c[i] for r, c in zip(rows, completions)} for i, p in enumerate(report_cfg.prompts)},
         "val_tokens": sum(y.numel() for _, y in batches),
     }
     (run_dir / "side_by_side.json").write_text(json.dumps(summary, indent=1))

@@ -100,7 +100,7 @@ def test_a_second_ctrl_c_aborts_with_one_line_and_exit_130(tmp_path):
     # handler are one call of it (CPython keeps a flag per signal, not a count).
     assert proc.stderr is not None  # start() pipes it
     before = b""
-    while CTRL_C_NOTICE.encode() not in before:  # read from the pipe itself: communicate() reads on from there
+    while (CTRL_C_NOTICE + "\n").encode() not in before:  # from the pipe itself: communicate() reads on from there
         chunk = os.read(proc.stderr.fileno(), 4096)
         assert chunk, f"the run ended without the Ctrl-C notice: {before.decode()[-3000:]}"
         before += chunk

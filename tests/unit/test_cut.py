@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import HF_VOCAB, save_hf_student, small_hf_config
 from trainer import cut, data, models
+from trainer.build import build_student, student_spec
 from trainer.cut import from_teacher
 from trainer.models.protocol import ConfigFieldError, family_of
 
@@ -246,22 +247,22 @@ def test_a_cut_gpt_is_the_teacher_with_heads_and_channels_removed_by_hand():
 def test_the_preflights_spec_is_the_built_students(tmp_path):
     """What the preflight reads from the teacher's architecture (and a resume compares with a checkpoint) is what the
     cut with calibration builds."""
-    from trainer.config import DataConfig, RunConfig, TeacherConfig, TrainConfig, sequence_length
+    from trainer.config import DataConfig, RunConfig, TeacherConfig, TrainConfig
 
     save_hf_student(tmp_path / "llama", "llama")
     student = {"arch": "from_teacher", "layers": 3, "layer_select": "importance", "width": 0.5, "hidden_width": 0.5,
                "calib_batches": 2, "block_size": 16}  # fmt: skip
     cfg = RunConfig(student=student, teacher=TeacherConfig(checkpoint=str(tmp_path / "llama")),
                     data=DataConfig(name="synthetic"), train=TrainConfig(batch_size=4))  # fmt: skip
-    family, config = from_teacher.spec(cfg)
-    built = from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg)))
+    family, config = student_spec(cfg)
+    built = build_student(cfg, data.build(cfg.data, cfg.sequence_length))
     assert models.model_spec(built) == {"arch": family.name, "config": dataclasses.asdict(config)}
 
 
 def test_the_cut_depends_on_calib_seed_and_not_on_train_seed(tmp_path):
     """Runs that differ only in ``train.seed`` train the same student (calibration draws with ``calib_seed``); a
     different ``calib_seed`` calibrates on other batches."""
-    from trainer.config import DataConfig, RunConfig, TeacherConfig, TrainConfig, sequence_length
+    from trainer.config import DataConfig, RunConfig, TeacherConfig, TrainConfig
 
     save_hf_student(tmp_path / "llama", "llama")
 
@@ -271,8 +272,9 @@ def test_the_cut_depends_on_calib_seed_and_not_on_train_seed(tmp_path):
         teacher = TeacherConfig(checkpoint=str(tmp_path / "llama"))
         train = TrainConfig(batch_size=4, seed=train_seed)
         cfg = RunConfig(student=student, teacher=teacher, data=DataConfig(name="synthetic"), train=train)
-        dataset = data.build(cfg.data, sequence_length(cfg))
-        return from_teacher.calibration_batches(cfg, dataset, from_teacher.config(cfg))
+        dataset = data.build(cfg.data, cfg.sequence_length)
+        wanted = from_teacher.config(cfg.student, cfg.data)
+        return from_teacher.calibration_batches(wanted, dataset, cfg.train.batch_size)
 
     first = calibration(train_seed=1, calib_seed=0)
     assert len(first) == 2

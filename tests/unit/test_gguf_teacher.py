@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.gguf_files import TOKENS, VOCAB, q8_rounded, save_llama_pair, tiny_llama, write_gguf
+from trainer.build import build_student, student_spec
 from trainer.config import ConfigError, RunConfig
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
@@ -222,17 +223,15 @@ def test_a_student_is_cut_from_a_gguf_teacher_as_from_its_hf_folder(pair):
     """``student=from_teacher`` reads a GGUF teacher as a Hugging Face model: the preflight's sizes (meta device)
     and the cut student's logits are those of the same cut of the Hugging Face folder."""
     from trainer import data
-    from trainer.config import sequence_length
-    from trainer.cut import from_teacher
 
     cuts = []
     for checkpoint in pair[::-1]:
         cfg = run_config(checkpoint)
         cfg.student = {"arch": "from_teacher", "layers": 1, "width": 0.5, "block_size": 32, "calib_batches": 1}
         validate(cfg)
-        family, config = from_teacher.spec(cfg)
+        family, config = student_spec(cfg)
         assert family.name == "hf_llama" and family.depth(config) == 1
-        cuts.append(from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg))).eval())
+        cuts.append(build_student(cfg, data.build(cfg.data, cfg.sequence_length)).eval())
     x = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(cuts[0](x), cuts[1](x), rtol=0, atol=1e-5)
@@ -243,12 +242,11 @@ def test_an_export_cut_from_a_gguf_teacher_carries_its_tokenizer(pair, tmp_path)
     run's text was tokenized with (the GGUF file's), which transformers then loads alone; its bytes on disk leave
     the tokenizer out."""
     from trainer import data, models, report
-    from trainer.config import DataConfig, sequence_length
-    from trainer.cut import from_teacher
+    from trainer.config import DataConfig
 
     cfg = run_config(pair[1])
     cfg.student = {"arch": "from_teacher", "layers": 1, "width": 0.5, "block_size": 32, "calib_batches": 1}
-    student = from_teacher.build(cfg, data.build(cfg.data, sequence_length(cfg))).eval()
+    student = build_student(cfg, data.build(cfg.data, cfg.sequence_length)).eval()
     folder = tmp_path / "final"
     models.save_dense(student, folder)
     weights_only = report.folder_bytes(folder)

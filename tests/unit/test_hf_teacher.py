@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import save_hf_student
+from trainer.build import teacher_vocab
 from trainer.config import ConfigError, RunConfig
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
@@ -206,7 +207,7 @@ def test_validation_of_vocabularies_and_context(hf65, hf80, capsys):
     """A padded teacher vocabulary is aligned by itself (``tests/unit/test_vocab_alignment.py``): no flag."""
     validate(run_config(hf65))
     validate(run_config(hf80))
-    assert teacher_io.run_vocab_size(run_config(hf80)) == 65
+    assert teacher_vocab(run_config(hf80)) == 65
     assert "aligned to the student's 65 tokens" in capsys.readouterr().err
     cfg = run_config(hf65)
     cfg.student["block_size"] = 128

@@ -19,10 +19,11 @@ from omegaconf import OmegaConf
 from tests.conftest import preflight_in_process, read_metrics, run_cli
 from tests.data_files import documents, save_llama, save_tokenizer
 from trainer import hub, resolvers
+from trainer.build import load_teacher, student_spec
 from trainer.cli.train import CONF_DIR
 from trainer.config import RunConfig, register_configs
 from trainer.distill import teacher as teacher_io
-from trainer.preflight import student_spec, validate
+from trainer.preflight import validate
 
 pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
 
@@ -94,7 +95,7 @@ def test_an_id_reads_as_the_teacher_the_student_and_the_tokenizer(root):
     validate(cfg)  # the preflight every run goes through: the ids become their snapshot folders
     assert cfg.teacher.checkpoint == cfg.student["path"] == cfg.data.tokenizer == snapshot
     assert teacher_io.resolve(cfg.teacher.checkpoint) == ("hf", Path(snapshot))
-    teacher = teacher_io.load_for_run(cfg, torch.device("cpu"))
+    teacher = load_teacher(cfg, torch.device("cpu"))
     family, config = student_spec(cfg)
     student = family.build(config).eval()  # the snapshot's weights: the teacher's
     x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))

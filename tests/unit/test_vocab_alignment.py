@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import save_tokenizer
+from trainer.build import load_teacher, teacher_vocab
 from trainer.config import ConfigError, RunConfig
-from trainer.distill import teacher as teacher_io
 from trainer.distill.losses import logit_losses
 from trainer.distill.placement import TeacherOutput
 from trainer.preflight import validate
@@ -63,13 +63,13 @@ def test_padded_teacher_gives_the_kd_loss_of_the_unpadded_one(folders, capsys):
     cfg = run_config(folders["t64"], folders["s48"])
     validate(cfg)
     assert capsys.readouterr().err == ""
-    padded = teacher_io.load_for_run(cfg, torch.device("cpu"))
+    padded = load_teacher(cfg, torch.device("cpu"))
     info = capsys.readouterr().err.splitlines()
     assert info == [
         "info: the teacher's 64 logits and the student's 48 are aligned to the tokenizer's 48 tokens "
         "(the rows past them are padding)"
     ]
-    cut = teacher_io.load_for_run(run_config(folders["t48"], folders["s48"]), torch.device("cpu"))
+    cut = load_teacher(run_config(folders["t48"], folders["s48"]), torch.device("cpu"))
     assert capsys.readouterr().err == ""  # nothing to align: no line
     x = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
@@ -103,7 +103,7 @@ def test_without_tokenizers_the_students_vocabulary_is_the_real_one(folders, tmp
         (bare / name).write_bytes((folders["t64"] / name).read_bytes())
     cfg = run_config(bare)  # a Stillroom student: no tokenizer on either side
     validate(cfg)
-    assert teacher_io.run_vocab_size(cfg) == VOCAB
+    assert teacher_vocab(cfg) == VOCAB
     assert capsys.readouterr().err.splitlines() == [
         "info: the teacher's 64 logits and the student's 48 are aligned to the student's 48 tokens "
         "(the rows past them are padding)"

@@ -30,10 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from trainer.config import sequence_length
-
 if TYPE_CHECKING:
-    from trainer.config import RunConfig
+    from trainer.config import DataConfig, DistillConfig, TeacherConfig, TrainConfig
 
 MANIFEST = "manifest.json"
 FORMAT = "stillroom-teacher-cache/3"  # /1 had no checksums.bin; /2 no lse_temperature (its log-sum-exp is at T=1)
@@ -152,24 +150,25 @@ def _shards(raw: list, steps: int) -> tuple[tuple[int, int], ...]:
     return shards
 
 
-def expected_key(cfg: RunConfig) -> CacheKey:
-    """The key of the cache that ``cfg``'s run reads (and ``python -m trainer.cache`` with ``cfg`` writes)."""
+def expected_key(
+    teacher: TeacherConfig, data_cfg: DataConfig, train: TrainConfig, top_k: int | None, block_size: int, vocab: int
+) -> CacheKey:
+    """The key of the cache a run reads (and ``python -m trainer.cache`` with the same overrides writes): of
+    ``teacher``, the data, the batches ``train`` draws and the ``vocab`` entries the teacher's logits are cut to."""
     from trainer import data
-    from trainer.distill import teacher
+    from trainer.distill import teacher as teacher_io
 
-    assert cfg.teacher.checkpoint is not None  # a cache is of a teacher: preflight and trainer.cache check it
-    alignment = teacher.vocab_alignment(cfg)  # the teacher's logits are cut to the real vocabulary, as in a live run
-    vocab = alignment.real if alignment is not None else data.vocab_size(cfg.data)
+    assert teacher.checkpoint is not None  # a cache is of a teacher: preflight and trainer.cache check it
     return CacheKey(
-        teacher=teacher.fingerprint(cfg.teacher.checkpoint),
-        data=data.fingerprint(cfg.data),
-        val_fraction=cfg.data.val_fraction,
-        seed=cfg.train.seed,
-        batch_size=cfg.train.batch_size,
-        block_size=sequence_length(cfg),
-        k=cfg.distill.top_k or vocab,
+        teacher=teacher_io.fingerprint(teacher.checkpoint),
+        data=data.fingerprint(data_cfg),
+        val_fraction=data_cfg.val_fraction,
+        seed=train.seed,
+        batch_size=train.batch_size,
+        block_size=block_size,
+        k=top_k or vocab,
         vocab=vocab,
-        precision=cfg.train.precision,
+        precision=train.precision,
     )
 
 
@@ -363,25 +362,24 @@ class CacheReader:
         return stored.float(), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(lse)
 
 
-def check(cfg: RunConfig, complete: bool = True) -> Manifest:
-    """The manifest of ``cfg.teacher.cache_dir`` if ``cfg``'s run may read it (once finished, if not ``complete``);
-    else CacheError (one line)."""
-    assert cfg.teacher.cache_dir is not None  # preflight: placement=cache names it
-    root = Path(cfg.teacher.cache_dir)
+def check(cache_dir: str, key: CacheKey, max_steps: int, distill: DistillConfig, complete: bool = True) -> Manifest:
+    """The manifest of ``cache_dir`` if a run of ``key`` may read it for ``max_steps`` steps with ``distill``'s
+    temperature (once finished, if not ``complete``); else CacheError (one line)."""
+    root = Path(cache_dir)
     manifest = read_manifest(root)
-    want, got = asdict(expected_key(cfg)), asdict(manifest.key)
+    want, got = asdict(key), asdict(manifest.key)
     differ = [f"{name} {got[name]!r} != {want[name]!r}" for name in want if got[name] != want[name]]
     if differ:
         raise CacheError(
             f"{root} was written for another run (cache vs this run: {'; '.join(differ)}); "
             "rebuild it with python -m trainer.cache and this run's overrides"
         )
-    if cfg.train.max_steps > manifest.steps:
-        raise CacheError(f"{root} holds {manifest.steps} steps but train.max_steps is {cfg.train.max_steps}")
-    if cfg.distill.top_k_tail and manifest.lse_temperature != cfg.distill.temperature:
+    if max_steps > manifest.steps:
+        raise CacheError(f"{root} holds {manifest.steps} steps but train.max_steps is {max_steps}")
+    if distill.top_k_tail and manifest.lse_temperature != distill.temperature:
         raise CacheError(
             f"{root} holds the log-sum-exp at temperature {manifest.lse_temperature}, but distill.top_k_tail needs it "
-            f"at distill.temperature={cfg.distill.temperature}: rebuild it with python -m trainer.cache and this "
+            f"at distill.temperature={distill.temperature}: rebuild it with python -m trainer.cache and this "
             "run's overrides"
         )
     missing = [i for i in range(len(manifest.shards)) if not _shard_complete(root, manifest, i)]

@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel import env as dist_env
 from trainer import cache, data
+from trainer.build import cache_key, load_teacher
 from trainer.cli.train import CONF_DIR, fail, preflight
-from trainer.config import ConfigError, RunConfig, register_configs, sequence_length
-from trainer.distill import teacher as teacher_io
+from trainer.config import ConfigError, RunConfig, register_configs
 from trainer.preflight import validate
 
 
@@ -81,11 +81,11 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     """Write (or finish) the cache of ``cfg``'s run: this rank's shards; returns the manifest."""
     assert cfg.teacher.cache_dir is not None  # hydra_entry refuses a run without it
     root, t = Path(cfg.teacher.cache_dir), cfg.train
-    dataset = data.build(cfg.data, sequence_length(cfg))
+    dataset = data.build(cfg.data, cfg.sequence_length)
     prepare(
         root,
         cache.new_manifest(
-            cache.expected_key(cfg),
+            cache_key(cfg),
             t.max_steps,
             dataset.tokens_per_sample(),
             cfg.teacher.cache_dtype,
@@ -98,7 +98,7 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     if dist.is_initialized():
         dist.barrier()
     manifest = cache.read_manifest(root)
-    teacher = teacher_io.load_for_run(cfg, env.device)
+    teacher = load_teacher(cfg, env.device)
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
     )

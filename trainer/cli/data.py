@@ -8,13 +8,13 @@ import sys
 
 from trainer import data
 from trainer.cli.train import preflight
-from trainer.config import TOKENIZED_DATA, ConfigError, RunConfig, check_nodes, register_configs, sequence_length
+from trainer.config import TOKENIZED_DATA, ConfigError, RunConfig, check_nodes, register_configs
 from trainer.data import shards
 
 
 def summary(cfg: RunConfig) -> dict:
     """The counts of ``cfg``'s prepared data set (building its shards first if needed)."""
-    root, manifest = shards.prepare(cfg.data, sequence_length(cfg))
+    root, manifest = shards.prepare(cfg.data, cfg.sequence_length)
     stats = manifest["stats"]
     return {
         "documents": stats["documents"],
@@ -32,7 +32,7 @@ def prepare(cfg: RunConfig, prepared: list[dict]) -> None:
     if cfg.data.name not in TOKENIZED_DATA:
         raise ConfigError("data.name", f"python -m trainer.data prepares data=text or chat (got {cfg.data.name})")
     try:
-        data.check(cfg.data, sequence_length(cfg))
+        data.check(cfg.data, cfg.sequence_length)
         prepared.append(summary(cfg))
     except data.DataError as e:
         raise ConfigError(e.key, e.message) from None

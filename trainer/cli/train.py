@@ -189,11 +189,12 @@ def build_cache_if_missing(cfg: RunConfig, run_dir: Path) -> None:
     """With ``teacher.cache_build``, write (or finish) the run's teacher cache with ``python -m trainer.cache`` and
     the run's overrides when ``teacher.cache_dir`` holds no complete one; a rerun reuses it."""
     from trainer import cache
+    from trainer.build import checked_cache
 
     if cfg.teacher.placement != "cache" or not cfg.teacher.cache_build:
         return
     try:
-        cache.check(cfg)
+        checked_cache(cfg)
         return
     except cache.CacheError:
         pass  # missing or unfinished (the preflight refused any other cache)

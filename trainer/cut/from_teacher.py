@@ -11,34 +11,35 @@ import torch
 from torch import nn
 
 from trainer import checkpoint, cut, data, models
-from trainer.config import ConfigError, RunConfig
+from trainer.config import ConfigError
 from trainer.distill import teacher as teacher_io
 from trainer.models import hf
 from trainer.models.hf import gguf
 from trainer.models.protocol import ConfigFieldError, ModelFamily, family_of
 
 if TYPE_CHECKING:
+    from trainer.config import DataConfig
     from trainer.data import DigitsData, TokenData
 
 ARCH = "from_teacher"
 
 
-def config(cfg: RunConfig) -> cut.CutConfig:
-    """The checked ``student`` node (ConfigFieldError naming its key)."""
-    return models.typed_config(cut.CutConfig, cfg.student, data.model_fields(cfg.data))
+def config(student: dict, data_cfg: DataConfig) -> cut.CutConfig:
+    """The checked ``student`` node, its vocabulary the data's (ConfigFieldError naming its key)."""
+    return models.typed_config(cut.CutConfig, student, data.model_fields(data_cfg))
 
 
-def source(cfg: RunConfig) -> nn.Module:
-    """The teacher as a model of its family (a GGUF file's: a Hugging Face one), on the default device (on the meta
-    device: its architecture only).
+def source(teacher_path: str | None) -> nn.Module:
+    """The teacher at ``teacher_path`` as a model of its family (a GGUF file's: a Hugging Face one), on the default
+    device (on the meta device: its architecture only).
     ConfigError naming the key when there is none, or it cannot be cut."""
-    if cfg.teacher.checkpoint is None:
+    if teacher_path is None:
         raise ConfigFieldError(
             "arch", "from_teacher cuts the student out of the teacher: name one (teacher=hf or teacher=path, "
             "teacher.checkpoint=PATH)"
         )  # fmt: skip
     try:
-        kind, folder = teacher_io.resolve(cfg.teacher.checkpoint)
+        kind, folder = teacher_io.resolve(teacher_path)
         if kind == "hf":
             return hf.load_pretrained(folder)
         if kind == "gguf":
@@ -51,18 +52,20 @@ def source(cfg: RunConfig) -> nn.Module:
         raise ConfigError("teacher.checkpoint", f"student=from_teacher cannot read it: {e}") from None
 
 
-def spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
-    """The cut student's family and config, from the teacher's architecture alone (on the meta device: the sizes do
-    not depend on which units are kept). Raises ConfigFieldError or ConfigError."""
-    wanted = config(cfg)
+def spec(student: dict, teacher_path: str | None, data_cfg: DataConfig) -> tuple[ModelFamily, Any]:
+    """The family and config of the ``student`` node's cut of the teacher at ``teacher_path``, from the teacher's
+    architecture alone (on the meta device: the sizes do not depend on which units are kept). Raises
+    ConfigFieldError or ConfigError."""
+    wanted = config(student, data_cfg)
     with torch.device("meta"):
-        student = cut.cut(check_source(cfg, wanted, source(cfg)), wanted, [])
-    family = family_of(student)
-    return family, family.config(student)
+        model = cut.cut(check_source(wanted, source(teacher_path), teacher_path, data_cfg.name), wanted, [])
+    family = family_of(model)
+    return family, family.config(model)
 
 
-def check_source(cfg: RunConfig, wanted: cut.CutConfig, model: nn.Module) -> nn.Module:
-    """``model`` (the teacher) if the student can be cut from it for this run's data and sequence length."""
+def check_source(wanted: cut.CutConfig, model: nn.Module, teacher_path: str | None, data_name: str) -> nn.Module:
+    """``model`` (the teacher at ``teacher_path``) if the student ``wanted`` can be cut from it for data set
+    ``data_name`` and the student's sequence length."""
     family = family_of(model)
     if not family.structured_units:
         raise ConfigFieldError("arch", f"from_teacher cuts decoder layers and units: {family.name} models have none")
@@ -70,30 +73,33 @@ def check_source(cfg: RunConfig, wanted: cut.CutConfig, model: nn.Module) -> nn.
     if wanted.vocab_size is not None and vocab != wanted.vocab_size:
         raise ConfigError(
             "teacher.checkpoint",
-            f"teacher vocabulary {vocab} differs from the data's {wanted.vocab_size} (data={cfg.data.name}): "
+            f"teacher vocabulary {vocab} differs from the data's {wanted.vocab_size} (data={data_name}): "
             "a student cut from it reads the teacher's token ids",
         )
-    context = teacher_io.spec(cfg.teacher.checkpoint or "")["config"].get("block_size")
+    context = teacher_io.spec(teacher_path or "")["config"].get("block_size")
     if context is not None and wanted.block_size > context:
         raise ConfigFieldError("block_size", f"{wanted.block_size} is longer than the teacher's {context} positions")
     return model
 
 
-def calibration_batches(cfg: RunConfig, dataset: TokenData | DigitsData, wanted: cut.CutConfig) -> list[torch.Tensor]:
-    """The inputs of ``wanted.calib_batches`` global training batches, the first a run seeded ``wanted.calib_seed``
-    would draw."""
-    size = cfg.train.batch_size
-    return [dataset.train_batch(wanted.calib_seed, step, size, data.Shard())[0] for step in range(wanted.calib_batches)]
+def calibration_batches(wanted: cut.CutConfig, dataset: TokenData | DigitsData, batch_size: int) -> list[torch.Tensor]:
+    """The inputs of ``wanted.calib_batches`` global training batches of ``batch_size`` rows, the first a run seeded
+    ``wanted.calib_seed`` would draw."""
+    steps = range(wanted.calib_batches)
+    return [dataset.train_batch(wanted.calib_seed, step, batch_size, data.Shard())[0] for step in steps]
 
 
-def build(cfg: RunConfig, dataset: TokenData | DigitsData) -> nn.Module:
-    """The student cut out of the teacher, with the teacher's weights (every rank cuts the same one)."""
-    wanted = config(cfg)
-    teacher = check_source(cfg, wanted, source(cfg))
-    batches = calibration_batches(cfg, dataset, wanted) if wanted.calibrates else []
+def build(
+    student: dict, teacher_path: str | None, data_cfg: DataConfig, dataset: TokenData | DigitsData, batch_size: int
+) -> nn.Module:
+    """The ``student`` node's cut of the teacher at ``teacher_path``, with the teacher's weights, calibrated on batches
+    of ``batch_size`` rows of ``dataset`` (every rank cuts the same one)."""
+    wanted = config(student, data_cfg)
+    teacher = check_source(wanted, source(teacher_path), teacher_path, data_cfg.name)
+    batches = calibration_batches(wanted, dataset, batch_size) if wanted.calibrates else []
     return cut.cut(teacher, wanted, batches)
 
 
-def is_cut(cfg: RunConfig) -> bool:
-    """Whether the run's student is cut out of its teacher."""
-    return cfg.student.get("arch") == ARCH
+def is_cut(student: dict) -> bool:
+    """Whether the ``student`` node asks for a student cut out of the teacher."""
+    return student.get("arch") == ARCH

@@ -35,7 +35,7 @@ from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import family_of, fuses_head
 
 if TYPE_CHECKING:
-    from trainer.config import RunConfig
+    from trainer.config import DistillConfig, TeacherConfig
     from trainer.data import Shard
 
 
@@ -233,23 +233,25 @@ class RemoteTeacher(Teacher):
         self.client.close()
 
 
-def load_sharded(cfg: RunConfig, shard: Callable[[nn.Module], nn.Module], device: torch.device) -> nn.Module:
+def load_sharded(
+    teacher: TeacherConfig, real_vocab: int | None, shard: Callable[[nn.Module], nn.Module], device: torch.device
+) -> nn.Module:
     """The teacher as a frozen FSDP2-sharded module. A dense export, a Hugging Face folder with safetensors weights
     or a GGUF file of an architecture ``shard_load.gguf_index`` reads is never whole on any rank (``shard_load``:
     built on the meta device, sharded, then each rank reads its rows of the file); other teachers are loaded whole,
-    then sharded."""
-    path = cfg.teacher.checkpoint
+    then sharded. Its logits are cut to ``real_vocab`` entries (None: its own)."""
+    path = teacher.checkpoint
     assert path is not None  # only called for a run with a teacher
     kind, folder = teacher_io.resolve(path)
     try:
         source = _on_meta_device(kind, folder, teacher_io.is_dense_export(path))
         if source is None:
-            return shard(teacher_io.load_for_run(cfg, device))
+            return shard(teacher_io.load(path, device, vocab_size=real_vocab, dtype=teacher.param_dtype))
         skeleton, tensors, stored_as = source
         module = shard_load.load_sharded(skeleton, tensors, folder, stored_as, shard, device)
     except ValueError as e:
         raise teacher_io.TeacherPathError(str(e)) from None
-    sliced = teacher_io.slice_vocabulary(module, path, teacher_io.run_vocab_size(cfg))
+    sliced = teacher_io.slice_vocabulary(module, path, real_vocab)
     return teacher_io.freeze(sliced, device)
 
 
@@ -277,38 +279,43 @@ def _same_name(name: str) -> tuple[tuple[str, ...], bool]:
 
 
 def build_teacher(
-    cfg: RunConfig,
+    teacher: TeacherConfig,
+    distill: DistillConfig,
     dims: ParallelDims,
     device: torch.device,
     shard: Shard,
     vocab: int,
+    real_vocab: int | None,
     next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None],
+    cache_manifest: cache.Manifest | None = None,
+    teacher_ranks: int = 0,
 ) -> Teacher:
-    """The teacher of ``cfg.teacher.placement``, ready to call; the hidden layers are those feature losses use.
+    """The teacher of ``teacher.placement``, ready to call; the hidden layers are those ``distill``'s feature losses
+    use. Its logits have ``real_vocab`` entries (the real vocabulary of a padded one; None: its own), or ``vocab``
+    (classes). A cached teacher reads ``teacher.cache_dir``, whose checked manifest is ``cache_manifest``.
 
-    A remote teacher asks ``next_input((step, micro))`` for the micro-batch after ``(step, micro)`` to request
-    it ahead; its logits have the real vocabulary's entries (``teacher_io.run_vocab_size``), or ``vocab`` (classes).
+    A remote teacher (on the last ``teacher_ranks`` ranks) asks ``next_input((step, micro))`` for the micro-batch
+    after ``(step, micro)`` to request it ahead.
     """
-    placement = cfg.teacher.placement
+    placement = teacher.placement
     if placement == "remote":
-        roles = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks)
-        logits = teacher_io.run_vocab_size(cfg) or vocab  # the teacher rank cuts its logits to the real vocabulary
+        roles = Roles(dist.get_world_size(), teacher_ranks)
+        logits = real_vocab or vocab  # the teacher rank cuts its logits to the real vocabulary
         return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), logits, next_input))
     if placement == "cache":
-        manifest = cache.check(cfg)
-        assert cfg.teacher.cache_dir is not None  # cache.check read it
-        return CachedTeacher(cache.CacheReader(Path(cfg.teacher.cache_dir), manifest), shard)
+        assert teacher.cache_dir is not None and cache_manifest is not None  # the build checked the cache
+        return CachedTeacher(cache.CacheReader(Path(teacher.cache_dir), cache_manifest), shard)
+    assert teacher.checkpoint is not None  # preflight: a run with a teacher names it
     if placement == "shard":
         mesh = teacher_mesh(dims, device.type)
 
         def shard_module(module: nn.Module) -> nn.Module:
-            return shard_frozen(module, mesh, family_of(module).layers(module).values(), cfg.teacher.param_dtype)
+            return shard_frozen(module, mesh, family_of(module).layers(module).values(), teacher.param_dtype)
 
-        assert cfg.teacher.checkpoint is not None  # preflight: a run with a teacher names it
-        module = load_sharded(cfg, shard_module, device)
+        module = load_sharded(teacher, real_vocab, shard_module, device)
     else:
-        module = teacher_io.load_for_run(cfg, device)
+        module = teacher_io.load(teacher.checkpoint, device, vocab_size=real_vocab, dtype=teacher.param_dtype)
     # A sharded teacher frees its gathered head after forward: it returns logits, and only the student side is fused.
-    fused = cfg.distill.fused and cfg.distill.loss != "none" and placement == "replicate"
+    fused = distill.fused and distill.loss != "none" and placement == "replicate"
     fused = fused and fuses_head(module)
-    return LiveTeacher(module, placement, tuple(f.teacher_layer for f in cfg.distill.features), fused)
+    return LiveTeacher(module, placement, tuple(f.teacher_layer for f in distill.features), fused)

@@ -19,7 +19,7 @@ from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import ModelFamily, family_of, register
 
 if TYPE_CHECKING:
-    from trainer.config import RunConfig
+    from trainer.config import DataConfig
 
 
 class TeacherPathError(ValueError):
@@ -188,41 +188,33 @@ def freeze(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-def vocab_alignment(cfg: RunConfig) -> vocab.Alignment | None:
-    """How ``cfg``'s teacher and student vocabularies align (None for classifiers). A Hugging Face teacher's padding
+def vocab_alignment(checkpoint: str, data_cfg: DataConfig, student_folder: Path | None) -> vocab.Alignment | None:
+    """How the teacher at ``checkpoint`` and the student's vocabularies align (None for classifiers): the student's is
+    the data's, its padding that of the Hugging Face student in ``student_folder``. A Hugging Face teacher's padding
     is aligned away (``trainer.distill.vocab``); a Stillroom model has no padding, so its vocabulary must be the
     student's. VocabError (one line) where they do not align."""
     from trainer import data
 
-    assert cfg.teacher.checkpoint is not None  # only asked of a run with a teacher
-    kind, folder = resolve(cfg.teacher.checkpoint)
-    teacher = spec(cfg.teacher.checkpoint)["config"].get("vocab_size")
+    kind, folder = resolve(checkpoint)
+    teacher = spec(checkpoint)["config"].get("vocab_size")
     if teacher is None:
         return None
-    student = data.vocab_size(cfg.data)
+    student = data.vocab_size(data_cfg)
     if kind != "hf":
         if teacher != student:
             raise vocab.VocabError(f"teacher vocabulary {teacher} differs from the student's {student}")
         return vocab.Alignment(teacher, student, student, "the data's")
-    student_path = cfg.student.get("path") if cfg.student.get("arch") == "hf" else None
-    return vocab.align(teacher, student, folder, Path(student_path) if student_path else None)
+    return vocab.align(teacher, student, folder, student_folder)
 
 
-def run_vocab_size(cfg: RunConfig) -> int | None:
-    """The vocabulary ``cfg``'s teacher logits are cut to (None: its own); prints the alignment's info line on
-    rank 0 where the vocabularies were aligned (once: a run loads its teacher once)."""
-    alignment = vocab_alignment(cfg)
+def run_vocab_size(checkpoint: str, data_cfg: DataConfig, student_folder: Path | None) -> int | None:
+    """The vocabulary the teacher's logits are cut to (None: its own; ``vocab_alignment``); prints the alignment's
+    info line on rank 0 where the vocabularies were aligned (once: a run loads its teacher once)."""
+    alignment = vocab_alignment(checkpoint, data_cfg, student_folder)
     info = alignment.info() if alignment is not None else None
     if info is not None and os.environ.get("RANK", "0") == "0":
         print(info, file=sys.stderr)
     return alignment.real if alignment is not None else None
-
-
-def load_for_run(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """``cfg``'s teacher, its logits cut to the real vocabulary (``vocab_alignment``; a GGUF one in
-    ``teacher.param_dtype``)."""
-    assert cfg.teacher.checkpoint is not None  # preflight: a run that loads a teacher names it
-    return load(cfg.teacher.checkpoint, device, vocab_size=run_vocab_size(cfg), dtype=cfg.teacher.param_dtype)
 
 
 def is_dense_export(path: str | Path) -> bool:

@@ -14,10 +14,10 @@ import dataclasses
 import functools
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig
 
+from trainer.build import checked_cache, run_identity, student_spec
 from trainer.config import (
     DATA_TASKS,
     TOKENIZED_DATA,
@@ -26,14 +26,9 @@ from trainer.config import (
     RunConfig,
     _check,
     check_nodes,
-    needs_teacher,
     parallel_dims,
-    sequence_length,
 )
 from trainer.preflight.layout import validate_parallel, world_size_from_env
-
-if TYPE_CHECKING:
-    from trainer.models.protocol import ModelFamily
 
 
 def validate(cfg: RunConfig) -> None:
@@ -42,7 +37,8 @@ def validate(cfg: RunConfig) -> None:
     check_nodes(cfg)
     from trainer import checkpoint, data, hub
 
-    hub.localize(cfg)  # Hugging Face Hub ids become their snapshot folders: every check below reads folders
+    # Hugging Face Hub ids become their snapshot folders: every check below reads folders
+    hub.localize(cfg.teacher, cfg.student, cfg.data)
     check_distill_loss(cfg.distill)
     t = cfg.train
     if t.resume not in ("auto", "never"):
@@ -55,7 +51,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.path is not None:
         _check(Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
     try:
-        data.check(cfg.data, sequence_length(cfg))
+        data.check(cfg.data, cfg.sequence_length)
     except data.DataError as e:
         raise ConfigError(e.key, e.message) from None
     family, model_cfg = student_spec(cfg)
@@ -125,7 +121,7 @@ def _validate_on_policy(cfg: RunConfig) -> None:
         "on-policy distillation (distill.lmbda > 0) is not supported with pipeline parallelism: generation would "
         "pass every token through all the stages",
     )
-    length = sequence_length(cfg)
+    length = cfg.sequence_length
     if cfg.data.name == "chat":
         _check(
             d.max_new_tokens < length,
@@ -159,38 +155,6 @@ def unknown_keys(node: DictConfig, schema: type = RunConfig, prefix: str = "") -
             for i, element in enumerate(value):
                 unknown += unknown_keys(element, item, f"{prefix}{name}.{i}.")
     return unknown
-
-
-def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
-    """The student's model family and its checked config dataclass (vocabulary or input size from the data; a
-    student cut from the teacher: the cut model's). Raises ConfigError naming the key."""
-    from trainer import data, models
-    from trainer.cut import from_teacher
-
-    try:
-        if from_teacher.is_cut(cfg):
-            return from_teacher.spec(cfg)
-        return models.student_config(cfg.student, data.model_fields(cfg.data))
-    except models.ConfigFieldError as e:
-        raise ConfigError(f"student.{e.key}", e.message) from None
-
-
-def run_identity(cfg: RunConfig) -> dict[str, Any]:
-    """What a resumed run must share with its checkpoint besides the model, by config key (a checkpoint records
-    it; ``train.allow_resume_changes`` waives the check)."""
-    from trainer import data
-
-    t = cfg.train
-    return {
-        "data": data.fingerprint(cfg.data),
-        "data.val_fraction": cfg.data.val_fraction,
-        "train.seed": t.seed,
-        "train.batch_size": t.batch_size,
-        "train.lr": t.lr,
-        "train.min_lr": t.min_lr,
-        "train.warmup_steps": t.warmup_steps,
-        "train.max_steps": t.max_steps,
-    }
 
 
 def check_resume(cfg: RunConfig, path: Path) -> None:
@@ -228,7 +192,7 @@ def _validate_teacher(cfg: RunConfig) -> None:
 
     tc = cfg.teacher
     student_family, student_cfg = student_spec(cfg)
-    if not needs_teacher(cfg):
+    if not cfg.distill.needs_teacher:
         _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
         _check_param_dtype(cfg, gguf=False)
         return
@@ -258,7 +222,7 @@ def _validate_teacher(cfg: RunConfig) -> None:
         f"({student_family.task})",
     )
     try:
-        alignment = teacher.vocab_alignment(cfg)
+        alignment = teacher.vocab_alignment(cfg.teacher.checkpoint, cfg.data, cfg.hf_student_folder)
     except vocab.VocabError as e:
         raise ConfigError("teacher.checkpoint", f"{e} (data={cfg.data.name})") from None
     if alignment is None:
@@ -284,9 +248,9 @@ def _validate_teacher(cfg: RunConfig) -> None:
     t_context = t_cfg.get("block_size")
     if student_family.task == "lm" and t_context is not None:
         _check(
-            sequence_length(cfg) <= t_context,
+            cfg.sequence_length <= t_context,
             "student.block_size",
-            f"{sequence_length(cfg)} is longer than the teacher's context of {t_context} tokens",
+            f"{cfg.sequence_length} is longer than the teacher's context of {t_context} tokens",
         )
     t_layers = t_cfg.get("n_layer", len(t_cfg.get("hidden", [])))
     s_layers = student_family.depth(student_cfg)
@@ -360,7 +324,7 @@ def _validate_cache(cfg: RunConfig) -> None:
         if not (Path(cfg.teacher.cache_dir) / cache.MANIFEST).exists():
             return  # written before training starts (trainer.cli.train.build_cache_if_missing)
     try:
-        cache.check(cfg, complete=not cfg.teacher.cache_build)
+        checked_cache(cfg, complete=not cfg.teacher.cache_build)
     except cache.CacheError as e:
         raise ConfigError("teacher.cache_dir", str(e)) from None
 

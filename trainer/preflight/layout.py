@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from trainer.config import RunConfig, _check, needs_teacher, parallel_dims
+from trainer.config import RunConfig, _check, parallel_dims
 
 if TYPE_CHECKING:
     from parallel.mesh import ParallelDims
@@ -69,7 +69,7 @@ def validate_parallel(cfg: RunConfig, family: ModelFamily, model_cfg: Any) -> No
 def _validate_teacher_ranks(cfg: RunConfig, world: int, family: ModelFamily) -> None:
     """``parallel.teacher_ranks`` goes with ``teacher.placement=remote``, and leaves the student a rank."""
     k = cfg.parallel.teacher_ranks
-    if cfg.teacher.placement != "remote" or not needs_teacher(cfg):
+    if cfg.teacher.placement != "remote" or not cfg.distill.needs_teacher:
         _check(
             k == 0,
             "parallel.teacher_ranks",
