@@ -292,23 +292,34 @@ def verify(path: Path, *, shared: bool = False) -> None:
 
 
 def check_model(path: Path, model_spec: dict) -> None:
-    """Raise ModelMismatch when checkpoint ``path`` was written for another architecture than ``model_spec``."""
+    """Raise ModelMismatch when checkpoint ``path`` was written for another model than ``model_spec``: another
+    family, or other values of the fields that say what the model is (``ModelFamily.identity``: not where it was
+    read from, nor the dtype it was loaded in). The line names at most three differences, each value cut short."""
+    from trainer.models.protocol import family
+
     saved, wanted = read_model_spec(path), json.loads(json.dumps(model_spec))
-    if saved == wanted:
-        return
     if saved.get("arch") != wanted.get("arch"):
-        difference = f"arch {saved.get('arch')} there, {wanted.get('arch')} here"
+        differences = [f"arch {saved.get('arch')} there, {wanted.get('arch')} here"]
     else:
-        there, here = saved.get("config", {}), wanted.get("config", {})
-        difference = ", ".join(
-            f"{key} {there.get(key)} there, {here.get(key)} here"
+        kind = family(str(wanted.get("arch")))
+        there, here = kind.identity(saved.get("config", {})), kind.identity(wanted.get("config", {}))
+        differences = [
+            f"{key} {_short(there.get(key))} there, {_short(here.get(key))} here"
             for key in sorted(set(there) | set(here))
             if there.get(key) != here.get(key)
-        )
+        ]
+    if not differences:
+        return
+    more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
     raise ModelMismatch(
-        f"checkpoint {path} holds another model than this config ({difference}); resume it with "
-        "the same model config, or train in another hydra.run.dir"
+        f"checkpoint {path.parent.name}/{path.name} holds another model than this config ({', '.join(differences[:3])}{more}): "
+        "resume with the same model, or train in another hydra.run.dir"
     )
+
+
+def _short(value: Any, limit: int = 24) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_run(path: Path, identity: dict) -> None:

@@ -5,6 +5,9 @@ folder of the thinned sizes that transformers loads; bad cuts are one config-err
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,33 @@ def test_bad_cuts_are_one_line_and_write_nothing(root, overrides, line):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(line), proc.stderr
     assert not (root / "refused").exists()
+
+
+def test_a_cut_student_stopped_by_sigterm_resumes_with_the_same_command_to_the_uninterrupted_run(root):
+    """A teacher whose config.json says bfloat16, as released models' do: the checkpoint's model spec records the
+    trained model's dtype (float32), the config's the teacher's, and resuming used to be refused as "another model".
+    The same command resumes it, and the run ends as the uninterrupted one."""
+    from tests.e2e.test_signals import start, wait_for_rows
+    from trainer.preemption import PREEMPTED_EXIT
+
+    if not (root / "llama_bf16").exists():
+        shutil.copytree(root / "llama", root / "llama_bf16")
+        config = json.loads((root / "llama_bf16" / "config.json").read_text())
+        (root / "llama_bf16" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    teacher = ["teacher=hf", "teacher.checkpoint=llama_bf16", "distill=kd"]
+    run = [*CUT_RUN, *teacher, "student.layers=2", "student.width=0.5", "train.max_steps=60", "train.ckpt_every=30",
+           "train.eval_every=60", "logger.log_every=1"]  # fmt: skip
+    run_cli(root, *run, "hydra.run.dir=whole")
+    proc = start(root, sys.executable, "-m", "trainer", *run, "hydra.run.dir=stopped")
+    wait_for_rows(proc, root / "stopped" / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
+    stopped_at = checkpoint.latest(root / "stopped" / "ckpt")
+    assert stopped_at is not None and "run the same command again to resume" in stderr
+    resumed = run_cli(root, *run, "hydra.run.dir=stopped")
+    assert f"resumed from {stopped_at}" in resumed.stderr
+    got, want = read_metrics(root / "stopped"), read_metrics(root / "whole")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 61))
+    assert got[-1]["train/loss"] == pytest.approx(want[-1]["train/loss"], rel=1e-6)
+    assert got[-1]["eval/val_loss"] == pytest.approx(want[-1]["eval/val_loss"], rel=1e-6)

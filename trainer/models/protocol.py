@@ -205,6 +205,11 @@ class ModelFamily(ABC, Generic[ModelT]):
         """How many layers a config has (hidden states 0..depth; pipeline stages need one each)."""
         raise Unsupported(f"{self.name} models cannot be built as students")
 
+    def identity(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a spec's ``config`` (as JSON) that say what the model is, flattened to dotted keys: what a
+        checkpoint must match to be resumed. All of them by default; a family drops the incidental ones."""
+        return flatten(config)
+
     def unit_groups(self, model: ModelT) -> list[UnitGroup]:
         """The structured units of every layer (none: channel pruning finds nothing)."""
         return []
@@ -289,6 +294,17 @@ def replace_child(view: nn.Module, name: str, child: nn.Module | None) -> None:
         setattr(owner, part, inner)
         owner = inner
     setattr(owner, leaf, child)
+
+
+def flatten(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 FAMILIES: dict[str, ModelFamily[Any]] = {}

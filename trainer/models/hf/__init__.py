@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from trainer.models.protocol import ConfigFieldError, ModelFamily, UnitSlice, register
+from trainer.models.protocol import ConfigFieldError, ModelFamily, UnitSlice, flatten, register
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = (
@@ -47,6 +47,12 @@ COMPANION_FILES = (
     "chat_template.jinja",
 )
 SPEC_OMITS = ("transformers_version", "_name_or_path")  # config entries that say nothing of the architecture
+# What a model spec may differ in and still be the same model: where it was read from, the dtype it was loaded in,
+# and transformers' run-time switches.
+INCIDENTAL = ("path", "config_overrides", *(f"hf_config.{key}" for key in (
+    *SPEC_OMITS, "dtype", "torch_dtype", "architectures", "use_cache", "output_attentions", "output_hidden_states",
+    "return_dict",
+)))  # fmt: skip
 
 
 def import_transformers():
@@ -298,6 +304,9 @@ class HFDecoderFamily(ModelFamily[HFDecoderLM]):
     def config(self, model: HFDecoderLM) -> HFConfig:
         fields = {key: value for key, value in model.config.to_dict().items() if key not in SPEC_OMITS}
         return HFConfig(path=model.source, hf_config=fields, vocab_size=model.config.vocab_size)
+
+    def identity(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in flatten(config).items() if key not in INCIDENTAL}
 
     def depth(self, config: HFConfig) -> int:
         return config.resolve().num_hidden_layers
