@@ -310,10 +310,10 @@ def check_model(path: Path, model_spec: dict) -> None:
         ]
     if not differences:
         return
-    more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+    shown = ", ".join(differences[:3]) + (f" and {len(differences) - 3} more" if len(differences) > 3 else "")
     raise ModelMismatch(
-        f"checkpoint {path.parent.name}/{path.name} holds another model than this config ({', '.join(differences[:3])}{more}): "
-        "resume with the same model, or train in another hydra.run.dir"
+        f"checkpoint {path.parent.name}/{path.name} holds another model than this config ({shown}): resume with "
+        "the same model, or train in another hydra.run.dir"
     )
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 from trainer import checkpoint, export, models
 from trainer.distill import vocab
 from trainer.models import hf as hf_folders
-from trainer.models.hf import causal_lm, gguf
+from trainer.models.hf import causal_lm, gguf, weights
 from trainer.models.protocol import ModelFamily, family_of, register
 
 if TYPE_CHECKING:
@@ -86,12 +86,14 @@ def checkpoint_model(folder: Path) -> nn.Module:
 
 def verify(path: str | Path) -> None:
     """TeacherPathError naming the first damaged file of a teacher, checked against its manifest (a Hugging Face
-    folder that Stillroom did not write has none: it is left to transformers' loader); a GGUF file's header and
-    tensor table must describe the whole file."""
+    folder that Stillroom did not write has none); a Hugging Face folder's weights whole and every one its config
+    has stored (``weights.check``); a GGUF file's header and tensor table must describe the whole file."""
     kind, folder = resolve(path)
     try:
         if kind in ("export", "hf"):  # a Hugging Face folder Stillroom exported has a manifest; others have none
             export.verify(folder)
+        if kind == "hf":  # whole files, every weight of its config stored (not left to random initialisation)
+            weights.check(folder, hf_folders.read_config(folder))
         elif kind == "checkpoint":
             checkpoint.verify(folder)
         elif kind == "gguf":

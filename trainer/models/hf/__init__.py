@@ -49,7 +49,7 @@ COMPANION_FILES = (
 SPEC_OMITS = ("transformers_version", "_name_or_path")  # config entries that say nothing of the architecture
 # What a model spec may differ in and still be the same model: where it was read from, the dtype it was loaded in,
 # and transformers' run-time switches.
-INCIDENTAL = ("path", "config_overrides", *(f"hf_config.{key}" for key in (
+INCIDENTAL = ("path", "config_overrides", "init", "allow_missing", *(f"hf_config.{key}" for key in (
     *SPEC_OMITS, "dtype", "torch_dtype", "architectures", "use_cache", "output_attentions", "output_hidden_states",
     "return_dict",
 )))  # fmt: skip
@@ -172,6 +172,8 @@ class HFConfig:
     block_size: int | None = None  # the training sequence length: at most the model's max_position_embeddings
     vocab_size: int | None = None  # the data's vocabulary (filled in from the data)
     hf_config: dict[str, Any] | None = None
+    init: str = "pretrained"  # pretrained (the folder's weights, every one of them) | random (its config only)
+    allow_missing: list[str] = field(default_factory=list)  # globs of parameters that may start at random
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -194,13 +196,30 @@ class HFConfig:
                 f"{self.path}: the model's vocabulary of {config.vocab_size} tokens differs from the data's "
                 f"{self.vocab_size}: the student reads the data's token ids",
             )
-        if self.config_overrides and self.loads_weights:
-            self._check_weights_fit(config)
+        if self.init not in ("pretrained", "random"):
+            raise ConfigFieldError("init", f"must be pretrained or random (got {self.init!r})")
+        if self.loads_weights:
+            self._check_weights(config)
 
     @property
     def loads_weights(self) -> bool:
         """Whether the model starts from the folder's weights."""
-        return self.hf_config is None and self.path is not None and bool(weight_files(Path(self.path)))
+        stored = self.path is not None and bool(weight_files(Path(self.path)))
+        return self.hf_config is None and self.init == "pretrained" and stored
+
+    def _check_weights(self, config) -> None:
+        """That the folder's weight files are whole and hold every parameter of ``config`` (overridden) with its
+        shape (``weights.check``): transformers would start a missing one at random, and refuse other shapes."""
+        from trainer.models.hf import weights
+
+        assert self.path is not None  # loads_weights: the folder has weights
+        try:
+            weights.check(Path(self.path), config, self.allow_missing)
+        except weights.WeightsError as e:
+            key = "config_overrides" if e.shapes and self.config_overrides else "path"
+            raise ConfigFieldError(
+                key, str(e) + (": the folder's weights do not fit" if key != "path" else "")
+            ) from None
 
     def resolve(self):
         """The model's ``PretrainedConfig``; ConfigFieldError naming the field that makes it impossible."""
@@ -216,23 +235,6 @@ class HFConfig:
         except ValueError as e:
             raise ConfigFieldError("path", str(e)) from None
         return self._overridden(config)
-
-    def _check_weights_fit(self, config) -> None:
-        """That the folder's weights have the shapes ``config`` (overridden) gives them: transformers refuses to load
-        them otherwise. Compared on a copy built on the meta device, to the safetensors headers."""
-        transformers = import_transformers()
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        assert self.path is not None  # loads_weights: the folder has weights
-        stored = stored_shapes(Path(self.path))
-        for name, tensor in model.state_dict().items():
-            shape = stored.get(name, stored.get(name.removeprefix(f"{model.base_model_prefix}.")))
-            if shape is not None and shape != tuple(tensor.shape):
-                raise ConfigFieldError(
-                    "config_overrides",
-                    f"{name} is {list(shape)} in {self.path} but {list(tensor.shape)} with these overrides: "
-                    "the folder's weights do not fit",
-                )
 
     def _overridden(self, config):
         fields = config.to_dict()

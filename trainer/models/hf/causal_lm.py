@@ -17,7 +17,16 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from trainer.models.hf import DECODERS, HFDecoderLM, first_line, gguf, import_transformers, load_pretrained, read_config
+from trainer.models.hf import (
+    DECODERS,
+    HFDecoderLM,
+    first_line,
+    gguf,
+    import_transformers,
+    load_pretrained,
+    read_config,
+    weights,
+)
 from trainer.models.protocol import ModelFamily, register
 
 
@@ -159,6 +168,7 @@ def load(folder: Path) -> nn.Module:
         model = load_pretrained(folder)
         model.requires_grad_(False)
         return model
+    weights.check(folder, config)  # a WeightsError is a ValueError: one line naming the folder
     try:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:

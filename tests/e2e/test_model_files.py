@@ -1,0 +1,154 @@
+"""Real model files are verified before anything starts: a Hugging Face folder missing a weight, of another
+``model_type`` than its weights, with weights of other shapes, or with a garbled or truncated weight file stops the
+run with one line naming the file or the weight and exit 2, for a teacher, a student (``student=hf``) and a
+``student=from_teacher`` source alike, and nothing is written. Letting weights start at random is asked for by name
+(``student.allow_missing``) or whole (``student.init=random``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, preflight_in_process, run_cli, save_hf_student
+
+pytestmark = pytest.mark.e2e
+transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
+from safetensors.torch import load_file, save_file  # noqa: E402  (after the importorskip)
+
+from trainer.models.hf import read_config, weights  # noqa: E402
+
+GPT_FREE = [arg for arg in FAST if not arg.startswith("student.")]  # FAST's student fields are GPT's
+AS_TEACHER = [*FAST, "distill=kd", "teacher=hf", "teacher.checkpoint={folder}"]
+AS_STUDENT = [*GPT_FREE, "student=hf", "student.path={folder}", "student.block_size=16"]
+AS_CUT_SOURCE = [*GPT_FREE, "student=from_teacher", "student.block_size=16", "student.layers=2", "teacher=hf",
+                 "teacher.checkpoint={folder}", "distill=kd"]  # fmt: skip
+LOADERS = {"teacher": (AS_TEACHER, "teacher.checkpoint"), "student": (AS_STUDENT, "student.path"),
+           "from_teacher": (AS_CUT_SOURCE, "teacher.checkpoint")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return save_hf_student(tmp_path_factory.mktemp("llama") / "llama", "llama")
+
+
+def damaged(llama: Path, folder: Path, change) -> Path:
+    """A copy of ``llama`` in ``folder`` with ``change(folder)`` applied."""
+    shutil.copytree(llama, folder)
+    change(folder)
+    return folder
+
+
+def without(*names: str):
+    def change(folder: Path) -> None:
+        state = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in state.items() if k not in names}, folder / "model.safetensors", {"format": "pt"})
+
+    return change
+
+
+def truncated(folder: Path) -> None:
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def garbage(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"\x07" * 5000)
+
+
+def junk_bin(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle" * 100)
+
+
+def another_model_type(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "model_type": "bert", "architectures": ["BertLMHeadModel"]})
+    )
+
+
+def wider_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+
+
+# name: (change, what the line says after "config error: KEY: FOLDER")
+DAMAGE = {
+    "a layer's weight missing": (
+        without("model.layers.1.mlp.down_proj.weight"),
+        ": 1 of the 38 weights of its llama config are not stored (model.layers.1.mlp.down_proj.weight); "
+        "transformers would start them at random",
+    ),
+    "the final norm missing": (without("model.norm.weight"), ": 1 of the 38 weights"),
+    "truncated weights": (truncated, "/model.safetensors: truncated or padded"),
+    "garbage weights": (garbage, "/model.safetensors: not a safetensors file"),
+    "a junk pytorch_model.bin": (junk_bin, "/pytorch_model.bin: not a PyTorch weights file"),
+    "another model_type": (another_model_type, ": none of the"),
+    "weights of other shapes": (
+        wider_config,
+        ": model.layers.0.mlp.gate_proj.weight is [128, 64] in model.safetensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_folder_is_one_line_naming_it_and_nothing_starts(llama, tmp_path, monkeypatch, loader, name):
+    change, says = DAMAGE[name]
+    folder = damaged(llama, tmp_path / "model", change)
+    overrides, key = LOADERS[loader]
+    if loader != "teacher" and name == "another model_type":
+        says = ": a bert model; Hugging Face students are of the model types"  # refused for its type first
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *(o.format(folder=folder) for o in overrides))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"config error: {key}: ") and f"{folder}{says}" in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written
+
+
+def test_every_missing_weight_is_named(llama, tmp_path):
+    """Each of the folder's 38 stored weights, removed alone, is the one the line names (the tied head is not
+    stored)."""
+    stored = sorted(load_file(llama / "model.safetensors"))
+    assert len(stored) == 38 and "lm_head.weight" not in stored
+    config = read_config(llama)
+    for name in stored:
+        folder = damaged(llama, tmp_path / name, without(name))
+        with pytest.raises(weights.WeightsError, match=f"weights of its llama config are not stored \\({name}\\)"):
+            weights.check(folder, config)
+        shutil.rmtree(folder)
+    weights.check(llama, config)  # the whole folder passes
+
+
+def test_missing_weights_start_at_random_only_when_asked(llama, tmp_path):
+    """``student.allow_missing`` names the weights that may start at random; ``student.init=random`` ignores the
+    folder's weights; either way the run trains (as a real process: the check runs again at build)."""
+    folder = damaged(llama, tmp_path / "model", without("model.norm.weight", "model.layers.0.mlp.up_proj.weight"))
+    run = [o.format(folder=folder) for o in AS_STUDENT] + ["train.max_steps=2", "logger=console"]
+    refused = run_cli(tmp_path, *run, "hydra.run.dir=refused", check=False)
+    assert refused.returncode == 2 and "2 of the 38 weights" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "refused").exists()
+    partly = ["student.allow_missing=[model.norm.weight]"]
+    one_left = run_cli(tmp_path, *run, *partly, "hydra.run.dir=one_left", check=False)
+    assert one_left.returncode == 2 and "(model.layers.0.mlp.up_proj.weight)" in one_left.stderr
+    run_cli(tmp_path, *run, "student.allow_missing=[model.norm.weight,model.layers.*.mlp.*]", "hydra.run.dir=allowed")
+    run_cli(tmp_path, *run, "student.init=random", "hydra.run.dir=random")
+    assert (tmp_path / "allowed" / "final").is_dir() and (tmp_path / "random" / "final").is_dir()
+
+
+def test_a_garbled_header_is_named(llama, tmp_path):
+    folder = damaged(llama, tmp_path / "model", lambda f: None)
+    file = folder / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    first = next(name for name in header if name != "__metadata__")
+    assert header[first]["dtype"] == "F32"
+    header[first]["dtype"] = "F16"  # as long as before: the header keeps its size, and no longer fits the data
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    file.write_bytes(bytes(data[:8]) + text.ljust(length) + bytes(data[8 + length :]))
+    with pytest.raises(weights.WeightsError, match=f"model.safetensors: garbled header \\(tensor {first} has"):
+        weights.stored_tensors(folder)
