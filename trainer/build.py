@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,9 +58,11 @@ def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint besides the model, by config key (a checkpoint records
-    it; ``train.allow_resume_changes`` waives the check)."""
-    t = cfg.train
+    it; ``train.allow_resume_changes`` waives the check of the keys it names): the teacher (its resolved path), the
+    data, and the batches and learning rates of the steps."""
+    t, teacher = cfg.train, cfg.teacher.checkpoint
     return {
+        "teacher": str(Path(teacher).resolve()) if teacher is not None and cfg.distill.needs_teacher else None,
         "data": data.fingerprint(cfg.data),
         "data.val_fraction": cfg.data.val_fraction,
         "train.seed": t.seed,

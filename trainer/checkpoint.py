@@ -74,9 +74,12 @@ class ModelMismatch(CheckpointError):
 
 
 class RunChanged(CheckpointError):
-    """The checkpoint was written by a run with another seed, data, batch size or LR schedule."""
+    """The checkpoint was written by a run with another teacher, data, seed, batch size or LR schedule; the config key
+    is the first that differs."""
 
-    config_key = "train.resume"
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.config_key = key
 
 
 class CheckpointWriteError(CheckpointError):
@@ -102,6 +105,13 @@ def barrier() -> None:
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder (``step_dir``) holds."""
+    match = STEP_DIR.match(path.name)
+    assert match is not None, path  # a checkpoint folder's name
+    return int(match.group(1))
 
 
 def is_complete(path: Path) -> bool:
@@ -319,22 +329,23 @@ def check_model(path: Path, model_spec: dict) -> None:
 
 def _short(value: Any, limit: int = 24) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if len(text) <= limit else "..." + text[3 - limit :]  # a path's end says the most
 
 
 def check_run(path: Path, identity: dict) -> None:
     """Raise RunChanged when checkpoint ``path`` was written with other values of ``identity``'s keys (config keys:
-    what a resume must keep, see ``trainer.preflight.run_identity``). A checkpoint that recorded none passes."""
+    what a resume must keep, see ``trainer.build.run_identity`` and ``TrainConfig.resume_must_keep``). A
+    checkpoint that recorded none of them passes. The line names at most three differences, each value cut short."""
     saved = _read_json(path / STATE_FILE).get("run")
     if not isinstance(saved, dict):
         return
-    differ = [
-        f"{key} {saved[key]} there, {value} here" for key, value in identity.items() if saved.get(key, value) != value
-    ]
+    differ = [key for key, value in identity.items() if saved.get(key, value) != value]
     if differ:
+        shown = ", ".join(f"{key} {_short(saved[key])} there, {_short(identity[key])} here" for key in differ[:3])
         raise RunChanged(
-            f"checkpoint {path} was written with other settings ({', '.join(differ)}); resume with those, set "
-            "train.allow_resume_changes=true to resume anyway, or train in another hydra.run.dir"
+            f"checkpoint {path.name} has other settings ({shown}): set "
+            f"train.allow_resume_changes=[{','.join(differ)}] to resume anyway",
+            differ[0],
         )
 
 

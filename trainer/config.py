@@ -258,7 +258,9 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
-    allow_resume_changes: bool = False  # resume a checkpoint whose seed, data, batch or LR schedule differ
+    # Resume a checkpoint written with other settings: true (any), or the keys that may differ, e.g. [teacher,
+    # train.max_steps] (a key also covers the keys under it: [train]).
+    allow_resume_changes: Any = False
     precision: str = "fp32"  # fp32 | bf16
     stop_at_step: int | None = None  # end this invocation early (checkpointed), resumable
 
@@ -284,6 +286,23 @@ class TrainConfig:
         _one_of(self.precision, ("fp32", "bf16"), "precision")
         if self.stop_at_step is not None:
             _check(1 <= self.stop_at_step <= self.max_steps, "stop_at_step", "must be in [1, train.max_steps]")
+        changes = self.allow_resume_changes
+        _check(
+            isinstance(changes, bool) or isinstance(changes, list) and all(isinstance(k, str) for k in changes),
+            "allow_resume_changes",
+            f"must be true, false or a list of keys (got {changes!r})",
+        )
+
+    def resume_must_keep(self, identity: dict[str, Any]) -> dict[str, Any]:
+        """The entries of a run's ``identity`` a resume must keep: those ``allow_resume_changes`` does not name."""
+        changes = self.allow_resume_changes
+        if isinstance(changes, bool):
+            return {} if changes else identity
+        return {
+            key: value
+            for key, value in identity.items()
+            if not any(key == allowed or key.startswith(f"{allowed}.") for allowed in changes)
+        }
 
 
 @dataclass

@@ -61,6 +61,7 @@ class Trainer:
         self.runtime, self.teacher, self.optimizer = parts.runtime, parts.teacher, parts.optimizer
         self.tokens_per_step = train.batch_size * parts.batches.tokens_per_sample
         self.last_checkpoint: Path | None = None  # the newest good checkpoint: set by resume and each save
+        self.train_seconds = 0.0  # training time of the run so far (restored by a resume)
         self.start_step = self.resume()
         # W&B's config shows the sizes this run resolved (-1 = infer replaced) and the world size.
         dims = self.parts.dims
@@ -85,7 +86,6 @@ class Trainer:
             wandb_name=lg.wandb.name or run_name,
             wandb_tags=list(lg.wandb.tags),
         )
-        self.train_seconds = 0.0
         self.samples: list[list] = []  # on-policy distillation: the completions of the last evaluation (rank 0)
 
     @property
@@ -111,6 +111,7 @@ class Trainer:
             "compress": self.compressor.state_dict() if self.compressor else {},
             "data": {"fingerprint": self.parts.dataset.fingerprint, "seed": t.seed},
             "run": self.identity,
+            "train_seconds": self.train_seconds,
             "lr_schedule": {"lr": t.lr, "min_lr": t.min_lr, "warmup_steps": t.warmup_steps, "max_steps": t.max_steps},
         }
 
@@ -135,9 +136,10 @@ class Trainer:
             optimizer=self.optimizer,
             extra_template=self.extra_state(),
             model_spec=self.parts.student_spec,
-            run_identity=None if self.train.allow_resume_changes else self.identity,
+            run_identity=self.train.resume_must_keep(self.identity),
         )
         torch.set_rng_state(state["rng"]["torch"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.compressor:
             self.compressor.load_state_dict(state["compress"])
         if self.env.is_main:
@@ -276,6 +278,8 @@ class Trainer:
                     interval_start, interval_steps = time.perf_counter(), 0
                 if step < stop and stops.agreed():
                     self.checkpoint_and_stop(step, stops.signal_name)
+            if step == t.max_steps and not last_eval:  # resumed from the last step's checkpoint: no step ran
+                last_eval = self.evaluate()
         finally:
             stops.restore()
         return last_eval if step == t.max_steps else None

@@ -117,7 +117,8 @@ def check_group_options(overrides: list[str]) -> None:
 def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
     """A pinned ``hydra.run.dir`` must be a folder (or not exist yet); ``train.resume=never`` must not start over
     in one that holds a run (the next rerun would resume its checkpoints, its metrics would mix with these), and
-    ``auto`` resumes only a checkpoint of this run's model and settings."""
+    ``auto`` resumes only a checkpoint of this run's model and settings. A run that is finished there is left as
+    it is: exit 0."""
     pinned = [arg.partition("=")[2] for arg in argv if arg.lstrip("+").startswith("hydra.run.dir=")]
     if not pinned:
         return
@@ -145,6 +146,14 @@ def check_run_dir(argv: list[str], cfg: RunConfig) -> None:
             check_resume(cfg, newest)
         except ConfigError as e:
             fail(str(e))
+        step = checkpoint.step_of(newest)
+        if step >= cfg.train.max_steps and (run_dir / "report.json").is_file():
+            print(
+                f"{run_dir} holds this run, finished (step {step} of {cfg.train.max_steps}; {run_dir / 'report.md'}): "
+                "nothing to do; pin another hydra.run.dir to train again",
+                file=sys.stderr,
+            )
+            sys.exit(0)  # before Hydra starts: not a file of the run is touched
 
 
 def preflight(argv: list[str], check: Callable[[RunConfig], None] = validate) -> None:

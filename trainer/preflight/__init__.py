@@ -169,8 +169,7 @@ def check_resume(cfg: RunConfig, path: Path) -> None:
         spec = models.model_spec(family.build(config))
     try:
         checkpoint.check_model(path, spec)
-        if not cfg.train.allow_resume_changes:
-            checkpoint.check_run(path, run_identity(cfg))
+        checkpoint.check_run(path, cfg.train.resume_must_keep(run_identity(cfg)))
     except checkpoint.CorruptCheckpoint:
         return
     except checkpoint.CheckpointError as e:
