@@ -24,6 +24,7 @@ def test_post_training_quantization(tmp_path, dense, scheme, min_ratio, max_erro
     model, folder = dense
     proc = run_cli(tmp_path, str(folder), f"quantize={scheme}", f"out={tmp_path / 'q'}", module="trainer.export")
     assert "smaller than the fp32 export" in proc.stdout
+    assert f"; 8 Linear weights quantized ({scheme}), 0.0% of their values zero (pruned)" in proc.stdout  # 2 x 4
     quantized = export.load(tmp_path / "q")
     assert folder_bytes(folder) / folder_bytes(tmp_path / "q") >= min_ratio
     x = torch.randint(0, 65, (2, 32))
@@ -39,3 +40,26 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, dense):
         assert proc.returncode == 2
         (line,) = proc.stderr.strip().splitlines()
         assert line.startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["targets=nomatch.*"], "error: targets: 'nomatch.*' matches no Linear layer (the model's are e.g. blocks.0"),
+        (["targets=blocks.*,head"], "error: targets: 'head' matches no Linear layer"),  # tied to the embedding
+        (["out={file}/q"], "error: out: {file}/q cannot be made: {file} is a file"),
+        (["out={folder}"], "error: out: {folder} already exists"),
+    ],
+    ids=["a pattern that matches nothing", "the tied head", "out under a file", "out over another export"],
+)
+def test_an_export_that_would_do_nothing_or_cannot_be_written_is_refused(tmp_path, dense, args, says):
+    """``targets`` that match nothing used to write a "1.00x smaller" export that quantized nothing."""
+    _, folder = dense
+    (tmp_path / "a_file").write_text("not a folder")
+    paths = {"file": tmp_path / "a_file", "folder": folder}
+    args = [arg.format(**paths) for arg in args]
+    before = sorted(tmp_path.rglob("*"))
+    proc = run_cli(tmp_path, str(folder), "quantize=int8_weight", *args, module="trainer.export", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(says.format(**paths)), proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before and not (folder.parent / "final_int8_weight").exists()

@@ -10,14 +10,17 @@ any other in Stillroom's compressed format.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+import torch.nn as nn
+
 from trainer import export, models
 from trainer.compress import compressed_tensors
 from trainer.compress.stats import quant_specs
-from trainer.compress.stillroom_format import export_compressed, quantize_dense
+from trainer.compress.stillroom_format import export_compressed, linear_targets, quantize_dense
 from trainer.distill import teacher as source_io
 from trainer.models.protocol import family_of
 from trainer.report import folder_bytes
@@ -63,11 +66,9 @@ def main(argv: list[str]) -> int:
     targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_attr}.*"]
     run_dir = folder.parent.parent if kind == "checkpoint" else folder.parent
     out = Path(options.get("out", run_dir / f"final_{scheme}"))
-    if out.exists():
-        print(
-            f"error: out: {out} already exists (an export is never written over another; choose another out=DIR)",
-            file=sys.stderr,
-        )
+    problem = targets_problem(model, targets) or out_problem(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         dense = folder_bytes(models.save_dense(model, Path(scratch)))
@@ -80,5 +81,33 @@ def main(argv: list[str]) -> int:
         export_compressed(quantized, staging, masks={}, quant={})
     export.publish(staging, out)
     size = folder_bytes(out)
-    print(f"wrote {out}: {size:,} bytes ({dense / size:.2f}x smaller than the fp32 export, {dense:,} bytes)")
+    weights = [module.weight for name, module in quantized.named_modules() if name in specs]
+    zeros = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+    print(
+        f"wrote {out}: {size:,} bytes ({dense / size:.2f}x smaller than the fp32 export, {dense:,} bytes); "
+        f"{len(weights)} Linear weights quantized ({scheme}), {zeros:.1%} of their values zero (pruned)"
+    )
     return 0
+
+
+def targets_problem(model: nn.Module, targets: list[str]) -> str | None:
+    """Why ``targets`` cannot be quantized: a pattern that matches no Linear layer (an export that quantized
+    nothing would only look done)."""
+    for pattern, names in linear_targets(model, targets).items():
+        if not names:
+            linears = linear_targets(model, None)["*"][:3]
+            return f"targets: {pattern!r} matches no Linear layer (the model's are e.g. {', '.join(linears)})"
+    return None
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the export cannot be written at ``out``: it exists (an export is never written over another), or the
+    nearest folder that exists is a file or read-only."""
+    if out.exists():
+        return f"out: {out} already exists (an export is never written over another; choose another out=DIR)"
+    existing = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        return f"out: {out} cannot be made: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"out: {out} cannot be written: {existing} is read-only"
+    return None

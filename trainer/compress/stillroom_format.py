@@ -350,19 +350,24 @@ class BlobReader:
             raise ValueError(f"{path}: {WEIGHTS_FILE} holds data that config.json does not describe: {left}")
 
 
+def linear_targets(model: nn.Module, targets: list[str] | None) -> dict[str, list[str]]:
+    """The Linear modules each of ``targets`` (fnmatch patterns over module names; None = all: ``"*"``) matches, by
+    pattern. Weight-tied Linears (GPT's head) are never matched: their weight is the embedding's."""
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not weight_is_tied(model, module)
+    ]
+    return {pattern: [name for name in linears if fnmatch(name, pattern)] for pattern in targets or ["*"]}
+
+
 def quantize_dense(
     model: nn.Module, weight_bits: int = 8, group_size: int = 32, act_bits: int = 8, targets: list[str] | None = None
 ) -> nn.Module:
-    """Post-training quantization: prepare the Linear modules matching ``targets`` (fnmatch
-    patterns over module names; None = all) and enable fake-quant. Weight-tied Linears (GPT's
-    head) are skipped. Returns ``model``, modified in place; export it with ``export_compressed``."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and not weight_is_tied(model, module)
-        and (targets is None or any(fnmatch(name, pattern) for pattern in targets))
-    ]
+    """Post-training quantization: prepare the Linear modules matching ``targets`` (``linear_targets``) and enable
+    fake-quant. Returns ``model``, modified in place; export it with ``export_compressed``."""
+    matched = linear_targets(model, targets)
+    names = sorted({name for names in matched.values() for name in names})
     prepare(model, names, weight_bits=weight_bits, group_size=group_size, act_bits=act_bits)
     set_enabled(model, True)
     return model
