@@ -93,6 +93,35 @@ def test_shards_are_reused_rebuilt_on_change_and_finished_after_an_interruption(
     assert again == root and resumed["files"] == manifest["files"]  # the same shards, byte for byte
 
 
+def test_a_shard_with_a_flipped_bit_is_named_and_tokenized_again(tmp_path, tokenizer_dir, capsys):
+    """The manifest's SHA-256s are checked, not only the sizes: a flipped bit in a token shard used to train on
+    garbled tokens. Each file is hashed once per change (its size and time recorded beside the folder)."""
+    corpus(tmp_path / "corpus")
+    cfg = text_config(tmp_path, tokenizer_dir)
+    root, manifest = shards.prepare(cfg, BLOCK, progress=False)
+    tokens = root / "train.tokens.bin"
+    original = tokens.read_bytes()
+    record = root.with_name(root.name + ".verified.json")
+    assert json.loads(record.read_text()).keys() == manifest["files"].keys()  # hashed once, at the first read
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    tokens.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    again, rebuilt = shards.prepare(cfg, BLOCK, progress=False)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tokens} is garbled (its SHA-256 differs from the one written): tokenizing the data again"
+    ]
+    assert again == root and tokens.read_bytes() == original and rebuilt["files"] == manifest["files"]
+    hashed = []
+    sha256 = shards.file_hashes.sha256
+    shards.file_hashes.sha256 = lambda path: hashed.append(path) or sha256(path)
+    try:
+        shards.prepare(cfg, BLOCK, progress=False)
+    finally:
+        shards.file_hashes.sha256 = sha256
+    assert hashed == []  # unchanged since checked: not hashed again
+
+
 def assistant_tokens(tok, messages: list[dict]) -> int:
     """The assistant's tokens counted from the tokenizer's own rendering of the conversation's prefixes."""
     count = 0

@@ -81,14 +81,54 @@ def folder(cfg: DataConfig, block_size: int) -> Path:
 
 
 def read_manifest(root: Path) -> dict | None:
-    """The manifest of a complete build in ``root`` whose files have their recorded sizes; None otherwise."""
+    """The manifest of a complete build in ``root`` whose files have their recorded sizes and SHA-256s; None
+    otherwise (a garbled file is named on stderr: the caller builds the shards again)."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     if any(file_hashes.size_problem(root / n, e) for n, e in manifest.get("files", {}).items()):
         return None
+    problem = content_problem(root, manifest)
+    if problem is not None:
+        print(f"warning: {problem}: tokenizing the data again", file=sys.stderr)
+        return None
     return manifest
+
+
+def content_problem(root: Path, manifest: dict) -> str | None:
+    """The first file of ``root`` whose SHA-256 differs from its manifest's, or None. A file is hashed once per
+    change: after it matched, its size and modification time are recorded beside the folder
+    (``<folder>.verified.json``), and a later run hashes it again only if either differs."""
+    try:
+        record = json.loads(_verified_path(root).read_text())
+    except (OSError, ValueError):
+        record = {}
+    checked = []
+    for name, entry in manifest["files"].items():
+        if record.get(name) == _size_and_time(root / name) or "sha256" not in entry:
+            continue
+        if file_hashes.sha256(root / name) != entry["sha256"]:
+            return file_hashes.garbled(root / name)
+        checked.append(name)
+    if checked:
+        _record_verified(root, checked, record)
+    return None
+
+
+def _verified_path(root: Path) -> Path:
+    return root.with_name(root.name + ".verified.json")
+
+
+def _size_and_time(file: Path) -> list[int]:
+    stat = file.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _record_verified(root: Path, names: list[str], record: dict) -> None:
+    """Record ``names`` as matching their SHA-256 at their current size and time (beside ``root``)."""
+    updated = {**record, **{name: _size_and_time(root / name) for name in names}}
+    _write_atomic(_verified_path(root), lambda path: path.write_text(json.dumps(updated)))
 
 
 def prepare(cfg: DataConfig, block_size: int, progress: bool = True) -> tuple[Path, dict]:
@@ -241,6 +281,7 @@ def _build(cfg: DataConfig, block_size: int, root: Path, progress: bool) -> dict
     _join(parts, root, cfg.name, n_chunks)
     manifest = _manifest(cfg, block_size, root, documents, seconds)
     _write_atomic(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    _record_verified(root, list(manifest["files"]), {})  # hashed just now, as written
     shutil.rmtree(parts)
     return manifest
 
