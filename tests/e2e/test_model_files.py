@@ -7,12 +7,15 @@ run with one line naming the file or the weight and exit 2, for a teacher, a stu
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, preflight_in_process, run_cli, save_hf_student
+from tests.conftest import FAST, cli_env, preflight_in_process, run_cli, save_hf_student
 
 pytestmark = pytest.mark.e2e
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
@@ -152,3 +155,48 @@ def test_a_garbled_header_is_named(llama, tmp_path):
     file.write_bytes(bytes(data[:8]) + text.ljust(length) + bytes(data[8 + length :]))
     with pytest.raises(weights.WeightsError, match=f"model.safetensors: garbled header \\(tensor {first} has"):
         weights.stored_tensors(folder)
+
+
+DISK_FULL_AT_BUILD = """
+import errno
+import trainer.build
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "data_cache/train.tokens.bin")
+
+trainer.build.build_student = disk_full
+"""
+
+
+def torchrun(tmp_path: Path, *overrides: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = cli_env(tmp_path)
+    if pythonpath is not None:  # a sitecustomize.py there runs in every rank before the trainer
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer"]
+    return subprocess.run([*command, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_named_by_torchrun(proc: subprocess.CompletedProcess, line: str, exitcode: int) -> None:
+    """Exactly one line of the ranks' starts like ``line``, and torchrun's summary names it as the root cause."""
+    assert proc.returncode != 0
+    ours = [text for text in proc.stderr.splitlines() if text.startswith(line.split(":")[0] + ":")]
+    assert len(ours) == 1 and ours[0].startswith(line), proc.stderr[-3000:]
+    summary = proc.stderr[proc.stderr.index("Root Cause") :]
+    assert f"exitcode  : {exitcode}" in summary and ours[0] in summary, summary
+
+
+def test_under_torchrun_a_truncated_student_folder_is_one_line_the_summary_names(llama, tmp_path):
+    folder = damaged(llama, tmp_path / "model", truncated)
+    proc = torchrun(tmp_path, *(o.format(folder=folder) for o in AS_STUDENT), "parallel=ddp")
+    assert_one_line_named_by_torchrun(proc, f"config error: student.path: {folder}/model.safetensors: truncated", 2)
+
+
+def test_under_torchrun_a_failure_after_the_preflight_is_one_line_the_summary_names(tmp_path):
+    """A disk that fills while the ranks build the run (after the preflight passed): exit 1 and one line naming the
+    file, not a traceback per rank."""
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(DISK_FULL_AT_BUILD)
+    proc = torchrun(tmp_path, *FAST, "parallel=ddp", "train.max_steps=2", pythonpath=tmp_path / "fault")
+    line = "error: No space left on device: data_cache/train.tokens.bin (rank 0)"
+    assert_one_line_named_by_torchrun(proc, line, 1)
+    assert "sitecustomize.py" not in proc.stderr  # no rank's traceback (torchrun prints its own, of the agent)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+from parallel.env import stop
 from trainer import data
 from trainer.cli.train import preflight
 from trainer.config import TOKENIZED_DATA, ConfigError, RunConfig, check_nodes, register_configs
 from trainer.data import shards
+from trainer.process import INTERRUPTED_EXIT, os_error_line
 
 
 def summary(cfg: RunConfig) -> dict:
@@ -38,9 +40,17 @@ def prepare(cfg: RunConfig, prepared: list[dict]) -> None:
         raise ConfigError(e.key, e.message) from None
 
 
+INTERRUPTED = "interrupted by Ctrl-C; the chunks tokenized so far are kept: the same command finishes the shards"
+
+
 def main() -> None:
     register_configs()
     prepared: list[dict] = []
-    preflight(sys.argv[1:], lambda cfg: prepare(cfg, prepared))
+    try:
+        preflight(sys.argv[1:], lambda cfg: prepare(cfg, prepared))
+    except KeyboardInterrupt:
+        stop(INTERRUPTED, INTERRUPTED_EXIT)
+    except OSError as e:  # a disk full while writing the shards: no part is left half written
+        stop(f"error: data.cache_dir: {os_error_line(e)}; the chunks tokenized so far are kept", 1)
     for line in prepared:
         print(json.dumps(line))

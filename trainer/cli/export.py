@@ -11,6 +11,7 @@ any other in Stillroom's compressed format.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from trainer.compress.stats import quant_specs
 from trainer.compress.stillroom_format import export_compressed, linear_targets, quantize_dense
 from trainer.distill import teacher as source_io
 from trainer.models.protocol import family_of
+from trainer.process import INTERRUPTED_EXIT, os_error_line
 from trainer.report import folder_bytes
 
 SCHEMES = {
@@ -75,11 +77,20 @@ def main(argv: list[str]) -> int:
     staging = export.staging_dir(out)
     quantized = quantize_dense(model, targets=targets, **SCHEMES[scheme])
     specs = quant_specs(quantized)
-    if family_of(model).pretrained_format:
-        compressed_tensors.save(quantized, staging, specs, masks={})
-    else:
-        export_compressed(quantized, staging, masks={}, quant={})
-    export.publish(staging, out)
+    try:
+        if family_of(model).pretrained_format:
+            compressed_tensors.save(quantized, staging, specs, masks={})
+        else:
+            export_compressed(quantized, staging, masks={}, quant={})
+        export.publish(staging, out)
+    except KeyboardInterrupt:  # nothing half written is left: the staging folder goes
+        shutil.rmtree(staging, ignore_errors=True)
+        print("interrupted by Ctrl-C; nothing was written", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"error: out: {os_error_line(e)}; nothing was written", file=sys.stderr)
+        return 1
     size = folder_bytes(out)
     weights = [module.weight for name, module in quantized.named_modules() if name in specs]
     zeros = sum(int((w == 0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, cast
@@ -20,6 +18,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from parallel.env import stop
 from trainer.config import ConfigError, RunConfig, register_configs
 from trainer.preflight import check_resume, unknown_keys, validate
 from trainer.resolvers import MissingPackage
@@ -27,25 +26,12 @@ from trainer.resolvers import MissingPackage
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
 CONFIG_ERROR_EXIT = 2
-RANK_ZERO_GRACE_S = 5.0
 
 
 def fail(message: str) -> NoReturn:
-    """Exit with CONFIG_ERROR_EXIT; only rank 0 of a torchrun or srun job prints the line (every rank finds it).
-    Under torchrun a rank also writes the line to its error file, so torchrun's summary names the cause. The other
-    ranks wait ``RANK_ZERO_GRACE_S`` first: torchrun stops them once rank 0 exits, so rank 0's line is printed and
-    its file is the summary's root cause (a rank stopped by torchrun left no file to compete with it)."""
-    line = f"config error: {message}"
-    rank_zero = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-    if rank_zero:
-        print(line, file=sys.stderr, flush=True)
-    else:  # the launcher stops every rank once one exits: rank 0 goes first, its file the root cause
-        time.sleep(RANK_ZERO_GRACE_S)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:  # the format torch.distributed.elastic's ErrorHandler writes and torchrun's summary reads
-        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
-        Path(error_file).write_text(json.dumps({"message": record}))
-    sys.exit(CONFIG_ERROR_EXIT)
+    """Exit with CONFIG_ERROR_EXIT, the line ``config error: MESSAGE`` printed by rank 0 of a torchrun or srun job
+    (every rank finds it) and recorded as each rank's error file (``parallel.env.stop``)."""
+    stop(f"config error: {message}", CONFIG_ERROR_EXIT)
 
 
 def describe_error(error: BaseException) -> str:

@@ -228,8 +228,13 @@ def _worker_tokenize(args: tuple) -> dict[str, np.ndarray]:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename it to ``path``; a failed write (a disk full, Ctrl-C) leaves no ``tmp`` behind."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
