@@ -14,10 +14,9 @@ from trainer.build import build_run, load_teacher, run_identity
 from trainer.config import RunConfig, parallel_dims
 from trainer.data.errors import DataError
 from trainer.distill.teacher import TeacherPathError
+from trainer.failure import INTERRUPTED_EXIT, first_line, os_error_line, stop
 from trainer.loop import NonFiniteLoss, Trainer
 from trainer.preemption import PREEMPTED_EXIT, Preempted
-
-INTERRUPTED_EXIT = 130  # what a shell reports for a process ended by SIGINT
 
 
 def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
@@ -56,11 +55,11 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
             print(f"interrupted by a second Ctrl-C; {kept}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
     except TeacherPathError as e:  # a teacher file damaged since the preflight, or without a manifest to check
-        dist_env.stop(f"config error: teacher.checkpoint: {e}", 2)
+        stop(f"config error: teacher.checkpoint: {e}", 2)
     except (ValueError, DataError) as e:  # a model or data file read while building, damaged since the preflight
-        dist_env.stop(f"error: {first_line(e)}", 2)
+        stop(f"error: {first_line(e)}", 2)
     except OSError as e:  # a disk full, a folder made read-only: this rank's own
-        dist_env.stop(f"error: {os_error_line(e)}" + (f" (rank {env.rank})" if env.world_size > 1 else ""), 1)
+        stop(f"error: {os_error_line(e)}" + (f" (rank {env.rank})" if env.world_size > 1 else ""), 1)
     except checkpoint.CheckpointError as e:  # another model's or run's checkpoint, none usable, a failed write
         if env.is_main:
             print(f"config error: {e.config_key}: {e}" if e.config_key else f"error: {e}", file=sys.stderr)
@@ -154,17 +153,6 @@ def serve_teacher(cfg: RunConfig, roles: remote.Roles, env: dist_env.DistEnv) ->
     served = remote.serve(module, roles.served_by(env.rank), env.device)
     print(f"teacher rank {env.rank}: served {served} requests of ranks {roles.served_by(env.rank)}", file=sys.stderr)
     return float("nan")
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
-def os_error_line(error: OSError) -> str:
-    """An OSError as one line: what failed, on which file."""
-    what = error.strerror or first_line(error)
-    return f"{what}: {error.filename}" if error.filename else what
 
 
 def shared_run_dir(run_dir: Path) -> Path:

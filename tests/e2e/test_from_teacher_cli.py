@@ -78,6 +78,7 @@ def test_bad_cuts_are_one_line_and_write_nothing(root, overrides, line):
     assert not (root / "refused").exists()
 
 
+@pytest.mark.slow  # three runs; the resume identity it needs is checked in tests/unit/test_checkpoint_faults.py
 def test_a_cut_student_stopped_by_sigterm_resumes_with_the_same_command_to_the_uninterrupted_run(root):
     """A teacher whose config.json says bfloat16, as released models' do: the checkpoint's model spec records the
     trained model's dtype (float32), the config's the teacher's, and resuming used to be refused as "another model".

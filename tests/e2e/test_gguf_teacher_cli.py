@@ -58,6 +58,7 @@ def test_gguf_teacher_distills_a_student(root, live, dtype):
     assert next(row for row in report["models"] if row["model"] == "teacher")["val_loss"] > 0
 
 
+@pytest.mark.slow  # a cache of a Hugging Face teacher equals it live in the default tier (test_hf_teacher_cli.py)
 def test_cache_of_a_gguf_teacher_equals_it_live(root, live):
     """The cache keys on the file's bytes and gives the live teacher's losses (to float rounding: the cache holds
     the vocabulary in sorted top-k order)."""

@@ -68,6 +68,7 @@ def test_a_resume_with_another_teacher_is_refused_unless_allowed(root):
     assert f"resumed from {root / 'stopped' / 'ckpt' / 'step_0000002'} at step 2" in allowed.stderr
 
 
+@pytest.mark.slow  # two 30-step runs
 def test_a_run_stopped_after_its_last_checkpoint_reports_real_figures(root):
     """The last step's checkpoint exists but the export and report do not (the run stopped while exporting): the
     rerun resumes at the last step, evaluates, and reports the run's training time, not 0.0 s and nan."""

@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import FAST, cli_env, read_metrics, run_cli, slow
 from trainer import checkpoint
+from trainer.failure import INTERRUPTED_EXIT
 from trainer.preemption import CTRL_C_NOTICE, PREEMPTED_EXIT
-from trainer.process import INTERRUPTED_EXIT
 
 pytestmark = pytest.mark.e2e
 STEPS = 400
@@ -163,6 +163,7 @@ def resume_matches_uninterrupted(root: Path, step: int, reference: list[dict]) -
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # torchrun's own SIGTERM to every rank stays in the default tier (the test below)
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, reference):
     proc = start(tmp_path, *TORCHRUN_DDP)
     worker = worker_of_rank(proc.pid, 1)

@@ -235,3 +235,15 @@ def test_a_second_ctrl_c_inside_a_write_is_an_interrupt_not_a_disk_fault(two_che
     with pytest.raises(KeyboardInterrupt):
         save(root, 3, wrapper, optimizer)
     assert snapshot(root) == before and not list(root.glob(".tmp-*"))
+
+
+def test_a_hugging_face_spec_matches_whatever_dtype_or_folder_it_was_read_from(tmp_path):
+    """A checkpoint's spec records the trained model's dtype (float32) and folder; the config's, the teacher's dtype
+    (bfloat16, as released models say) or none, and maybe another folder: the same model. Other sizes are not."""
+    spec = {"arch": "hf_llama", "config": {"path": "a", "hf_config": {"dtype": "float32", "hidden_size": 64}}}
+    (tmp_path / checkpoint.MODEL_FILE).write_text(json.dumps(spec))
+    same = {"arch": "hf_llama", "config": {"path": "b", "hf_config": {"dtype": "bfloat16", "hidden_size": 64}}}
+    checkpoint.check_model(tmp_path, same)
+    other = {"arch": "hf_llama", "config": {"path": "a", "hf_config": {"dtype": "float32", "hidden_size": 32}}}
+    with pytest.raises(checkpoint.ModelMismatch, match=r"\(hf_config.hidden_size 64 there, 32 here\): resume"):
+        checkpoint.check_model(tmp_path, other)

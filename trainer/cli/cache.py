@@ -24,8 +24,8 @@ from trainer import cache, data
 from trainer.build import cache_key, load_teacher
 from trainer.cli.train import CONF_DIR, fail, preflight
 from trainer.config import ConfigError, RunConfig, register_configs
+from trainer.failure import INTERRUPTED_EXIT, os_error_line, stop
 from trainer.preflight import validate
-from trainer.process import INTERRUPTED_EXIT, os_error_line
 
 
 def validate_build(cfg: RunConfig) -> None:
@@ -130,9 +130,9 @@ def hydra_entry(dict_cfg: DictConfig) -> None:
         fail(f"teacher.cache_dir: {e}")
     except OSError as e:  # a disk full while writing: the steps written so far are kept
         line = f"error: teacher.cache_dir: {os_error_line(e)}; the steps written so far are kept"
-        dist_env.stop(line, 1)
+        stop(line, 1)
     except KeyboardInterrupt:
-        dist_env.stop(INTERRUPTED, INTERRUPTED_EXIT)
+        stop(INTERRUPTED, INTERRUPTED_EXIT)
     finally:
         dist_env.shutdown()
     if env.is_main:

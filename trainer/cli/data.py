@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import sys
 
-from parallel.env import stop
 from trainer import data
 from trainer.cli.train import preflight
 from trainer.config import TOKENIZED_DATA, ConfigError, RunConfig, check_nodes, register_configs
 from trainer.data import shards
-from trainer.process import INTERRUPTED_EXIT, os_error_line
+from trainer.failure import INTERRUPTED_EXIT, os_error_line, stop
 
 
 def summary(cfg: RunConfig) -> dict:

@@ -23,8 +23,8 @@ from trainer.compress import compressed_tensors
 from trainer.compress.stats import quant_specs
 from trainer.compress.stillroom_format import export_compressed, linear_targets, quantize_dense
 from trainer.distill import teacher as source_io
+from trainer.failure import INTERRUPTED_EXIT, os_error_line
 from trainer.models.protocol import family_of
-from trainer.process import INTERRUPTED_EXIT, os_error_line
 from trainer.report import folder_bytes
 
 SCHEMES = {

@@ -18,8 +18,8 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from parallel.env import stop
 from trainer.config import ConfigError, RunConfig, register_configs
+from trainer.failure import stop
 from trainer.preflight import check_resume, unknown_keys, validate
 from trainer.resolvers import MissingPackage
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from trainer.build import checked_cache, run_identity, student_spec
 from trainer.config import (
     DATA_TASKS,
     TOKENIZED_DATA,
@@ -34,6 +33,8 @@ from trainer.preflight.layout import validate_parallel, world_size_from_env
 def validate(cfg: RunConfig) -> None:
     """Every check that can run before anything starts: each node's own, then those that need files, the
     environment, the student's family or several nodes. Raises ConfigError."""
+    from trainer.build import student_spec  # torch and the models: only once a check needs them
+
     check_nodes(cfg)
     from trainer import checkpoint, data, hub
 
@@ -163,6 +164,7 @@ def check_resume(cfg: RunConfig, path: Path) -> None:
     import torch
 
     from trainer import checkpoint, models
+    from trainer.build import run_identity, student_spec  # torch and the models: only once a check needs them
 
     family, config = student_spec(cfg)
     with torch.device("meta"):  # the spec the run's checkpoints record, without reading any weights
@@ -187,6 +189,7 @@ def _verified_teacher(path: Path) -> None:
 
 def _validate_teacher(cfg: RunConfig) -> None:
     from trainer import data, models
+    from trainer.build import student_spec  # torch and the models: only once a check needs them
     from trainer.distill import teacher, vocab
 
     tc = cfg.teacher
@@ -302,6 +305,7 @@ def _check_param_dtype(cfg: RunConfig, gguf: bool) -> None:
 def _validate_cache(cfg: RunConfig) -> None:
     """A cached teacher: logits only, and a complete cache written for this teacher, data and batch layout."""
     from trainer import cache
+    from trainer.build import checked_cache  # torch and the models: only once a check needs them
 
     _check(
         not cfg.distill.features,
@@ -331,6 +335,8 @@ def _validate_cache(cfg: RunConfig) -> None:
 def _validate_compress(cfg: RunConfig) -> None:
     """The modifiers' own checks, then those against the student itself (target patterns, widths that group
     sizes and N:M groups must divide), on a copy built on the meta device: no memory, no weights."""
+    from trainer.build import student_spec  # torch and the models: only once a check needs them
+
     if not cfg.compress.modifiers:
         return
     import torch
