@@ -113,8 +113,9 @@ HF_VOCAB = 32  # data=synthetic's default vocabulary: a small Hugging Face stude
 
 def small_hf_config(kind: str):
     """A small Hugging Face causal-LM config of ``kind``: "llama" (4 layers, 64 wide, 4 query and 2 key/value heads,
-    SwiGLU 128 wide, tied head), "qwen2" (the same with q/k/v biases and an untied head) or "gpt2" (4 layers, 64
-    wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
+    SwiGLU 128 wide, tied head), "qwen2" (the same with q/k/v biases and an untied head), "qwen3" (untied, q/k
+    norms), "granite" (tied; the generic path), "stablelm" (untied, LayerNorm; the generic path) or "gpt2" (4
+    layers, 64 wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
     import transformers
 
     if kind == "gpt2":
@@ -122,11 +123,15 @@ def small_hf_config(kind: str):
             n_layer=4, n_head=4, n_embd=64, vocab_size=HF_VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )  # fmt: skip
-    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+    config_class = {
+        "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+        "granite": transformers.GraniteConfig, "stablelm": transformers.StableLmConfig,
+    }[kind]  # fmt: skip
+    extra = {"head_dim": 16} if kind == "qwen3" else {}
     return config_class(
         vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind == "llama", bos_token_id=0,
-        eos_token_id=0,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind in ("llama", "granite"),
+        bos_token_id=0, eos_token_id=0, **extra,
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from trainer.cut import from_teacher
 from trainer.distill import teacher as teacher_io
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.placement import Teacher, build_teacher
+from trainer.models.hf import HFConfig, decoder_for
 from trainer.models.protocol import ModelFamily, family_of
 from trainer.runtime import Layout, StudentRuntime, build_runtime
 
@@ -51,7 +52,10 @@ def student_spec(cfg: RunConfig) -> tuple[ModelFamily, Any]:
     try:
         if from_teacher.is_cut(cfg.student):
             return from_teacher.spec(cfg.student, cfg.teacher.checkpoint, cfg.data)
-        return models.student_config(cfg.student, data.model_fields(cfg.data))
+        family, config = models.student_config(cfg.student, data.model_fields(cfg.data))
+        if isinstance(config, HFConfig):  # the family of its model type answers for it (its spec, or the generic path)
+            family = decoder_for(config.resolve().model_type)
+        return family, config
     except models.ConfigFieldError as e:
         raise ConfigError(f"student.{e.key}", e.message) from None
 

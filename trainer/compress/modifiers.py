@@ -174,7 +174,7 @@ class ChannelPruner(Pruner):
         check(
             family.structured_units,
             f"{key}.kind",
-            f"channel pruning needs a student with heads and MLP channels (got {family.name})",
+            f"channel pruning needs a student with heads and MLP channels: {family.lacks('heads and MLP channels')}",
         )
         one_of(mod.norm, (1, 2), f"{key}.norm")
         check(mod.scope == "layer", f"{key}.scope", "channel pruning ranks units per layer: must be layer")

@@ -68,7 +68,7 @@ def check_source(wanted: cut.CutConfig, model: nn.Module, teacher_path: str | No
     ``data_name`` and the student's sequence length."""
     family = family_of(model)
     if not family.structured_units:
-        raise ConfigFieldError("arch", f"from_teacher cuts decoder layers and units: {family.name} models have none")
+        raise ConfigFieldError("arch", f"from_teacher cuts decoder layers and units: {family.lacks('units to cut')}")
     vocab = family.vocab_size(model)
     if wanted.vocab_size is not None and vocab != wanted.vocab_size:
         raise ConfigError(

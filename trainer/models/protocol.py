@@ -205,6 +205,14 @@ class ModelFamily(ABC, Generic[ModelT]):
         """How many layers a config has (hidden states 0..depth; pipeline stages need one each)."""
         raise Unsupported(f"{self.name} models cannot be built as students")
 
+    def lacks(self, what: str) -> str:
+        """The end of a line saying these models have no ``what`` (decoder layers, heads and MLP channels...)."""
+        return f"{self.name} models have no {what}"
+
+    def plain_head(self, model: ModelT) -> bool:
+        """Whether the logits are the head's output as it is (a fused loss computes them so)."""
+        return True
+
     def identity(self, config: dict[str, Any]) -> dict[str, Any]:
         """The fields of a spec's ``config`` (as JSON) that say what the model is, flattened to dotted keys: what a
         checkpoint must match to be resumed. All of them by default; a family drops the incidental ones."""
@@ -326,7 +334,7 @@ def fuses_head(model: nn.Module) -> bool:
     """Whether ``model``'s forward can run a fused loss in place of its head: its family takes ``head=fn`` and the
     head is a plain ``nn.Linear`` (a fake-quantized head computes its logits from other weights)."""
     family = family_of(model)
-    return family.fused_head and type(family.head(model)) is nn.Linear
+    return family.fused_head and type(family.head(model)) is nn.Linear and family.plain_head(model)
 
 
 def family_of(model: nn.Module) -> ModelFamily[Any]:

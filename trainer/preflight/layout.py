@@ -109,7 +109,7 @@ def _validate_pipeline(cfg: RunConfig, dims: ParallelDims, family: ModelFamily, 
     _check(
         family.pipelines,
         "parallel.pp",
-        f"pipeline parallelism splits a student at decoder-layer boundaries: {cfg.student['arch']} models have none",
+        f"pipeline parallelism splits a student into stages of decoder layers: {family.lacks('stages')}",
     )
     _check(p.stages_per_rank >= 1, "parallel.stages_per_rank", f"must be >= 1 (got {p.stages_per_rank})")
     stages, depth = dims.pp * p.stages_per_rank, family.depth(model_cfg)

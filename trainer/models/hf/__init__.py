@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from trainer.models.protocol import ConfigFieldError, ModelFamily, UnitSlice, flatten, register
+from trainer.models.protocol import ConfigFieldError, ModelFamily, UnitSlice, Unsupported, flatten, register
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = (
@@ -180,11 +180,7 @@ class HFConfig:
             raise ConfigFieldError("block_size", f"must be >= 1 (got {self.block_size})")
         config = self.resolve()
         if config.model_type not in DECODERS:
-            raise ConfigFieldError(
-                "path",
-                f"{self.path}: a {config.model_type} model; Hugging Face students are of the model types "
-                f"{', '.join(sorted(DECODERS))}",
-            )
+            self._check_generic(config)
         positions = getattr(config, "max_position_embeddings", None)
         if self.block_size is not None and positions is not None and self.block_size > positions:
             raise ConfigFieldError(
@@ -206,6 +202,22 @@ class HFConfig:
         """Whether the model starts from the folder's weights."""
         stored = self.path is not None and bool(weight_files(Path(self.path)))
         return self.hf_config is None and self.init == "pretrained" and stored
+
+    def _check_generic(self, config) -> None:
+        """That a model type without a structure spec can run on the generic path: its decoder layers are one list
+        (on a copy built on the meta device)."""
+        from trainer.models.hf import generic
+
+        transformers = import_transformers()
+        try:
+            with torch.device("meta"):
+                generic.layers_path(transformers.AutoModelForCausalLM.from_config(config), config.num_hidden_layers)
+        except (Unsupported, AttributeError) as e:
+            raise ConfigFieldError(
+                "path",
+                f"{self.path}: a {config.model_type} model cannot be a student: {e} (the model types with a "
+                f"structure spec: {structured_model_types()})",
+            ) from None
 
     def _check_weights(self, config) -> None:
         """That the folder's weight files are whole and hold every parameter of ``config`` (overridden) with its
@@ -374,6 +386,18 @@ def register_decoder(decoder: HFDecoderFamily) -> HFDecoderFamily:
     return decoder
 
 
+def decoder_for(model_type: str) -> HFDecoderFamily:
+    """The family that runs ``model_type``: its structure spec's, else the generic path (``generic.py``)."""
+    from trainer.models.hf.generic import GENERIC
+
+    return DECODERS.get(model_type, GENERIC)
+
+
+def structured_model_types() -> str:
+    """The model types with a structure spec: what pipeline stages, head/channel pruning and cuts need."""
+    return ", ".join(sorted(DECODERS))
+
+
 class HFFamily(ModelFamily[HFDecoderLM]):
     """``student.arch=hf``: a Hugging Face folder. The model built is of the decoder family of its ``model_type``,
     which answers for it from then on (checkpoints and exports name that family)."""
@@ -382,13 +406,13 @@ class HFFamily(ModelFamily[HFDecoderLM]):
     structured_units = pipelines = fused_head = True
 
     def build(self, config: HFConfig) -> HFDecoderLM:
-        return DECODERS[config.resolve().model_type].build(config)
+        return decoder_for(config.resolve().model_type).build(config)
 
     def depth(self, config: HFConfig) -> int:
         return config.resolve().num_hidden_layers
 
     def layers(self, model: HFDecoderLM) -> dict[str, nn.Module]:
-        return DECODERS[model.config.model_type].layers(model)
+        return decoder_for(model.config.model_type).layers(model)
 
     def width(self, model: HFDecoderLM) -> int:
         return model.config.hidden_size
@@ -410,13 +434,13 @@ def load_pretrained(folder: str | Path) -> HFDecoderLM:
         config = HFConfig(path=str(folder))
     except ConfigFieldError as e:
         raise ValueError(e.message) from None
-    return DECODERS[config.resolve().model_type].build(config).eval()
+    return decoder_for(config.resolve().model_type).build(config).eval()
 
 
 def from_transformers(hf_model: nn.Module, source: str | None) -> HFDecoderLM:
     """A transformers causal LM of a Hugging Face decoder family (one read from a GGUF file) as that family's model,
     sharing its modules (``source``: the folder its tokenizer files are in, if any)."""
-    return DECODERS[cast(Any, hf_model).config.model_type].wrap(hf_model, source)
+    return decoder_for(cast(Any, hf_model).config.model_type).wrap(hf_model, source)
 
 
 class TransformersLM(nn.Module):

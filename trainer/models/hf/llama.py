@@ -105,7 +105,7 @@ class LlamaFamily(HFDecoderFamily):
     """Llama, Qwen2 and Mistral causal LMs through the model protocol."""
 
     name, model_class, layers_attr = "hf_llama", LlamaLM, "model.layers"
-    model_types = ("llama", "qwen2", "mistral")
+    model_types = ("llama", "qwen2", "qwen3", "mistral")
     kv_cache = True
 
     def wrap(self, hf_model: nn.Module, source: str | None) -> LlamaLM:
