@@ -150,7 +150,8 @@ class DistillConfig:
 @dataclass
 class ModifierConfig:
     kind: str = "magnitude"  # qat | a pruning kind (trainer.compress.modifiers.PRUNERS: magnitude | channel | nm)
-    targets: list[str] = field(default_factory=lambda: ["blocks.*"])
+    # module name globs, or roles every family resolves: layers (its decoder layers' Linears), embedding, head
+    targets: list[str] = field(default_factory=lambda: ["layers"])
     start_step: int = 0
     end_step: int = 0
     every: int = 1

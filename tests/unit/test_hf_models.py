@@ -15,7 +15,8 @@ from parallel.pipeline import rank_stages
 from tests.conftest import HF_VOCAB, save_hf_student, small_hf_config
 from trainer import export, models
 from trainer.compress import pruning
-from trainer.models.hf import HFConfig
+from trainer.models.hf import HFConfig, decoder_for
+from trainer.models.hf.generic import GENERIC
 from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, family_of
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
@@ -241,10 +242,19 @@ def test_a_bad_student_config_names_its_field(tmp_path, fields, key, message):
     assert raised.value.key == key and message in raised.value.message and "\n" not in str(raised.value)
 
 
-def test_a_causal_lm_of_another_family_is_refused(tmp_path):
+def test_a_causal_lm_of_a_type_without_a_spec_runs_on_the_generic_path(tmp_path):
+    """OPT used to be refused ("Hugging Face students are of the model types ..."): its decoder layers, found from
+    the model (``model.decoder.layers``), are the generic path's units; its logits are transformers' own."""
     folder = tmp_path / "opt"
-    transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2).save_pretrained(
-        folder
-    )
-    with pytest.raises(ConfigFieldError, match="a opt model; Hugging Face students are of the model types gpt2"):
-        HFConfig(path=str(folder))
+    transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, vocab_size=HF_VOCAB
+    ).save_pretrained(folder)
+    config = HFConfig(path=str(folder), vocab_size=HF_VOCAB)
+    assert decoder_for(config.resolve().model_type) is GENERIC
+    torch.manual_seed(0)
+    model = GENERIC.build(config).eval()  # OPT has dropout
+    assert family_of(model) is GENERIC and list(GENERIC.layers(model)) == ["0", "1"]
+    assert model.layers_path == "model.decoder.layers"
+    x = torch.randint(0, HF_VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.hf_model(input_ids=x).logits, rtol=0, atol=0)

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         print(f"error: SOURCE: {e}", file=sys.stderr)
         return 2
     scheme = options["quantize"]
-    targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_attr}.*"]
+    targets = options["targets"].split(",") if "targets" in options else [f"{family_of(model).layers_prefix(model)}.*"]
     run_dir = folder.parent.parent if kind == "checkpoint" else folder.parent
     out = Path(options.get("out", run_dir / f"final_{scheme}"))
     problem = targets_problem(model, targets) or out_problem(out)

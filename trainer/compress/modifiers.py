@@ -29,7 +29,7 @@ import torch.nn as nn
 from trainer.compress import pruning
 from trainer.compress.schedules import SCHEDULES, Schedule
 from trainer.config import ConfigError, ModifierConfig
-from trainer.models.protocol import ModelFamily, UnitGroup
+from trainer.models.protocol import ModelFamily, UnitGroup, Unsupported, family_of
 
 Tensors = dict[str, torch.Tensor]  # by parameter name (a mask: bool, True = kept)
 QAT = "qat"  # the modifier kind that is not a pruner (trainer.compress.qat)
@@ -261,10 +261,34 @@ def validate_modifiers(modifiers: list[ModifierConfig], model_family: ModelFamil
             )
 
 
+ROLES = ("layers", "embedding", "head")  # target names every family resolves to its own modules
+
+
+def role_patterns(model: nn.Module, role: str) -> list[str]:
+    """The patterns a role stands for in ``model``'s family: ``layers``, the Linears of its decoder layers;
+    ``embedding``, its embedding tables; ``head``, its output head. Raises Unsupported for a family without one."""
+    family = family_of(model)
+    if role == "layers":
+        return [f"{family.layers_prefix(model)}.*"]
+    modules = dict(model.named_modules())
+    if role == "embedding":
+        return [name for name in family.embeddings(model) if isinstance(modules.get(name), nn.Embedding)]
+    head = family.head(model)
+    return [next(name for name, module in modules.items() if module is head)]
+
+
 def resolve_targets(model: nn.Module, patterns: list[str], key: str) -> list[str]:
-    """Module names matched by ``patterns`` (fnmatch): ``nn.Linear`` layers, and embeddings or the
-    output head (named ``head``/``lm_head``, or a Linear whose weight is an embedding's) only by a
-    pattern equal to their name. Raises ConfigError naming ``key`` for a pattern that matches nothing."""
+    """Module names matched by ``patterns`` (fnmatch; a role of ``ROLES`` stands for its family's modules):
+    ``nn.Linear`` layers, and embeddings or the output head (named ``head``/``lm_head``, or a Linear whose weight is
+    an embedding's) only by a pattern equal to their name. Raises ConfigError naming ``key`` for a pattern that
+    matches nothing."""
+    expanded = []
+    for pattern in patterns:
+        try:
+            expanded += role_patterns(model, pattern) if pattern in ROLES else [pattern]
+        except Unsupported:
+            check(False, key, f"{family_of(model).name} models have no {pattern!r} to target")
+    patterns = expanded
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
     def explicit_only(name: str, module: nn.Module) -> bool:

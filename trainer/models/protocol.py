@@ -205,6 +205,10 @@ class ModelFamily(ABC, Generic[ModelT]):
         """How many layers a config has (hidden states 0..depth; pipeline stages need one each)."""
         raise Unsupported(f"{self.name} models cannot be built as students")
 
+    def layers_prefix(self, model: ModelT) -> str:
+        """The dotted name the decoder layers' modules start with (what the ``layers`` target role stands for)."""
+        return self.layers_attr
+
     def lacks(self, what: str) -> str:
         """The end of a line saying these models have no ``what`` (decoder layers, heads and MLP channels...)."""
         return f"{self.name} models have no {what}"

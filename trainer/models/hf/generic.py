@@ -110,6 +110,9 @@ class GenericFamily(HFDecoderFamily):
         generic = cast(GenericLM, model)
         return dict(generic.get_submodule(generic.layers_path).named_children())
 
+    def layers_prefix(self, model: HFDecoderLM) -> str:
+        return cast(GenericLM, model).layers_path
+
     def lacks(self, what: str) -> str:
         return (
             f"the generic path (a model type without a structure spec) knows no {what}; the model types with one: "
