@@ -189,6 +189,7 @@ def test_two_agents_over_loopback_equal_one_node_of_four(runs, teacher, hsdp4):
     assert assert_same(run, hsdp4, teacher) == 0
 
 
+@pytest.mark.slow  # two agents over loopback stay in the default tier (the test above)
 def test_two_agents_with_the_teacher_sharded_across_nodes(runs, teacher, hsdp4):
     """The teacher FSDP2-sharded over all 4 ranks of both "nodes" (a quarter each) gives the run of the
     replicated teacher."""

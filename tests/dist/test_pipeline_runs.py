@@ -75,7 +75,7 @@ def test_interleaved_1f1b_two_stages_per_rank_matches_single_process(runs, teach
     "first, then",
     [
         slow("pipeline", "pipeline", id="pipeline-pipeline"),
-        pytest.param("pipeline", "single", id="pipeline-single"),
+        slow("pipeline", "single", id="pipeline-single"),  # across world sizes: test_parallel_runs.py
         slow("single", "pipeline", id="single-pipeline"),
     ],
 )

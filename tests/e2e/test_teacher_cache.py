@@ -107,6 +107,7 @@ def test_cached_run_equals_live_teacher(root, k):
     assert kd_by_step(root / f"live_{name}")[STEPS]["distill/teacher_param_bytes"] > 0
 
 
+@pytest.mark.slow  # fp32 caches equal the live teacher in the default tier (the test above)
 def test_fp16_values_are_close(root):
     """fp16 storage halves the values file; distill/kd moves by up to ~1e-4 relative (fp32 storage: 1e-7)."""
     run(

@@ -84,6 +84,7 @@ def test_sbatch_runs_a_two_node_kd_run_to_completion(uninterrupted):
     assert (uninterrupted.run_dir / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # a requeued job; the default tier runs the sbatch and srun scripts, SIGTERM resumes: test_signals.py
 def test_usr1_midway_checkpoints_requeues_and_matches_uninterrupted(slurm_cluster, teacher, uninterrupted, tmp_path):
     job = submit(slurm_cluster, TRAIN_SBATCH, tmp_path, kd_run(teacher))
     run_dir, metrics = job.run_dir, job.run_dir / "metrics.jsonl"

@@ -195,6 +195,7 @@ def test_a_prune_qat_student_loads_in_transformers_with_its_logits_and_size(tmp_
     assert_size_is_model_bytes(final, compressor)
 
 
+@pytest.mark.slow  # the CLI on a run; compressed-tensors exports of runs: test_any_decoder.py, test_hf_student_cli.py
 def test_the_export_cli_writes_compressed_tensors_for_a_hugging_face_run(source, tmp_path):
     """``python -m trainer.export RUN quantize=int4_weight`` on a dense Hugging Face student's run."""
     run = tmp_path / "run"
