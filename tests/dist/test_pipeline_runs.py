@@ -49,6 +49,7 @@ def test_two_stages_match_single_process(runs, teacher, reference2, schedule):
     assert_same(runs / f"pp2_{schedule}", reference2, teacher)
 
 
+@pytest.mark.slow  # 4 ranks; two stages, and FSDP2 alone, equal one process in the default tier
 def test_two_stages_times_two_fsdp_shards_match_single_process(runs, teacher):
     reference = single(runs, teacher, "single_accum4", "train.grad_accum=4")
     torchrun(runs, teacher, 4, "pp2_fsdp2", *PIPELINE_2, "parallel.dp_shard=2")

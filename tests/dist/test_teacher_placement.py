@@ -142,6 +142,7 @@ def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teac
     assert "memory/rank2/params_bytes" not in got[STEPS]  # teacher ranks are not among the trainer's ranks
 
 
+@pytest.mark.slow  # 3 ranks; the sharded teacher on 2 equals the replicated one in the default tier
 def test_teacher_sharded_over_three_ranks_with_uneven_rows_equals_replicated(root):
     """A dense export is loaded straight into its shards (each rank reads its own rows of the file); over 3 ranks
     the 32-row embedding splits 11/11/10, and the run equals the replicated teacher's on the same 3 ranks."""

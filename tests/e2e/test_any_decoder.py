@@ -53,6 +53,7 @@ def transformers_logits(root: Path, folder: Path, x: torch.Tensor) -> tuple[str,
     return proc.stdout.strip().splitlines()[-1], torch.load(root / "logits.pt")
 
 
+@pytest.mark.slow  # a Llama cut in the default tier: test_from_teacher_cli.py
 def test_a_qwen3_cut_by_depth_and_width_is_distilled_and_transformers_runs_its_export(root):
     run_cli(root, *GPT_FREE, "student=from_teacher", "student.block_size=16", "student.layers=2", "student.width=0.5",
             "teacher=hf", "teacher.checkpoint=qwen3", "distill=kd", "train.max_steps=3", "logger.log_every=1",

@@ -34,12 +34,16 @@ def test_post_training_quantization(tmp_path, dense, scheme, min_ratio, max_erro
     assert (approx - reference).abs().max() < max_error * reference.abs().max()
 
 
-def test_bad_arguments_are_one_line_exit_2(tmp_path, dense):
+def test_bad_arguments_are_one_line_exit_2(tmp_path, dense, capsys):
+    """One as a real process (the way from ``python -m`` to the line), the others in this one."""
     _, folder = dense
-    for args in ([str(folder), "quantize=int3"], [str(tmp_path / "missing"), "quantize=int8_dynamic"], []):
-        proc = run_cli(tmp_path, *args, module="trainer.export", check=False)
-        assert proc.returncode == 2
-        (line,) = proc.stderr.strip().splitlines()
+    proc = run_cli(tmp_path, str(folder), "quantize=int3", module="trainer.export", check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: quantize must be one of")
+    for args in ([str(tmp_path / "missing"), "quantize=int8_dynamic"], []):
+        assert main(args) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ")
 
 
