@@ -42,7 +42,7 @@ class GenericLM(HFDecoderLM):
     def __init__(self, hf_model: nn.Module, source: str | None):
         super().__init__(hf_model, source)
         # transformers' model runs the forward over this module's children: both hold one dict of them, so a child
-        # replaced here (QAT's fake-quantized Linear, a pipeline's deletion) is the one its forward calls.
+        # replaced here (QAT's fake-quantized Linear) is the one its forward calls.
         object.__setattr__(self, "_modules", hf_model._modules)
         object.__setattr__(self, "hf_model", hf_model)  # not a child: its children are this module's own
         self.layers_path = layers_path(self, self.config.num_hidden_layers)
