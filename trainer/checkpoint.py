@@ -343,8 +343,7 @@ def check_run(path: Path, identity: dict) -> None:
     if differ:
         shown = ", ".join(f"{key} {_short(saved[key])} there, {_short(identity[key])} here" for key in differ[:3])
         raise RunChanged(
-            f"checkpoint {path.name} has other settings ({shown}): set "
-            f"train.allow_resume_changes=[{','.join(differ)}] to resume anyway",
+            f"checkpoint {path.name} differs ({shown}); train.allow_resume_changes=[{','.join(differ)}] resumes it",
             differ[0],
         )
 

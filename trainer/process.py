@@ -38,9 +38,7 @@ def run(cfg: RunConfig, run_dir: Path, resolved_config: dict) -> float:
         print(f"error: {e}", file=sys.stderr)
         dist_env.wait_for_all()
         sys.exit(1)
-    except Preempted as e:
-        if env.is_main:
-            print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr)
+    except Preempted:  # ``train`` said so as soon as the checkpoint was written
         dist_env.wait_for_all()
         sys.exit(PREEMPTED_EXIT)
     except cache.CacheError as e:  # a garbled row of the teacher cache, raised on every rank at the same read
@@ -75,6 +73,10 @@ def train(cfg: RunConfig, run_dir: Path, env: dist_env.DistEnv, resolved_config:
     try:
         last_eval = trainer.fit()
         summary = finish(cfg, trainer, last_eval) if last_eval is not None else None
+    except Preempted as e:  # said before closing the logger: a launcher may kill the process soon after a signal
+        if env.is_main:
+            print(f"{e}; exit {PREEMPTED_EXIT}: run the same command again to resume", file=sys.stderr, flush=True)
+        raise
     finally:
         trainer.close()
     if summary is not None:

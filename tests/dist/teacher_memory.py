@@ -20,6 +20,7 @@ import torch.distributed.fsdp  # noqa: F401  (imported before the first reading)
 from torch.distributed.tensor import DTensor
 
 from parallel.mesh import ParallelDims
+from trainer.build import teacher_vocab
 from trainer.config import RunConfig
 from trainer.distill import teacher as teacher_io
 from trainer.distill.placement import build_teacher
@@ -39,9 +40,19 @@ def main(folder: str, placement: str, out: Path) -> None:
     cfg.teacher.checkpoint, cfg.teacher.placement = folder, placement
     cfg.data.name, cfg.data.synthetic_vocab = "synthetic", teacher_io.spec(folder)["config"]["vocab_size"]
     dims = ParallelDims(dp_replicate=1, dp_shard=world, world_size=world)
+    real_vocab = teacher_vocab(cfg)  # as the build asks it, before the teacher is loaded
     dist.barrier()
     before = peak_bytes()
-    teacher = build_teacher(cfg, dims, torch.device("cpu"), shard=None, vocab=0, next_input=lambda _: None)  # type: ignore[arg-type]
+    teacher = build_teacher(
+        cfg.teacher,
+        cfg.distill,
+        dims,
+        torch.device("cpu"),
+        shard=None,
+        vocab=0,
+        real_vocab=real_vocab,  # type: ignore[arg-type]
+        next_input=lambda _: None,
+    )
     assert teacher.module is not None
     for param in teacher.module.parameters():  # every byte this rank holds, resident (a mapped file's pages too)
         (param.to_local() if isinstance(param, DTensor) else param).sum()

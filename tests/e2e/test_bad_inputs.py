@@ -185,7 +185,7 @@ def test_resume_with_other_settings_refuses_naming_them(tmp_path, changes, diffe
     assert proc.returncode == 2, proc.stderr[-2000:]
     (line,) = proc.stderr.strip().splitlines()
     key = difference.split()[0]  # the first setting that differs is the key the line names
-    assert line.startswith(f"config error: {key}: checkpoint step_0000002 has other settings ("), line
+    assert line.startswith(f"config error: {key}: checkpoint step_0000002 differs ("), line
     assert difference in line and f"train.allow_resume_changes=[{key}" in line and len(line) <= 200, line
     assert {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()} == before
 

@@ -61,7 +61,7 @@ def test_a_resume_with_another_teacher_is_refused_unless_allowed(root):
     refused = run_cli(root, *run, "teacher.checkpoint=teacher_b", check=False)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1 and len(lines[0]) <= 200, lines
-    assert lines[0].startswith("config error: teacher: checkpoint step_0000002 has other settings")
+    assert lines[0].startswith("config error: teacher: checkpoint step_0000002 differs (")
     assert "teacher_a there, " in lines[0] and "teacher_b here" in lines[0]
     assert snapshot(root / "stopped") == before
     allowed = run_cli(root, *run, "teacher.checkpoint=teacher_b", "train.allow_resume_changes=[teacher]")
