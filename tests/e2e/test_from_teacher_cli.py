@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,8 +81,7 @@ def test_a_cut_student_stopped_by_sigterm_resumes_with_the_same_command_to_the_u
     """A teacher whose config.json says bfloat16, as released models' do: the checkpoint's model spec records the
     trained model's dtype (float32), the config's the teacher's, and resuming used to be refused as "another model".
     The same command resumes it, and the run ends as the uninterrupted one."""
-    from tests.e2e.test_signals import start, wait_for_rows
-    from trainer.preemption import PREEMPTED_EXIT
+    from tests.e2e.test_signals import stopped_by_sigterm_and_resumed
 
     if not (root / "llama_bf16").exists():
         shutil.copytree(root / "llama", root / "llama_bf16")
@@ -93,17 +90,4 @@ def test_a_cut_student_stopped_by_sigterm_resumes_with_the_same_command_to_the_u
     teacher = ["teacher=hf", "teacher.checkpoint=llama_bf16", "distill=kd"]
     run = [*CUT_RUN, *teacher, "student.layers=2", "student.width=0.5", "train.max_steps=60", "train.ckpt_every=30",
            "train.eval_every=60", "logger.log_every=1"]  # fmt: skip
-    run_cli(root, *run, "hydra.run.dir=whole")
-    proc = start(root, sys.executable, "-m", "trainer", *run, "hydra.run.dir=stopped")
-    wait_for_rows(proc, root / "stopped" / "metrics.jsonl", 3)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
-    stopped_at = checkpoint.latest(root / "stopped" / "ckpt")
-    assert stopped_at is not None and "run the same command again to resume" in stderr
-    resumed = run_cli(root, *run, "hydra.run.dir=stopped")
-    assert f"resumed from {stopped_at}" in resumed.stderr
-    got, want = read_metrics(root / "stopped"), read_metrics(root / "whole")
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 61))
-    assert got[-1]["train/loss"] == pytest.approx(want[-1]["train/loss"], rel=1e-6)
-    assert got[-1]["eval/val_loss"] == pytest.approx(want[-1]["eval/val_loss"], rel=1e-6)
+    stopped_by_sigterm_and_resumed(root, run, steps=60)

@@ -51,6 +51,26 @@ def start(root: Path, *command: str) -> subprocess.Popen:
     )
 
 
+def stopped_by_sigterm_and_resumed(root: Path, run: list[str], steps: int) -> None:
+    """Run ``run`` whole (``whole``), and again (``stopped``) stopped by SIGTERM after 3 metric rows: exit
+    PREEMPTED_EXIT with the line saying to rerun; the same command resumes from the stop's checkpoint, and the run
+    ends as the whole one (every step logged; the last train and val loss, rel 1e-6)."""
+    run_cli(root, *run, "hydra.run.dir=whole")
+    proc = start(root, sys.executable, "-m", "trainer", *run, "hydra.run.dir=stopped")
+    wait_for_rows(proc, root / "stopped" / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
+    stopped_at = checkpoint.latest(root / "stopped" / "ckpt")
+    assert stopped_at is not None and "run the same command again to resume" in stderr
+    resumed = run_cli(root, *run, "hydra.run.dir=stopped")
+    assert f"resumed from {stopped_at}" in resumed.stderr
+    got, want = read_metrics(root / "stopped"), read_metrics(root / "whole")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
+    for key in ("train/loss", "eval/val_loss"):
+        assert got[-1][key] == pytest.approx(want[-1][key], rel=1e-6), key
+
+
 def wait_for_rows(proc: subprocess.Popen, metrics: Path, rows: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not metrics.exists() or len(metrics.read_text().splitlines()) < rows:

