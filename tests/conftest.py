@@ -22,13 +22,15 @@ KILL_DURING_CHECKPOINT = Path(__file__).resolve().parent / "e2e" / "kill_during_
 
 
 def cli_env(tmp_path: Path) -> dict:
-    """A clean environment: no W&B credentials, W&B quiet, scratch TMPDIR."""
+    """A clean environment: no W&B credentials, W&B quiet, scratch TMPDIR; a process killed by a fatal signal
+    (SIGABRT, SIGSEGV) prints its Python stacks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(
         WANDB_SILENT="true",
         HOME=str(tmp_path),
         NETRC=str(tmp_path / "netrc"),
         PYTHONUNBUFFERED="1",
+        PYTHONFAULTHANDLER="1",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     return env

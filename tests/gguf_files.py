@@ -59,9 +59,12 @@ def llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return halves.transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def write_gguf(model, file: Path, architecture: str = "llama", quantized: bool = False) -> Path:
+def write_gguf(
+    model, file: Path, architecture: str = "llama", quantized: bool = False, left_out: tuple[str, ...] = ()
+) -> Path:
     """``model`` (a transformers Llama) as the GGUF file ``file``, its architecture named ``architecture``: F32, or
-    with its matrices in Q8_0 blocks (``quantized``; the norms stay F32, as llama.cpp keeps them)."""
+    with its matrices in Q8_0 blocks (``quantized``; the norms stay F32, as llama.cpp keeps them); without the
+    tensors named in ``left_out`` (transformers' names)."""
     import gguf
 
     config = model.config
@@ -86,7 +89,7 @@ def write_gguf(model, file: Path, architecture: str = "llama", quantized: bool =
     writer.add_eos_token_id(len(TOKENS) - 1)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if name == "lm_head.weight" and config.tie_word_embeddings or name in left_out:
             continue  # llama.cpp writes no output tensor for a tied head
         array = tensor.detach().float().numpy()
         projection = name.split(".")[-2]

@@ -106,7 +106,7 @@ def reference(runs, kind, teacher) -> Path:
     [
         slow(["parallel=ddp"], id="ddp"),
         pytest.param(["parallel=fsdp"], id="fsdp"),
-        pytest.param(["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"], id="pipeline"),
+        slow(["parallel=pipeline", "parallel.pp=2", "parallel.microbatches=2"], id="pipeline"),
     ],
 )
 def test_a_hugging_face_student_matches_one_process(runs, kind, teacher, reference, layout):

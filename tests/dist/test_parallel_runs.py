@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, cli_env, train_small_teacher
+from tests.conftest import FAST, cli_env, slow, train_small_teacher
 from tests.dist.equality import assert_same_run, by_step
 
 pytestmark = pytest.mark.dist
@@ -208,7 +208,7 @@ def test_ddp_accumulation_with_no_sync_matches_single_process(runs, teacher, ref
     assert_same(runs / "ddp_accum2", reference4, teacher)
 
 
-@pytest.mark.parametrize("first, then", [("fsdp2", "single"), ("single", "fsdp2")])
+@pytest.mark.parametrize("first, then", [("fsdp2", "single"), slow("single", "fsdp2", id="single-fsdp2")])
 def test_resume_on_another_world_size_continues_the_curve(runs, teacher, reference2, first, then):
     """Stop at step 5 with one world size, resume from the DCP checkpoint with the other."""
     name = f"resume_{first}_to_{then}"

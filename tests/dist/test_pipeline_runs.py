@@ -56,6 +56,7 @@ def test_two_stages_times_two_fsdp_shards_match_single_process(runs, teacher):
     assert_same(runs / "pp2_fsdp2", reference, teacher)
 
 
+@pytest.mark.slow  # another schedule: two stages under 1F1B equal one process in the default tier
 def test_interleaved_1f1b_two_stages_per_rank_matches_single_process(runs, teacher):
     four_blocks = "student.n_layer=4"
     reference = single(runs, teacher, "single_accum2_4blocks", "train.grad_accum=2", four_blocks)

@@ -97,6 +97,7 @@ def test_two_rank_cache_build_equals_one_process(root):
         assert halves == whole, name
 
 
+@pytest.mark.slow  # a garbled row stops one process with one line in the default tier (test_teacher_cache.py)
 def test_a_row_garbled_on_one_rank_stops_every_rank(root):
     """FSDP over 2 ranks, 2 micro-batches: rank 1 reads rows 6-7 of step 2 in its second micro-batch, and row 7 is
     garbled. Both ranks stop at that read (before the student's all-gathers), rank 0 prints rank 1's line. Without

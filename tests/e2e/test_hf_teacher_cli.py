@@ -77,6 +77,8 @@ def test_padded_teacher_is_aligned_and_equals_the_unpadded_one(root, live65):
         assert got[step] == pytest.approx(expected, rel=0, abs=KD_ROUNDING), step
 
 
+@pytest.mark.slow  # the padded teacher live equals the unpadded one (above); a cache equals its live teacher in
+# tests/e2e/test_teacher_cache.py
 def test_cache_of_a_padded_teacher_equals_the_unpadded_one(root, live65):
     cache = [*RUN, "teacher.checkpoint=hf80", "teacher.cache_dir=cache80"]
     run_cli(root, *cache, "hydra.run.dir=build", module="trainer.cache")

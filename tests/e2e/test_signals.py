@@ -197,6 +197,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, refere
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # SIGTERM to one process checkpoints, exits and resumes in the default tier (the test above)
 def test_sigterm_to_torchrun_checkpoints_and_torchrun_exits_1(tmp_path, reference):
     """SIGTERM to torchrun itself (what a scheduler sends): torchrun forwards it, every rank finishes its step,
     checkpoints and exits 75, and torchrun ends with its own ``SignalException`` traceback and exit code 1 (what

@@ -53,6 +53,8 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # its parts each run in the default tier: the cut (test_from_teacher_cli), the top-k cache
+# (test_teacher_cache), a QAT export transformers loads (test_hf_student_cli)
 def test_the_recipe_runs_end_to_end_and_a_rerun_reuses_the_cache(root):
     first = run_cli(root, *TINY, "hydra.run.dir=run")
     assert "building it" in first.stderr

@@ -3,7 +3,8 @@
 k = V equals full KD against the live teacher; k < V equals the live teacher with ``distill.top_k=k``. An
 interrupted build resumes; a cache for another run, or with a shard missing, is refused before training. A
 garbled row stops training with one line (and a rerun of the build rewrites it); a garbled or old manifest, and
-a ``teacher.cache_dir`` that cannot be written, are refused with one line before anything starts.
+a ``teacher.cache_dir`` that cannot be written, are refused with one line before anything starts; Ctrl-C while
+caching is one line, and the same command finishes the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +26,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import FAST, read_metrics, run_cli, slow, train_small_teacher
+from tests.e2e.test_signals import start
 from trainer import cache, checkpoint, files
+from trainer.cli.cache import INTERRUPTED
 from trainer.cli.train import CONF_DIR
 from trainer.config import ConfigError, RunConfig, register_configs
+from trainer.failure import INTERRUPTED_EXIT
 from trainer.preflight import validate
 
 pytestmark = pytest.mark.e2e
@@ -304,3 +311,25 @@ def test_a_cache_dir_that_cannot_be_written_is_refused(root, case):
     assert one_line(proc, 2) == f"config error: {why.format(dir=folder.name, abs=folder)}"
     assert sorted(p.name for p in folder.iterdir()) == ["file"] and (folder / "file").read_text() == "a file"
     assert not (root / f"run_{folder.name}").exists()
+
+
+@pytest.mark.slow  # a cache build resumed after a kill: test_interrupted_build_resumes_to_the_same_bytes
+def test_ctrl_c_while_caching_is_one_line_and_the_same_command_finishes_the_same_bytes(root):
+    """Ctrl-C in ``python -m trainer.cache`` is one line saying what is kept, exit 130, no traceback; the same command
+    then finishes the cache, byte for byte the cache an uninterrupted build writes."""
+    long = [*RUN, "teacher.checkpoint=t/final", "distill.top_k=8", "train.max_steps=3000"]
+    run_cli(root, *long, "teacher.cache_dir=whole3000", "hydra.run.dir=whole3000", module="trainer.cache")
+    proc = start(root, sys.executable, "-m", "trainer.cache", *long, "teacher.cache_dir=cut3000", "hydra.run.dir=c")
+    progress = root / "cut3000" / "shard_00000" / "progress.json"
+    deadline = time.monotonic() + 120
+    while not (progress.is_file() and json.loads(progress.read_text())["done"] > 0):  # writing has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == INTERRUPTED_EXIT, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED and "Traceback" not in stderr
+    assert json.loads(progress.read_text())["done"] < 3000  # stopped part way
+    run_cli(root, *long, "teacher.cache_dir=cut3000", "hydra.run.dir=c", module="trainer.cache")
+    for name in (*cache.ROW_FILES, cache.CHECKSUMS, "progress.json"):
+        assert (progress.parent / name).read_bytes() == (root / "whole3000" / "shard_00000" / name).read_bytes(), name

@@ -177,7 +177,8 @@ def test_validation_reads_vocabulary_context_and_dtype(pair):
 
 @pytest.fixture(scope="module")
 def bad_files(pair, tmp_path_factory) -> dict[str, Path]:
-    """Files a teacher.checkpoint may wrongly name: unsupported architecture, truncated, garbage, two in a folder."""
+    """Files a teacher.checkpoint may wrongly name: unsupported architecture, truncated, garbage, two in a folder,
+    tensors left out."""
     _, gguf_file = pair
     root = tmp_path_factory.mktemp("bad")
     whole = gguf_file.read_bytes()
@@ -187,7 +188,10 @@ def bad_files(pair, tmp_path_factory) -> dict[str, Path]:
     for name in ("a.gguf", "b.gguf"):
         (root / "two" / name).write_bytes(whole)
     write_gguf(tiny_llama(), root / "unsupported.gguf", architecture="stillroom-unknown")
-    return {"unsupported": root / "unsupported.gguf", **{n: root / f"{n}.gguf" for n in ("truncated", "garbage")}}
+    left_out = ("model.layers.1.mlp.down_proj.weight", "model.norm.weight")
+    write_gguf(tiny_llama(), root / "missing.gguf", left_out=left_out)
+    names = ("truncated", "garbage", "missing")
+    return {"unsupported": root / "unsupported.gguf", **{n: root / f"{n}.gguf" for n in names}}
 
 
 @pytest.mark.parametrize(
@@ -197,6 +201,7 @@ def bad_files(pair, tmp_path_factory) -> dict[str, Path]:
         ("truncated", "is not a readable GGUF file: truncated or damaged"),
         ("garbage", "is not a readable GGUF file: truncated or damaged"),
         ("two", "holds 2 GGUF files (a.gguf, b.gguf): name one of them"),
+        ("missing", "2 of the 21 tensors of its llama model are not stored (blk.1.ffn_down.weight, output_norm"),
     ],
 )
 def test_bad_files_are_one_config_error_line(bad_files, bad, message):

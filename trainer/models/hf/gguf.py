@@ -54,6 +54,10 @@ def check_file(file: Path) -> str:
     """The architecture a GGUF file declares, after reading its header and tensor table with transformers' own
     reader (which skips the tensor data and the tokenizer's arrays: fast) and checking that the tensors it lists
     fit in the file; ValueError (one line) when it is not a whole GGUF file (not one at all, truncated, damaged)."""
+    return str(_header(file).architecture)
+
+
+def _header(file: Path):
     import_gguf_support()
     from transformers.integrations.gguf import GgufHeader
 
@@ -67,7 +71,37 @@ def check_file(file: Path) -> str:
         raise ValueError(
             f"{file} is not a readable GGUF file: truncated or damaged (its tensors need {needed} bytes, it has {size})"
         )
-    return str(header.architecture)
+    return header
+
+
+def check_tensors(file: Path, header: Any, config: Any) -> None:
+    """That the GGUF ``file`` (its ``header`` read) stores every parameter of ``config``'s causal LM whose name gguf's
+    table for the file's architecture maps (transformers would start a missing one at random, without a word);
+    ValueError (one line) naming the first missing ones where not."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch = next((key for key, name in MODEL_ARCH_NAMES.items() if name == header.architecture), None)
+    if arch is None:
+        return  # an architecture gguf does not name: transformers refuses it when it reads the config
+    name_map = get_tensor_name_map(arch, config.num_hidden_layers)
+    stored = {tensor.name for tensor in header.tensors}
+    with torch.device("meta"):
+        model = import_transformers().AutoModelForCausalLM.from_config(config)
+    missing, mapped = [], 0
+    for name, _ in model.named_parameters():  # a tied head once, under the embedding's name
+        module, _, leaf = name.rpartition(".")
+        gguf_module = name_map.get_name(module)
+        if gguf_module is None:
+            continue
+        mapped += 1
+        if f"{gguf_module}.{leaf}" not in stored:
+            missing.append(f"{gguf_module}.{leaf}")
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(
+            f"{file}: {len(missing)} of the {mapped} tensors of its {header.architecture} model are not stored "
+            f"({shown}); transformers would start them at random"
+        )
 
 
 def read_config(file: Path):
@@ -81,7 +115,8 @@ def read_config(file: Path):
 
 @functools.lru_cache(maxsize=4)
 def _read_config(file: Path, _version: tuple):
-    architecture = check_file(file)
+    header = _header(file)
+    architecture = header.architecture
     transformers = import_gguf_support()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -93,6 +128,9 @@ def _read_config(file: Path, _version: tuple):
         ) from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(f"{file} holds a {config.model_type} model, which transformers does not run as a causal LM")
+    fields = config.to_dict()
+    fields.pop("quantization_config", None)
+    check_tensors(file, header, config_from_dict(fields))
     return config
 
 
