@@ -116,8 +116,10 @@ HF_VOCAB = 32  # data=synthetic's default vocabulary: a small Hugging Face stude
 def small_hf_config(kind: str):
     """A small Hugging Face causal-LM config of ``kind``: "llama" (4 layers, 64 wide, 4 query and 2 key/value heads,
     SwiGLU 128 wide, tied head), "qwen2" (the same with q/k/v biases and an untied head), "qwen3" (untied, q/k
-    norms), "granite" (tied; the generic path), "stablelm" (untied, LayerNorm; the generic path) or "gpt2" (4
-    layers, 64 wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
+    norms), "phi3" (untied, fused q/k/v and gate/up projections), "olmo2" (untied, norms after attention and MLP,
+    q/k norms over all heads), "gemma3" (tied, four norms a layer, sliding and global layers, soft-capped logits),
+    "granite" (tied; the generic path), "stablelm" (untied, LayerNorm; the generic path) or "gpt2" (4 layers, 64
+    wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
     import transformers
 
     if kind == "gpt2":
@@ -128,12 +130,18 @@ def small_hf_config(kind: str):
     config_class = {
         "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
         "granite": transformers.GraniteConfig, "stablelm": transformers.StableLmConfig,
+        "phi3": transformers.Phi3Config, "olmo2": transformers.Olmo2Config, "gemma3": transformers.Gemma3TextConfig,
     }[kind]  # fmt: skip
-    extra = {"head_dim": 16} if kind == "qwen3" else {}
+    extra = {
+        "qwen3": {"head_dim": 16},
+        # sliding layers (a window shorter than the tests' sequences) and global ones; soft-capped logits
+        "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "final_logit_softcapping": 30.0,
+                   "layer_types": ["sliding_attention", "full_attention"] * 2},
+    }.get(kind, {})  # fmt: skip
     return config_class(
         vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind in ("llama", "granite"),
-        bos_token_id=0, eos_token_id=0, **extra,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind in ("llama", "granite", "gemma3"),
+        bos_token_id=0, eos_token_id=0, pad_token_id=None, **extra,
     )  # fmt: skip
 
 

@@ -284,7 +284,7 @@ class PipelineLoss:
         assert self.teacher is not None  # a fused loss is a KD loss
         t_out = self.teacher(x, -1, -1)
         fused = partial(fused_logit_losses, y=y, teacher=t_out, d=self.distill)
-        return lambda hidden, weight, bias: self.record(fused(hidden, weight, bias))
+        return lambda hidden, weight, bias, **options: self.record(fused(hidden, weight, bias, **options))
 
     def pop_totals(self) -> dict[str, torch.Tensor]:
         """The terms averaged over the micro-batches since the last call."""

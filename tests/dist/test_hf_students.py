@@ -1,8 +1,8 @@
-"""Hugging Face students (a small Llama with grouped-query attention and a tied head, a GPT-2 and a Qwen3, on
-transformers' own modules, and a StableLM, a model type without a structure spec, on the generic path) train under
-DDP, FSDP2 and pipeline parallelism (not the generic path) on 2 ranks (and the Llama under HSDP 2x2 on 4) equal to
-one process, with KD from a small GPT teacher, magnitude pruning and int8 QAT (``compress=prune_qat`` aimed at their
-module names).
+"""Hugging Face students (a small Llama with grouped-query attention and a tied head, a GPT-2, a Qwen3, a Phi-3, an
+OLMo 2 and a Gemma 3, on transformers' own modules, and a StableLM, a model type without a structure spec, on the
+generic path) train under DDP, FSDP2 and pipeline parallelism (not the generic path) on 2 ranks (and the Llama under
+HSDP 2x2 on 4) equal to one process, with KD from a small GPT teacher, magnitude pruning and int8 QAT
+(``compress=prune_qat`` aimed at their module names).
 
 Each run is held to its single-process reference by ``tests.dist.equality.assert_same_run``: every loss term within
 float reassociation before fake-quant and within the flipped-code bound after it, sparsity exactly, the exports'
@@ -41,6 +41,9 @@ TARGETS = {
     "stablelm": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),  # a model type on the generic path
     "gpt2": (["transformer.h.*", "transformer.wte", "transformer.wpe"], ["lm_head"]),
     "qwen3": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
+    "phi3": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
+    "olmo2": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
+    "gemma3": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
 }
 DEFAULT_TIER = ("llama",)  # the others run in the slow tier (the generic path under DDP: test_any_decoder.py)
 

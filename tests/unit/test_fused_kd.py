@@ -244,6 +244,29 @@ def test_without_grad_and_bad_arguments():
         fused_linear_kd_loss(hidden, weight, t_hidden[:1], t_weight, kind="jsd")
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_soft_capped_logits_match_float64_reference(kind, alpha):
+    """Gemma's ``c * tanh(z / c)`` on the student's head output (c = 2: most logits here are capped hard), in the
+    KD and CE parts and their gradients, against the float64 formulas on the capped logits."""
+    hidden, weight, _, t_hidden, t_weight, _, labels = make(seed=3)
+    cap = 2.0
+    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
+    teacher = TeacherSide(hidden=t_hidden, weight=t_weight)
+    how = FusedSettings(kind, 1.5, 0.5, alpha, None, False, 5, softcap=cap)
+    value, _, _ = fused_kd_terms(leaves[0], leaves[1], None, teacher, how, labels=labels)
+    value.backward()
+    wide = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    capped = cap * torch.tanh(logits(*wide, None) / cap)
+    expected = reference(
+        capped, logits(t_hidden.double(), t_weight.double(), None), kind, 1.5, labels=labels, alpha=alpha
+    )
+    expected.backward()
+    assert_close(value.detach(), expected.detach())
+    for got, want in zip(leaves, wide):
+        assert_close(got.grad, want.grad)
+
+
 def test_the_gradients_are_handed_over_once():
     hidden, weight, _, t_hidden, t_weight, _, _ = make(seed=7)
     loss = fused_linear_kd_loss(hidden.requires_grad_(), weight, t_hidden, t_weight, kind="jsd", chunk_size=5)
@@ -260,15 +283,21 @@ def protocol_model(kind: str) -> torch.nn.Module:
     return DECODERS[config.model_type].wrap(transformers.AutoModelForCausalLM.from_config(config).float(), None)
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama", "qwen2", "gpt2"])
+def capped_linear(hidden, weight, bias, softcap=None):
+    out = torch.nn.functional.linear(hidden, weight, bias)
+    return out if softcap is None else softcap * torch.tanh(out / softcap)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama", "qwen2", "phi3", "olmo2", "gemma3", "gpt2"])
 def test_models_run_a_head_function_in_place_of_their_head(kind):
-    """``model(x, head=fn)`` returns ``fn(final hidden, weight, bias)``; with the plain head it is the model."""
+    """``model(x, head=fn)`` returns ``fn(final hidden, weight, bias)`` (with ``softcap=c`` where the model caps its
+    logits: Gemma 3 here); with the plain head, capped as asked, it is the model."""
     torch.manual_seed(0)
     model = protocol_model(kind).eval()
     x = torch.randint(0, HF_VOCAB if kind != "gpt" else V, (2, N_TOKENS), generator=torch.Generator().manual_seed(1))
-    assert fuses_head(model)
-    torch.testing.assert_close(model(x, head=torch.nn.functional.linear), model(x), rtol=0, atol=0)
-    out, hidden = model(x, hidden_layers=(FINAL_HIDDEN,), head=lambda h, w, b: (h, w))
+    assert fuses_head(model) and family_of(model).logit_softcap(model) == (30.0 if kind == "gemma3" else None)
+    torch.testing.assert_close(model(x, head=capped_linear), model(x), rtol=0, atol=0)
+    out, hidden = model(x, hidden_layers=(FINAL_HIDDEN,), head=lambda h, w, b, **_: (h, w))
     assert torch.equal(out[0], hidden[FINAL_HIDDEN]) and out[1] is family_of(model).head(model).weight
 
 

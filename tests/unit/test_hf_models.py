@@ -21,8 +21,18 @@ from trainer.models.protocol import FINAL_HIDDEN, ConfigFieldError, family_of
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
 
-KINDS = ("llama", "qwen2", "gpt2")  # tied GQA Llama; untied Qwen2 with q/k/v biases; GPT-2 (fused q/k/v)
-FAMILY = {"llama": "hf_llama", "qwen2": "hf_llama", "gpt2": "hf_gpt2"}
+# tied GQA Llama; untied Qwen2 with q/k/v biases; Qwen3 (q/k norms per head); Phi-3 (fused q/k/v and gate/up);
+# OLMo 2 (norms after attention and MLP, q/k norms over all heads); Gemma 3 (sliding layers, soft-capped logits);
+# GPT-2 (fused q/k/v, Conv1D)
+KINDS = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "gemma3", "gpt2")
+FAMILY = {"llama": "hf_llama", "qwen2": "hf_llama", "qwen3": "hf_llama", "phi3": "hf_phi3", "olmo2": "hf_olmo2",
+          "gemma3": "hf_gemma3", "gpt2": "hf_gpt2"}  # fmt: skip
+MODEL_TYPE = {"gemma3": "gemma3_text"}  # Gemma 3's text decoder
+TIED = {
+    "llama": ["model.embed_tokens.weight"],
+    "gemma3": ["model.embed_tokens.weight"],
+    "gpt2": ["transformer.wte.weight"],
+}
 BLOCK = 12
 
 
@@ -70,7 +80,7 @@ def test_state_dict_is_the_hugging_face_checkpoints(kind):
     state = family.to_hf_state(model.state_dict())
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in twin.state_dict().items()}
     tied = family.tied_weights(model)
-    assert tied == {"llama": ["model.embed_tokens.weight"], "qwen2": [], "gpt2": ["transformer.wte.weight"]}[kind]
+    assert tied == TIED.get(kind, [])
     assert family.vocab_size(model) == HF_VOCAB and len(family.layers(model)) == 4
 
 
@@ -108,7 +118,9 @@ def test_a_units_mask_zeroes_exactly_that_units_output(kind, gating_only):
     gate rows), makes its columns of the out-projection's input zero and leaves every other column as it was."""
     model, x = build(kind), tokens()
     family = family_of(model)
-    for group in [g for g in family.unit_groups(model) if g.layer == 1]:
+    groups = [g for g in family.unit_groups(model) if g.layer == 1]
+    assert [g.kind for g in groups if not g.maskable] == (["attn"] if kind == "olmo2" else [])  # q/k norms of all heads
+    for group in [g for g in groups if g.maskable]:
         before = out_module_input(model, group, x)
         out_weight = next(s.param for s in group.slices if s.module == group.out_module)
         unit = torch.zeros(group.n_units, dtype=torch.bool)
@@ -133,7 +145,7 @@ def test_a_units_mask_zeroes_exactly_that_units_output(kind, gating_only):
 def dead_unit_masks(model, extra_dead_layer: int = 0) -> dict[str, torch.Tensor]:
     """Masks killing unit 0 of every group, and unit 1 of the MLP of layer ``extra_dead_layer`` too."""
     masks = {}
-    for group in family_of(model).unit_groups(model):
+    for group in pruning.unit_groups(model):
         keep = torch.ones(group.n_units, dtype=torch.bool)
         keep[0] = False
         if group.kind == "mlp" and group.layer == extra_dead_layer:
@@ -158,6 +170,9 @@ def test_thinning_removes_dead_units_keeps_the_function_and_one_width(kind):
     if kind == "gpt2":
         assert (config.n_head, config.n_inner) == (4, 255)
         assert all(".attn." in name or name.startswith("transformer.h.0.mlp.") for name in left)
+    elif kind == "olmo2":  # every head kept (its heads are not masked)
+        assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (2, 4, 16)
+        assert config.intermediate_size == 127
     else:
         assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (1, 2, 16)
         assert config.intermediate_size == 127 and sorted({name.split(".")[2] for name in left}) == ["0"]
@@ -168,7 +183,7 @@ def test_thinning_removes_dead_units_keeps_the_function_and_one_width(kind):
 def test_the_model_spec_rebuilds_the_architecture(kind):
     model, x = build(kind), tokens()
     spec = json.loads(json.dumps(models.model_spec(model)))  # what a checkpoint's model.json holds
-    assert spec["arch"] == FAMILY[kind] and spec["config"]["hf_config"]["model_type"] == kind
+    assert spec["arch"] == FAMILY[kind] and spec["config"]["hf_config"]["model_type"] == MODEL_TYPE.get(kind, kind)
     rebuilt = models.build_from_spec(spec).eval()
     models.load_weights(rebuilt, models.unique_state_dict(model))
     assert torch.equal(rebuilt(x), model(x))
@@ -185,7 +200,7 @@ def save_tokenizer(folder: Path) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "phi3", "olmo2", "gemma3", "gpt2"])
 @torch.no_grad()
 def test_the_export_is_a_hugging_face_folder(kind, tmp_path):
     """A student from a folder with weights and a tokenizer, thinned: its export holds the new sizes in

@@ -121,8 +121,9 @@ def nm_mask(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.T
 
 
 def unit_groups(model: nn.Module, module_names: set[str] | None = None) -> list[UnitGroup]:
-    """The model's unit groups (from its family) that read or write one of ``module_names`` (all when None)."""
-    groups = family_of(model).unit_groups(model)
+    """The model's maskable unit groups (from its family) that read or write one of ``module_names`` (all when
+    None)."""
+    groups = [g for g in family_of(model).unit_groups(model) if g.maskable]
     return [g for g in groups if module_names is None or (g.modules | {g.out_module}) & module_names]
 
 
@@ -170,11 +171,11 @@ def plan_thinning(model: nn.Module, masks: dict[str, torch.Tensor]) -> ThinPlan:
         for name, module in model.named_modules()
         if qat.is_quantized(module) and qat.quant_spec(module)["group_size"] < module.weight.shape[1]
     }
-    groups = unit_groups(model)
+    groups = family_of(model).unit_groups(model)
     alive = {}
     for group in groups:
         dead = group.dead_units(masks)
-        if group.out_module in fixed_width:
+        if group.out_module in fixed_width or not group.maskable:  # never masked as a unit: all kept
             dead[:] = False
         if bool(dead.all()):
             dead[0] = False

@@ -87,6 +87,7 @@ class FusedSettings:
     top_k: int | None
     tail: bool
     chunk_size: int
+    softcap: float | None = None  # the student's logits are softcap * tanh(z / softcap) of its head's output z
 
 
 def _fused_pass(
@@ -119,8 +120,9 @@ def _fused_pass(
         index = kept[start : start + how.chunk_size]
         t_rows, t_indices = teacher.rows(index, how.top_k, how.tail, how.temperature)
         h = hidden.detach().index_select(0, index)
-        logits = F.linear(h, weight, bias).requires_grad_(with_grads)
+        head_out = F.linear(h, weight, bias).requires_grad_(with_grads)
         with torch.enable_grad():
+            logits = head_out if how.softcap is None else how.softcap * torch.tanh(head_out / how.softcap)
             kd = summed_divergence(
                 logits[:, :vocab],
                 t_rows,
@@ -137,7 +139,7 @@ def _fused_pass(
         kd_sum += kd.detach()
         ce_sum += ce.detach()
         if grads is not None:
-            (grad_logits,) = torch.autograd.grad(loss, logits)
+            (grad_logits,) = torch.autograd.grad(loss, head_out)
             grad_hidden, grad_weight, grad_bias = grads
             assert grad_hidden is not None and grad_weight is not None  # made above
             grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(grad_hidden.dtype))
@@ -255,15 +257,22 @@ FUSED_CHUNK_SIZE = 256  # tokens per chunk of the fused loss when distill.chunk_
 
 
 def fused_logit_losses(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, teacher: TeacherOutput, d: DistillConfig
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    y: Tensor,
+    teacher: TeacherOutput,
+    d: DistillConfig,
+    softcap: float | None = None,
 ) -> dict[str, Tensor]:
-    """:func:`logit_losses` of the head ``(weight, bias)`` on the student's last hidden states ``hidden``, never
-    holding logits for more than a chunk of tokens (of either model, when the teacher gives its head): a model's
-    ``head=`` function. Only ``train/loss`` carries gradient."""
+    """:func:`logit_losses` of the head ``(weight, bias)`` on the student's last hidden states ``hidden`` (its logits
+    soft-capped at ``softcap``, if any), never holding logits for more than a chunk of tokens (of either model, when
+    the teacher gives its head): a model's ``head=`` function. Only ``train/loss`` carries gradient."""
     side = TeacherSide(logits=teacher.logits, topk=teacher.topk, lse=teacher.lse if d.top_k_tail else None)
     if teacher.head is not None:
         t_hidden, t_weight, t_bias = teacher.head
         side = TeacherSide(hidden=t_hidden, weight=t_weight, bias=t_bias)
-    how = FusedSettings(d.loss, d.temperature, d.beta, d.alpha, d.top_k, d.top_k_tail, d.chunk_size or FUSED_CHUNK_SIZE)
+    chunk = d.chunk_size or FUSED_CHUNK_SIZE
+    how = FusedSettings(d.loss, d.temperature, d.beta, d.alpha, d.top_k, d.top_k_tail, chunk, softcap)
     loss, kd, ce = fused_kd_terms(hidden, weight, bias, side, how, labels=y)
     return {"train/ce": ce, "distill/kd": kd, "train/loss": loss}

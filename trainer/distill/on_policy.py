@@ -284,13 +284,14 @@ def fused_mixed_losses(
     rollout: Rollout,
     teacher: TeacherOutput,
     d: DistillConfig,
+    softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """``mixed`` through the fused head + divergence: a model's ``head=`` function (two fused passes, each over its
-    own labels)."""
+    own labels; the logits soft-capped at ``softcap``, if any)."""
     n_off, n_on = rollout.token_counts()
-    off = fused_logit_losses(hidden, weight, bias, rollout.y_off, teacher, d) if n_off else None
+    off = fused_logit_losses(hidden, weight, bias, rollout.y_off, teacher, d, softcap) if n_off else None
     on_d = dataclasses.replace(d, alpha=1.0)  # the completions: the divergence alone
-    on = fused_logit_losses(hidden, weight, bias, rollout.y_on, teacher, on_d) if n_on else None
+    on = fused_logit_losses(hidden, weight, bias, rollout.y_on, teacher, on_d, softcap) if n_on else None
     return mixed(off, on, rollout, hidden.new_zeros((), dtype=torch.float32))
 
 

@@ -317,5 +317,5 @@ def build_teacher(
         module = teacher_io.load(teacher.checkpoint, device, vocab_size=real_vocab, dtype=teacher.param_dtype)
     # A sharded teacher frees its gathered head after forward: it returns logits, and only the student side is fused.
     fused = distill.fused and distill.loss != "none" and placement == "replicate"
-    fused = fused and fuses_head(module)
+    fused = fused and fuses_head(module) and family_of(module).logit_softcap(module) is None  # a capped head: logits
     return LiveTeacher(module, placement, tuple(f.teacher_layer for f in distill.features), fused)

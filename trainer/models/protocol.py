@@ -31,8 +31,9 @@ import torch.nn as nn
 FINAL_HIDDEN = -1  # hidden_layers key of the final-norm output (what the head reads)
 
 # head=fn of a fused_head family's forward: fn(final hidden state, head weight, head bias or None), called in place of
-# the head; its result is returned in place of the logits.
-HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
+# the head, with ``softcap=c`` by a model whose logits are ``c * tanh(z / c)`` of its head's output; its result is
+# returned in place of the logits.
+HeadFn = Callable[..., Any]
 
 # The model class a family works on (a family is only ever handed models of its own class).
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -75,38 +76,49 @@ class UnitSlice:
 
     Along ``dim`` (0: output rows of an in-projection's weight or bias, 1: input columns of the
     out-projection), the parameter holds ``parts`` stacked runs (3 for a fused q/k/v) of
-    ``n_units * unit_size`` entries. ``gate_part`` names the run whose entries, all masked, make the
-    unit's output exactly zero (a head's v rows, an MLP's up or gate rows); None if it has none.
+    ``n_units * unit_size`` entries; ``parts`` as a tuple gives each run's unit size in multiples of
+    ``unit_size`` (Phi-3's fused q/k/v under grouped-query attention: ``(group, 1, 1)`` heads a unit).
+    ``gate_part`` names the run whose entries, all masked, make the unit's output exactly zero (a
+    head's v rows, an MLP's up or gate rows); None if it has none.
     """
 
     param: str
     module: str
     dim: int
     unit_size: int
-    parts: int = 1
+    parts: int | tuple[int, ...] = 1
     gate_part: int | None = None
 
-    def _blocks(self, tensor: torch.Tensor, n_units: int) -> torch.Tensor:
-        """``tensor`` as [parts, n_units, unit_size, rest]."""
-        return tensor.movedim(self.dim, 0).reshape(self.parts, n_units, self.unit_size, -1)
+    @property
+    def run_sizes(self) -> tuple[int, ...]:
+        """Each run's entries per unit."""
+        scales = (1,) * self.parts if isinstance(self.parts, int) else self.parts
+        return tuple(self.unit_size * scale for scale in scales)
+
+    def _runs(self, tensor: torch.Tensor, n_units: int) -> list[torch.Tensor]:
+        """``tensor``'s runs, each as [n_units, entries of a unit along dim, rest]."""
+        moved = tensor.movedim(self.dim, 0)
+        runs = moved.split([n_units * size for size in self.run_sizes])
+        return [run.reshape(n_units, size, -1) for run, size in zip(runs, self.run_sizes, strict=True)]
 
     def per_unit(self, tensor: torch.Tensor, n_units: int) -> torch.Tensor:
-        return self._blocks(tensor, n_units).sum((0, 2, 3))
+        return sum(run.sum((1, 2)) for run in self._runs(tensor, n_units))  # type: ignore[return-value]
 
     def expand(self, keep: torch.Tensor, shape: torch.Size, n_units: int) -> torch.Tensor:
         moved = (shape[self.dim], *(s for d, s in enumerate(shape) if d != self.dim))
         rest = math.prod(moved[1:])
-        wide = keep.view(1, -1, 1, 1).expand(self.parts, n_units, self.unit_size, rest)
-        return wide.reshape(moved).movedim(0, self.dim)
+        runs = [keep.view(-1, 1, 1).expand(n_units, size, rest).reshape(-1, rest) for size in self.run_sizes]
+        return torch.cat(runs).reshape(moved).movedim(0, self.dim)
 
     def gate_alive(self, mask: torch.Tensor, n_units: int) -> torch.Tensor:
         """Per unit: whether any entry of the gating run is kept."""
         assert self.gate_part is not None
-        return self._blocks(mask, n_units)[self.gate_part].flatten(1).any(1)
+        return self._runs(mask, n_units)[self.gate_part].flatten(1).any(1)
 
     def indices(self, kept: torch.Tensor, n_units: int) -> torch.Tensor:
-        rows = torch.arange(self.parts * n_units * self.unit_size)
-        return rows.view(self.parts, n_units, self.unit_size)[:, kept].reshape(-1)
+        rows = torch.arange(n_units * sum(self.run_sizes))
+        runs = rows.split([n_units * size for size in self.run_sizes])
+        return torch.cat([run.view(n_units, -1)[kept].reshape(-1) for run in runs])
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,9 @@ class UnitGroup:
     n_units: int
     slices: tuple[UnitSlice, ...]
     out_module: str  # the projection that reads the units (its input columns are theirs)
+    # Whether masking a unit leaves the other units' outputs as they were, so that pruning by masks and thinning keep
+    # the function (OLMo 2 normalises all query heads together: its heads are cut, never masked).
+    maskable: bool = True
 
     @property
     def modules(self) -> set[str]:
@@ -212,6 +227,11 @@ class ModelFamily(ABC, Generic[ModelT]):
     def lacks(self, what: str) -> str:
         """The end of a line saying these models have no ``what`` (decoder layers, heads and MLP channels...)."""
         return f"{self.name} models have no {what}"
+
+    def logit_softcap(self, model: ModelT) -> float | None:
+        """The cap ``c`` of the logits ``c * tanh(z / c)`` the model applies to its head's output ``z`` (a fused loss
+        applies it too), None when its logits are the head's output."""
+        return None
 
     def plain_head(self, model: ModelT) -> bool:
         """Whether the logits are the head's output as it is (a fused loss computes them so)."""

@@ -22,10 +22,10 @@ from trainer.models.protocol import FINAL_HIDDEN, HeadFn, KVCache, UnitGroup, Un
 HIDDEN_DIMS = {
     "embed_tokens.weight": 1,
     "lm_head.weight": 1,
-    "norm.weight": 0,
-    "input_layernorm.weight": 0,
-    "post_attention_layernorm.weight": 0,
+    **dict.fromkeys(("norm.weight", "input_layernorm.weight", "post_attention_layernorm.weight"), 0),
+    **dict.fromkeys(("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"), 0),  # OLMo 2, Gemma 3
     **dict.fromkeys(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight"), 1),
+    **dict.fromkeys(("qkv_proj.weight", "gate_up_proj.weight"), 1),  # Phi-3's fused projections
     **dict.fromkeys(("o_proj.weight", "o_proj.bias", "down_proj.weight", "down_proj.bias"), 0),
 }
 
@@ -46,6 +46,19 @@ class LlamaLM(HFDecoderLM):
         if kinds:
             return kinds[layer]
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor, kind: str) -> Any:
+        """The rotary position embeddings of ``positions`` for layers of attention ``kind`` (one for all here)."""
+        return self.model.rotary_emb(x, position_ids=positions)
+
+    def family_logit_softcap(self) -> float | None:
+        """``c`` where the config caps the logits at ``c * tanh(z / c)`` (Gemma's ``final_logit_softcapping``)."""
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    def soft_capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits as the model gives them: the head's output, soft-capped where the config says so."""
+        cap = self.family_logit_softcap()
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def attention_mask(self, kind: str, x: torch.Tensor, past: int) -> Any:
         """The mask of ``x``'s positions after ``past`` cached ones, as transformers builds it for ``kind``. A new
@@ -79,15 +92,16 @@ class LlamaLM(HFDecoderLM):
         if past and x.shape[1] > 1:
             raise ValueError("incremental decoding reads one position at a time after the prompt")
         positions = torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
-        rotary = body.rotary_emb(x, position_ids=positions)
         masks: dict[str, Any] = {}
+        rotary: dict[str, Any] = {}
         hidden = {0: x} if 0 in hidden_layers else {}
         extra = {} if cache is None else {cache_argument(body.layers["0"]): cache}
         for name, layer in body.layers.items():
             kind = self.attention_kind(int(name))
             if kind not in masks:
                 masks[kind] = self.attention_mask(kind, x, past)
-            x = layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=rotary, **extra)
+                rotary[kind] = self.rotary(x, positions, kind)
+            x = layer(x, attention_mask=masks[kind], position_ids=positions, position_embeddings=rotary[kind], **extra)
             if int(name) + 1 in hidden_layers:
                 hidden[int(name) + 1] = x
         if cache is not None:
@@ -97,7 +111,12 @@ class LlamaLM(HFDecoderLM):
         x = body.norm(x)
         if FINAL_HIDDEN in hidden_layers:
             hidden[FINAL_HIDDEN] = x
-        logits = self.lm_head(x) if head is None else head(x, self.lm_head.weight, self.lm_head.bias)
+        cap = self.family_logit_softcap()
+        if head is not None:  # a fused loss caps the logits as soft_capped does
+            options = {} if cap is None else {"softcap": cap}
+            logits = head(x, self.lm_head.weight, self.lm_head.bias, **options)
+        else:
+            logits = self.soft_capped(self.lm_head(x))
         return (logits, hidden) if hidden_layers else logits
 
 
@@ -105,8 +124,9 @@ class LlamaFamily(HFDecoderFamily):
     """Llama, Qwen2 and Mistral causal LMs through the model protocol."""
 
     name, model_class, layers_attr = "hf_llama", LlamaLM, "model.layers"
-    model_types = ("llama", "qwen2", "qwen3", "mistral")
+    model_types: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
     kv_cache = True
+    maskable_heads = True  # see UnitGroup.maskable
 
     def wrap(self, hf_model: nn.Module, source: str | None) -> LlamaLM:
         return LlamaLM(hf_model, source)
@@ -127,38 +147,35 @@ class LlamaFamily(HFDecoderFamily):
         row, a down column; zero when the gate or the up row is masked with its bias: SiLU(0) = 0)."""
         groups = []
         for name, layer in self.layers(model).items():
-            attn: Any = layer.self_attn
             a, m = f"model.layers.{name}.self_attn", f"model.layers.{name}.mlp"
-            head, group = attn.head_dim, attn.num_key_value_groups
-            groups.append(
-                UnitGroup(
-                    "attn",
-                    int(name),
-                    attn.k_proj.out_features // head,
-                    (
-                        *row_slices(f"{a}.q_proj", attn.q_proj, unit_size=group * head),
-                        *row_slices(f"{a}.k_proj", attn.k_proj, unit_size=head),
-                        *row_slices(f"{a}.v_proj", attn.v_proj, unit_size=head, gate_part=0),
-                        UnitSlice(f"{a}.o_proj.weight", f"{a}.o_proj", dim=1, unit_size=group * head),
-                    ),
-                    out_module=f"{a}.o_proj",
-                )
-            )
-            mlp: Any = layer.mlp
-            groups.append(
-                UnitGroup(
-                    "mlp",
-                    int(name),
-                    mlp.up_proj.out_features,
-                    (
-                        *row_slices(f"{m}.gate_proj", mlp.gate_proj, unit_size=1, gate_part=0),
-                        *row_slices(f"{m}.up_proj", mlp.up_proj, unit_size=1, gate_part=0),
-                        UnitSlice(f"{m}.down_proj.weight", f"{m}.down_proj", dim=1, unit_size=1),
-                    ),
-                    out_module=f"{m}.down_proj",
-                )
-            )
+            attn: Any = layer.self_attn
+            kv_heads = model.config.num_key_value_heads
+            slices = self.attention_slices(a, attn)
+            groups.append(UnitGroup("attn", int(name), kv_heads, slices, f"{a}.o_proj", self.maskable_heads))
+            channels = model.config.intermediate_size
+            groups.append(UnitGroup("mlp", int(name), channels, self.mlp_slices(m, layer.mlp), f"{m}.down_proj"))
         return groups
+
+    def attention_slices(self, prefix: str, attn: Any) -> tuple[UnitSlice, ...]:
+        """A layer's attention units: its key/value heads, each with its query heads."""
+        head, group = attn.head_dim, attn.num_key_value_groups
+        return (
+            *row_slices(f"{prefix}.q_proj", attn.q_proj, unit_size=group * head),
+            *row_slices(f"{prefix}.k_proj", attn.k_proj, unit_size=head),
+            *row_slices(f"{prefix}.v_proj", attn.v_proj, unit_size=head, gate_part=0),
+            UnitSlice(f"{prefix}.o_proj.weight", f"{prefix}.o_proj", dim=1, unit_size=group * head),
+        )
+
+    def mlp_slices(self, prefix: str, mlp: Any) -> tuple[UnitSlice, ...]:
+        """A layer's MLP channels."""
+        return (
+            *row_slices(f"{prefix}.gate_proj", mlp.gate_proj, unit_size=1, gate_part=0),
+            *row_slices(f"{prefix}.up_proj", mlp.up_proj, unit_size=1, gate_part=0),
+            UnitSlice(f"{prefix}.down_proj.weight", f"{prefix}.down_proj", dim=1, unit_size=1),
+        )
+
+    def logit_softcap(self, model: HFDecoderLM) -> float | None:
+        return cast(LlamaLM, model).family_logit_softcap()
 
     def thinned_config(self, model: HFDecoderLM, widths: dict[tuple[str, int], int]) -> HFConfig:
         """Every layer ``widths[kind, 0]`` wide (``thinned_widths`` made them one width): the key/value heads with
