@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from trainer.models.hf import register_decoder
 from trainer.models.hf.llama import LlamaFamily, LlamaLM
@@ -27,9 +26,6 @@ class Gemma3Family(LlamaFamily):
 
     name, model_class = "hf_gemma3", Gemma3LM
     model_types = ("gemma3_text",)
-
-    def wrap(self, hf_model: nn.Module, source: str | None) -> Gemma3LM:
-        return Gemma3LM(hf_model, source)
 
 
 register_decoder(Gemma3Family())

@@ -129,7 +129,7 @@ class LlamaFamily(HFDecoderFamily):
     maskable_heads = True  # see UnitGroup.maskable
 
     def wrap(self, hf_model: nn.Module, source: str | None) -> LlamaLM:
-        return LlamaLM(hf_model, source)
+        return self.model_class(hf_model, source)  # a family of this layout: its own model class
 
     def embeddings(self, model: HFDecoderLM) -> list[str]:
         return ["model.embed_tokens"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from trainer.models.hf import register_decoder
 from trainer.models.hf.llama import LlamaFamily, LlamaLM
 from trainer.models.protocol import UnitSlice
@@ -27,9 +25,6 @@ class Olmo2Family(LlamaFamily):
     name, model_class = "hf_olmo2", Olmo2LM
     model_types = ("olmo2",)
     maskable_heads = False
-
-    def wrap(self, hf_model: nn.Module, source: str | None) -> Olmo2LM:
-        return Olmo2LM(hf_model, source)
 
     def attention_slices(self, prefix: str, attn: Any) -> tuple[UnitSlice, ...]:
         head, group = attn.head_dim, attn.num_key_value_groups

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from trainer.models.hf import register_decoder, row_slices
 from trainer.models.hf.llama import LlamaFamily, LlamaLM
 from trainer.models.protocol import UnitSlice
@@ -23,9 +21,6 @@ class Phi3Family(LlamaFamily):
 
     name, model_class = "hf_phi3", Phi3LM
     model_types = ("phi3",)
-
-    def wrap(self, hf_model: nn.Module, source: str | None) -> Phi3LM:
-        return Phi3LM(hf_model, source)
 
     def attention_slices(self, prefix: str, attn: Any) -> tuple[UnitSlice, ...]:
         head, group = attn.head_dim, attn.num_key_value_groups
