@@ -118,8 +118,9 @@ def small_hf_config(kind: str):
     SwiGLU 128 wide, tied head), "qwen2" (the same with q/k/v biases and an untied head), "qwen3" (untied, q/k
     norms), "phi3" (untied, fused q/k/v and gate/up projections), "olmo2" (untied, norms after attention and MLP,
     q/k norms over all heads), "gemma3" (tied, four norms a layer, sliding and global layers, soft-capped logits),
-    "granite" (tied; the generic path), "stablelm" (untied, LayerNorm; the generic path) or "gpt2" (4 layers, 64
-    wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
+    "qwen3_moe" (untied, 4 experts in layers 0, 2 and 3, a dense MLP in layer 1), "mixtral" (untied, 4 experts
+    a layer), "granite" (tied; the generic path), "stablelm" (untied, LayerNorm; the generic path) or "gpt2" (4
+    layers, 64 wide, 4 heads, tied head, no dropout); ``HF_VOCAB`` tokens, 64 positions."""
     import transformers
 
     if kind == "gpt2":
@@ -131,12 +132,17 @@ def small_hf_config(kind: str):
         "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
         "granite": transformers.GraniteConfig, "stablelm": transformers.StableLmConfig,
         "phi3": transformers.Phi3Config, "olmo2": transformers.Olmo2Config, "gemma3": transformers.Gemma3TextConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig,
     }[kind]  # fmt: skip
     extra = {
         "qwen3": {"head_dim": 16},
         # sliding layers (a window shorter than the tests' sequences) and global ones; soft-capped logits
         "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "final_logit_softcapping": 30.0,
                    "layer_types": ["sliding_attention", "full_attention"] * 2},
+        # 4 experts of 32 channels, 2 a token; layer 1 a dense MLP
+        "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                      "mlp_only_layers": [1]},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # 4 experts of 128 channels, 2 a token
     }.get(kind, {})  # fmt: skip
     return config_class(
         vocab_size=HF_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

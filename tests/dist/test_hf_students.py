@@ -1,8 +1,8 @@
 """Hugging Face students (a small Llama with grouped-query attention and a tied head, a GPT-2, a Qwen3, a Phi-3, an
-OLMo 2 and a Gemma 3, on transformers' own modules, and a StableLM, a model type without a structure spec, on the
-generic path) train under DDP, FSDP2 and pipeline parallelism (not the generic path) on 2 ranks (and the Llama under
-HSDP 2x2 on 4) equal to one process, with KD from a small GPT teacher, magnitude pruning and int8 QAT
-(``compress=prune_qat`` aimed at their module names).
+OLMo 2, a Gemma 3, a Qwen3-MoE and a Mixtral, on transformers' own modules, and a StableLM, a model type without a
+structure spec, on the generic path) train under DDP, FSDP2 and pipeline parallelism (not the generic path) on 2
+ranks (and the Llama under HSDP 2x2 on 4) equal to one process, with KD from a small GPT teacher, magnitude pruning
+and int8 QAT (``compress=prune_qat`` aimed at their module names).
 
 Each run is held to its single-process reference by ``tests.dist.equality.assert_same_run``: every loss term within
 float reassociation before fake-quant and within the flipped-code bound after it, sparsity exactly, the exports'
@@ -44,6 +44,8 @@ TARGETS = {
     "phi3": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
     "olmo2": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
     "gemma3": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
+    "qwen3_moe": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
+    "mixtral": (["model.layers.*", "model.embed_tokens"], ["lm_head"]),
 }
 DEFAULT_TIER = ("llama",)  # the others run in the slow tier (the generic path under DDP: test_any_decoder.py)
 

@@ -1,5 +1,6 @@
-"""Each decoder family with a structure spec beyond Llama's (Qwen3, Phi-3, OLMo 2, Gemma 3): a student cut from a
-teacher of the family (``student=from_teacher``: 2 of its 4 layers, half its key/value heads and MLP channels) takes
+"""Each decoder family with a structure spec beyond Llama's (Qwen3, Phi-3, OLMo 2, Gemma 3, and the mixtures of
+experts Qwen3-MoE and Mixtral): a student cut from a teacher of the family (``student=from_teacher``: 2 of its 4
+layers, half its key/value heads and MLP channels, and 2 of the 4 experts of each mixture-of-experts layer) takes
 3 KD steps from it, and its export, loaded by transformers alone in a fresh process, gives the logits of the trained
 model (the last checkpoint, built and run by Stillroom) within 1e-5. FSDP2 and pipeline runs of these families
 against one process: tests/dist/test_hf_students.py."""
@@ -31,7 +32,18 @@ CUT_RUN = [
     "logger.log_every=1",
 ]
 # Phi-3's fused projections and Gemma 3's sliding layers and soft-capped logits in the default tier
-KINDS = [slow("qwen3", id="qwen3"), "phi3", slow("olmo2", id="olmo2"), "gemma3"]
+KINDS = [
+    slow("qwen3", id="qwen3"),
+    "phi3",
+    slow("olmo2", id="olmo2"),
+    "gemma3",
+    "qwen3_moe",
+    slow("mixtral", id="mixtral"),
+]
+# The cut's sizes: layers, key/value heads, query heads, dense MLP channels (the experts keep theirs), experts
+SIZES = ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "intermediate_size")
+CUT_SIZES = {"qwen3_moe": [2, 1, 2, 128, 2], "mixtral": [2, 1, 2, 128, 2]}  # layers 0 and 3: experts only
+EXPERTS = {"qwen3_moe": "num_local_experts", "mixtral": "num_local_experts"}  # transformers writes Mixtral's name
 TRANSFORMERS_LOGITS = """
 import sys, torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
@@ -43,13 +55,14 @@ with torch.no_grad():
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_cut_is_distilled_and_its_export_gives_the_trained_logits_in_transformers(tmp_path, kind):
     save_hf_student(tmp_path / "teacher", kind)
-    run_cli(tmp_path, *CUT_RUN, "teacher=hf", "teacher.checkpoint=teacher", "hydra.run.dir=cut")
+    experts = ["student.experts=2"] if kind in EXPERTS else []
+    run_cli(tmp_path, *CUT_RUN, *experts, "teacher=hf", "teacher.checkpoint=teacher", "hydra.run.dir=cut")
     rows = read_metrics(tmp_path / "cut")
     assert [row["step"] for row in rows] == [1, 2, 3] and all(math.isfinite(row["distill/kd"]) for row in rows)
     final = tmp_path / "cut" / "final"
     config = json.loads((final / "config.json").read_text())
-    sizes = ("num_hidden_layers", "num_key_value_heads", "num_attention_heads", "intermediate_size")
-    assert [config[key] for key in sizes] == [2, 1, 2, 64]
+    sizes = [config[key] for key in (*SIZES, *([EXPERTS[kind]] if kind in EXPERTS else []))]
+    assert sizes == CUT_SIZES.get(kind, [2, 1, 2, 64])
     assert config["model_type"] == {"gemma3": "gemma3_text"}.get(kind, kind)
     newest = checkpoint.latest(tmp_path / "cut" / "ckpt")
     assert newest is not None

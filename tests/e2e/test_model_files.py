@@ -123,6 +123,19 @@ def test_every_missing_weight_is_named(llama, tmp_path):
     weights.check(llama, config)  # the whole folder passes
 
 
+def test_a_mixture_of_experts_folder_stores_each_expert_apart_and_each_is_checked(tmp_path):
+    """transformers saves a Qwen3-MoE's stacked experts one expert's projections at a time and stacks them on load:
+    the whole folder passes, and one expert's projection missing names the stacked weight it belongs to."""
+    folder = save_hf_student(tmp_path / "moe", "qwen3_moe")
+    config = read_config(folder)
+    weights.check(folder, config)
+    stored = sorted(load_file(folder / "model.safetensors"))
+    assert "model.layers.2.mlp.experts.3.up_proj.weight" in stored
+    damaged(folder, tmp_path / "gap", without("model.layers.2.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(weights.WeightsError, match="are not stored \\(model.layers.2.mlp.experts.gate_up_proj\\)"):
+        weights.check(tmp_path / "gap", config)
+
+
 def test_missing_weights_start_at_random_only_when_asked(llama, tmp_path, monkeypatch):
     """``student.allow_missing`` names the weights that may start at random; ``student.init=random`` ignores the
     folder's weights; either way the run trains (as a real process: the check runs again at build)."""

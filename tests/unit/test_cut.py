@@ -178,6 +178,35 @@ def test_width_keeps_the_most_active_head_groups_and_channels():
     torch.testing.assert_close(layer.mlp.up_proj.weight, model.model.layers["2"].mlp.up_proj.weight[channels])
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@torch.no_grad()
+def test_experts_keeps_the_experts_that_add_most_with_their_router_rows(kind):
+    """Expert 2's down projection scaled up 10x and expert 0's zeroed in every mixture-of-experts layer: expert 2
+    adds most to the layers' outputs and expert 0 nothing, so a cut to 3 experts keeps 1, 2 and 3, with their rows
+    of the router, and routes each token among them as the teacher's router ranks them."""
+    model = teacher(kind)
+    moe = [name for name, layer in model.model.layers.items() if hasattr(layer.mlp, "experts")]
+    assert moe == (["0", "2", "3"] if kind == "qwen3_moe" else ["0", "1", "2", "3"])  # Qwen3-MoE's layer 1 is dense
+    for name in moe:
+        model.model.layers[name].mlp.experts.down_proj[2] *= 10
+        model.model.layers[name].mlp.experts.down_proj[0] = 0
+    choice = cut.measure(model, batches())
+    for name in moe:
+        scores = choice.units["experts", int(name)]
+        assert scores[0] == 0 and int(scores.argmax()) == 2
+    student = cut.cut(model, cut.CutConfig(experts=3), batches())
+    config = student.config
+    assert (config.num_local_experts, config.num_experts_per_tok) == (3, 2)
+    for name in moe:
+        small, big = student.model.layers[name].mlp, model.model.layers[name].mlp
+        torch.testing.assert_close(small.experts.down_proj, big.experts.down_proj[1:])
+        torch.testing.assert_close(small.gate.weight, big.gate.weight[1:])
+    x = batches(1)[0]
+    assert student(x).shape == model(x).shape
+    with pytest.raises(ConfigFieldError, match="5 is more than the teacher's 4 experts"):
+        cut.cut(model, cut.CutConfig(experts=5), batches())
+
+
 @torch.no_grad()
 def test_hidden_width_keeps_the_most_active_embedding_channels():
     """32 chosen embedding channels scaled up 10x: the residual stream is widest there, the cut keeps them."""
@@ -201,6 +230,8 @@ def test_hidden_width_keeps_the_most_active_embedding_channels():
         ("llama", {"width": 0.0}, "width", "must be in (0, 1] (got 0.0)"),
         ("llama", {"hidden_width": 1.5}, "hidden_width", "must be in (0, 1] (got 1.5)"),
         ("llama", {"layer_select": "random"}, "layer_select", "must be one of uniform, importance (got 'random')"),
+        ("llama", {"experts": 2}, "experts", "the teacher has no mixture-of-experts layers (hf_llama)"),
+        ("llama", {"experts": 0}, "experts", "must be >= 1 (got 0)"),
     ],
 )  # fmt: skip
 def test_bad_cuts_are_refused_naming_the_field(kind, fields, key, message):

@@ -23,10 +23,13 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face models n
 
 # tied GQA Llama; untied Qwen2 with q/k/v biases; Qwen3 (q/k norms per head); Phi-3 (fused q/k/v and gate/up);
 # OLMo 2 (norms after attention and MLP, q/k norms over all heads); Gemma 3 (sliding layers, soft-capped logits);
-# GPT-2 (fused q/k/v, Conv1D)
-KINDS = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "gemma3", "gpt2")
+# Qwen3-MoE (experts, one dense layer) and Mixtral (experts); GPT-2 (fused q/k/v, Conv1D)
+KINDS = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "gemma3", "qwen3_moe", "mixtral", "gpt2")
 FAMILY = {"llama": "hf_llama", "qwen2": "hf_llama", "qwen3": "hf_llama", "phi3": "hf_phi3", "olmo2": "hf_olmo2",
-          "gemma3": "hf_gemma3", "gpt2": "hf_gpt2"}  # fmt: skip
+          "gemma3": "hf_gemma3", "qwen3_moe": "hf_moe", "mixtral": "hf_moe", "gpt2": "hf_gpt2"}  # fmt: skip
+# The unit groups masks never prune: OLMo 2's heads (q/k norms over all heads), the experts (the router would still
+# choose a masked one)
+NOT_MASKED = {"olmo2": ["attn"], "qwen3_moe": ["experts"], "mixtral": ["experts"]}
 MODEL_TYPE = {"gemma3": "gemma3_text"}  # Gemma 3's text decoder
 TIED = {
     "llama": ["model.embed_tokens.weight"],
@@ -118,9 +121,8 @@ def test_a_units_mask_zeroes_exactly_that_units_output(kind, gating_only):
     gate rows), makes its columns of the out-projection's input zero and leaves every other column as it was."""
     model, x = build(kind), tokens()
     family = family_of(model)
-    groups = [g for g in family.unit_groups(model) if g.layer == 1]
-    assert [g.kind for g in groups if not g.maskable] == (["attn"] if kind == "olmo2" else [])  # q/k norms of all heads
-    for group in [g for g in groups if g.maskable]:
+    assert sorted({g.kind for g in family.unit_groups(model) if not g.maskable}) == NOT_MASKED.get(kind, [])
+    for group in [g for g in family.unit_groups(model) if g.layer == 1 and g.maskable]:
         before = out_module_input(model, group, x)
         out_weight = next(s.param for s in group.slices if s.module == group.out_module)
         unit = torch.zeros(group.n_units, dtype=torch.bool)
@@ -170,6 +172,9 @@ def test_thinning_removes_dead_units_keeps_the_function_and_one_width(kind):
     if kind == "gpt2":
         assert (config.n_head, config.n_inner) == (4, 255)
         assert all(".attn." in name or name.startswith("transformer.h.0.mlp.") for name in left)
+    elif kind in ("qwen3_moe", "mixtral"):  # the experts kept; Qwen3-MoE's one dense MLP (layer 1) thinned
+        assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (1, 2, 16)
+        assert config.intermediate_size == (127 if kind == "qwen3_moe" else 128) and not left
     elif kind == "olmo2":  # every head kept (its heads are not masked)
         assert (config.num_key_value_heads, config.num_attention_heads, config.head_dim) == (2, 4, 16)
         assert config.intermediate_size == 127
@@ -200,7 +205,7 @@ def save_tokenizer(folder: Path) -> None:
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
 
 
-@pytest.mark.parametrize("kind", ["llama", "phi3", "olmo2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "phi3", "olmo2", "gemma3", "qwen3_moe", "gpt2"])
 @torch.no_grad()
 def test_the_export_is_a_hugging_face_folder(kind, tmp_path):
     """A student from a folder with weights and a tokenizer, thinned: its export holds the new sizes in

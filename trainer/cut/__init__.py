@@ -7,7 +7,8 @@ Importance is measured on calibration batches, in eval mode, through the model p
   per token, averaged; the layers that change the residual stream least are dropped;
 - a unit's (a key/value head with its query heads, an MLP channel; ``UnitGroup``): Minitron's mean |activation| of
   its columns of the out-projection's input;
-- an embedding channel's: mean |hidden state| of the channel over the residual stream at every layer.
+- an embedding channel's: mean |hidden state| of the channel over the residual stream at every layer;
+- an expert's (a mixture-of-experts layer's units): what its family measures (``unit_importance_hook``).
 
 Ties go to the earlier layer or unit, so the choice is deterministic.
 """
@@ -29,13 +30,15 @@ LAYER_SELECT = ("uniform", "importance")
 class CutConfig:
     """``student=from_teacher``: ``layers`` of the teacher's decoder layers (all when None), chosen ``uniform`` (evenly
     spaced, the first and last included) or by ``importance``; ``width`` the fraction of attention head groups and MLP
-    channels kept, ``hidden_width`` that of the model width, both by importance over ``calib_batches`` batches of
-    the training data drawn with ``calib_seed`` (not ``train.seed``: every seed of a run trains the same student)."""
+    channels kept, ``hidden_width`` that of the model width, ``experts`` the experts kept of each mixture-of-experts
+    layer (all when None), all by importance over ``calib_batches`` batches of the training data drawn with
+    ``calib_seed`` (not ``train.seed``: every seed of a run trains the same student)."""
 
     layers: int | None = None
     layer_select: str = "uniform"
     width: float = 1.0
     hidden_width: float = 1.0
+    experts: int | None = None
     calib_batches: int = 4
     calib_seed: int = 0
     block_size: int = 64  # the training sequence length: at most the teacher's positions
@@ -51,6 +54,8 @@ class CutConfig:
         for key in ("width", "hidden_width"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigFieldError(key, f"must be in (0, 1] (got {getattr(self, key)})")
+        if self.experts is not None and self.experts < 1:
+            raise ConfigFieldError("experts", f"must be >= 1 (got {self.experts})")
         if self.calib_batches < 1:
             raise ConfigFieldError("calib_batches", f"must be >= 1 (got {self.calib_batches})")
         if self.block_size < 1:
@@ -59,7 +64,7 @@ class CutConfig:
     @property
     def calibrates(self) -> bool:
         """Whether the cut needs calibration batches (an importance choice of anything)."""
-        return self.layer_select == "importance" or self.width < 1 or self.hidden_width < 1
+        return self.layer_select == "importance" or self.width < 1 or self.hidden_width < 1 or self.experts is not None
 
 
 @dataclass
@@ -91,7 +96,13 @@ def measure(model: nn.Module, batches: list[torch.Tensor]) -> Importance:
     depth = len(family.layers(model))
     groups = family.unit_groups(model)
     units = {(g.kind, g.layer): torch.zeros(g.n_units, dtype=torch.float64) for g in groups}
-    handles = [model.get_submodule(g.out_module).register_forward_pre_hook(_unit_hook(g, units)) for g in groups]
+    handles = []
+    for g in groups:
+        own = family.unit_importance_hook(g, units)
+        module = model.get_submodule(g.out_module)
+        handles.append(
+            module.register_forward_hook(own) if own else module.register_forward_pre_hook(_unit_hook(g, units))
+        )
     layers = torch.zeros(depth, dtype=torch.float64)
     channels = torch.zeros(family.width(model), dtype=torch.float64)
     was_training = model.training
@@ -122,9 +133,15 @@ def _unit_hook(group: UnitGroup, totals: dict[tuple[str, int], torch.Tensor]):
     return hook
 
 
-def kept_units(group: UnitGroup, width: float) -> int:
-    """How many of ``group``'s units a ``width`` keeps: a whole number of attention units (key/value head groups),
-    else ConfigFieldError saying which widths would do; MLP channels are rounded."""
+def kept_units(group: UnitGroup, config: CutConfig) -> int:
+    """How many of ``group``'s units the cut keeps: ``config.experts`` experts; of ``config.width``, a whole number of
+    attention units (key/value head groups), else ConfigFieldError saying which widths would do; MLP channels are
+    rounded."""
+    if group.kind == "experts":
+        if config.experts is not None and config.experts > group.n_units:
+            raise ConfigFieldError("experts", f"{config.experts} is more than the teacher's {group.n_units} experts")
+        return group.n_units if config.experts is None else config.experts
+    width = config.width
     exact = width * group.n_units
     if group.kind == "attn" and abs(exact - round(exact)) > 1e-6:
         fits = ", ".join(f"{k / group.n_units:g}" for k in range(1, group.n_units + 1))
@@ -152,7 +169,9 @@ def cut(model: nn.Module, config: CutConfig, batches: list[torch.Tensor]) -> nn.
     else:
         layers = uniform_layers(depth, keep)
     groups = {(g.kind, g.layer): g for g in family.unit_groups(model) if g.layer in layers}
-    wanted = {key: kept_units(g, config.width) for key, g in groups.items()}
+    if config.experts is not None and not any(kind == "experts" for kind, _ in groups):
+        raise ConfigFieldError("experts", f"the teacher has no mixture-of-experts layers ({family.name})")
+    wanted = {key: kept_units(g, config) for key, g in groups.items()}
     counts = family.thinned_widths(model, wanted)
     units = {
         key: top(scores.units[key], counts[key]) if scores is not None else torch.arange(counts[key]) for key in groups

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
 from trainer.models import gpt, hf, mlp  # noqa: F401  (registers the built-in families)
-from trainer.models.hf import gemma3, generic, gpt2, llama, olmo2, phi3  # noqa: F401
+from trainer.models.hf import gemma3, generic, gpt2, llama, moe, olmo2, phi3  # noqa: F401
 from trainer.models.protocol import FAMILIES, ConfigFieldError, ModelFamily, family, family_of
 
 DENSE_FORMAT = "stillroom-dense"

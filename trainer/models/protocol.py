@@ -228,6 +228,12 @@ class ModelFamily(ABC, Generic[ModelT]):
         """The end of a line saying these models have no ``what`` (decoder layers, heads and MLP channels...)."""
         return f"{self.name} models have no {what}"
 
+    def unit_importance_hook(self, group: UnitGroup, totals: dict[tuple[str, int], torch.Tensor]) -> Any:
+        """A forward hook on ``group``'s ``out_module`` adding each unit's importance on a batch to
+        ``totals[group.kind, group.layer]`` where the family measures it its own way (experts); None for the mean
+        |input| of the unit's columns of the out-projection (``trainer.cut``)."""
+        return None
+
     def logit_softcap(self, model: ModelT) -> float | None:
         """The cap ``c`` of the logits ``c * tanh(z / c)`` the model applies to its head's output ``z`` (a fused loss
         applies it too), None when its logits are the head's output."""

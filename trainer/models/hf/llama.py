@@ -147,14 +147,17 @@ class LlamaFamily(HFDecoderFamily):
         row, a down column; zero when the gate or the up row is masked with its bias: SiLU(0) = 0)."""
         groups = []
         for name, layer in self.layers(model).items():
-            a, m = f"model.layers.{name}.self_attn", f"model.layers.{name}.mlp"
-            attn: Any = layer.self_attn
+            a = f"model.layers.{name}.self_attn"
+            slices = self.attention_slices(a, cast(Any, layer).self_attn)
             kv_heads = model.config.num_key_value_heads
-            slices = self.attention_slices(a, attn)
             groups.append(UnitGroup("attn", int(name), kv_heads, slices, f"{a}.o_proj", self.maskable_heads))
-            channels = model.config.intermediate_size
-            groups.append(UnitGroup("mlp", int(name), channels, self.mlp_slices(m, layer.mlp), f"{m}.down_proj"))
+            groups.append(self.mlp_group(int(name), cast(Any, layer).mlp))
         return groups
+
+    def mlp_group(self, layer: int, mlp: Any) -> UnitGroup:
+        """Layer ``layer``'s MLP channels."""
+        m = f"model.layers.{layer}.mlp"
+        return UnitGroup("mlp", layer, mlp.down_proj.in_features, self.mlp_slices(m, mlp), f"{m}.down_proj")
 
     def attention_slices(self, prefix: str, attn: Any) -> tuple[UnitSlice, ...]:
         """A layer's attention units: its key/value heads, each with its query heads."""
@@ -178,18 +181,19 @@ class LlamaFamily(HFDecoderFamily):
         return cast(LlamaLM, model).family_logit_softcap()
 
     def thinned_config(self, model: HFDecoderLM, widths: dict[tuple[str, int], int]) -> HFConfig:
-        """Every layer ``widths[kind, 0]`` wide (``thinned_widths`` made them one width): the key/value heads with
-        their query heads, the head size kept, and the MLP channels."""
+        """Every layer as wide as ``widths`` say for its kind (``thinned_widths`` made them one width a kind): the
+        key/value heads with their query heads, the head size kept, and the MLP channels."""
         config = self.config(model)
         assert config.hf_config is not None  # a model's config is its Hugging Face config as a dict
         attn: Any = next(iter(self.layers(model).values())).self_attn
-        kv_heads = widths["attn", 0]
+        by_kind = {kind: width for (kind, _), width in widths.items()}
         fields = config.hf_config | {
-            "num_key_value_heads": kv_heads,
-            "num_attention_heads": kv_heads * attn.num_key_value_groups,
+            "num_key_value_heads": by_kind["attn"],
+            "num_attention_heads": by_kind["attn"] * attn.num_key_value_groups,
             "head_dim": attn.head_dim,
-            "intermediate_size": widths["mlp", 0],
         }
+        if "mlp" in by_kind:  # a mixture-of-experts model may have no dense MLP
+            fields["intermediate_size"] = by_kind["mlp"]
         return dataclasses.replace(config, hf_config=fields)
 
     def hidden_dims(self, model: HFDecoderLM) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,18 @@ def check(folder: Path, config: Any, allow_missing: Sequence[str] = ()) -> None:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         by_parameter.setdefault(id(parameter), []).append(name)  # tied weights: one entry, any of its names
     missing, wrong = [], []
+    merged, renamings = _converted_on_load(config.model_type)
+    for pattern, name in renamings:  # a name transformers renames on load (Mixtral's block_sparse_moe: mlp)
+        stored = {re.sub(pattern, name, key): value for key, value in stored.items()}
     for names in by_parameter.values():
         found = next((key for name in names for key in (name, name.removeprefix(prefix)) if key in stored), None)
         if found is None:
-            if not any(fnmatch.fnmatchcase(name, glob) for name in names for glob in allow_missing):
+            count = model.get_parameter(names[0]).shape[0]
+            if not any(fnmatch.fnmatchcase(name, glob) for name in names for glob in allow_missing) and not any(
+                _stored_in_parts(key, count, merged, stored)
+                for name in names
+                for key in (name, name.removeprefix(prefix))
+            ):
                 missing.append(names[0])
             continue
         shape, dtype, file = stored[found]
@@ -122,6 +131,32 @@ def check(folder: Path, config: Any, allow_missing: Sequence[str] = ()) -> None:
         raise WeightsError(_missing_line(folder, config, missing, len(by_parameter), sorted(stored)))
     if wrong:
         raise WeightsError(f"{folder}: {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""), True)
+
+
+def _converted_on_load(model_type: str) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """What transformers changes on load for ``model_type``: the parameters it builds from several stored tensors (a
+    mixture of experts' stacked experts from each expert's own: the parameter's name ending, the stored names'
+    globs), and the parts of stored names it renames (a pattern, its replacement)."""
+    from transformers.conversion_mapping import WeightConverter, WeightRenaming, get_checkpoint_conversion_mapping
+
+    merged, renamings = [], []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        if isinstance(rule, WeightConverter):
+            merged += [(target, list(rule.source_patterns)) for target in rule.target_patterns]
+        elif isinstance(rule, WeightRenaming) and len(rule.target_patterns) == 1:
+            renamings += [(source, rule.target_patterns[0]) for source in rule.source_patterns]
+    return merged, renamings
+
+
+def _stored_in_parts(name: str, count: int, merged: list[tuple[str, list[str]]], stored: dict[str, Any]) -> bool:
+    """Whether parameter ``name`` (``count`` long in its first dim: the experts) is one transformers merges on load
+    from stored tensors, each of which is there once a row (an expert)."""
+    for target, sources in merged:
+        if name.endswith(target):
+            start = name.removesuffix(target)
+            if all(sum(fnmatch.fnmatchcase(key, start + source) for key in stored) == count for source in sources):
+                return True
+    return False
 
 
 def _missing_line(folder: Path, config: Any, missing: list[str], needed: int, stored: list[str]) -> str:
