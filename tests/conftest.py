@@ -53,17 +53,22 @@ def run_cli(
     return proc
 
 
-def preflight_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> tuple[int, list[str]]:
+def preflight_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str, launcher: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
     """What ``python -m trainer OVERRIDES`` does before Hydra starts (``trainer.cli.train.preflight``), in this
-    process with cwd=tmp_path: (its exit code, its stderr lines). For the many one-line refusals, which need no new
-    interpreter each; tests also run a few of them as real processes, which checks the way from ``main`` to the line.
-    Fails the test when the overrides pass the preflight."""
+    process with cwd=tmp_path (and a launcher's variables ``launcher``, e.g. torchrun's WORLD_SIZE and RANK): (its
+    exit code, its stderr lines). For the many one-line refusals, which need no new interpreter each; tests also run
+    a few of them as real processes, which checks the way from ``main`` to the line. Fails the test when the
+    overrides pass the preflight."""
     from trainer.cli.train import preflight
     from trainer.config import register_configs
 
     monkeypatch.chdir(tmp_path)
     for launcher_variable in ("RANK", "SLURM_PROCID", "WORLD_SIZE", "TORCHELASTIC_ERROR_FILE"):
         monkeypatch.delenv(launcher_variable, raising=False)
+    for name, value in (launcher or {}).items():
+        monkeypatch.setenv(name, value)
     register_configs()
     stderr = io.StringIO()
     with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):

@@ -1,7 +1,8 @@
 """Bad parallel inputs stop every rank before a process group exists: one line naming the key, exit code 2.
 
-The checks read the world size from the launcher's environment, so most cases run ``python -m trainer``
-with torchrun's variables set (a second each); one case goes through torchrun itself.
+The checks read the world size from the launcher's environment, so each case runs the CLI's preflight in this
+process with torchrun's variables set (``preflight_in_process``), two of them also as ``python -m trainer``
+processes; one case goes through torchrun itself.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import FAST, cli_env, slow
+from tests.conftest import FAST, cli_env, preflight_in_process, slow
 
 pytestmark = pytest.mark.dist
 
@@ -98,10 +99,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_parallel_input_is_one_line_exit_2(tmp_path, name):
+def test_bad_parallel_input_is_one_line_exit_2(tmp_path, monkeypatch, name):
     world, overrides, expected = CASES[name]
     if "nccl" in name and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    launcher = {"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *FAST, *overrides, launcher=launcher)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"config error: {expected}"), lines
+    assert not list(tmp_path.glob("outputs/*")), "nothing may be written before the config is valid"
+
+
+@pytest.mark.parametrize("name", ["sizes do not multiply to the world", "teacher ranks fill the world"])
+def test_as_a_process_too(tmp_path, name):
+    """The way from ``python -m trainer``'s entry to the line, with torchrun's variables in its environment."""
+    world, overrides, expected = CASES[name]
     env = cli_env(tmp_path) | {"WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", *FAST, *overrides],

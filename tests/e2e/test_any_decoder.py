@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
 
 GPT_FREE = [arg for arg in FAST if not arg.startswith("student.")]  # FAST's student fields are GPT's
-SPECS = "the model types with one: gemma3_text, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3"
+SPECS = "the model types with one: gemma3_text, gpt2, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"
 FRESH_PROCESS_LOGITS = """
 import sys, torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()

@@ -132,8 +132,8 @@ def test_bad_input_through_the_cli_is_one_line_exit_2_nothing_written(tmp_path, 
 
 
 def test_a_sweep_is_checked_on_every_combination_before_the_first_job(tmp_path, files):
-    """100 combinations (more than the old cap of 64): the bad value in the last one stops the sweep at once."""
-    temperatures = ",".join(["1"] * 99 + ["0"])
+    """65 combinations (more than the old cap of 64): the bad value in the last one stops the sweep at once."""
+    temperatures = ",".join(["1"] * 64 + ["0"])
     proc = run_cli(
         tmp_path,
         "-m",

@@ -157,6 +157,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     assert line.startswith("error: non-finite loss") and "at step" in line
 
 
+@pytest.mark.slow  # torchrun's runs of 2 and more ranks equal one plain process throughout tests/dist
 def test_torchrun_single_process_equals_plain_python(tmp_path, teacher, reference):
     proc = subprocess.run(
         [

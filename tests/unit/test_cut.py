@@ -207,6 +207,21 @@ def test_experts_keeps_the_experts_that_add_most_with_their_router_rows(kind):
         cut.cut(model, cut.CutConfig(experts=5), batches())
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "olmo2", "gemma3", "qwen3_moe", "mixtral"])
+@torch.no_grad()
+def test_every_family_is_cut_in_depth_heads_channels_width_and_experts(kind):
+    """3 of 4 layers, half the key/value heads and MLP channels, half the width, 2 of 4 experts: a model of the
+    family of those sizes, which runs."""
+    model, x = teacher(kind), batches(1)[0]
+    moe = kind in ("qwen3_moe", "mixtral")
+    wanted = cut.CutConfig(layers=3, width=0.5, hidden_width=0.5, experts=2 if moe else None)
+    student = cut.cut(model, wanted, [x])
+    config = student.config
+    assert family_of(student) is family_of(model) and student(x).shape == (*x.shape, HF_VOCAB)
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.hidden_size) == (3, 1, 32)
+    assert config.num_local_experts == 2 if moe else config.intermediate_size == 64
+
+
 @torch.no_grad()
 def test_hidden_width_keeps_the_most_active_embedding_channels():
     """32 chosen embedding channels scaled up 10x: the residual stream is widest there, the cut keeps them."""

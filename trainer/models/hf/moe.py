@@ -65,6 +65,14 @@ class MoEFamily(LlamaFamily):
 
         return hook
 
+    def hidden_dims(self, model: HFDecoderLM) -> dict[str, int]:
+        """The Llama family's, and the experts' and router's dims of the width."""
+        dims = super().hidden_dims(model)
+        for name in model.state_dict():
+            if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")):
+                dims[name] = 2 if name.endswith("gate_up_proj") else 1
+        return dims
+
     def thinned_config(self, model: HFDecoderLM, widths: dict[tuple[str, int], int]) -> HFConfig:
         """As the Llama family's, with the experts each layer keeps (the router's choices per token at most them)."""
         config = super().thinned_config(model, widths)
