@@ -114,6 +114,7 @@ def test_ddp_on_two_ranks_equals_one_process(single, ddp):
     assert_same(ddp, single)
 
 
+@pytest.mark.slow  # a remote teacher rank scores as the replicated teacher in the default tier (the test below)
 def test_a_remote_teacher_rank_scores_the_samples_as_the_replicated_teacher(root, ddp):
     remote = launch(root, 3, "remote", "parallel=ddp", "teacher.placement=remote", "parallel.teacher_ranks=1")
     assert_same(remote, ddp)

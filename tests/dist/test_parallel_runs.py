@@ -182,6 +182,7 @@ def two_agents(runs: Path, teacher: Path, name: str, *overrides: str) -> Path:
     return runs / name
 
 
+@pytest.mark.slow  # two-node jobs (two agents, one rank each) in the default tier: tests/slurm/test_slurm_jobs.py
 def test_two_agents_over_loopback_equal_one_node_of_four(runs, teacher, hsdp4):
     """HSDP across two "nodes" equals the same run on one node of four."""
     run = two_agents(runs, teacher, "two_nodes", *HSDP_2X2)

@@ -31,14 +31,14 @@ CUT_RUN = [
     "train.max_steps=3",
     "logger.log_every=1",
 ]
-# Gemma 3's sliding layers and soft-capped logits, and Qwen3-MoE's experts, in the default tier (each family's
-# logits, masks, thinning and export in one process: tests/unit/test_hf_models.py)
+# Gemma 3's sliding layers and soft-capped logits in the default tier (each family's logits, masks, thinning and
+# export in one process: tests/unit/test_hf_models.py; the experts' cut: tests/unit/test_cut.py)
 KINDS = [
     slow("qwen3", id="qwen3"),
     slow("phi3", id="phi3"),
     slow("olmo2", id="olmo2"),
     "gemma3",
-    "qwen3_moe",
+    slow("qwen3_moe", id="qwen3_moe"),
     slow("mixtral", id="mixtral"),
 ]
 # The cut's sizes: layers, key/value heads, query heads, dense MLP channels (the experts keep theirs), experts

@@ -83,6 +83,7 @@ def test_transformers_loads_the_export_in_a_fresh_process_with_the_students_logi
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # a config-only folder's random init and overrides: tests/unit/test_hf_models.py; thinning above
 def test_a_config_only_folder_trains_from_random_init_with_overrides_and_is_thinned(root):
     """GPT-2 from its config.json alone, cut to 2 layers by ``+student.config_overrides.num_hidden_layers`` (its
     config calls it n_layer) with an MLP of 96; plain training with channel pruning to half the units: the export
@@ -138,6 +139,7 @@ def test_a_qat_student_is_exported_in_the_compressed_tensors_format_and_reported
     assert export["bytes"] == folder_bytes(final) and export["bytes"] < dense["bytes"] / 3
 
 
+@pytest.mark.slow  # a stopped run resumes to the uninterrupted one in the default tier: tests/e2e/test_signals.py
 def test_a_stopped_hugging_face_student_resumes_to_the_uninterrupted_run(root, distilled):
     """Resuming used to be refused: the preflight compared the config's family (hf) with the checkpoint's
     (hf_llama)."""
