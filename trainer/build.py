@@ -5,6 +5,8 @@ rank draws the same initial weights from the seed."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from parallel.env import DistEnv
 from parallel.mesh import ParallelDims
 from trainer import cache, data, models
-from trainer.config import ConfigError, ModifierConfig, RunConfig, parallel_dims
+from trainer.config import TOKENIZED_DATA, ConfigError, ModifierConfig, RunConfig, parallel_dims
 from trainer.cut import from_teacher
 from trainer.distill import teacher as teacher_io
+from trainer.distill.align import Aligner
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.placement import Teacher, build_teacher
+from trainer.distill.placement import AlignedTeacher, Teacher, build_teacher
 from trainer.models.hf import HFConfig, decoder_for
 from trainer.models.protocol import ModelFamily, family_of
 from trainer.runtime import Layout, StudentRuntime, build_runtime
@@ -169,12 +172,53 @@ def micro_batch_after(cfg: RunConfig, batches: data.Batches) -> Callable:
     return after
 
 
+def cross_tokenizer(cfg: RunConfig) -> str | None:
+    """How ``cfg``'s run meets a teacher of another tokenizer: ``span`` or ``uld`` (``distill.align``; ``auto`` is
+    ``span`` where the tokenizers differ); None where the teacher reads the student's token ids."""
+    from trainer.data import tokenizer
+    from trainer.data.errors import DataError
+
+    how, checkpoint = cfg.distill.align, cfg.teacher.checkpoint
+    if how == "exact" or checkpoint is None or cfg.data.name not in TOKENIZED_DATA or not cfg.distill.needs_teacher:
+        return None
+    try:
+        theirs = tokenizer.load(checkpoint)
+    except DataError:
+        if how == "auto":
+            return None  # a teacher without a tokenizer of its own reads the student's ids
+        raise ConfigError("distill.align", f"{how} needs the teacher's own tokenizer; {checkpoint} has none") from None
+    if how == "auto":
+        return None if tokenizer.load(cfg.data.tokenizer).get_vocab() == theirs.get_vocab() else "span"
+    return how
+
+
+def aligned_teacher(cfg: RunConfig, how: str, device: torch.device) -> AlignedTeacher:
+    """``cfg``'s teacher of another tokenizer, replicated on ``device``; its choice and what the two vocabularies
+    share said in one line on rank 0."""
+    from trainer.data import tokenizer
+
+    assert cfg.teacher.checkpoint is not None  # cross_tokenizer: a run with a teacher
+    ours, theirs = tokenizer.load(cfg.data.tokenizer), tokenizer.load(cfg.teacher.checkpoint)
+    aligner = Aligner(ours, theirs)
+    module = teacher_io.load(cfg.teacher.checkpoint, device, dtype=cfg.teacher.param_dtype)
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"distill.align={cfg.distill.align}: {how} (the teacher's tokenizer has {len(theirs)} tokens, the "
+            f"student's {len(ours)}; {len(aligner.shared.student)} shared)",
+            file=sys.stderr,
+        )
+    return AlignedTeacher(module, aligner, how)
+
+
 def build_run_teacher(
     cfg: RunConfig, dims: ParallelDims, device: torch.device, batches: data.Batches, vocab: int
 ) -> Teacher | None:
     """The run's teacher in its placement (None for a run without one); ``vocab``: the data's classes."""
     if not cfg.distill.needs_teacher:
         return None
+    how = cross_tokenizer(cfg)
+    if how is not None:
+        return aligned_teacher(cfg, how, device)
     placement = cfg.teacher.placement
     return build_teacher(
         cfg.teacher,

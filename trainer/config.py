@@ -35,6 +35,7 @@ def _one_of(value, allowed, key: str) -> None:
 
 
 DATA_TASKS = {"shakespeare": "lm", "synthetic": "lm", "digits": "classify", "text": "lm", "chat": "lm"}
+ALIGNMENTS = ("auto", "exact", "span", "uld")  # distill.align: how a teacher's tokens meet the student's
 TOKENIZED_DATA = ("text", "chat")  # read through a subword tokenizer into token shards (trainer/data/shards.py)
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "pipeline")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -114,6 +115,10 @@ class DistillConfig:
     top_k_tail: bool = False  # with top_k: one more bucket holding the rest of the probability mass, both sides
     chunk_size: int | None = None
     fused: bool = True  # head + divergence a chunk of tokens at a time (no [tokens, V] logits) where models allow
+    # How the teacher's tokens meet the student's (trainer/distill/align.py): exact (one vocabulary, up to padding),
+    # span (a teacher of another tokenizer: positions where both tokenizations end at one character, the shared
+    # tokens and a tail bucket), uld (sorted probabilities), auto (exact with one tokenizer, else span).
+    align: str = "auto"
     features: list[FeatureConfig] = field(default_factory=list)
     # On-policy distillation (distill=on_policy, trainer/distill/on_policy.py): the share of each step's samples
     # the student completes itself (0: off-policy KD only, 1: on-policy only), how many tokens it writes at most,
@@ -135,6 +140,7 @@ class DistillConfig:
             _check(self.chunk_size >= 1, "chunk_size", "must be >= 1")
         if self.top_k_tail:
             _check(self.top_k is not None, "top_k_tail", "needs distill.top_k=K (the tail is what the top-k leaves)")
+        _check(self.align in ALIGNMENTS, "align", f"must be one of {', '.join(ALIGNMENTS)} (got {self.align!r})")
         _check(0 <= self.lmbda <= 1, "lmbda", f"must be in [0, 1] (got {self.lmbda})")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})")
         _check(self.prompt_tokens >= 1, "prompt_tokens", f"must be >= 1 (got {self.prompt_tokens})")

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from trainer.distill.divergence import TAIL_FLOOR, lookup
 
-ALIGNMENTS = ("auto", "exact", "span", "uld")
 ANCHOR_TEXT = "a"  # a token decoded before another shows the other's leading space (SentencePiece drops it alone)
 UNREADABLE = "\ufffd"  # what a token of part of a character decodes to alone
 
@@ -55,20 +54,23 @@ class SharedVocab:
 
     student: Tensor  # long [S]
     teacher: Tensor  # long [S]
+    student_vocab: int  # the tokenizers' sizes: a model's logits past them are padding, left out
+    teacher_vocab: int
 
     @classmethod
     def of(cls, student_keys: Sequence[str], teacher_keys: Sequence[str]) -> SharedVocab:
         """Pairs of ids whose keys (``token_keys``) are equal; where a key has several ids, its first on each side."""
-        teacher_ids: dict[str, int] = {}
+        teacher_by_key: dict[str, int] = {}
         for token, key in enumerate(teacher_keys):
-            teacher_ids.setdefault(key, token)
+            teacher_by_key.setdefault(key, token)
         pairs, seen = [], set()
         for token, key in enumerate(student_keys):
-            if key and key in teacher_ids and key not in seen:
+            if key and key in teacher_by_key and key not in seen:
                 seen.add(key)
-                pairs.append((token, teacher_ids[key]))
+                pairs.append((token, teacher_by_key[key]))
         student, teacher = zip(*pairs, strict=True) if pairs else ((), ())
-        return cls(torch.tensor(student, dtype=torch.long), torch.tensor(teacher, dtype=torch.long))
+        student_ids, teacher_ids = (torch.tensor(side, dtype=torch.long) for side in (student, teacher))
+        return cls(student_ids, teacher_ids, len(student_keys), len(teacher_keys))
 
 
 def char_ends(tokenizer: Any, ids: Sequence[int], strings: Sequence[str]) -> tuple[str, list[int]]:
@@ -150,6 +152,17 @@ def uld(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 
 
 @dataclass
+class AlignedLogits:
+    """A teacher's output across tokenizers: its logits ``[B, T_t, V_t]`` of the batch as it reads it, the aligned
+    positions, the shared tokens and how the two distributions are compared (``span`` or ``uld``)."""
+
+    logits: Tensor
+    alignment: Alignment
+    shared: SharedVocab
+    how: str
+
+
+@dataclass
 class AlignedLoss:
     """The KD term over aligned positions and what the alignment kept."""
 
@@ -178,8 +191,8 @@ def aligned_kd(
     keep = counted.index_select(0, alignment.student_rows) if alignment.student_rows.numel() else counted[:0]
     s_rows = alignment.student_rows[keep]
     t_rows = alignment.teacher_rows[keep]
-    student = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, s_rows)
-    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, t_rows).detach()
+    student = student_logits[..., : shared.student_vocab].flatten(0, -2).index_select(0, s_rows)
+    teacher = teacher_logits[..., : shared.teacher_vocab].flatten(0, -2).index_select(0, t_rows).detach()
     zero = student_logits.new_zeros((), dtype=torch.float32)
     fraction = s_rows.numel() / max(int(counted.sum()), 1) + zero
     if s_rows.numel() == 0:

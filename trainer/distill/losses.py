@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.distill.align import aligned_kd
 from trainer.distill.divergence import (
     DIVERGENCES,
     ChunkedDivergence,
@@ -269,7 +270,23 @@ def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: Di
         options: dict[str, Any] = dict(
             kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size
         )
-        if teacher.topk is not None:
+        if teacher.aligned is not None:  # a teacher of another tokenizer
+            a = teacher.aligned
+            aligned = aligned_kd(
+                logits,
+                a.logits,
+                a.alignment,
+                a.shared,
+                y,
+                how=a.how,
+                kind=d.loss,
+                temperature=d.temperature,
+                beta=d.beta,
+            )
+            kd = aligned.kd
+            out["distill/aligned_fraction"] = aligned.aligned_fraction
+            out["distill/shared_mass"] = aligned.shared_mass
+        elif teacher.topk is not None:
             kd = kd_loss_topk(logits, *teacher.topk, teacher_lse=teacher.lse if d.top_k_tail else None, **options)
         else:
             # full logits, or a fused teacher's head (a student that cannot fuse computes the teacher's logits here)

@@ -30,6 +30,7 @@ from trainer import cache, models
 from trainer.data import local_slice
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
+from trainer.distill.align import AlignedLogits, Aligner
 from trainer.models import hf as hf_folders
 from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import family_of, fuses_head
@@ -51,6 +52,7 @@ class TeacherOutput:
     hidden: dict[int, torch.Tensor] | None = None
     head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     lse: torch.Tensor | None = None
+    aligned: AlignedLogits | None = None  # a teacher of another tokenizer: its logits of the text, aligned
 
 
 class Teacher(ABC):
@@ -65,6 +67,7 @@ class Teacher(ABC):
     scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
     gives_head = False  # whether its output is its head's input and parameters (a fused loss computes the logits)
     scores_apart = False  # whether it computes on ranks of its own (the student may write the next samples meanwhile)
+    aligns = False  # whether its tokens are another tokenizer's (its logits meet the student's at aligned positions)
 
     def __init__(self) -> None:
         self.wait_seconds = 0.0
@@ -159,6 +162,27 @@ def _head_inputs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return hidden, weight, bias
+
+
+class AlignedTeacher(Teacher):
+    """A replicated teacher of another tokenizer: it reads the text of the student's tokens in its own tokens
+    (``Aligner``) and returns its logits with the aligned positions. Its logits say nothing of the student's
+    evaluation batches (another vocabulary), so it scores none of them."""
+
+    placement = "replicate"
+    scores_eval_batches = False
+    aligns = True
+    module: nn.Module
+
+    def __init__(self, module: nn.Module, aligner: Aligner, how: str):
+        super().__init__()
+        self.module, self.aligner, self.how = module, aligner, how
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        alignment = self.aligner(x)
+        logits = self.module(alignment.teacher_ids)
+        return TeacherOutput(aligned=AlignedLogits(logits, alignment, self.aligner.shared, self.how))
 
 
 class CachedTeacher(Teacher):

@@ -189,7 +189,7 @@ def _verified_teacher(path: Path) -> None:
 
 def _validate_teacher(cfg: RunConfig) -> None:
     from trainer import data, models
-    from trainer.build import student_spec  # torch and the models: only once a check needs them
+    from trainer.build import cross_tokenizer, student_spec  # torch and the models: only once a check needs them
     from trainer.distill import teacher, vocab
 
     tc = cfg.teacher
@@ -223,6 +223,10 @@ def _validate_teacher(cfg: RunConfig) -> None:
         f"{path} holds a {spec['arch']} model ({teacher_task}) but the student is a {cfg.student['arch']} "
         f"({student_family.task})",
     )
+    how = cross_tokenizer(cfg)
+    if how is not None:  # the teacher reads the text in its own tokens: its vocabulary is its own
+        _validate_cross_tokenizer(cfg, how)
+        return
     try:
         alignment = teacher.vocab_alignment(cfg.teacher.checkpoint, cfg.data, cfg.hf_student_folder)
     except vocab.VocabError as e:
@@ -271,6 +275,20 @@ def _validate_teacher(cfg: RunConfig) -> None:
         _validate_cache(cfg)
 
 
+def _validate_cross_tokenizer(cfg: RunConfig, how: str) -> None:
+    """What a teacher of another tokenizer runs with today: replicated, off-policy logit KD, no pipeline."""
+    key = f"distill.align={how}"
+    _check(
+        cfg.teacher.placement == "replicate",
+        "teacher.placement",
+        f"{key}: a teacher of another tokenizer runs replicated (teacher.placement=replicate)",
+    )
+    _check(cfg.distill.lmbda == 0, "distill.lmbda", f"{key}: on-policy distillation needs the student's tokenizer")
+    _check(not cfg.distill.features, "distill.features", f"{key}: feature distillation needs one tokenization")
+    _check(cfg.distill.top_k is None, "distill.top_k", f"{key}: compares the shared tokens whole (no top-k)")
+    _check(cfg.parallel.strategy != "pipeline", "parallel.strategy", f"{key}: not through a pipeline")
+
+
 def _validate_shared_tokenizer(cfg: RunConfig) -> None:
     """``data.tokenizer``, when it is not the teacher's own, gives the same tokens the same ids as the teacher's."""
     from trainer.data import tokenizer
@@ -287,7 +305,7 @@ def _validate_shared_tokenizer(cfg: RunConfig) -> None:
         ours.get_vocab() == theirs.get_vocab(),
         "data.tokenizer",
         f"{cfg.data.tokenizer} ({len(ours)} tokens) is not the teacher's tokenizer ({cfg.teacher.checkpoint}, "
-        f"{len(theirs)} tokens): the student and the teacher must share one",
+        f"{len(theirs)} tokens): distill.align=exact needs one (auto, span or uld align them)",
     )
 
 

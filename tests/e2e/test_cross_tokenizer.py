@@ -1,0 +1,83 @@
+"""``python -m trainer`` with a teacher of another tokenizer (``distill.align``): a small Llama whose byte-level BPE
+has 380 tokens (its head has 420 rows: 40 of padding) teaches a Llama student of a 300-token BPE over text files.
+``auto`` chooses ``span`` and says so in one line (with how many tokens the vocabularies share); ``span`` and ``uld``
+train, logging what the alignment kept (``distill/aligned_fraction``, ``distill/shared_mass``); ``exact``, and what a
+teacher of another tokenizer cannot do yet, are refused in one line before anything starts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_metrics, run_cli
+from tests.data_files import documents, save_llama, save_tokenizer
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
+
+RUN = [
+    "data=text",
+    "data.files=[corpus/*.md]",
+    "data.tokenizer=student",
+    "student=hf",
+    "student.path=student",
+    "student.block_size=16",
+    "teacher=hf",
+    "teacher.checkpoint=teacher",
+    "distill=kd",
+    "train.batch_size=4",
+    "train.max_steps=3",
+    "train.eval_every=3",
+    "logger=console",
+    "logger.progress=false",
+    "logger.log_every=1",
+    "report.side_by_side=false",
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cross_tokenizer")
+    save_llama(root / "teacher", 420, seed=1, tokenizer=save_tokenizer(root / "tok420", 420))  # the BPE stops at 380
+    save_llama(root / "student", 300, seed=0, tokenizer=save_tokenizer(root / "tok300", 300))
+    (root / "corpus").mkdir()
+    for i, text in enumerate(documents(40)):
+        (root / "corpus" / f"{i:03d}.md").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("align, how", [("auto", "span"), ("uld", "uld")])
+def test_a_teacher_of_another_tokenizer_teaches_at_the_aligned_positions(root, align, how):
+    proc = run_cli(root, *RUN, f"distill.align={align}", f"hydra.run.dir={align}")
+    said = [line for line in proc.stderr.splitlines() if line.startswith("distill.align=")]
+    assert said and said[0].startswith(f"distill.align={align}: {how} (the teacher's tokenizer has 380 tokens, the "
+                                       "student's 300; "), said  # fmt: skip
+    shared = int(said[0].split("; ")[1].split()[0])
+    assert 250 <= shared <= 300
+    rows = read_metrics(root / align)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert 0.3 < row["distill/aligned_fraction"] <= 1 and 0 < row["distill/shared_mass"] <= 1
+        assert math.isfinite(row["distill/kd"]) and row["distill/kd"] > 0
+    assert (root / align / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["distill.align=exact"], "config error: data.tokenizer: student (300 tokens) is not the teacher's tokenizer "
+         "(teacher, 380 tokens): distill.align=exact needs one (auto, span or uld align them)"),
+        (["distill.top_k=8"], "config error: distill.top_k: distill.align=span: compares the shared tokens whole"),
+        (["distill=on_policy", "distill.prompt_tokens=4", "distill.max_new_tokens=4"],
+         "config error: distill.lmbda: distill.align=span: on-policy distillation needs the student's tokenizer"),
+        (["distill.align=nearest"], "config error: distill.align: must be one of auto, exact, span, uld"),
+    ],
+)  # fmt: skip
+def test_what_a_teacher_of_another_tokenizer_cannot_do_is_one_line(root, tmp_path, overrides, line):
+    proc = run_cli(root, *RUN, *overrides, "hydra.run.dir=refused", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), lines
+    assert not (root / "refused").exists()
