@@ -194,15 +194,18 @@ class Trainer:
         """Validation metrics. Without ``model``: the live student's, over this rank's slices summed over all ranks
         (every rank calls it; a pipelined student runs through its stages), with ``distill/agreement`` (top-1
         agreement of student and teacher) and ``distill/teacher_entropy`` (nats) when the teacher scores
-        evaluation batches (not through a pipeline). With ``model``: that model's, over whole batches on this rank
-        alone."""
+        evaluation batches (not through a pipeline), and ``eval/bits_per_byte`` (the loss over the UTF-8 bytes of the
+        text the labels decode to: comparable across tokenizers) over unmasked text of a subword tokenizer. With
+        ``model``: that model's, over whole batches on this rank alone."""
         distributed = model is None
         model = self.runtime.student if model is None else model
         was_training = model.training
         model.eval()
         teacher = self.teacher if distributed and not self.runtime.pipelined else None
         with_teacher = teacher is not None and teacher.scores_eval_batches
-        sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)  # loss, correct, count, agree, entropy
+        # loss, correct, count, agree, entropy, text bytes
+        sums = torch.zeros(6, dtype=torch.float64, device=self.env.device)
+        tokenizer = None if self.parts.dataset.masked else getattr(self.parts.dataset, "tokenizer", None)
         shard = self.parts.batches.shard
         shard = data.Shard(shard.rank, shard.world) if distributed else data.Shard()  # no accumulation
         for x, y in self.parts.dataset.val_batches(self.train.batch_size, shard):
@@ -216,6 +219,8 @@ class Trainer:
             sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
             sums[1] += (logits.argmax(-1) == y).sum()
             sums[2] += y.numel() if scored is None else scored.sum()
+            if tokenizer is not None:
+                sums[5] += sum(len(tokenizer.decode(row).encode()) for row in y.tolist())
             if with_teacher:
                 assert teacher is not None  # with_teacher implies it
                 teacher_logits = teacher.eval_logits(x)
@@ -232,6 +237,8 @@ class Trainer:
             self.runtime.share_eval_sums(sums)
         loss_sum, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         out = {"eval/val_loss": loss_sum / count}
+        if tokenizer is not None and sums[5].item() > 0:
+            out["eval/bits_per_byte"] = loss_sum / math.log(2) / sums[5].item()
         if with_teacher:
             out.update({"distill/agreement": sums[3].item() / count, "distill/teacher_entropy": sums[4].item() / count})
         if self.parts.dataset.task == "classify":
