@@ -5,6 +5,7 @@ rank draws the same initial weights from the seed."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -19,12 +20,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from parallel.env import DistEnv
 from parallel.mesh import ParallelDims
 from trainer import cache, data, models
-from trainer.config import TOKENIZED_DATA, ConfigError, ModifierConfig, RunConfig, parallel_dims
+from trainer.config import TOKENIZED_DATA, ConfigError, MemberConfig, ModifierConfig, RunConfig, parallel_dims
 from trainer.cut import from_teacher
 from trainer.distill import teacher as teacher_io
 from trainer.distill.align import Aligner
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.placement import AlignedTeacher, Teacher, build_teacher
+from trainer.distill.placement import AlignedTeacher, EnsembleTeacher, Teacher, build_teacher
 from trainer.models.hf import HFConfig, decoder_for
 from trainer.models.protocol import ModelFamily, family_of
 from trainer.runtime import Layout, StudentRuntime, build_runtime
@@ -68,8 +69,11 @@ def run_identity(cfg: RunConfig) -> dict[str, Any]:
     it; ``train.allow_resume_changes`` waives the check of the keys it names): the teacher (its resolved path), the
     data, and the batches and learning rates of the steps."""
     t, teacher = cfg.train, cfg.teacher.checkpoint
+    who: Any = str(Path(teacher).resolve()) if teacher is not None and cfg.distill.needs_teacher else None
+    if cfg.teacher.members and cfg.distill.needs_teacher:  # an ensemble: its teachers and their weights
+        who = [[str(Path(m.checkpoint).resolve()), m.weight] for m in cfg.teacher.members]
     return {
-        "teacher": str(Path(teacher).resolve()) if teacher is not None and cfg.distill.needs_teacher else None,
+        "teacher": who,
         "data": data.fingerprint(cfg.data),
         "data.val_fraction": cfg.data.val_fraction,
         "train.seed": t.seed,
@@ -210,12 +214,25 @@ def aligned_teacher(cfg: RunConfig, how: str, device: torch.device) -> AlignedTe
     return AlignedTeacher(module, aligner, how)
 
 
+def member_config(cfg: RunConfig, member: MemberConfig) -> RunConfig:
+    """``cfg`` with ensemble ``member`` as its one teacher."""
+    teacher = dataclasses.replace(cfg.teacher, checkpoint=member.checkpoint, members=[])
+    return dataclasses.replace(cfg, teacher=teacher, data=dataclasses.replace(cfg.data))
+
+
 def build_run_teacher(
     cfg: RunConfig, dims: ParallelDims, device: torch.device, batches: data.Batches, vocab: int
 ) -> Teacher | None:
     """The run's teacher in its placement (None for a run without one); ``vocab``: the data's classes."""
     if not cfg.distill.needs_teacher:
         return None
+    if cfg.teacher.members:
+        members = []
+        for member in cfg.teacher.members:
+            built = build_run_teacher(member_config(cfg, member), dims, device, batches, vocab)
+            assert built is not None  # a member of a run that needs a teacher
+            members.append((member.weight, built))
+        return EnsembleTeacher(members)
     how = cross_tokenizer(cfg)
     if how is not None:
         return aligned_teacher(cfg, how, device)

@@ -48,6 +48,14 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 
 
 @dataclass
+class MemberConfig:
+    """One teacher of ``teacher=ensemble``: where it is, and the weight of its KD term in the loss."""
+
+    checkpoint: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class TeacherConfig:
     checkpoint: str | None = None  # export, run dir, checkpoint, Hugging Face causal-LM folder, or GGUF file
     placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
@@ -58,9 +66,19 @@ class TeacherConfig:
     cache_build: bool = False  # cache: write cache_dir first (python -m trainer.cache) when it is missing or unfinished
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
     recipe: list[str] = field(default_factory=list)
+    # teacher=ensemble: several teachers, each aligned to the student on its own; the KD term is the weighted sum
+    # of theirs (trainer/distill/placement.py, EnsembleTeacher). `checkpoint` is then unset.
+    members: list[MemberConfig] = field(default_factory=list)
 
     def check(self) -> None:
         _one_of(self.placement, TEACHER_PLACEMENTS, "placement")
+        for i, member in enumerate(self.members):
+            _check(bool(member.checkpoint), f"members.{i}.checkpoint", "names the member's teacher: must be set")
+            _check(member.weight >= 0, f"members.{i}.weight", f"must be >= 0 (got {member.weight})")
+        if self.members:
+            _check(self.checkpoint is None, "checkpoint", "an ensemble names its teachers in teacher.members")
+            _check(sum(m.weight for m in self.members) > 0, "members", "the members' weights sum to 0")
+            _check(self.placement == "replicate", "placement", "an ensemble's members are replicated")
         _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
         _one_of(self.cache_dtype, ("fp32", "bf16", "fp16"), "cache_dtype")
 

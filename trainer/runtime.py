@@ -123,14 +123,14 @@ class DataParallelRuntime(StudentRuntime):
         self.student_layers = tuple(f.student_layer for f in distill.features)
         # Logit distillation through the student's head=fn: the loss runs inside its forward (FSDP2 gathers the
         # head's weight once per forward, as for the logits, and reduce-scatters its gradient).
-        aligns = teacher is not None and teacher.aligns  # the loss reads both models' logits at aligned positions
-        self.fused = distill.fused and distill.loss != "none" and fuses_head(trainable[STUDENT]) and not aligns
+        whole = teacher is not None and teacher.needs_student_logits  # another tokenizer's teacher, an ensemble
+        self.fused = distill.fused and distill.loss != "none" and fuses_head(trainable[STUDENT]) and not whole
         if self.fused:
             chunk = distill.chunk_size or FUSED_CHUNK_SIZE
             teacher_side = "its head" if teacher is not None and teacher.gives_head else "its logits"
             self.kd_path = f"fused head + divergence, {chunk} tokens at a time (teacher: {teacher_side})"
-        elif aligns:
-            self.kd_path = "full logits of both models at the positions where their tokenizations align"
+        elif whole:
+            self.kd_path = "full logits: the teacher is of another tokenizer or an ensemble"
         elif distill.fused and distill.loss != "none":
             self.kd_path = "full logits: the student's head cannot be fused (its family, or a fake-quantized head)"
         # On-policy distillation (distill.lmbda > 0): the student completes some rows before each micro-batch's

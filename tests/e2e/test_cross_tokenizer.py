@@ -3,7 +3,7 @@ has 380 tokens (its head has 420 rows: 40 of padding) teaches a Llama student of
 ``auto`` chooses ``span`` and says so in one line (with how many tokens the vocabularies share); ``span`` and ``uld``
 train, logging what the alignment kept (``distill/aligned_fraction``, ``distill/shared_mass``) and the validation
 loss in bits per byte; ``exact``, and what a teacher of another tokenizer cannot do yet, are refused in one line
-before anything starts."""
+before anything starts; an ensemble of a teacher of each tokenizer trains."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cross_tokenizer")
     save_llama(root / "teacher", 420, seed=1, tokenizer=save_tokenizer(root / "tok420", 420))  # the BPE stops at 380
     save_llama(root / "student", 300, seed=0, tokenizer=save_tokenizer(root / "tok300", 300))
+    save_llama(root / "teacher300", 300, seed=2, tokenizer=root / "tok300")  # a teacher of the student's tokenizer
     (root / "corpus").mkdir()
     for i, text in enumerate(documents(40)):
         (root / "corpus" / f"{i:03d}.md").write_text(text)
@@ -68,6 +69,20 @@ def test_a_teacher_of_another_tokenizer_teaches_at_the_aligned_positions(root, a
     # this BPE is 1-4 bytes of the corpus's ASCII words
     bits = last["eval/bits_per_byte"] * math.log(2)
     assert last["eval/val_loss"] / 4 < bits < last["eval/val_loss"]
+
+
+def test_an_ensemble_of_teachers_of_two_tokenizers_trains(root):
+    """One member of another tokenizer (aligned by span), one of the student's (exact): each member's KD term is
+    logged, and what the alignment kept for the first; the KD is their weighted sum."""
+    members = "[{checkpoint: teacher, weight: 0.4}, {checkpoint: teacher300, weight: 0.6}]"
+    run = [arg for arg in RUN if not arg.startswith("teacher")]
+    run_cli(root, *run, "teacher=ensemble", f"teacher.members={members}", "hydra.run.dir=ensemble")
+    rows = read_metrics(root / "ensemble")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        weighted = 0.4 * row["distill/kd/member0"] + 0.6 * row["distill/kd/member1"]
+        assert row["distill/kd"] == pytest.approx(weighted, rel=1e-6)
+        assert 0.3 < row["distill/aligned_fraction/member0"] <= 1 and "distill/aligned_fraction/member1" not in row
 
 
 @pytest.mark.parametrize(

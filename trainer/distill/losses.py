@@ -260,43 +260,48 @@ class KDLoss(nn.Module):
 
 
 def logit_losses(logits: Tensor, y: Tensor, teacher: TeacherOutput | None, d: DistillConfig) -> dict[str, Tensor]:
-    """``train/ce``, ``distill/kd`` (with a KD loss) and ``train/loss`` = (1 - alpha) * CE + alpha * KD of a batch."""
+    """``train/ce``, ``distill/kd`` (with a KD loss) and ``train/loss`` = (1 - alpha) * CE + alpha * KD of a batch;
+    an ensemble's KD is the weighted sum of its members' (each also as ``distill/kd/member{i}``)."""
     reported_only = d.alpha == 1 and d.loss != "none"  # CE is then a metric: no backward through its log-softmax
     with torch.set_grad_enabled(torch.is_grad_enabled() and not reported_only):
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
     out = {"train/ce": ce, "train/loss": (1 - d.alpha) * ce}
     if d.loss != "none":
         assert teacher is not None  # preflight: a KD loss has a teacher
-        options: dict[str, Any] = dict(
-            kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size
-        )
-        if teacher.aligned is not None:  # a teacher of another tokenizer
-            a = teacher.aligned
-            aligned = aligned_kd(
-                logits,
-                a.logits,
-                a.alignment,
-                a.shared,
-                y,
-                how=a.how,
-                kind=d.loss,
-                temperature=d.temperature,
-                beta=d.beta,
-            )
-            kd = aligned.kd
-            out["distill/aligned_fraction"] = aligned.aligned_fraction
-            out["distill/shared_mass"] = aligned.shared_mass
-        elif teacher.topk is not None:
-            kd = kd_loss_topk(logits, *teacher.topk, teacher_lse=teacher.lse if d.top_k_tail else None, **options)
+        if teacher.members is None:
+            kd = _kd_term(logits, y, teacher, d, out, "")
         else:
-            # full logits, or a fused teacher's head (a student that cannot fuse computes the teacher's logits here)
-            t_logits = F.linear(*teacher.head) if teacher.head is not None else teacher.logits
-            assert t_logits is not None  # a teacher's output has full logits, its head or a top-k pair
-            real = t_logits.shape[-1]  # the real vocabulary: the student's rows past it are padding
-            kd = kd_loss(logits[..., :real], t_logits, top_k=d.top_k, top_k_tail=d.top_k_tail, **options)
+            terms = [
+                (w, _kd_term(logits, y, member, d, out, f"/member{i}")) for i, (w, member) in enumerate(teacher.members)
+            ]
+            for i, (_, term) in enumerate(terms):
+                out[f"distill/kd/member{i}"] = term.detach()
+            kd = sum(w * term for w, term in terms)  # type: ignore[assignment]
         out["distill/kd"] = kd
         out["train/loss"] = out["train/loss"] + d.alpha * kd
     return out
+
+
+def _kd_term(logits: Tensor, y: Tensor, teacher: TeacherOutput, d: DistillConfig, out: dict, suffix: str) -> Tensor:
+    """The KD term against one teacher's output; what an alignment kept goes into ``out`` (its keys + ``suffix``)."""
+    options: dict[str, Any] = dict(
+        kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size
+    )
+    if teacher.aligned is not None:  # a teacher of another tokenizer
+        a = teacher.aligned
+        aligned = aligned_kd(
+            logits, a.logits, a.alignment, a.shared, y, how=a.how, kind=d.loss, temperature=d.temperature, beta=d.beta
+        )
+        out[f"distill/aligned_fraction{suffix}"] = aligned.aligned_fraction
+        out[f"distill/shared_mass{suffix}"] = aligned.shared_mass
+        return aligned.kd
+    if teacher.topk is not None:
+        return kd_loss_topk(logits, *teacher.topk, teacher_lse=teacher.lse if d.top_k_tail else None, **options)
+    # full logits, or a fused teacher's head (a student that cannot fuse computes the teacher's logits here)
+    t_logits = F.linear(*teacher.head) if teacher.head is not None else teacher.logits
+    assert t_logits is not None  # a teacher's output has full logits, its head or a top-k pair
+    real = t_logits.shape[-1]  # the real vocabulary: the student's rows past it are padding
+    return kd_loss(logits[..., :real], t_logits, top_k=d.top_k, top_k_tail=d.top_k_tail, **options)
 
 
 __all__ = [

@@ -53,6 +53,7 @@ class TeacherOutput:
     head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     lse: torch.Tensor | None = None
     aligned: AlignedLogits | None = None  # a teacher of another tokenizer: its logits of the text, aligned
+    members: list[tuple[float, TeacherOutput]] | None = None  # an ensemble: each member's weight and output
 
 
 class Teacher(ABC):
@@ -67,7 +68,9 @@ class Teacher(ABC):
     scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
     gives_head = False  # whether its output is its head's input and parameters (a fused loss computes the logits)
     scores_apart = False  # whether it computes on ranks of its own (the student may write the next samples meanwhile)
-    aligns = False  # whether its tokens are another tokenizer's (its logits meet the student's at aligned positions)
+    # whether the loss needs the student's full logits (a teacher of another tokenizer, whose logits meet the
+    # student's at aligned positions; an ensemble): no fused head
+    needs_student_logits = False
 
     def __init__(self) -> None:
         self.wait_seconds = 0.0
@@ -171,7 +174,7 @@ class AlignedTeacher(Teacher):
 
     placement = "replicate"
     scores_eval_batches = False
-    aligns = True
+    needs_student_logits = True
     module: nn.Module
 
     def __init__(self, module: nn.Module, aligner: Aligner, how: str):
@@ -183,6 +186,28 @@ class AlignedTeacher(Teacher):
         alignment = self.aligner(x)
         logits = self.module(alignment.teacher_ids)
         return TeacherOutput(aligned=AlignedLogits(logits, alignment, self.aligner.shared, self.how))
+
+
+class EnsembleTeacher(Teacher):
+    """Several replicated teachers (``teacher=ensemble``), each with its weight: the output is each member's, which
+    the loss compares with the student's logits on its own (a weighted sum of KD terms, not KD against a mixture of
+    their distributions, which would need one vocabulary). It scores no evaluation batch (its members may not share
+    the student's vocabulary)."""
+
+    placement = "replicate"
+    scores_eval_batches = False
+    needs_student_logits = True
+
+    def __init__(self, members: list[tuple[float, Teacher]]):
+        super().__init__()
+        self.members = members
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        return TeacherOutput(members=[(weight, member.forward(x, step, micro)) for weight, member in self.members])
+
+    def close(self) -> None:
+        for _, member in self.members:
+            member.close()
 
 
 class CachedTeacher(Teacher):

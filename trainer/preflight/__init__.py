@@ -198,10 +198,22 @@ def _validate_teacher(cfg: RunConfig) -> None:
         _check(cfg.distill.alpha == 0, "distill.alpha", "must be 0 when distill.loss=none")
         _check_param_dtype(cfg, gguf=False)
         return
+    if tc.members:  # an ensemble: each member checked as the run's one teacher
+        from trainer.build import member_config
+
+        _check(not cfg.distill.features, "distill.features", "an ensemble's members are compared by their logits")
+        _check(cfg.distill.lmbda == 0, "distill.lmbda", "on-policy distillation takes one teacher")
+        _check(cfg.parallel.strategy != "pipeline", "parallel.strategy", "an ensemble does not run through a pipeline")
+        for i, member in enumerate(tc.members):
+            try:
+                _validate_teacher(member_config(cfg, member))
+            except ConfigError as e:
+                raise ConfigError(f"teacher.members.{i}", f"{e.key}: {e.message}") from None
+        return
     _check(
         cfg.teacher.checkpoint is not None,
         "teacher.checkpoint",
-        f"distill.loss={cfg.distill.loss} needs a teacher (set teacher.checkpoint=PATH)",
+        f"distill.loss={cfg.distill.loss} needs a teacher (set teacher.checkpoint=PATH, or teacher=ensemble)",
     )
     assert cfg.teacher.checkpoint is not None  # checked just above
     path = Path(cfg.teacher.checkpoint)
