@@ -209,6 +209,9 @@ def main() -> None:
     doc = out / "README_cross_tokenizer.md" if args.quick else RESULTS_DOC
     if args.quick:
         doc.write_text(f"{START}\n{END}\n")
+    elif START not in doc.read_text():  # the first full run: the section goes at the end of docs/results.md
+        heading = "\n## Across tokenizers (`benchmarks.cross_tokenizer`)\n\n"
+        doc.write_text(doc.read_text() + f"{heading}{START}\n{END}\n")
     replace_section(doc, START, END, render(results))
     print(f"wrote {json_path}")
 
