@@ -111,6 +111,7 @@ def test_the_test_family_matches_one_process(runs, teacher, reference, layout):
     assert_same_curve(runs / name, reference)
 
 
+@pytest.mark.slow  # channel pruning, thinning and a smaller export in the default tier: tests/unit/test_hf_models.py
 def test_the_test_family_is_channel_pruned_and_exported_smaller(runs, teacher):
     """Channel pruning (DDP on 2 ranks, against one process) removes half the key/value groups and MLP units
     of each layer; the export is a smaller dense model of the same family that loads in a fresh process."""

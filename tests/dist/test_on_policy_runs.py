@@ -159,6 +159,7 @@ def test_chat_with_a_llama_student_under_fsdp_equals_one_process(tmp_path):
     assert len(lengths) > 1  # completions of several lengths: prompts of several lengths in one batch
 
 
+@pytest.mark.slow  # on-policy runs on 2 ranks equal one process in the default tier (the tests above)
 def test_completions_of_different_lengths_in_one_step_equal_one_process(tmp_path):
     """An end-of-text-happy Llama student on text data: within a step some completions end early and others run
     their 8 tokens, so the ranks' micro-batches hold different numbers of completion tokens. Each loss part is a mean

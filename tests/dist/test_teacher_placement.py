@@ -85,6 +85,7 @@ def test_bf16_sharded_teacher_is_close(root, replicate):
         assert got[step]["distill/kd"] == pytest.approx(expected["distill/kd"], rel=0.1, abs=2e-3), step
 
 
+@pytest.mark.slow  # a cache built by one process equals the live teacher in the default tier (test_teacher_cache.py)
 def test_two_rank_cache_build_equals_one_process(root):
     launch(root, 1, "trainer.cache", "cache1", "distill.top_k=8", "teacher.cache_dir=one")
     launch(root, 2, "trainer.cache", "cache2", "distill.top_k=8", "teacher.cache_dir=two", "parallel=ddp")

@@ -270,7 +270,8 @@ def test_ranks_read_disjoint_slices_of_the_same_global_batch(tmp_path, tokenizer
     assert not torch.equal(dataset.train_batch(7, 5, 8, data.Shard())[0], whole[0])
 
 
-def test_a_tokenizer_other_than_the_teachers_is_refused(tmp_path, tokenizer_dir, monkeypatch):
+def test_a_tokenizer_other_than_the_teachers_is_refused_under_exact_alignment(tmp_path, tokenizer_dir, monkeypatch):
+    """With ``distill.align=exact``; ``auto`` distills across the two (tests/e2e/test_cross_tokenizer.py)."""
     from tests.data_files import save_llama
 
     save_llama(tmp_path / "llama_teacher", 300, tokenizer=tokenizer_dir)
@@ -279,7 +280,7 @@ def test_a_tokenizer_other_than_the_teachers_is_refused(tmp_path, tokenizer_dir,
     other = save_tokenizer(tmp_path / "other", other=True)
     args = text_args(tmp_path, other, "data.files=[corpus/*.py]", "student=hf", "student.path=student")
     args += ["student.block_size=16", "distill=kd", "teacher=hf", "teacher.checkpoint=llama_teacher"]
-    code, lines = preflight_in_process(tmp_path, monkeypatch, *args)
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *args, "distill.align=exact")
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"config error: data.tokenizer: {other} (300 tokens) is not the teacher's"), lines
 
