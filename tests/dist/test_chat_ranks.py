@@ -63,6 +63,7 @@ def assert_same(got: dict, want: dict) -> None:
             assert got[step][key] == pytest.approx(value, rel=1e-5, abs=0), (step, key)
 
 
+@pytest.mark.slow  # ranks and a resume equal one process in the default tier on other data (test_parallel_runs.py)
 def test_two_ranks_and_a_resumed_run_equal_one_process(root):
     reference = losses(launch(root, 1, "single", "train.grad_accum=2"))
     assert all(reference[step].keys() >= {"train/loss", "distill/kd"} for step in reference)

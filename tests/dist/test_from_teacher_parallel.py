@@ -47,6 +47,8 @@ def launch(root: Path, nproc: int, name: str, *overrides: str) -> Path:
     return root / name
 
 
+@pytest.mark.slow  # the cut is the same whatever the run's seed (tests/unit/test_cut.py); FSDP2 runs equal
+# one process in the default tier (test_hf_students.py)
 def test_a_student_cut_from_the_teacher_trains_under_fsdp_equal_to_one_process(tmp_path):
     save_hf_student(tmp_path / "llama", "llama")
     reference = launch(tmp_path, 1, "single", "train.grad_accum=2")

@@ -56,6 +56,8 @@ def launch(root: Path, nproc: int, name: str, args: list[str]) -> tuple[Path, st
     return root / name, proc.stdout
 
 
+@pytest.mark.slow  # the fused loss against float64 in the default tier (tests/unit/test_fused_kd.py); fused FSDP2
+# runs equal one process there too (test_parallel_runs.py, fused by default)
 @pytest.mark.parametrize("kind", ["gpt", slow("llama", id="llama")])
 def test_fused_equals_full_logits_in_one_process_under_fsdp_and_pipelined(tmp_path, teacher, kind):
     if kind == "llama":

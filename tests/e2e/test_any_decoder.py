@@ -71,6 +71,8 @@ def test_a_qwen3_cut_by_depth_and_width_is_distilled_and_transformers_runs_its_e
     assert (config["num_hidden_layers"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 64)
 
 
+@pytest.mark.slow  # the generic path in one process in the default tier (tests/unit/test_hf_models.py); DDP
+# runs equal one process in test_parallel_runs.py
 def test_a_model_type_without_a_spec_trains_under_ddp_with_kd_pruning_and_qat(root):
     """StableLM: magnitude pruning then int8 QAT on its decoder layers, KD from a Llama teacher, 2 DDP ranks; the
     compressed-tensors export runs in transformers alone as Stillroom runs it."""

@@ -54,6 +54,7 @@ def test_a_finished_run_is_left_byte_identical(root):
     assert snapshot(root / "finished") == before
 
 
+@pytest.mark.slow  # a resume that differs is refused naming the key in the default tier (test_bad_inputs.py)
 def test_a_resume_with_another_teacher_is_refused_unless_allowed(root):
     run = [*KD, "hydra.run.dir=stopped"]
     run_cli(root, *run, "teacher.checkpoint=teacher_a", "train.stop_at_step=2")

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
 
 
+@pytest.mark.slow  # a cache equals its live teacher in the default tier (test_teacher_cache.py); text shards:
+# tests/unit/test_text_data.py
 def test_prepare_then_cache_the_teacher_over_text(tmp_path):
     save_llama(tmp_path / "llama_teacher", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
     (tmp_path / "corpus").mkdir()
