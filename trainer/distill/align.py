@@ -120,9 +120,9 @@ class Aligner:
             text, student_ends = char_ends(self.student_tokenizer, ids, self.student_strings)
             encoded = self.teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             rows.append(encoded["input_ids"])
-            teacher_ends = [end for _, end in encoded["offset_mapping"]]
-            student_rows.append([i for i, _ in aligned_pairs(student_ends, teacher_ends)])
-            teacher_rows.append([j for _, j in aligned_pairs(student_ends, teacher_ends)])
+            pairs = aligned_pairs(student_ends, [end for _, end in encoded["offset_mapping"]])
+            student_rows.append([i for i, _ in pairs])
+            teacher_rows.append([j for _, j in pairs])
         width = max(1, max(len(row) for row in rows))
         teacher_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         for b, row in enumerate(rows):
