@@ -129,7 +129,7 @@ class Aligner:
             teacher_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         s_flat = [b * x.shape[1] + i for b, row in enumerate(student_rows) for i in row]
         t_flat = [b * width + j for b, row in enumerate(teacher_rows) for j in row]
-        flat = [torch.tensor(rows, dtype=torch.long, device=x.device) for rows in (s_flat, t_flat)]
+        flat = [torch.tensor(positions, dtype=torch.long, device=x.device) for positions in (s_flat, t_flat)]
         return Alignment(teacher_ids.to(x.device), *flat)
 
 
