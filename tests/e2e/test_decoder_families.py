@@ -49,7 +49,7 @@ TRANSFORMERS_LOGITS = """
 import sys, torch, transformers
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+    torch.save(model(input_ids=torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])
 """
 
 
@@ -74,4 +74,5 @@ def test_a_cut_is_distilled_and_its_export_gives_the_trained_logits_in_transform
     command = [sys.executable, "-c", TRANSFORMERS_LOGITS, str(final), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
     subprocess.run(command, check=True, env=cli_env(tmp_path), capture_output=True, timeout=300)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), trained.eval()(x), rtol=0, atol=1e-5)
+        logits = torch.load(tmp_path / "y.pt", weights_only=True)  # what transformers computed
+        torch.testing.assert_close(logits, trained.eval()(x), rtol=0, atol=1e-5)
