@@ -31,6 +31,18 @@ def compose_config(overrides: list[str]) -> tuple[RunConfig, dict]:
     return cast(RunConfig, OmegaConf.to_object(cfg)), cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
+def recipe_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options every benchmark of the SmolLM2 recipe takes: a test's teacher and files, the run folders (default
+    outputs/benchmarks/``out``), quick mode, and ``--readme``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--teacher", help="a GGUF file or Hugging Face folder in place of SmolLM2 (tests)")
+    parser.add_argument("--files", help="a corpus glob in place of the standard library (tests)")
+    parser.add_argument("--out", type=Path, help=f"run folders (default outputs/benchmarks/{out})")
+    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and results fragment under --out")
+    parser.add_argument("--readme", action="store_true", help="rewrite the docs section from the JSON only")
+    return parser
+
+
 def timing_parser(description: str) -> argparse.ArgumentParser:
     """The options every step-time benchmark takes: steps per run, window size, warm-up, rounds."""
     parser = argparse.ArgumentParser(description=description)

@@ -13,7 +13,6 @@ Writes ``benchmarks/results/cross_tokenizer.json`` and the docs/results.md secti
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import shutil
@@ -24,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, print_table, run_env
-from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
+from benchmarks.common import RESULTS, machine, print_table, recipe_parser, run_env
+from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, publish, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_JSON = RESULTS / "cross_tokenizer.json"
@@ -156,14 +155,9 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = recipe_parser(__doc__.splitlines()[0], "cross_tokenizer")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--vocab", type=int, default=8192, help="the student's BPE vocabulary")
-    parser.add_argument("--quick", action="store_true", help="a few steps; JSON and results fragment under --out")
-    parser.add_argument("--teacher", help="a teacher folder or GGUF file (default: experiment=smollm2's)")
-    parser.add_argument("--files", help="the training files' glob (default: the standard library's .py files)")
-    parser.add_argument("--out", type=Path, help="where runs go (default outputs/benchmarks/cross_tokenizer)")
-    parser.add_argument("--readme", action="store_true", help="rewrite the docs section from the JSON only")
     args = parser.parse_args()
     if args.readme:
         replace_section(RESULTS_DOC, START, END, render(json.loads(RESULTS_JSON.read_text())))
@@ -207,13 +201,8 @@ def main() -> None:
     )  # fmt: skip
     json_path = out / "cross_tokenizer.json" if args.quick else RESULTS_JSON
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    doc = out / "README_cross_tokenizer.md" if args.quick else RESULTS_DOC
-    if args.quick:
-        doc.write_text(f"{START}\n{END}\n")
-    elif START not in doc.read_text():  # the first full run: the section goes at the end of docs/results.md
-        heading = "\n## Across tokenizers (`benchmarks.cross_tokenizer`)\n\n"
-        doc.write_text(doc.read_text() + f"{heading}{START}\n{END}\n")
-    replace_section(doc, START, END, render(results))
+    publish(render(results), START, END, "Across tokenizers (`benchmarks.cross_tokenizer`)",
+            out / "README_cross_tokenizer.md" if args.quick else None)  # fmt: skip
     print(f"wrote {json_path}")
 
 

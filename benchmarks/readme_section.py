@@ -38,3 +38,15 @@ def portable(arg: str) -> str:
 def command_line(module: str, argv: list[str]) -> str:
     """``python -m MODULE ARGS`` as a results JSON records it (see ``portable``)."""
     return " ".join([f"python -m {module}", *map(portable, argv)])
+
+
+def publish(section: str, start: str, end: str, heading: str, fragment: Path | None = None) -> Path:
+    """Write a benchmark's rendered ``section``: to ``fragment`` (a quick run's file, docs untouched), or between its
+    markers in docs/results.md, which the first full run appends at the end under ``heading``; the file written."""
+    doc = fragment or RESULTS_DOC
+    if fragment is not None:
+        fragment.write_text(f"{start}\n{end}\n")
+    elif start not in doc.read_text():
+        doc.write_text(doc.read_text() + f"\n## {heading}\n\n{start}\n{end}\n")
+    replace_section(doc, start, end, section)
+    return doc

@@ -1,12 +1,14 @@
 """Dedicated teacher ranks (``teacher.placement=remote``): the last K ranks of the world hold the teacher.
 
-Student rank ``s`` of ``S`` is served by teacher rank ``S + s % K``. A request is three point-to-point messages
-on the pair: a header ``[kind, sequence, rows, tokens, start]``, the input tokens ``[rows, tokens]``, and the reply,
-the teacher's logits ``[rows, tokens - start, vocab]`` (fp32) from position ``start`` on (0 for a data set's batch;
-on-policy distillation sends the student's samples and needs only the positions of their completions). A teacher
-rank serves its students round-robin in rank order (every student makes the same sequence of requests: the same
-steps, micro-batches and eval batches), so no message needs an any-source receive and the protocol runs on gloo and
-NCCL alike.
+Student rank ``s`` of ``S`` is served by teacher rank ``S + s % K``. A request is point-to-point messages on the
+pair: a header ``[kind, sequence, rows, tokens, start]``, the input tokens ``[rows, tokens]``, and the reply, the
+teacher's logits ``[rows, tokens - start, vocab]`` (fp32) from position ``start`` on (0 for a data set's batch;
+on-policy distillation sends the student's samples and needs only the positions of their completions). A request of
+kind ``PACKED`` is answered by the server's ``Wire`` instead: the tensors its ``pack`` makes of those logits (the
+trainer's compact top-k with its tail: a few hundred bytes a token where fp32 logits take 4 x vocab), one message
+each. A teacher rank serves its students round-robin in rank order (every student makes the same sequence of
+requests: the same steps, micro-batches and eval batches), so no message needs an any-source receive and the
+protocol runs on gloo and NCCL alike.
 
 The student overlaps the teacher with its own step: as soon as it has a micro-batch's logits it sends the next
 micro-batch's inputs (batches are a pure function of the step), so the teacher computes them while the student
@@ -16,13 +18,13 @@ runs forward and backward. Closing drains a request still in flight and sends a 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-REQUEST, STOP = 1, 0
+REQUEST, STOP, PACKED = 1, 0, 2
 HEADER_TAG = 0
 HEADER_SIZE = 5  # kind, sequence, rows, tokens, start
 
@@ -55,10 +57,33 @@ class Roles:
         return [s for s in self.students if self.server_of(s) == teacher]
 
 
+@dataclass(frozen=True)
+class Wire:
+    """A packed reply: ``pack(logits [rows, tokens, vocab])`` gives the tensors sent, each ``[rows, tokens, *tail]``
+    of one of ``parts`` (its trailing shape and dtype), in that order."""
+
+    pack: Callable[[torch.Tensor], list[torch.Tensor]]
+    parts: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+@dataclass
+class Served:
+    """What a teacher rank sent: requests answered, and the bytes and token positions of their replies by kind
+    (``REQUEST``: fp32 logits; ``PACKED``: the wire's parts)."""
+
+    requests: int = 0
+    bytes: dict[int, int] = field(default_factory=lambda: {REQUEST: 0, PACKED: 0})
+    tokens: dict[int, int] = field(default_factory=lambda: {REQUEST: 0, PACKED: 0})
+
+    def bytes_per_token(self, kind: int) -> float | None:
+        return self.bytes[kind] / self.tokens[kind] if self.tokens[kind] else None
+
+
 @torch.no_grad()
-def serve(module: nn.Module, students: list[int], device: torch.device) -> int:
-    """Answer ``students``' requests with ``module``'s logits until each has sent a stop; returns the count served."""
-    open_students, served = list(students), 0
+def serve(module: nn.Module, students: list[int], device: torch.device, wire: Wire | None = None) -> Served:
+    """Answer ``students``' requests with ``module``'s logits (packed by ``wire`` for a ``PACKED`` request) until each
+    has sent a stop."""
+    open_students, served = list(students), Served()
     while open_students:
         for student in list(open_students):
             header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
@@ -70,29 +95,47 @@ def serve(module: nn.Module, students: list[int], device: torch.device) -> int:
             x = torch.empty(rows, tokens, dtype=torch.int64, device=device)
             dist.recv(x, src=student, tag=sequence)
             logits = module(x)[:, start:].float().contiguous()
-            dist.send(logits, dst=student, tag=sequence)
-            served += 1
+            if kind == PACKED:
+                assert wire is not None, "a packed request to a server without a wire"
+                reply = [part.to(device).contiguous() for part in wire.pack(logits)]
+            else:
+                reply = [logits]
+            for part in reply:
+                dist.send(part, dst=student, tag=sequence)
+            served.requests += 1
+            served.bytes[kind] += sum(part.numel() * part.element_size() for part in reply)
+            served.tokens[kind] += logits.shape[0] * logits.shape[1]
     return served
 
 
 class PendingLogits:
-    """A request in flight: the sends to wait for and the reply being received."""
+    """A request in flight: the sends to wait for and the reply being received (the logits, or ``wire``'s parts)."""
 
-    def __init__(self, server: int, sequence: int, x: torch.Tensor, vocab: int, start: int = 0):
-        self.header = torch.tensor([REQUEST, sequence, *x.shape, start], dtype=torch.int64, device=x.device)
+    def __init__(
+        self, server: int, sequence: int, x: torch.Tensor, vocab: int, start: int = 0, wire: Wire | None = None
+    ):
+        kind = REQUEST if wire is None else PACKED
+        self.header = torch.tensor([kind, sequence, *x.shape, start], dtype=torch.int64, device=x.device)
         self.x = x.contiguous()
-        self.logits = torch.empty(x.shape[0], x.shape[1] - start, vocab, device=x.device)
+        rows, tokens = x.shape[0], x.shape[1] - start
+        parts = [((vocab,), torch.float32)] if wire is None else list(wire.parts)
+        self.reply = [torch.empty(rows, tokens, *shape, dtype=dtype, device=x.device) for shape, dtype in parts]
         self.works = [
             dist.isend(self.header, server, tag=HEADER_TAG),
             dist.isend(self.x, server, tag=sequence),
-            dist.irecv(self.logits, server, tag=sequence),
+            *(dist.irecv(part, server, tag=sequence) for part in self.reply),
         ]
 
-    def wait(self) -> torch.Tensor:
+    def wait_parts(self) -> list[torch.Tensor]:
         for work in self.works:
             assert work is not None  # isend/irecv return None only on a rank outside the group
             work.wait()
-        return self.logits
+        return self.reply
+
+    def wait(self) -> torch.Tensor:
+        """The logits of a request that was not packed."""
+        (logits,) = self.wait_parts()
+        return logits
 
 
 class RemoteClient:
@@ -102,36 +145,45 @@ class RemoteClient:
     the teacher computes them while the student trains on the current one.
     """
 
-    def __init__(self, server: int, vocab: int, next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None]):
-        self.server, self.vocab, self.next_input = server, vocab, next_input
+    def __init__(
+        self,
+        server: int,
+        vocab: int,
+        next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None],
+        wire: Wire | None = None,
+    ):
+        self.server, self.vocab, self.next_input, self.wire = server, vocab, next_input, wire
         self.sequence = 0
         self.ahead: tuple[tuple, PendingLogits] | None = None
 
-    def request(self, x: torch.Tensor, start: int = 0) -> PendingLogits:
-        """Send ``x`` to the teacher rank; its logits from position ``start`` on come back (``wait``)."""
+    def request(self, x: torch.Tensor, start: int = 0, packed: bool = False) -> PendingLogits:
+        """Send ``x`` to the teacher rank; its logits from position ``start`` on come back (``wait``), or with
+        ``packed`` the wire's parts (``wait_parts``)."""
         self.sequence += 1
-        return PendingLogits(self.server, self.sequence, x, self.vocab, start)
+        return PendingLogits(self.server, self.sequence, x, self.vocab, start, self.wire if packed else None)
 
-    def logits(self, x: torch.Tensor, key: tuple | None) -> torch.Tensor:
-        """The teacher's logits of ``x``; ``key`` (step, micro) names a training micro-batch, None an eval batch."""
+    def logits(self, x: torch.Tensor, key: tuple | None) -> list[torch.Tensor]:
+        """The teacher's reply for ``x``: ``key`` (step, micro) names a training micro-batch, whose reply is packed
+        when the client has a wire; None an eval batch, whose reply is its logits (one tensor)."""
         if key is None:
-            return self.request(x).wait()
+            return self.request(x).wait_parts()
+        packed = self.wire is not None
         if self.ahead is not None and self.ahead[0] == key:
             pending = self.ahead[1]
         else:
             self.drain()
-            pending = self.request(x)
+            pending = self.request(x, packed=packed)
         self.ahead = None
         following = self.next_input(key)
         if following is not None:
             next_key, next_x = following
-            self.ahead = (next_key, self.request(next_x))
-        return pending.wait()
+            self.ahead = (next_key, self.request(next_x, packed=packed))
+        return pending.wait_parts()
 
     def drain(self) -> None:
         """Receive a request still in flight (its logits are not needed)."""
         if self.ahead is not None:
-            self.ahead[1].wait()
+            self.ahead[1].wait_parts()
             self.ahead = None
 
     def close(self) -> None:

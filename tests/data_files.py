@@ -97,3 +97,13 @@ def save_eos_happy_llama(folder: Path, vocab_size: int, eos: int, seed: int = 0)
         embedding[eos, 0] = 2.0
     model.save_pretrained(folder)
     return folder
+
+
+def save_recipe_files(root: Path, corpus: str = "corpus") -> Path:
+    """What a test of ``experiment=smollm2`` (or a benchmark's quick mode) runs on: ``root/llama``, a small random
+    Llama of a 300-token BPE, and 30 Python files in ``root/corpus``; returns ``root``."""
+    save_llama(root / "llama", 300, seed=1, tokenizer=save_tokenizer(root / "tok"))
+    (root / corpus).mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(documents(30)):
+        (root / corpus / f"m{i:02d}.py").write_text(text * 3)
+    return root

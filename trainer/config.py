@@ -62,8 +62,12 @@ class TeacherConfig:
     # shard: dtype the gathered teacher computes in; a GGUF teacher: dtype it is dequantized to (fp32 | bf16)
     param_dtype: str = "fp32"
     cache_dir: str | None = None  # cache: folder written by `python -m trainer.cache` (same overrides)
-    cache_dtype: str = "fp32"  # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16)
+    # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16 | compact: 6-bit codes, Elias-Fano ids)
+    cache_dtype: str = "fp32"
     cache_build: bool = False  # cache: write cache_dir first (python -m trainer.cache) when it is missing or unfinished
+    # remote: what a teacher rank sends back for a training batch: logits (fp32, the whole vocabulary) | compact (the
+    # top distill.top_k with the tail's mass, as teacher.cache_dtype=compact stores them)
+    wire: str = "logits"
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
     recipe: list[str] = field(default_factory=list)
     # teacher=ensemble: several teachers, each aligned to the student on its own; the KD term is the weighted sum
@@ -80,7 +84,8 @@ class TeacherConfig:
             _check(sum(m.weight for m in self.members) > 0, "members", "the members' weights sum to 0")
             _check(self.placement == "replicate", "placement", "an ensemble's members are replicated")
         _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
-        _one_of(self.cache_dtype, ("fp32", "bf16", "fp16"), "cache_dtype")
+        _one_of(self.cache_dtype, ("fp32", "bf16", "fp16", "compact"), "cache_dtype")
+        _one_of(self.wire, ("logits", "compact"), "wire")
 
 
 @dataclass
@@ -344,6 +349,35 @@ class ReportConfig:
 
 
 @dataclass
+class SearchConfig:
+    """``python -m trainer.search``: which cuts of the teacher it tries, and how long it trains the best of them."""
+
+    budget: float = 0.5  # at most 1: a fraction of the teacher's parameters (of `count`); above 1: a number of them
+    count: str = "non_embedding"  # what the budget counts: non_embedding | total
+    slack: float = 0.15  # candidates hold between (1 - slack) x budget and the budget
+    layers: list[int] = field(default_factory=list)  # depths tried (empty: from a quarter of the teacher's to all)
+    widths: list[float] = field(default_factory=list)  # head-group fractions (empty: every whole number of groups)
+    mlp_widths: list[float] = field(default_factory=lambda: [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0])
+    hidden_widths: list[float] = field(default_factory=lambda: [0.625, 0.75, 0.875, 1.0])
+    top: int = 6  # candidates trained: the best as cut
+    tokens: int = 51_200  # training tokens of each trained candidate
+    evals: int = 4  # evaluations along each candidate's training (its curve)
+    dir: str = "search"  # plan.json (scored as cut), a run folder per trained candidate, search.json, search.png
+    launcher: str = "local"  # local (one after another) | slurm (a Hydra sweep job each, hydra/launcher=slurm)
+
+    def check(self) -> None:
+        _check(self.budget > 0, "budget", f"must be > 0 (got {self.budget})")
+        _one_of(self.count, ("non_embedding", "total"), "count")
+        _check(0 <= self.slack < 1, "slack", f"must be in [0, 1) (got {self.slack})")
+        for key in ("top", "tokens", "evals"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1 (got {getattr(self, key)})")
+        for key in ("widths", "mlp_widths", "hidden_widths"):
+            _check(all(0 < w <= 1 for w in getattr(self, key)), key, "every fraction must be in (0, 1]")
+        _check(all(n >= 1 for n in self.layers), "layers", "every depth must be >= 1")
+        _one_of(self.launcher, ("local", "slurm"), "launcher")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     student: dict[str, Any] = field(default_factory=lambda: dict(TINY_GPT))
@@ -355,6 +389,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     experiment: Any = None
 
     def __post_init__(self) -> None:

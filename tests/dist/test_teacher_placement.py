@@ -144,6 +144,26 @@ def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teac
     assert "memory/rank2/params_bytes" not in got[STEPS]  # teacher ranks are not among the trainer's ranks
 
 
+def test_a_compact_wire_sends_the_top_k_with_its_tail_as_the_compact_cache_stores_it(root):
+    """``teacher.wire=compact`` (top-8 with the tail, 6-bit codes and Elias-Fano ids) on 2 student ranks and a teacher
+    rank: the KD loss is the replicated live teacher's with the same top-8 within the codes' rounding (the compact
+    cache's allowance), the evals (full logits still) equal, and the teacher rank says what a token cost on the
+    wire: 20 bytes (a 6-byte header and 6 bytes of codes, 4 id bytes, the tail's 4) against fp32 logits' 128."""
+    top8 = ["distill.top_k=8", "distill.top_k_tail=true", "parallel=ddp"]
+    launch(root, 2, "trainer", "replicate_top8", *top8)
+    proc = launch(root, 3, "trainer", "remote_compact", *top8, "teacher.placement=remote", "parallel.teacher_ranks=1",
+                  "teacher.wire=compact")  # fmt: skip
+    got, want = by_step(root / "remote_compact"), by_step(root / "replicate_top8")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        assert got[step]["distill/kd"] == pytest.approx(expected["distill/kd"], rel=1e-2), step
+        for key in ("eval/val_loss", "distill/agreement"):
+            if key in expected:  # evals: the same student up to the KD's rounding, full teacher logits
+                assert got[step][key] == pytest.approx(expected[key], rel=1e-2), (step, key)
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("teacher rank 2: served")]
+    assert "compact: 20.0 bytes a token" in line and "logits: 128.0 bytes a token" in line, line
+
+
 @pytest.mark.slow  # 3 ranks; the sharded teacher on 2 equals the replicated one in the default tier
 def test_teacher_sharded_over_three_ranks_with_uneven_rows_equals_replicated(root):
     """A dense export is loaded straight into its shards (each rank reads its own rows of the file); over 3 ranks

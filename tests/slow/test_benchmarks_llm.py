@@ -15,17 +15,14 @@ from benchmarks.common import RESULTS
 from benchmarks.gpu import run_smollm2, run_tier
 from benchmarks.llm import END, QUICK, RESULTS_DOC, RESULTS_JSON, START
 from tests.conftest import run_cli
-from tests.data_files import documents, save_llama, save_tokenizer
+from tests.data_files import save_recipe_files
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("transformers", reason="the recipe needs the `hf` extra")
 
 
 def test_quick_run_writes_every_row_and_measures_the_overhead_again(tmp_path):
-    save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
-    (tmp_path / "corpus").mkdir()
-    for i, text in enumerate(documents(30)):
-        (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
+    save_recipe_files(tmp_path)
     section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
     before = RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
     args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "2"]
@@ -58,10 +55,7 @@ def _ratio(out) -> float:
 def test_gpu_benchmark_times_the_recipe_on_a_tiny_teacher(tmp_path):
     """``benchmarks.gpu``'s smollm2 mode (bf16 autocast; on CPU here) times the trainer's steps and counts FLOPs."""
 
-    save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
-    (tmp_path / "corpus").mkdir()
-    for i, text in enumerate(documents(30)):
-        (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
+    save_recipe_files(tmp_path)
     tiny = [
         "teacher=hf", f"teacher.checkpoint={tmp_path / 'llama'}", f"data.files=[{tmp_path / 'corpus'}/*.py]",
         f"data.cache_dir={tmp_path / 'data_cache'}", "train.batch_size=4", *QUICK,

@@ -12,17 +12,14 @@ import pytest
 
 from benchmarks.llm_kd_study import END, RESULTS_DOC, START, STUDY_JSON
 from tests.conftest import run_cli
-from tests.data_files import documents, save_llama, save_tokenizer
+from tests.data_files import save_recipe_files
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("transformers", reason="the recipe needs the `hf` extra")
 
 
 def test_quick_study_pairs_every_variant_with_the_ce_run_of_its_seed(tmp_path):
-    save_llama(tmp_path / "llama", 300, seed=1, tokenizer=save_tokenizer(tmp_path / "tok"))
-    (tmp_path / "corpus").mkdir()
-    for i, text in enumerate(documents(30)):
-        (tmp_path / "corpus" / f"m{i:02d}.py").write_text(text * 3)
+    save_recipe_files(tmp_path)
     section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
     before = STUDY_JSON.read_bytes() if STUDY_JSON.exists() else None
     args = ["--quick", "--out", str(tmp_path), "--teacher", "llama", "--files", "corpus/*.py", "--seeds", "1",

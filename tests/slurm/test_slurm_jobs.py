@@ -155,3 +155,37 @@ def test_hydra_sweep_through_the_slurm_launcher(slurm_cluster, teacher, tmp_path
         kd_losses.append(rows[-1]["distill/kd"])
     assert len(set(kd_losses)) == 3  # each job ran its own temperature
     assert len(list((tmp_path / "sweep" / ".submitit").iterdir())) >= 3  # submitted as SLURM jobs
+
+
+@pytest.mark.slow  # the sweep through the launcher runs in the default tier (the test above); this is the search's use
+def test_the_cut_search_trains_each_candidate_as_a_slurm_job(slurm_cluster, tmp_path):
+    """``python -m trainer.search search.launcher=slurm``: the best two candidates as cut are trained as jobs of the
+    Hydra SLURM launcher (all submitted at once), and ranked after training as a local search ranks them."""
+    import json
+
+    from tests.conftest import save_hf_student
+
+    save_hf_student(tmp_path / "llama", "llama")
+    run = [*(arg for arg in FAST if not arg.startswith("student.")), "student=from_teacher", "student.block_size=16",
+           "student.calib_batches=2", "teacher=hf", f"teacher.checkpoint={tmp_path / 'llama'}", "distill=kd",
+           "data.eval_batches=2", "search.budget=0.5", "search.top=2", "search.tokens=1280", "search.evals=2",
+           "search.layers=[2,3,4]", "search.launcher=slurm"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.search", *run],
+        cwd=tmp_path,
+        env=job_env(slurm_cluster, tmp_path),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "search" / "search.json").read_text())
+    trained = [row for row in result["candidates"] if row["loss_after"] is not None]
+    assert sorted(row["rank_as_cut"] for row in trained) == [1, 2]
+    for row in trained:
+        folder = tmp_path / "search" / row["name"]
+        assert len(list((folder / ".submitit").iterdir())) >= 1  # a SLURM job
+        assert [r["step"] for r in read_metrics(folder)][-1] == 10
+        assert row["curve"][-1] == [1280, row["loss_after"]]
+    assert f"winner: {result['winner']['name']}" in proc.stdout

@@ -37,7 +37,8 @@ def kept(index: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def llama_by_hand(model, layers: list[int], choice: cut.Importance, width: float, hidden: float):
     """transformers' own Llama with the teacher's weights sliced here: ``layers``, the most important key/value groups
-    (with their query heads), MLP channels and embedding channels."""
+    (with their query heads), MLP channels and embedding channels; the norms over the residual stream scaled by
+    sqrt(kept energy / all energy * width / kept width)."""
     config = model.config
     n_kv, head = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     group = config.num_attention_heads // n_kv
@@ -49,14 +50,16 @@ def llama_by_hand(model, layers: list[int], choice: cut.Importance, width: float
     }))  # fmt: skip
     twin = transformers.LlamaForCausalLM(small).eval()
     twin.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[:, channels])
-    twin.model.norm.weight.copy_(model.model.norm.weight[channels])
+    energy = choice.energy
+    scale = ((energy[channels].sum() / energy.sum()) * len(energy) / len(channels)).sqrt().item()
+    twin.model.norm.weight.copy_(model.model.norm.weight[channels] * scale)
     for new, old in enumerate(layers):
         src, dst = model.model.layers[str(old)], twin.model.layers[new]
         heads = cut.top(choice.units["attn", old], int(n_kv * width))
         mlp = cut.top(choice.units["mlp", old], int(config.intermediate_size * width))
         q, kv = kept(heads, group * head), kept(heads, head)
-        dst.input_layernorm.weight.copy_(src.input_layernorm.weight[channels])
-        dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight[channels])
+        dst.input_layernorm.weight.copy_(src.input_layernorm.weight[channels] * scale)
+        dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight[channels] * scale)
         dst.self_attn.q_proj.weight.copy_(src.self_attn.q_proj.weight[q][:, channels])
         dst.self_attn.k_proj.weight.copy_(src.self_attn.k_proj.weight[kv][:, channels])
         dst.self_attn.v_proj.weight.copy_(src.self_attn.v_proj.weight[kv][:, channels])
@@ -223,6 +226,20 @@ def test_every_family_is_cut_in_depth_heads_channels_width_and_experts(kind):
 
 
 @torch.no_grad()
+def test_mlp_width_cuts_the_mlp_channels_apart_from_the_head_groups():
+    model, calib = teacher("llama"), batches()
+    student = cut.cut(model, cut.CutConfig(width=0.5, mlp_width=0.25), calib)
+    c = student.config
+    assert (c.num_key_value_heads, c.num_attention_heads, c.intermediate_size) == (1, 2, 32)
+    choice = cut.measure(model, calib)
+    kept_mlp = cut.top(choice.units["mlp", 0], 32)
+    torch.testing.assert_close(
+        student.model.layers["0"].mlp.up_proj.weight, model.model.layers["0"].mlp.up_proj.weight[kept_mlp]
+    )
+    assert cut.cut(model, cut.CutConfig(mlp_width=0.5), calib).config.num_key_value_heads == 2
+
+
+@torch.no_grad()
 def test_hidden_width_keeps_the_most_active_embedding_channels():
     """32 chosen embedding channels scaled up 10x: the residual stream is widest there, the cut keeps them."""
     model = teacher("llama")
@@ -231,7 +248,33 @@ def test_hidden_width_keeps_the_most_active_embedding_channels():
     assert torch.equal(cut.top(cut.measure(model, batches()).channels, 32), embedding)
     student = cut.cut(model, cut.CutConfig(hidden_width=0.5), batches())
     torch.testing.assert_close(student.model.embed_tokens.weight, model.model.embed_tokens.weight[:, embedding])
-    torch.testing.assert_close(student.model.norm.weight, model.model.norm.weight[embedding])
+    scale = cut.norm_scale_of(cut.measure(model, batches()).energy, embedding)
+    assert 1 < scale < 2**0.5  # most of the energy is in the kept half
+    torch.testing.assert_close(student.model.norm.weight, model.model.norm.weight[embedding] * scale)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "phi3"])
+@torch.no_grad()
+def test_cutting_channels_that_carry_nothing_keeps_the_function_and_the_export_reloads(kind, tmp_path):
+    """Half the residual stream's channels zero everywhere (the embedding's columns, the rows every layer writes to
+    it): the cut to half the width computes the teacher's logits (1e-6), and its export, loaded by transformers,
+    the cut's. The norms' epsilon is 1e-12 here: it is added to the mean square over the width, which the cut halves
+    (at the usual 1e-6, against these random weights' mean square of about 4e-4, it moves the logits by 5e-4)."""
+    torch.manual_seed(0)
+    model = models.build("hf", hf_config=small_hf_config(kind).to_dict() | {"rms_norm_eps": 1e-12}).eval()
+    empty = torch.randperm(64, generator=torch.Generator().manual_seed(4))[:32]
+    for name, param in model.state_dict().items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            param[:, empty] = 0
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            param[empty] = 0
+    student = cut.cut(model, cut.CutConfig(hidden_width=0.5), batches()).eval()
+    assert student.config.hidden_size == 32
+    x = batches(3)[2]
+    torch.testing.assert_close(student(x), model(x), rtol=0, atol=1e-6)
+    models.save_dense(student, tmp_path / "export")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    torch.testing.assert_close(loaded(input_ids=x).logits, student(x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

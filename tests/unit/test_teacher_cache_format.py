@@ -122,7 +122,10 @@ MANIFEST = cache.new_manifest(KEY, steps=4, positions=3, values_dtype="fp32", n_
         (json.dumps({**MANIFEST, "steps": "four"}), 'steps is "four", not an integer'),
         (json.dumps({**MANIFEST, "key": {**MANIFEST["key"], "k": None}}), "key.k is null, not an integer"),
         (json.dumps({**MANIFEST, "key": {"k": 5}}), "key.teacher is missing"),
-        (json.dumps({**MANIFEST, "values_dtype": "fp8"}), "values_dtype is 'fp8', not one of fp32, fp16, bf16"),
+        (
+            json.dumps({**MANIFEST, "values_dtype": "fp8"}),
+            "values_dtype is 'fp8', not one of fp32, fp16, bf16, compact",
+        ),
         (json.dumps({**MANIFEST, "shards": [[0, 2], [3, 4]]}), "shards [[0, 2], [3, 4]] are not [start, stop) pairs"),
         (json.dumps({**MANIFEST, "shards": [[0, 5], [5, 4]]}), "shards [[0, 5], [5, 4]] hold a range that ends"),
     ],

@@ -13,6 +13,11 @@ log-sum-exp of all its logits at the manifest's ``lse_temperature`` (the writing
                                                                     values.bin, indices.bin and lse.bin
     shard_00000/progress.json  {"done": steps written}              replaced atomically after each flushed step
 
+With ``values_dtype`` ``compact`` (``indices_dtype`` ``elias_fano``) values.bin and indices.bin hold each
+position's top-k as uint8 rows of a fixed length (``trainer/cache/compact.py``: 6-bit codes and Elias-Fano ids;
+150 bytes a position with lse.bin at k = 64 of 49,152 tokens, where fp32 values and int32 ids take 516), and
+lse.bin the log-mass of the logits off the top-k instead (the reader adds the decoded top-k's to it).
+
 ``python -m trainer.cache`` writes it (trainer/cli/cache.py), and on a rerun verifies the steps already written;
 ``CacheReader`` reads it by (step, rows) and verifies every row it returns against its CRC32s.
 """
@@ -29,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+
+from trainer.cache import compact
 
 if TYPE_CHECKING:
     from trainer.config import DataConfig, DistillConfig, TeacherConfig, TrainConfig
@@ -50,7 +57,9 @@ VALUE_DTYPES: dict[str, tuple[type[Any], torch.dtype]] = {
     "fp32": (np.float32, torch.float32),
     "fp16": (np.float16, torch.float16),
     "bf16": (np.int16, torch.bfloat16),
-}  # bf16 stored as its raw 16 bits
+    "compact": (np.uint8, torch.uint8),
+}  # bf16 stored as its raw 16 bits; compact as trainer/cache/compact.py's rows
+INDEX_DTYPES = ("int16", "int32", "elias_fano")
 
 
 class CacheError(ValueError):
@@ -105,7 +114,7 @@ class Manifest:
             steps=steps,
             positions=_field(raw, "positions", "int"),
             values_dtype=_choice(raw, "values_dtype", tuple(VALUE_DTYPES)),
-            indices_dtype=_choice(raw, "indices_dtype", ("int16", "int32")),
+            indices_dtype=_choice(raw, "indices_dtype", INDEX_DTYPES),
             shards=_shards(_field(raw, "shards", "list"), steps),
             data_files=raw.get("data_files") or {},
         )
@@ -188,11 +197,22 @@ def new_manifest(
         steps=steps,
         positions=positions,
         values_dtype=values_dtype,
-        indices_dtype="int16" if key.vocab <= np.iinfo(np.int16).max + 1 else "int32",
+        indices_dtype=_index_dtype(key.vocab, values_dtype),
         shards=tuple(zip(bounds[:-1], bounds[1:])),
         data_files=data_files or {},
         lse_temperature=lse_temperature,
     )
+
+
+def _index_dtype(vocab: int, values_dtype: str) -> str:
+    if values_dtype == "compact":
+        return "elias_fano"
+    return "int16" if vocab <= np.iinfo(np.int16).max + 1 else "int32"
+
+
+def bytes_per_position(manifest: Manifest) -> int:
+    """Bytes one position takes in values.bin, indices.bin and lse.bin together."""
+    return sum(dtype.itemsize * int(np.prod(shape[3:])) for dtype, shape in list(_layout(manifest, 0).values())[:3])
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -242,9 +262,16 @@ def steps_done(root: Path, manifest: Manifest, shard: int) -> int:
 def _layout(manifest: Manifest, shard: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Each array file of ``shard``: its dtype and shape (ROW_FILES, then CHECKSUMS)."""
     shape = manifest.shape(shard)
+    values_shape = indices_shape = shape
+    if manifest.values_dtype == "compact":
+        values_shape = (*shape[:-1], compact.value_bytes(manifest.key.k))
+        indices_shape = (*shape[:-1], compact.index_bytes(manifest.key.k, manifest.key.vocab))
     return {
-        "values.bin": (np.dtype(VALUE_DTYPES[manifest.values_dtype][0]), shape),
-        "indices.bin": (np.dtype(manifest.indices_dtype), shape),
+        "values.bin": (np.dtype(VALUE_DTYPES[manifest.values_dtype][0]), values_shape),
+        "indices.bin": (
+            np.dtype(np.uint8 if manifest.indices_dtype == "elias_fano" else manifest.indices_dtype),
+            indices_shape,
+        ),
         "lse.bin": (np.dtype(np.float32), shape[:-1]),
         CHECKSUMS: (np.dtype(np.uint32), (*shape[:2], len(ROW_FILES))),
     }
@@ -320,12 +347,9 @@ class ShardWriter:
         logits = logits.detach().float().reshape(self.manifest.key.batch_size, self.manifest.positions, -1).cpu()
         values, indices = logits.topk(self.manifest.key.k, dim=-1)
         at = step - self.start
-        stored = values.to(VALUE_DTYPES[self.manifest.values_dtype][1])
-        parts = (
-            (stored.view(torch.int16) if self.manifest.values_dtype == "bf16" else stored).numpy(),
-            indices.numpy().astype(self.manifest.indices_dtype),
-            torch.logsumexp(logits / self.manifest.lse_temperature, dim=-1).numpy(),
-        )
+        temperature = self.manifest.lse_temperature
+        whole = compact.tail_of if self.manifest.values_dtype == "compact" else _logsumexp
+        parts = (*_stored(self.manifest, values, indices), whole(logits, indices, temperature).numpy())
         for array, part in zip(self.rows, parts):
             array[at] = part
         self.checksums[at] = row_checksums([array[at] for array in self.rows])
@@ -336,6 +360,33 @@ class ShardWriter:
 
     def record(self) -> None:
         write_json_atomic(shard_dir(self.root, self.shard) / "progress.json", {"done": self.done})
+
+
+def _stored(manifest: Manifest, values: torch.Tensor, indices: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ``values`` (fp32) and ``indices`` as values.bin and indices.bin store them."""
+    if manifest.values_dtype == "compact":
+        return compact.encode(values.numpy(), indices.numpy(), manifest.key.vocab)
+    stored = values.to(VALUE_DTYPES[manifest.values_dtype][1])
+    if manifest.values_dtype == "bf16":
+        stored = stored.view(torch.int16)
+    return stored.numpy(), indices.numpy().astype(manifest.indices_dtype)
+
+
+def _logsumexp(logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.logsumexp(logits / temperature, dim=-1)
+
+
+def _loaded(
+    manifest: Manifest, values: np.ndarray, indices: np.ndarray, lse: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`_stored`: values fp32 (descending), indices int64 and the log-sum-exp."""
+    if manifest.values_dtype == "compact":
+        k, vocab = manifest.key.k, manifest.key.vocab
+        return compact.unpack(values, indices, torch.from_numpy(lse), k, vocab, manifest.lse_temperature)
+    stored = torch.from_numpy(values)
+    if manifest.values_dtype == "bf16":
+        stored = stored.view(torch.bfloat16)
+    return stored.float(), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(lse)
 
 
 class CacheReader:
@@ -356,10 +407,7 @@ class CacheReader:
         problem = _garbled(self.root, shard, step, picked, row_checksums([values, indices, lse]), checksums[at, picked])
         if problem:
             raise CacheError(f"{problem}; {REBUILD}")
-        stored = torch.from_numpy(values)
-        if self.manifest.values_dtype == "bf16":
-            stored = stored.view(torch.bfloat16)
-        return stored.float(), torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(lse)
+        return _loaded(self.manifest, values, indices, lse)
 
 
 def check(cache_dir: str, key: CacheKey, max_steps: int, distill: DistillConfig, complete: bool = True) -> Manifest:

@@ -140,7 +140,7 @@ def hydra_entry(dict_cfg: DictConfig) -> None:
         print(
             f"teacher cache {cfg.teacher.cache_dir}: {manifest.steps} steps x {k.batch_size} samples x "
             f"{manifest.positions} positions, top-{k.k} of {k.vocab} ({manifest.values_dtype} values), "
-            f"{len(manifest.shards)} shards",
+            f"{len(manifest.shards)} shards, {cache.bytes_per_position(manifest)} bytes per teacher token",
             file=sys.stderr,
         )
 

@@ -11,6 +11,11 @@ Importance is measured on calibration batches, in eval mode, through the model p
 - an expert's (a mixture-of-experts layer's units): what its family measures (``unit_importance_hook``).
 
 Ties go to the earlier layer or unit, so the choice is deterministic.
+
+A cut of the width scales the RMS norms over the residual stream (``ModelFamily.hidden_norms``) by
+``sqrt(kept energy / all energy * width / kept width)``, the energy a channel's mean squared hidden state: the norms
+then divide by the stream's RMS as the teacher's did where the channels cut carried nothing (exactly, but for the
+norms' ``eps``), and by what it was on average otherwise.
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ LAYER_SELECT = ("uniform", "importance")
 class CutConfig:
     """``student=from_teacher``: ``layers`` of the teacher's decoder layers (all when None), chosen ``uniform`` (evenly
     spaced, the first and last included) or by ``importance``; ``width`` the fraction of attention head groups and MLP
-    channels kept, ``hidden_width`` that of the model width, ``experts`` the experts kept of each mixture-of-experts
-    layer (all when None), all by importance over ``calib_batches`` batches of the training data drawn with
-    ``calib_seed`` (not ``train.seed``: every seed of a run trains the same student)."""
+    channels kept (``mlp_width``, when set, that of the MLP channels), ``hidden_width`` that of the model width,
+    ``experts`` the experts kept of each mixture-of-experts layer (all when None), all by importance over
+    ``calib_batches`` batches of the training data drawn with ``calib_seed`` (not ``train.seed``: every seed of a run
+    trains the same student)."""
 
     layers: int | None = None
     layer_select: str = "uniform"
     width: float = 1.0
+    mlp_width: float | None = None
     hidden_width: float = 1.0
     experts: int | None = None
     calib_batches: int = 4
@@ -51,8 +58,8 @@ class CutConfig:
             raise ConfigFieldError(
                 "layer_select", f"must be one of {', '.join(LAYER_SELECT)} (got {self.layer_select!r})"
             )
-        for key in ("width", "hidden_width"):
-            if not 0 < getattr(self, key) <= 1:
+        for key in ("width", "mlp_width", "hidden_width"):
+            if getattr(self, key) is not None and not 0 < getattr(self, key) <= 1:
                 raise ConfigFieldError(key, f"must be in (0, 1] (got {getattr(self, key)})")
         if self.experts is not None and self.experts < 1:
             raise ConfigFieldError("experts", f"must be >= 1 (got {self.experts})")
@@ -64,17 +71,19 @@ class CutConfig:
     @property
     def calibrates(self) -> bool:
         """Whether the cut needs calibration batches (an importance choice of anything)."""
-        return self.layer_select == "importance" or self.width < 1 or self.hidden_width < 1 or self.experts is not None
+        widths = (self.width, self.hidden_width, 1.0 if self.mlp_width is None else self.mlp_width)
+        return self.layer_select == "importance" or min(widths) < 1 or self.experts is not None
 
 
 @dataclass
 class Importance:
     """What calibration measured: per decoder layer, per unit of each group ``(kind, layer)``, per embedding
-    channel."""
+    channel (mean |hidden state|, and ``energy``: mean squared hidden state)."""
 
     layers: torch.Tensor
     units: dict[tuple[str, int], torch.Tensor]
     channels: torch.Tensor
+    energy: torch.Tensor
 
 
 def uniform_layers(depth: int, keep: int) -> list[int]:
@@ -105,6 +114,7 @@ def measure(model: nn.Module, batches: list[torch.Tensor]) -> Importance:
         )
     layers = torch.zeros(depth, dtype=torch.float64)
     channels = torch.zeros(family.width(model), dtype=torch.float64)
+    energy = torch.zeros_like(channels)
     was_training = model.training
     model.eval()
     try:
@@ -114,12 +124,16 @@ def measure(model: nn.Module, batches: list[torch.Tensor]) -> Importance:
                 layers[i] += (1 - F.cosine_similarity(hidden[i], hidden[i + 1], dim=-1)).mean().double()
             for h in hidden.values():
                 channels += h.abs().flatten(0, -2).mean(0).double()
+                energy += h.double().square().flatten(0, -2).mean(0)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
     n = len(batches)
-    return Importance(layers / n, {key: total / n for key, total in units.items()}, channels / (n * (depth + 1)))
+    per_state = n * (depth + 1)
+    return Importance(
+        layers / n, {key: total / n for key, total in units.items()}, channels / per_state, energy / per_state
+    )
 
 
 def _unit_hook(group: UnitGroup, totals: dict[tuple[str, int], torch.Tensor]):
@@ -135,13 +149,13 @@ def _unit_hook(group: UnitGroup, totals: dict[tuple[str, int], torch.Tensor]):
 
 def kept_units(group: UnitGroup, config: CutConfig) -> int:
     """How many of ``group``'s units the cut keeps: ``config.experts`` experts; of ``config.width``, a whole number of
-    attention units (key/value head groups), else ConfigFieldError saying which widths would do; MLP channels are
-    rounded."""
+    attention units (key/value head groups), else ConfigFieldError saying which widths would do; MLP channels (of
+    ``config.mlp_width`` when set) are rounded."""
     if group.kind == "experts":
         if config.experts is not None and config.experts > group.n_units:
             raise ConfigFieldError("experts", f"{config.experts} is more than the teacher's {group.n_units} experts")
         return group.n_units if config.experts is None else config.experts
-    width = config.width
+    width = config.mlp_width if group.kind != "attn" and config.mlp_width is not None else config.width
     exact = width * group.n_units
     if group.kind == "attn" and abs(exact - round(exact)) > 1e-6:
         fits = ", ".join(f"{k / group.n_units:g}" for k in range(1, group.n_units + 1))
@@ -153,17 +167,20 @@ def kept_units(group: UnitGroup, config: CutConfig) -> int:
     return max(1, round(exact))
 
 
-def cut(model: nn.Module, config: CutConfig, batches: list[torch.Tensor]) -> nn.Module:
+def cut(
+    model: nn.Module, config: CutConfig, batches: list[torch.Tensor], importance: Importance | None = None
+) -> nn.Module:
     """The student ``config`` cuts out of ``model`` (its layers, units and channels chosen on ``batches``, which may be
-    empty when ``config.calibrates`` is false, or when ``model`` is on the meta device: then only the sizes matter).
-    Raises ConfigFieldError naming the field that cannot be met."""
+    empty when ``config.calibrates`` is false, or when ``model`` is on the meta device: then only the sizes matter;
+    or on ``importance``, what ``measure`` already found on them). Raises ConfigFieldError naming the field that
+    cannot be met."""
     family = family_of(model)
     depth = len(family.layers(model))
     keep = depth if config.layers is None else config.layers
     if keep > depth:
         raise ConfigFieldError("layers", f"{keep} is more than the teacher's {depth} decoder layers")
     sizes_only = next(iter(model.parameters())).is_meta
-    scores = None if sizes_only or not config.calibrates else measure(model, batches)
+    scores = None if sizes_only or not config.calibrates else importance or measure(model, batches)
     if config.layer_select == "importance" and scores is not None:
         layers = top(scores.layers, keep).tolist()
     else:
@@ -178,19 +195,40 @@ def cut(model: nn.Module, config: CutConfig, batches: list[torch.Tensor]) -> nn.
     }
     width = family.width(model)
     hidden = max(1, round(config.hidden_width * width))
-    channels, hidden_dims = None, {}
+    channels, hidden_dims, norm_scale = None, {}, 1.0
     if hidden < width:
         try:
             hidden_dims = family.hidden_dims(model)
         except Unsupported as e:
             raise ConfigFieldError("hidden_width", str(e)) from None
         channels = top(scores.channels, hidden) if scores is not None else torch.arange(hidden)
+        if scores is not None:
+            norm_scale = norm_scale_of(scores.energy, channels)
     renumber = {old: new for new, old in enumerate(layers)}
     widths = {(kind, renumber[layer]): len(index) for (kind, layer), index in units.items()}
     student = family.build(family.cut_config(model, layers, widths, hidden))
     if not sizes_only:
-        student.load_state_dict(cut_state(model, layers, groups, units, (channels, hidden_dims)))
+        state = cut_state(model, layers, groups, units, (channels, hidden_dims))
+        for name in family.hidden_norms(model):
+            target = _renamed(name, f"{family.layers_attr}.", {str(old): str(new) for new, old in enumerate(layers)})
+            if target is not None:
+                state[target] = state[target] * norm_scale
+        student.load_state_dict(state)
     return student
+
+
+def norm_scale_of(energy: torch.Tensor, channels: torch.Tensor) -> float:
+    """The factor of the residual stream's norms when only ``channels`` of it are kept (see the module)."""
+    kept = energy[channels].sum() / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((kept * len(energy) / len(channels)).sqrt())
+
+
+def _renamed(name: str, prefix: str, renumber: dict[str, str]) -> str | None:
+    """``name`` in the cut model: its layer renumbered by ``renumber`` (None for a layer not kept)."""
+    if not name.startswith(prefix):
+        return name
+    layer, rest = name.removeprefix(prefix).split(".", 1)
+    return f"{prefix}{renumber[layer]}.{rest}" if layer in renumber else None
 
 
 def cut_state(
@@ -209,12 +247,9 @@ def cut_state(
     kept_channels, hidden_dims = channels
     state = {}
     for name, tensor in model.state_dict().items():
-        target = name
-        if name.startswith(prefix):
-            layer, rest = name.removeprefix(prefix).split(".", 1)
-            if layer not in renumber:
-                continue
-            target = f"{prefix}{renumber[layer]}.{rest}"
+        target = _renamed(name, prefix, renumber)
+        if target is None:
+            continue
         if name in owner:
             keep = torch.zeros(groups[owner[name]].n_units, dtype=torch.bool)
             keep[units[owner[name]]] = True

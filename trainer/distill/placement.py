@@ -27,6 +27,7 @@ from parallel.frozen import shard_frozen, teacher_mesh
 from parallel.mesh import ParallelDims
 from parallel.remote import PendingLogits, RemoteClient, Roles
 from trainer import cache, models
+from trainer.cache import compact
 from trainer.data import local_slice
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
@@ -254,16 +255,29 @@ class RemoteTeacher(Teacher):
     placement = "remote"
     scores_apart = True
 
-    def __init__(self, client: RemoteClient):
+    def __init__(self, client: RemoteClient, compact_wire: tuple[int, float] | None = None):
+        """``compact_wire``: (k, temperature) when training batches come back as compact top-k rows with the tail's
+        mass at that temperature (``teacher.wire=compact``; the client's wire packs them)."""
         super().__init__()
-        self.client = client
+        self.client, self.compact_wire = client, compact_wire
 
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        return TeacherOutput(logits=self.client.logits(x, None if step < 0 else (step, micro)))
+        reply = self.client.logits(x, None if step < 0 else (step, micro))
+        return TeacherOutput(logits=reply[0]) if step < 0 else self.output(reply, x.device)
+
+    def output(self, reply: list[torch.Tensor], device: torch.device) -> TeacherOutput:
+        """A training batch's reply: its logits, or the top-k with the log-sum-exp the compact rows give."""
+        if self.compact_wire is None:
+            return TeacherOutput(logits=reply[0])
+        k, temperature = self.compact_wire
+        value_rows, index_rows, tail = (part.cpu() for part in reply)
+        values, indices, lse = compact.unpack(value_rows.numpy(), index_rows.numpy(), tail, k, self.client.vocab,
+                                              temperature)  # fmt: skip
+        return TeacherOutput(topk=(values.to(device), indices.to(device)), lse=lse.to(device))
 
     def send_samples(self, x: torch.Tensor, on: torch.Tensor, start: int) -> PendingLogits | None:
         """The student's samples (rows ``on``) go to the teacher rank as they are; their logits come back from
-        position ``start`` on."""
+        position ``start`` on (on-policy runs use the logits wire: preflight)."""
         return self.client.request(x[on], start) if bool(on.any()) else None
 
     def forward_samples(
@@ -273,7 +287,7 @@ class RemoteTeacher(Teacher):
         inputs are known beforehand), in one tensor: zeros where nothing is needed."""
         logits = torch.zeros(*x.shape, self.client.vocab, device=x.device)
         if not bool(on.all()):
-            logits[~on] = self.client.logits(x[~on], (step, micro))
+            logits[~on] = self.client.logits(x[~on], (step, micro))[0]
         if sent is not None:
             logits[on, start:] = sent.wait()
         return TeacherOutput(logits=logits)
@@ -350,6 +364,11 @@ def build_teacher(
     if placement == "remote":
         roles = Roles(dist.get_world_size(), teacher_ranks)
         logits = real_vocab or vocab  # the teacher rank cuts its logits to the real vocabulary
+        if teacher.wire == "compact":
+            assert distill.top_k is not None  # preflight: a compact wire sends the top distill.top_k
+            wire = compact.wire(distill.top_k, logits, distill.temperature)
+            client = RemoteClient(roles.server_of(dist.get_rank()), logits, next_input, wire)
+            return RemoteTeacher(client, (distill.top_k, distill.temperature))
         return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), logits, next_input))
     if placement == "cache":
         assert teacher.cache_dir is not None and cache_manifest is not None  # the build checked the cache

@@ -266,6 +266,12 @@ class ModelFamily(ABC, Generic[ModelT]):
         cutting the model's width keeps a subset of."""
         raise Unsupported(f"{self.name} models cannot be cut in width")
 
+    def hidden_norms(self, model: ModelT) -> list[str]:
+        """The weights of the RMS norms over the residual stream that multiply their normalized input: a cut of the
+        width scales them (``trainer.cut``), so that channels that carried nothing leave the function as it was.
+        None by default (a LayerNorm's mean moves too; a norm of another form needs its own rule)."""
+        return []
+
     def cut_config(self, model: ModelT, layers: list[int], widths: dict[tuple[str, int], int], hidden: int) -> Any:
         """``model``'s config with only its decoder ``layers`` (renumbered from 0), ``widths[kind, i]`` units in the
         unit groups of new layer ``i`` (``thinned_widths``' answer) and a residual stream ``hidden`` wide."""

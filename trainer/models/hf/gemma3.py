@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trainer.models.hf import register_decoder
+from trainer.models.hf import HFDecoderLM, register_decoder
 from trainer.models.hf.llama import LlamaFamily, LlamaLM
 
 
@@ -26,6 +26,11 @@ class Gemma3Family(LlamaFamily):
 
     name, model_class = "hf_gemma3", Gemma3LM
     model_types = ("gemma3_text",)
+
+    def hidden_norms(self, model: HFDecoderLM) -> list[str]:
+        """None: its norms multiply by ``1 + weight`` and its embeddings by sqrt(width), which a cut of the width
+        moves with its tied head; its width is cut as Minitron does, norms as they are."""
+        return []
 
 
 register_decoder(Gemma3Family())

@@ -201,6 +201,10 @@ class LlamaFamily(HFDecoderFamily):
         dims = {name: HIDDEN_DIMS.get(".".join(name.split(".")[-2:])) for name in model.state_dict()}
         return {name: dim for name, dim in dims.items() if dim is not None}
 
+    def hidden_norms(self, model: HFDecoderLM) -> list[str]:
+        """Every norm over the residual stream (``x / rms(x) * weight``)."""
+        return [name for name, dim in self.hidden_dims(model).items() if dim == 0 and name.endswith("norm.weight")]
+
     def cut_config(
         self, model: HFDecoderLM, layers: list[int], widths: dict[tuple[str, int], int], hidden: int
     ) -> HFConfig:

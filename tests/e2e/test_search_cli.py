@@ -1,0 +1,104 @@
+"""``python -m trainer.search`` on a small random Llama teacher (4 layers, 64 wide): it enumerates the cuts within the
+budget, scores each as cut, trains the best two briefly, ranks them after training and names the winner; a rerun
+reads its plan back and trains nothing again; a student not cut from the teacher, or a budget no cut meets, is one
+config-error line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, run_cli, save_hf_student
+from trainer import search
+from trainer.config import SearchConfig
+from trainer.cut import CutConfig, from_teacher
+from trainer.cut import cut as cut_model
+
+pytestmark = pytest.mark.e2e
+transformers = pytest.importorskip("transformers", reason="Hugging Face models need the `hf` extra")
+
+RUN = [
+    *(arg for arg in FAST if not arg.startswith("student.")),
+    "student=from_teacher", "student.block_size=16", "student.calib_batches=2", "teacher=hf",
+    "teacher.checkpoint=llama", "distill=kd", "data.eval_batches=2",
+]  # fmt: skip
+SEARCH = ["search.budget=0.5", "search.top=2", "search.tokens=1280", "search.evals=2", "search.layers=[2,3,4]"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    save_hf_student(root / "llama", "llama")
+    return root
+
+
+def test_the_best_cuts_as_cut_are_trained_ranked_after_training_and_a_rerun_trains_nothing(root):
+    proc = run_cli(root, *RUN, *SEARCH, module="trainer.search")
+    result = json.loads((root / "search" / "search.json").read_text())
+    rows = result["candidates"]
+    assert len(rows) >= 4 and all(0.85 * result["budget"] <= r["non_embedding"] <= result["budget"] for r in rows)
+    trained = [r for r in rows if r["loss_after"] is not None]
+    assert sorted(r["rank_as_cut"] for r in trained) == [1, 2]  # the two best as cut
+    assert sorted(r["rank_after"] for r in trained) == [1, 2]
+    for row in trained:
+        assert row["curve"][0] == [0, row["loss_as_cut"]] and row["curve"][-1] == [1280, row["loss_after"]]
+        assert row["loss_after"] < row["loss_as_cut"]
+        assert row["gap_recovered"] is None or row["gap_recovered"] > 0  # None: the random teacher is worse as cut
+        config = json.loads((root / "search" / row["name"] / "final" / "config.json").read_text())
+        assert (config["num_hidden_layers"], config["hidden_size"]) == (row["layers"], round(64 * row["hidden_width"]))
+    winner = min(trained, key=lambda r: r["loss_after"])
+    assert result["winner"]["name"] == winner["name"]
+    assert f"winner: {winner['name']}: student.layers={winner['layers']} " in proc.stdout
+    assert (root / "search" / "search.png").stat().st_size > 0
+    again = run_cli(root, *RUN, *SEARCH, module="trainer.search")
+    assert "candidates of at most" not in again.stderr  # the plan was read back, not scored again
+    assert again.stderr.count("holds this run, finished") == 2
+    assert json.loads((root / "search" / "search.json").read_text()) == result
+
+
+def test_candidates_are_the_largest_cut_within_the_budget_at_each_depth_and_width():
+    """Counted on the meta device (parameters linear in the depth) and equal to the real cut's count."""
+    import torch
+
+    from tests.conftest import small_hf_config
+    from trainer import models
+
+    torch.manual_seed(0)
+    teacher = models.build("hf", hf_config=small_hf_config("llama").to_dict())
+    config = SearchConfig(budget=0.5, layers=[2, 3, 4])
+    base = CutConfig(block_size=16)
+    with torch.device("meta"):
+        meta = models.build("hf", hf_config=small_hf_config("llama").to_dict())
+    budget = search.budget_of(config, search.parameters(meta))
+    assert budget == int(0.5 * search.parameters(teacher)[1])
+    found = search.enumerate_candidates(meta, base, config)
+    assert found and all(0.85 * budget <= c.non_embedding <= budget for c in found)
+    for c in found:
+        assert search.parameters(cut_model(teacher, c.cut_config(base), [])) == (c.params, c.non_embedding)
+        bigger = [
+            search.parameters(cut_model(teacher, CutConfig(layers=c.layers, width=w, mlp_width=m,
+                                                           hidden_width=c.hidden_width), []))[1]
+            for w in (0.5, 1.0) for m in config.mlp_widths
+        ]  # fmt: skip
+        assert max(n for n in bigger if n <= budget) == c.non_embedding  # nothing larger fits at that shape
+    assert from_teacher.is_cut({"arch": "from_teacher"})
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["student=tiny"], "config error: student: python -m trainer.search cuts the student out of the teacher: "
+         "use student=from_teacher"),
+        (["search.budget=10", "search.layers=[2]"], "config error: search.budget: no cut of the grid holds between "
+         "0.85 and 1 x the budget of 10 non_embedding parameters"),
+        (["search.count=all"], "config error: search.count: must be one of non_embedding, total (got 'all')"),
+    ],
+)  # fmt: skip
+def test_bad_searches_are_one_config_error_line(root, overrides, line):
+    run = [arg for arg in RUN if not (arg.startswith("student.") or arg == "student=from_teacher")] if (
+        overrides[0] == "student=tiny") else RUN  # fmt: skip
+    proc = run_cli(root, *run, *SEARCH, *overrides, "search.dir=bad", module="trainer.search", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
+    assert not (root / "bad" / "search.json").exists()
