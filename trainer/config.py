@@ -285,6 +285,7 @@ class TrainConfig:
     accum_order: str = "sequential"
     seed: int = 1337
     eval_every: int = 250
+    eval_at_start: bool = False  # also evaluate before the first step of a fresh run (logged as step 0)
     ckpt_every: int = 500
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
@@ -342,6 +343,9 @@ class ReportConfig:
     prompts: list[str] = field(default_factory=list)  # side_by_side: greedy completions by each model
     new_tokens: int = 32
     latency_repeats: int = 20  # CPU forward passes whose median is a model's latency in report.md
+    # side_by_side: a second held-out set unlike the training files (globs of text files): each model's loss on
+    # windows of them, the data's tokenizer and sequence length
+    heldout_files: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         _check(self.new_tokens >= 1, "new_tokens", f"must be >= 1 (got {self.new_tokens})")

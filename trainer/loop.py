@@ -255,6 +255,8 @@ class Trainer:
         last_eval: dict[str, float] = {}
         interval_start, interval_steps = time.perf_counter(), 0
         step = self.start_step
+        if step == 0 and t.eval_at_start:
+            self.logger.log(0, self.evaluate())
         stops = StopRequests(self.env.device).install()
         try:
             while step < stop:

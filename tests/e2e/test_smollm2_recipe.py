@@ -58,7 +58,8 @@ def root(tmp_path_factory) -> Path:
 def test_the_recipe_runs_end_to_end_and_a_rerun_reuses_the_cache(root):
     first = run_cli(root, *TINY, "hydra.run.dir=run")
     assert "building it" in first.stderr
-    rows = read_metrics(root / "run")
+    before, *rows = read_metrics(root / "run")
+    assert before["step"] == 0 and before["eval/val_loss"] > 0  # train.eval_at_start: the student as cut
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     assert [row["compress/qat_active"] for row in rows] == [0, 1, 1, 1]  # on for the steps after step 2 (of 4)
     side = json.loads((root / "run" / "side_by_side.json").read_text())
@@ -66,10 +67,16 @@ def test_the_recipe_runs_end_to_end_and_a_rerun_reuses_the_cache(root):
     assert [r["model"] for r in side["models"]] == ["teacher", "student (export)", "student (dense)"]
     assert teacher["agreement"] == 1 and 0 <= export["agreement"] <= 1 and export["bytes"] < dense["bytes"]
     assert export["params"] == dense["params"] < teacher["params"]  # the export's scales are not counted
-    assert all(r["val_loss"] > 0 and r["tokens_per_s"] > 0 for r in side["models"])
+    assert all(r["val_loss"] > 0 and r["tokens_per_s"] > 0 and r["heldout_loss"] > 0 for r in side["models"])
+    assert side["heldout_tokens"] >= 4 * 16  # windows of the Python licence and IDLE's text files
+    gap = side["gap_recovered"]  # the share of the gap between the cut student (step 0) and the teacher closed
+    assert gap["val_loss_before"] == before["eval/val_loss"]
+    want = (gap["val_loss_before"] - export["val_loss"]) / (gap["val_loss_before"] - teacher["val_loss"])
+    assert gap["share"] == pytest.approx(want)
     assert len(side["completions"]) == 3 and "student (export)" in first.stdout
     report = (root / "run" / "report.md").read_text()
     assert "Teacher and student as transformers loads them" in report and "def fibonacci" in report
+    assert "| held-out loss |" in report and "of the gap between the student before its first step" in report
     config = json.loads((root / "run" / "final" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert config["num_hidden_layers"] == 2
