@@ -129,6 +129,7 @@ def read_run(run_dir: Path, label: str) -> dict:
         "train_tokens_per_s": statistics.fmean(speeds[1:] or speeds),  # the first interval holds the warm-up
         "train_minutes": json.loads((run_dir / "report.json").read_text())["train_seconds"] / 60,
         "teacher": rows["teacher"],
+        **({"gap_recovered": side["gap_recovered"]["share"]} if side.get("gap_recovered") else {}),
         "completions": {prompt: by["student (export)"] for prompt, by in side["completions"].items()},
         "teacher_completions": {prompt: by["teacher"] for prompt, by in side["completions"].items()},
     }
@@ -213,6 +214,10 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     """The docs/console table: one line per row (mean ± std over seeds where there are several)."""
     columns = ["row", "seeds", "non-emb. params", "params", "bytes on disk", "val loss", "top-1 agreement",
                "train tokens/s", "train min"]  # fmt: skip
+    # Runs of report.heldout_files and train.eval_at_start (the recipe since they exist) add two columns.
+    extra = [key for key in ("heldout_loss", "gap_recovered") if any(key in r for row in results["rows"]
+                                                                      for r in row["runs"])]  # fmt: skip
+    columns += [{"heldout_loss": "held-out (prose) loss", "gap_recovered": "gap recovered"}[key] for key in extra]
     lines = []
     for row in results["rows"]:
         runs = row["runs"]
@@ -226,6 +231,7 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
             row["label"], str(len(runs)), f"{runs[0]['non_embedding_params']:,}", f"{runs[0]['params']:,}",
             f"{runs[0]['bytes']:,}", cell("val_loss", 4), cell("agreement", 4),
             cell("train_tokens_per_s", 0) if trained else "—", cell("train_minutes", 1) if trained else "—",
+            *(cell(key, 4) if key in runs[0] else "—" for key in extra),
         ])  # fmt: skip
     return columns, lines
 
