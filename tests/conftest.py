@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,15 +56,20 @@ def run_cli(
 
 
 def preflight_in_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str, launcher: dict[str, str] | None = None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *overrides: str,
+    launcher: dict[str, str] | None = None,
+    check: Callable[[Any], None] | None = None,
 ) -> tuple[int, list[str]]:
-    """What ``python -m trainer OVERRIDES`` does before Hydra starts (``trainer.cli.train.preflight``), in this
-    process with cwd=tmp_path (and a launcher's variables ``launcher``, e.g. torchrun's WORLD_SIZE and RANK): (its
-    exit code, its stderr lines). For the many one-line refusals, which need no new interpreter each; tests also run
-    a few of them as real processes, which checks the way from ``main`` to the line. Fails the test when the
-    overrides pass the preflight."""
+    """What ``python -m trainer OVERRIDES`` does before Hydra starts (``trainer.cli.train.preflight``; with ``check``,
+    another command's checks, e.g. ``trainer.cli.search.check``), in this process with cwd=tmp_path (and a launcher's
+    variables ``launcher``, e.g. torchrun's WORLD_SIZE and RANK): (its exit code, its stderr lines). For the many
+    one-line refusals, which need no new interpreter each; tests also run a few of them as real processes, which
+    checks the way from ``main`` to the line. Fails the test when the overrides pass the preflight."""
     from trainer.cli.train import preflight
     from trainer.config import register_configs
+    from trainer.preflight import validate
 
     monkeypatch.chdir(tmp_path)
     for launcher_variable in ("RANK", "SLURM_PROCID", "WORLD_SIZE", "TORCHELASTIC_ERROR_FILE"):
@@ -72,7 +79,7 @@ def preflight_in_process(
     register_configs()
     stderr = io.StringIO()
     with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
-        preflight(list(overrides))
+        preflight(list(overrides), check or validate)
     return int(stopped.value.code or 0), stderr.getvalue().strip().splitlines()
 
 

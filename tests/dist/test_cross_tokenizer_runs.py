@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import read_metrics
+from tests.conftest import read_metrics, slow
 from tests.dist.equality import LOSS_KEYS, REASSOCIATION, by_step
 from tests.dist.test_fused_runs import launch
 from tests.e2e.test_cross_tokenizer import RUN, root  # noqa: F401 (the module's fixture: teacher, student, corpus)
@@ -16,7 +16,8 @@ pytest.importorskip("transformers", reason="Hugging Face models need the `hf` ex
 STEPS = 3
 
 
-@pytest.mark.parametrize("align, layout", [("span", "ddp"), ("uld", "fsdp")])
+# uld under FSDP2 repeats the per-row alignment of span under DDP (the default tier's case) with another loss and layout
+@pytest.mark.parametrize("align, layout", [("span", "ddp"), slow("uld", "fsdp", id="uld-fsdp")])
 def test_a_teacher_of_another_tokenizer_under_two_ranks_equals_one_process(root, align, layout):  # noqa: F811
     args = [*RUN, f"distill.align={align}", "train.batch_size=4"]
     one, _ = launch(root, 1, f"one_{align}", [*args, "train.grad_accum=2"])

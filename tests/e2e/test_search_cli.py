@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, run_cli, save_hf_student
+from tests.conftest import FAST, preflight_in_process, run_cli, save_hf_student
 from trainer import search
 from trainer.config import SearchConfig
 from trainer.cut import CutConfig, from_teacher
@@ -91,14 +91,22 @@ def test_candidates_are_the_largest_cut_within_the_budget_at_each_depth_and_widt
     [
         (["student=tiny"], "config error: student: python -m trainer.search cuts the student out of the teacher: "
          "use student=from_teacher"),
-        (["search.budget=10", "search.layers=[2]"], "config error: search.budget: no cut of the grid holds between "
-         "0.85 and 1 x the budget of 10 non_embedding parameters"),
         (["search.count=all"], "config error: search.count: must be one of non_embedding, total (got 'all')"),
+        (["search.slack=1"], "config error: search.slack: must be in [0, 1) (got 1.0)"),
     ],
 )  # fmt: skip
-def test_bad_searches_are_one_config_error_line(root, overrides, line):
-    run = [arg for arg in RUN if not (arg.startswith("student.") or arg == "student=from_teacher")] if (
-        overrides[0] == "student=tiny") else RUN  # fmt: skip
-    proc = run_cli(root, *run, *SEARCH, *overrides, "search.dir=bad", module="trainer.search", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr
-    assert not (root / "bad" / "search.json").exists()
+def test_bad_searches_are_one_config_error_line(root, monkeypatch, overrides, line):
+    from trainer.cli.search import check
+
+    run = [a for a in RUN if not a.startswith("student")] if overrides[0].startswith("student=") else RUN
+    code, lines = preflight_in_process(root, monkeypatch, *run, *SEARCH, *overrides, check=check)
+    assert code == 2 and lines == [line], lines
+
+
+def test_a_budget_no_cut_meets_is_one_line_before_any_training(root):
+    proc = run_cli(root, *RUN, *SEARCH, "search.budget=10", "search.dir=bad", module="trainer.search", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "config error: search.budget: no cut of the grid holds between 0.85 and 1 x the budget of 10 non_embedding "
+        "parameters (widen search.slack or the grids)"
+    ), proc.stderr
+    assert not (root / "bad").exists()
