@@ -211,7 +211,8 @@ def aligned_teacher(cfg: RunConfig, how: str, device: torch.device) -> AlignedTe
             f"student's {len(ours)}; {len(aligner.shared.student)} shared)",
             file=sys.stderr,
         )
-    return AlignedTeacher(module, aligner, how)
+    context = teacher_io.spec(cfg.teacher.checkpoint)["config"].get("block_size")
+    return AlignedTeacher(module, aligner, how, context)
 
 
 def member_config(cfg: RunConfig, member: MemberConfig) -> RunConfig:

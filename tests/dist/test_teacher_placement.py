@@ -144,6 +144,8 @@ def test_remote_teacher_ranks_equal_the_replicated_teacher(root, replicate, teac
     assert "memory/rank2/params_bytes" not in got[STEPS]  # teacher ranks are not among the trainer's ranks
 
 
+@pytest.mark.slow  # the remote protocol runs in the default tier (the test above); the compact rows' KD against
+# the exact top-k too (tests/unit/test_compact_cache.py)
 def test_a_compact_wire_sends_the_top_k_with_its_tail_as_the_compact_cache_stores_it(root):
     """``teacher.wire=compact`` (top-8 with the tail, 6-bit codes and Elias-Fano ids) on 2 student ranks and a teacher
     rank: the KD loss is the replicated live teacher's with the same top-8 within the codes' rounding (the compact

@@ -100,3 +100,21 @@ def test_what_a_teacher_of_another_tokenizer_cannot_do_is_one_line(root, monkeyp
     code, lines = preflight_in_process(root, monkeypatch, *RUN, *overrides, "hydra.run.dir=refused")
     assert code == 2 and len(lines) == 1 and lines[0].startswith(line), lines
     assert not (root / "refused").exists()
+
+
+def test_a_row_longer_than_the_teachers_context_in_its_tokens_stops_the_run_in_one_line(root):
+    """The teacher reads the student's rows re-tokenized: a row of 16 student tokens is more teacher tokens than a
+    teacher of 8 positions has (checked as the batch is aligned; the preflight cannot know the lengths)."""
+    import json
+    import shutil
+
+    shutil.copytree(root / "teacher", root / "short_teacher", dirs_exist_ok=True)
+    config = json.loads((root / "short_teacher" / "config.json").read_text())
+    (root / "short_teacher" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8}))
+    proc = run_cli(root, *RUN, "teacher.checkpoint=short_teacher", "hydra.run.dir=short", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: student.block_size: a row of 16 student tokens is ")
+    assert errors[0].endswith(" tokens of the teacher's tokenizer, more than its 8 positions (at step 0): lower "
+                              "student.block_size")  # fmt: skip
+    assert "Traceback" not in proc.stderr

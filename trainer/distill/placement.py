@@ -29,6 +29,7 @@ from parallel.remote import PendingLogits, RemoteClient, Roles
 from trainer import cache, models
 from trainer.cache import compact
 from trainer.data import local_slice
+from trainer.data.errors import DataError
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
 from trainer.distill.align import AlignedLogits, Aligner
@@ -178,13 +179,24 @@ class AlignedTeacher(Teacher):
     needs_student_logits = True
     module: nn.Module
 
-    def __init__(self, module: nn.Module, aligner: Aligner, how: str):
+    def __init__(self, module: nn.Module, aligner: Aligner, how: str, context: int | None = None):
+        """``context``: the teacher's positions (None: unknown); a row longer in its tokens stops the run."""
         super().__init__()
-        self.module, self.aligner, self.how = module, aligner, how
+        self.module, self.aligner, self.how, self.context = module, aligner, how, context
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         alignment = self.aligner(x)
+        width = alignment.teacher_ids.shape[1]
+        problem = None
+        if self.context is not None and width > self.context:
+            problem = (
+                f"a row of {x.shape[1]} student tokens is {width} tokens of the teacher's tokenizer, more than its "
+                f"{self.context} positions (at step {step}): lower student.block_size"
+            )
+        problem = first_error(problem, x.device)  # every rank stops at the same step
+        if problem is not None:
+            raise DataError("student.block_size", problem)
         logits = self.module(alignment.teacher_ids)
         return TeacherOutput(aligned=AlignedLogits(logits, alignment, self.aligner.shared, self.how))
 
