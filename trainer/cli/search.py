@@ -26,6 +26,7 @@ from trainer import data, search
 from trainer.cli.train import CONF_DIR, fail, preflight
 from trainer.config import ConfigError, RunConfig, register_configs
 from trainer.cut import from_teacher
+from trainer.failure import stop
 from trainer.preflight import validate
 
 PLAN, RESULT, PLOT = "plan.json", "search.json", "search.png"
@@ -110,7 +111,8 @@ def train(cfg: RunConfig, argv: list[str], chosen: list[search.Candidate]) -> No
             if subprocess.run(command).returncode != 0:
                 failed.append(c.name)
     if failed:
-        fail(f"search: the training runs of {', '.join(failed)} failed (their folders under {cfg.search.dir} say why)")
+        stop(f"error: search: the training runs of {', '.join(failed)} failed (their folders under {cfg.search.dir} "
+             "say why); the same command goes on with them", 1)  # fmt: skip
     for c in chosen:
         rows = [json.loads(line) for line in (folders[c.name] / "metrics.jsonl").read_text().splitlines()]
         evals = [(row["step"] * per_step, row["eval/val_loss"]) for row in rows if "eval/val_loss" in row]
