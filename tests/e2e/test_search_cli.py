@@ -110,3 +110,38 @@ def test_a_budget_no_cut_meets_is_one_line_before_any_training(root):
         "parameters (widen search.slack or the grids)"
     ), proc.stderr
     assert not (root / "bad").exists()
+
+
+@pytest.mark.slow  # a rerun after every candidate finished runs in the default tier (the first test)
+def test_a_killed_search_goes_on_with_the_candidates_it_had_not_finished(root):
+    """SIGKILL once the first candidate's run is finished and the second's has begun: the same command keeps the
+    first (its metrics byte for byte), finishes the second and ranks both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import cli_env
+
+    args = [*RUN, *SEARCH, "search.tokens=6400", "search.dir=killed"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.search", *args], cwd=root, env=cli_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        plan = root / "killed" / "plan.json"
+        if plan.is_file():
+            names = sorted(json.loads(plan.read_text())["candidates"], key=lambda c: c["loss_as_cut"])[:2]
+            first, second = (root / "killed" / search.from_json(c).name for c in names)
+            if (first / "report.json").is_file() and (second / "metrics.jsonl").is_file():
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "killed" / "search.json").exists()
+    kept = (first / "metrics.jsonl").read_bytes()
+    again = run_cli(root, *args, module="trainer.search")
+    assert again.stderr.count("holds this run, finished") == 1  # the first candidate; the second resumed or restarted
+    assert (first / "metrics.jsonl").read_bytes() == kept
+    result = json.loads((root / "killed" / "search.json").read_text())
+    assert sorted(r["rank_after"] for r in result["candidates"] if r["rank_after"]) == [1, 2]
