@@ -30,6 +30,7 @@ START, END = "<!-- results:search:start -->", "<!-- results:search:end -->"
 RECIPE_BUDGET = 37_767_744  # experiment=smollm2's cut: non-embedding parameters (benchmarks/results/llm.json)
 TRAINING = ["compress.modifiers=[]", "report.side_by_side=false", "train.lr=1.0e-3", "train.min_lr=1.0e-4"]
 QUICK_SEARCH = ["search.layers=[1,2]", "search.mlp_widths=[0.5,1.0]", "search.hidden_widths=[1.0]", "search.slack=0.9"]
+FULL_SEARCH = ["search.hidden_widths=[0.75,0.875,1.0]"]  # widths of 3/4 and up: each fraction adds a candidate a depth
 
 
 def render(results: dict) -> str:
@@ -74,7 +75,7 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = recipe_parser(__doc__.splitlines()[0], "search")
-    parser.add_argument("--steps", type=int, default=60, help="training steps of each trained candidate")
+    parser.add_argument("--steps", type=int, default=50, help="training steps of each trained candidate")
     parser.add_argument("--top", type=int, default=6, help="candidates trained")
     args = parser.parse_args(argv)
     if args.readme:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens_per_step = cfg.train.batch_size * cfg.sequence_length
     budget = 0.6 if args.quick else RECIPE_BUDGET
     searched = [*base, f"search.budget={budget}", f"search.top={top}", f"search.tokens={steps * tokens_per_step}",
-                "search.evals=4", "search.dir=search", *(QUICK_SEARCH if args.quick else [])]  # fmt: skip
+                "search.evals=4", "search.dir=search", *(QUICK_SEARCH if args.quick else FULL_SEARCH)]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "trainer.search", *searched], cwd=out, env=env, text=True,
                           capture_output=True)  # fmt: skip
     (out / "search.log").write_text(f"{proc.stdout}\n{proc.stderr}")
