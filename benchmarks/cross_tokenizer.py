@@ -86,18 +86,23 @@ def base_overrides(student: Path, teacher: str, files: str, steps: int, quick: b
     ]  # fmt: skip
 
 
-def run(out: Path, key: str, seed: int, overrides: list[str]) -> dict:
-    """One run of row ``key`` on ``seed`` (started afresh); its figures."""
+def run(out: Path, key: str, seed: int, overrides: list[str], reuse: bool = False) -> dict:
+    """One run of row ``key`` on ``seed`` (started afresh, or with ``reuse`` read back when its folder holds a
+    finished run's report); its figures."""
     run_dir = out / f"{key}_seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "trainer", *overrides, *ROWS[key], f"train.seed={seed}"]
-    command.append(f"hydra.run.dir={run_dir}")
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=out, env=run_env(), capture_output=True, text=True)
-    (out / "logs").mkdir(exist_ok=True)
-    (out / "logs" / f"{key}_seed{seed}.log").write_text(f"{proc.stdout}\n{proc.stderr}")
-    if proc.returncode != 0:
-        raise SystemExit(f"run {key} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    if reuse and (run_dir / "report.json").is_file():
+        seconds = json.loads((run_dir / "report.json").read_text())["train_seconds"]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        command = [sys.executable, "-m", "trainer", *overrides, *ROWS[key], f"train.seed={seed}"]
+        command.append(f"hydra.run.dir={run_dir}")
+        proc = subprocess.run(command, cwd=out, env=run_env(), capture_output=True, text=True)
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "logs" / f"{key}_seed{seed}.log").write_text(f"{proc.stdout}\n{proc.stderr}")
+        if proc.returncode != 0:
+            raise SystemExit(f"run {key} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "eval/bits_per_byte" in r][-1]
     trained = [r for r in rows if "distill/aligned_fraction" in r]
@@ -105,7 +110,7 @@ def run(out: Path, key: str, seed: int, overrides: list[str]) -> dict:
         "seed": seed,
         "bits_per_byte": last["eval/bits_per_byte"],
         "val_loss": last["eval/val_loss"],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
     }
     if trained:
         result["aligned_fraction"] = statistics.mean(r["distill/aligned_fraction"] for r in trained)
@@ -158,6 +163,7 @@ def main() -> None:
     parser = recipe_parser(__doc__.splitlines()[0], "cross_tokenizer")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--vocab", type=int, default=8192, help="the student's BPE vocabulary")
+    parser.add_argument("--reuse", action="store_true", help="read back runs whose folder has a finished report")
     args = parser.parse_args()
     if args.readme:
         replace_section(RESULTS_DOC, START, END, render(json.loads(RESULTS_JSON.read_text())))
@@ -174,10 +180,14 @@ def main() -> None:
     steps = 3 if args.quick else args.steps
     out = (args.out or REPO / "outputs" / "benchmarks" / "cross_tokenizer").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    student = student_folder(out / "student", files_of(files), args.vocab)
+    student = out / "student"
+    if not (args.reuse and (student / "config.json").is_file()):  # the runs read back were trained with that one
+        student_folder(student, files_of(files), args.vocab)
     base = base_overrides(student, str(teacher), files, steps, args.quick)
     seeds = SEEDS[:1] if args.quick else SEEDS
-    rows: list[dict[str, Any]] = [{"key": key, "runs": [run(out, key, seed, base) for seed in seeds]} for key in ROWS]
+    rows: list[dict[str, Any]] = [
+        {"key": key, "runs": [run(out, key, seed, base, args.reuse) for seed in seeds]} for key in ROWS
+    ]
     from trainer.data import tokenizer
 
     results = {
