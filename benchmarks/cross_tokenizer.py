@@ -149,7 +149,13 @@ def render(results: dict) -> str:
             "",
             f"`{results['command']}`: {results['teacher_name']} ({results['teacher_vocab']:,} tokens) teaching a "
             f"4-layer Llama of its own {results['student_vocab']:,}-token BPE, {results['steps']} steps of "
-            f"{results['tokens_per_step']:,} student tokens, seeds {', '.join(map(str, results['seeds']))}. "
+            f"{results['tokens_per_step']:,} student tokens, seeds {', '.join(map(str, results['seeds']))}"
+            + "".join(
+                f" ({LABELS[r['key']]}: seed {r['runs'][0]['seed']} only)"
+                for r in results["rows"]
+                if len(r["runs"]) < len(results["seeds"])
+            )
+            + ". "
             + "; ".join(verdicts)
             + ".",
             "",
@@ -164,6 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--vocab", type=int, default=8192, help="the student's BPE vocabulary")
     parser.add_argument("--reuse", action="store_true", help="read back runs whose folder has a finished report")
+    parser.add_argument("--one-seed", nargs="+", default=[], choices=list(ROWS), help="rows run on the first seed only")
     args = parser.parse_args()
     if args.readme:
         replace_section(RESULTS_DOC, START, END, render(json.loads(RESULTS_JSON.read_text())))
@@ -186,7 +193,11 @@ def main() -> None:
     base = base_overrides(student, str(teacher), files, steps, args.quick)
     seeds = SEEDS[:1] if args.quick else SEEDS
     rows: list[dict[str, Any]] = [
-        {"key": key, "runs": [run(out, key, seed, base, args.reuse) for seed in seeds]} for key in ROWS
+        {
+            "key": key,
+            "runs": [run(out, key, seed, base, args.reuse) for seed in seeds[: 1 if key in args.one_seed else None]],
+        }
+        for key in ROWS
     ]
     from trainer.data import tokenizer
 
