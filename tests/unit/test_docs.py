@@ -115,7 +115,16 @@ def test_nothing_committed_names_a_path_of_the_machine():
 
 
 def test_generated_sections_are_what_their_generators_render_from_the_json():
-    from benchmarks import compact_cache, kd_memory, kd_tail, llm, llm_kd_study, on_policy, readme_results
+    from benchmarks import (
+        compact_cache,
+        cross_tokenizer,
+        kd_memory,
+        kd_tail,
+        llm,
+        llm_kd_study,
+        on_policy,
+        readme_results,
+    )
     from benchmarks.readme_section import RESULTS_DOC
 
     def section(path: Path, start: str, end: str) -> str:
@@ -136,7 +145,7 @@ def test_generated_sections_are_what_their_generators_render_from_the_json():
             quality, readme_results.RESULTS_JSON.parent, RESULTS_DOC
         ),
     }
-    for module in (llm, llm_kd_study, on_policy, kd_memory, kd_tail, compact_cache):
+    for module in (llm, llm_kd_study, on_policy, kd_memory, kd_tail, compact_cache, cross_tokenizer):
         expected[(RESULTS_DOC, module.START, module.END)] = module.render(load(module))
     stale = [
         f"{path.relative_to(REPO)} {start}" for (path, start, end), text in expected.items()
