@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import FAST, preflight_in_process, run_cli, save_hf_student
 from trainer import search
 from trainer.config import SearchConfig
-from trainer.cut import CutConfig, from_teacher
+from trainer.cut import CutConfig
 from trainer.cut import cut as cut_model
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +83,6 @@ def test_candidates_are_the_largest_cut_within_the_budget_at_each_depth_and_widt
             for w in (0.5, 1.0) for m in config.mlp_widths
         ]  # fmt: skip
         assert max(n for n in bigger if n <= budget) == c.non_embedding  # nothing larger fits at that shape
-    assert from_teacher.is_cut({"arch": "from_teacher"})
 
 
 @pytest.mark.parametrize(
