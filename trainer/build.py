@@ -20,12 +20,19 @@ from torch.distributed.device_mesh import DeviceMesh
 from parallel.env import DistEnv
 from parallel.mesh import ParallelDims
 from trainer import cache, data, models
+from trainer.cache import documents
 from trainer.config import TOKENIZED_DATA, ConfigError, MemberConfig, ModifierConfig, RunConfig, parallel_dims
 from trainer.cut import from_teacher
 from trainer.distill import teacher as teacher_io
-from trainer.distill.align import Aligner
+from trainer.distill.align import Aligner, SharedVocab, token_keys, token_strings
 from trainer.distill.features import FeatureDistiller
-from trainer.distill.placement import AlignedTeacher, EnsembleTeacher, Teacher, build_teacher
+from trainer.distill.placement import (
+    AlignedTeacher,
+    DocumentCachedTeacher,
+    EnsembleTeacher,
+    Teacher,
+    build_teacher,
+)
 from trainer.models.hf import HFConfig, decoder_for
 from trainer.models.protocol import ModelFamily, family_of
 from trainer.runtime import Layout, StudentRuntime, build_runtime
@@ -106,11 +113,53 @@ def cache_key(cfg: RunConfig) -> cache.CacheKey:
     return cache.expected_key(cfg.teacher, cfg.data, cfg.train, cfg.distill.top_k, cfg.sequence_length, vocab)
 
 
-def checked_cache(cfg: RunConfig, complete: bool = True) -> cache.Manifest:
-    """The manifest of ``teacher.cache_dir`` if ``cfg``'s run may read it (once finished, if not ``complete``);
-    else CacheError (one line)."""
+def document_key(cfg: RunConfig) -> documents.DocumentKey:
+    """The key of the cache kept by document that ``cfg``'s run reads (and ``python -m trainer.cache`` writes)."""
+    assert cfg.teacher.checkpoint is not None and cfg.distill.top_k is not None  # preflight checks both
+    return documents.DocumentKey(
+        teacher=teacher_io.fingerprint(cfg.teacher.checkpoint),
+        corpus=data.shards.corpus_fingerprint(cfg.data),
+        k=cfg.distill.top_k,
+        temperature=cfg.distill.temperature,
+    )
+
+
+def checked_cache(cfg: RunConfig, complete: bool = True) -> cache.Manifest | documents.DocumentManifest:
+    """The manifest of ``teacher.cache_dir`` (of its ``teacher.cache_layout``) if ``cfg``'s run may read it (once
+    finished, if not ``complete``); else CacheError (one line)."""
     assert cfg.teacher.cache_dir is not None  # preflight: placement=cache names it
+    if cfg.teacher.cache_layout == "documents":
+        return documents.check(Path(cfg.teacher.cache_dir), document_key(cfg), complete)
     return cache.check(cfg.teacher.cache_dir, cache_key(cfg), cfg.train.max_steps, cfg.distill, complete)
+
+
+def document_teacher(cfg: RunConfig, batches: data.Batches) -> DocumentCachedTeacher:
+    """The teacher of a cache kept by document, read at the positions where the student's tokens end where the
+    teacher's do; what the two vocabularies share said in one line on rank 0."""
+    from trainer.data import spans, tokenizer
+
+    assert cfg.teacher.cache_dir is not None  # preflight: placement=cache names it
+    root = Path(cfg.teacher.cache_dir)
+    reader = documents.DocumentCache(root, documents.check(root, document_key(cfg)))
+    ours = tokenizer.load(cfg.data.tokenizer)
+    shared = SharedVocab.of(token_keys(ours, token_strings(ours)), reader.teacher_keys)
+    to_student = torch.full((reader.manifest.vocab,), -1, dtype=torch.long)
+    to_student[shared.teacher] = shared.student
+    dataset = batches.dataset
+    assert isinstance(dataset, data.TextData)  # preflight: a cache kept by document holds data=text
+    token_spans, t = spans.load(cfg.data, dataset.root), cfg.train
+
+    def row_spans(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = dataset.train_starts(t.seed, step, t.batch_size, batches.shard, micro)
+        return token_spans.of(starts, dataset.block_size + 1)
+
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"teacher cache {root}: kept by document, read through span alignment (the teacher's tokenizer has "
+            f"{reader.manifest.vocab} tokens, the student's {len(ours)}; {len(shared.student)} shared)",
+            file=sys.stderr,
+        )
+    return DocumentCachedTeacher(reader, row_spans, to_student, len(ours))
 
 
 def build_student(cfg: RunConfig, dataset: Any) -> nn.Module:
@@ -234,10 +283,14 @@ def build_run_teacher(
             assert built is not None  # a member of a run that needs a teacher
             members.append((member.weight, built))
         return EnsembleTeacher(members)
+    placement = cfg.teacher.placement
+    if placement == "cache" and cfg.teacher.cache_layout == "documents":
+        return document_teacher(cfg, batches)
     how = cross_tokenizer(cfg)
     if how is not None:
         return aligned_teacher(cfg, how, device)
-    placement = cfg.teacher.placement
+    manifest = checked_cache(cfg) if placement == "cache" else None
+    assert manifest is None or isinstance(manifest, cache.Manifest)  # a cache kept by document: returned above
     return build_teacher(
         cfg.teacher,
         cfg.distill,
@@ -247,7 +300,7 @@ def build_run_teacher(
         vocab,
         real_vocab=teacher_vocab(cfg) if placement in ("remote", "replicate", "shard") else None,
         next_input=micro_batch_after(cfg, batches),
-        cache_manifest=checked_cache(cfg) if placement == "cache" else None,
+        cache_manifest=manifest,
         teacher_ranks=cfg.parallel.teacher_ranks,
     )
 

@@ -65,6 +65,10 @@ class TeacherConfig:
     # python -m trainer.cache: stored logit values (fp32 | bf16 | fp16 | compact: 6-bit codes, Elias-Fano ids)
     cache_dtype: str = "fp32"
     cache_build: bool = False  # cache: write cache_dir first (python -m trainer.cache) when it is missing or unfinished
+    # cache: batches (the teacher's top-k of each training batch: a student of its tokenizer, batches and seed) |
+    # documents (of each document in the teacher's own tokens, read through the alignment: any student; compact rows)
+    cache_layout: str = "batches"
+    cache_window: int = 1024  # documents: teacher tokens a forward reads at most (capped at the teacher's context)
     # remote: what a teacher rank sends back for a training batch: logits (fp32, the whole vocabulary) | compact (the
     # top distill.top_k with the tail's mass, as teacher.cache_dtype=compact stores them)
     wire: str = "logits"
@@ -85,6 +89,11 @@ class TeacherConfig:
             _check(self.placement == "replicate", "placement", "an ensemble's members are replicated")
         _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
         _one_of(self.cache_dtype, ("fp32", "bf16", "fp16", "compact"), "cache_dtype")
+        _one_of(self.cache_layout, ("batches", "documents"), "cache_layout")
+        _check(self.cache_window >= 2, "cache_window", f"must be >= 2 (got {self.cache_window})")
+        if self.cache_layout == "documents":
+            _check(self.cache_dtype == "compact", "cache_dtype", "cache_layout=documents stores compact rows: set "
+                   "teacher.cache_dtype=compact")  # fmt: skip
         _one_of(self.wire, ("logits", "compact"), "wire")
 
 

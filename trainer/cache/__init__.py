@@ -28,9 +28,10 @@ import json
 import os
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 FORMAT = "stillroom-teacher-cache/3"  # /1 had no checksums.bin; /2 no lse_temperature (its log-sum-exp is at T=1)
+DOCUMENTS_FORMAT = "stillroom-document-cache/1"  # trainer/cache/documents.py
 READABLE_FORMATS = {FORMAT: None, "stillroom-teacher-cache/2": 1.0}  # format: lse_temperature its manifest implies
 ROW_FILES = ("values.bin", "indices.bin", "lse.bin")  # checksummed per (step, sample), in this order
 CHECKSUMS = "checksums.bin"
@@ -60,6 +62,9 @@ VALUE_DTYPES: dict[str, tuple[type[Any], torch.dtype]] = {
     "compact": (np.uint8, torch.uint8),
 }  # bf16 stored as its raw 16 bits; compact as trainer/cache/compact.py's rows
 INDEX_DTYPES = ("int16", "int32", "elias_fano")
+
+
+Parsed = TypeVar("Parsed")
 
 
 class CacheError(ValueError):
@@ -101,9 +106,11 @@ class Manifest:
         if not isinstance(raw, dict):
             raise ValueError(f"{_excerpt(raw)} is not a JSON object")
         if _field(raw, "format", "str") not in READABLE_FORMATS:
+            why = "kept by document: set teacher.cache_layout=documents" if raw["format"] == DOCUMENTS_FORMAT else (
+                "format 1 had no checksums")  # fmt: skip
             raise CacheError(
-                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} (format 1 had no checksums): remove it "
-                "and rebuild it with python -m trainer.cache"
+                f"holds a cache of format {raw['format']!r}, not {FORMAT!r} ({why}): remove it and rebuild it with "
+                "python -m trainer.cache"
             )
         key = _field(raw, "key", "dict")
         steps = _field(raw, "steps", "int")
@@ -222,12 +229,19 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def read_manifest(root: Path) -> Manifest:
-    """The manifest of the cache in ``root``; CacheError (one line, naming the file) when it cannot be used."""
+    """The manifest of the cache of batches in ``root``; CacheError (one line, naming the file) when it cannot be
+    used."""
+    return parse_manifest(root, Manifest.from_json)
+
+
+def parse_manifest(root: Path, parse: Callable[[Any], Parsed]) -> Parsed:
+    """The manifest of the cache in ``root`` (``parse``: of its layout; ValueError where it is garbled, CacheError
+    where it is another format); CacheError (one line, naming the file) when it cannot be used."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{root} is not a teacher cache (no {MANIFEST}; write one with python -m trainer.cache)")
     try:
-        return Manifest.from_json(json.loads(path.read_bytes()))
+        return parse(json.loads(path.read_bytes()))
     except CacheError as e:
         raise CacheError(f"{root} {e}") from None
     except ValueError as e:  # not JSON (or not UTF-8), or not a manifest
@@ -415,13 +429,7 @@ def check(cache_dir: str, key: CacheKey, max_steps: int, distill: DistillConfig,
     temperature (once finished, if not ``complete``); else CacheError (one line)."""
     root = Path(cache_dir)
     manifest = read_manifest(root)
-    want, got = asdict(key), asdict(manifest.key)
-    differ = [f"{name} {got[name]!r} != {want[name]!r}" for name in want if got[name] != want[name]]
-    if differ:
-        raise CacheError(
-            f"{root} was written for another run (cache vs this run: {'; '.join(differ)}); "
-            "rebuild it with python -m trainer.cache and this run's overrides"
-        )
+    check_key(root, manifest.key, key, "another run")
     if max_steps > manifest.steps:
         raise CacheError(f"{root} holds {manifest.steps} steps but train.max_steps is {max_steps}")
     if distill.top_k_tail and manifest.lse_temperature != distill.temperature:
@@ -437,6 +445,18 @@ def check(cache_dir: str, key: CacheKey, max_steps: int, distill: DistillConfig,
             "unfinished (run python -m trainer.cache again to finish them)"
         )
     return manifest
+
+
+def check_key(root: Path, written: Any, wanted: Any, other: str) -> None:
+    """CacheError naming each field where the dataclass keys ``written`` (the cache's) and ``wanted`` (the run's)
+    differ: the cache in ``root`` was written for ``other``."""
+    want, got = asdict(wanted), asdict(written)
+    differ = [f"{name} {got[name]!r} != {want[name]!r}" for name in want if got[name] != want[name]]
+    if differ:
+        raise CacheError(
+            f"{root} was written for {other} (cache vs this run: {'; '.join(differ)}); "
+            "rebuild it with python -m trainer.cache and this run's overrides"
+        )
 
 
 def _shard_complete(root: Path, manifest: Manifest, shard: int) -> bool:

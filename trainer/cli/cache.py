@@ -9,6 +9,7 @@ to rewrite garbled steps: it verifies the steps already written against their ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -21,17 +22,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel import env as dist_env
 from trainer import cache, data
-from trainer.build import cache_key, load_teacher
+from trainer.build import cache_key, document_key, load_teacher
+from trainer.cache import documents
 from trainer.cli.train import CONF_DIR, fail, preflight
 from trainer.config import ConfigError, RunConfig, register_configs
+from trainer.data import shards, tokenizer
+from trainer.distill import teacher as teacher_io
+from trainer.distill.align import token_keys, token_strings
 from trainer.failure import INTERRUPTED_EXIT, os_error_line, stop
 from trainer.preflight import validate
+from trainer.preflight.layout import world_size_from_env
 
 
 def validate_build(cfg: RunConfig) -> None:
     """The run's own checks, then what writing its cache needs: a teacher, and a ``teacher.cache_dir`` to write
-    in whose manifest, if it has one, is readable (ConfigError; nothing is written)."""
-    validate(cfg)
+    in whose manifest, if it has one, is readable (ConfigError; nothing is written). A cache kept by document is
+    checked as the run that reads it checks it (a cache it may finish), and is written by one process."""
+    if cfg.teacher.cache_layout == "documents":
+        if world_size_from_env() > 1:
+            raise ConfigError("teacher.cache_layout", "documents: a cache kept by document is written by one process")
+        validate(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="cache",
+                                                                      cache_build=True)))  # fmt: skip
+    else:
+        validate(cfg)
     if cfg.teacher.checkpoint is None:
         raise ConfigError("teacher.checkpoint", "python -m trainer.cache needs a teacher (set teacher.checkpoint=PATH)")
     if cfg.teacher.cache_dir is None:
@@ -116,6 +129,45 @@ def build(cfg: RunConfig, env: dist_env.DistEnv) -> cache.Manifest:
     return manifest
 
 
+def build_by_document(cfg: RunConfig, env: dist_env.DistEnv) -> str:
+    """Write (or finish) the cache kept by document of ``cfg``'s teacher and corpus; returns its summary line."""
+    assert cfg.teacher.cache_dir is not None and cfg.teacher.checkpoint is not None  # validate_build checked both
+    root, checkpoint = Path(cfg.teacher.cache_dir), cfg.teacher.checkpoint
+    theirs = tokenizer.load(checkpoint)
+    context = teacher_io.spec(checkpoint)["config"].get("block_size")
+    window = min(cfg.teacher.cache_window, context or cfg.teacher.cache_window)
+    key = document_key(cfg)
+    if (root / documents.MANIFEST).is_file():
+        manifest = documents.read_manifest(root)
+        if (manifest.key, manifest.window) != (key, window):
+            raise cache.CacheError(
+                f"{root} holds a different cache (another teacher, corpus, k, temperature or teacher.cache_window): "
+                "remove it or choose another teacher.cache_dir"
+            )
+    else:
+        planned = documents.plan(shards.documents(cfg.data), theirs, window)
+        keys = token_keys(theirs, token_strings(theirs))
+        manifest = documents.write_plan(root, key, planned, keys, window)
+    model = teacher_io.load(checkpoint, env.device, vocab_size=len(theirs), dtype=cfg.teacher.param_dtype)
+    autocast = (
+        torch.autocast(env.device.type, dtype=torch.bfloat16)
+        if cfg.train.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model(ids)
+
+    documents.build(root, manifest, logits, theirs.eos_token_id, cfg.train.batch_size, env.device)
+    on_disk = documents.size_on_disk(root) / max(manifest.positions, 1)
+    return (
+        f"teacher cache {root}: kept by document, {manifest.documents} documents, {manifest.positions} teacher tokens "
+        f"in {manifest.windows} windows of at most {manifest.window}, top-{key.k} of {manifest.vocab} (compact), "
+        f"{on_disk:.1f} bytes per teacher token on disk"
+    )
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_entry(dict_cfg: DictConfig) -> None:
     try:
@@ -125,7 +177,7 @@ def hydra_entry(dict_cfg: DictConfig) -> None:
         fail(str(e))
     env = dist_env.init(cfg.parallel.backend)
     try:
-        manifest = build(cfg, env)
+        line = build_by_document(cfg, env) if cfg.teacher.cache_layout == "documents" else summary(cfg, build(cfg, env))
     except cache.CacheError as e:
         fail(f"teacher.cache_dir: {e}")
     except OSError as e:  # a disk full while writing: the steps written so far are kept
@@ -136,13 +188,17 @@ def hydra_entry(dict_cfg: DictConfig) -> None:
     finally:
         dist_env.shutdown()
     if env.is_main:
-        k = manifest.key
-        print(
-            f"teacher cache {cfg.teacher.cache_dir}: {manifest.steps} steps x {k.batch_size} samples x "
-            f"{manifest.positions} positions, top-{k.k} of {k.vocab} ({manifest.values_dtype} values), "
-            f"{len(manifest.shards)} shards, {cache.bytes_per_position(manifest)} bytes per teacher token",
-            file=sys.stderr,
-        )
+        print(line, file=sys.stderr)
+
+
+def summary(cfg: RunConfig, manifest: cache.Manifest) -> str:
+    """The line a finished cache of batches is described by."""
+    k = manifest.key
+    return (
+        f"teacher cache {cfg.teacher.cache_dir}: {manifest.steps} steps x {k.batch_size} samples x "
+        f"{manifest.positions} positions, top-{k.k} of {k.vocab} ({manifest.values_dtype} values), "
+        f"{len(manifest.shards)} shards, {cache.bytes_per_position(manifest)} bytes per teacher token"
+    )
 
 
 INTERRUPTED = "interrupted by Ctrl-C; the steps written so far are kept: the same command finishes the cache"

@@ -49,10 +49,14 @@ class StreamWindows(ABC):
     def _windows(self, tokens: Any, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token labels of the windows starting at ``starts`` in ``tokens``."""
 
-    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
+    def train_starts(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0) -> torch.Tensor:
+        """Where in the training stream the rows of micro-batch ``micro`` of ``shard`` start."""
         high = len(self.train_tokens) - self.block_size - 1
         starts = torch.randint(high, (batch_size,), generator=step_generator(seed, step))
-        return self._windows(self.train_tokens, local_slice(starts, shard, micro))
+        return local_slice(starts, shard, micro)
+
+    def train_batch(self, seed: int, step: int, batch_size: int, shard: Shard, micro: int = 0):
+        return self._windows(self.train_tokens, self.train_starts(seed, step, batch_size, shard, micro))
 
     def val_batches(self, batch_size: int, shard: Shard = WHOLE):
         """A fixed list of validation batches."""

@@ -70,6 +70,13 @@ def key(cfg: DataConfig, block_size: int) -> dict[str, Any]:
     }
 
 
+def corpus_fingerprint(cfg: DataConfig) -> str:
+    """The documents of ``data=text``, whatever the tokenizer: the files' SHA-256s in order and the text field."""
+    paths = corpus.expand(cfg.files, cfg.exclude)
+    files = [_content_hash(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps({"text_field": cfg.text_field, "files": files}).encode()).hexdigest()[:16]
+
+
 @functools.cache
 def _content_hash(path: Path, _size: int, _mtime: int) -> str:
     return file_hashes.sha256(path)
@@ -153,7 +160,7 @@ def dtype_for(vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _documents(cfg: DataConfig) -> Iterator[Any]:
+def documents(cfg: DataConfig) -> Iterator[Any]:
     """The corpus's documents (text) or conversations (chat), in order."""
     numbers: dict[Path, int] = {}
     for path, row in corpus.rows(corpus.expand(cfg.files, cfg.exclude)):
@@ -173,7 +180,7 @@ def _documents(cfg: DataConfig) -> Iterator[Any]:
 def _chunks(cfg: DataConfig) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     chars = 0
-    for item in _documents(cfg):
+    for item in documents(cfg):
         chunk.append(item)
         chars += len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
         if chars >= CHUNK_CHARS or len(chunk) >= CHUNK_ROWS:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.distill.divergence import TAIL_FLOOR, lookup
+from trainer.distill.divergence import TAIL_FLOOR, lookup, teacher_buckets
 
 ANCHOR_TEXT = "a"  # a token decoded before another shows the other's leading space (SentencePiece drops it alone)
 UNREADABLE = "\ufffd"  # what a token of part of a character decodes to alone
@@ -206,4 +206,52 @@ def aligned_kd(
         logp_s = F.log_softmax(s_buckets / temperature, dim=-1)
         logp_t = F.log_softmax(t_buckets / temperature, dim=-1)
         per_token = lookup(kind)(logp_s, logp_t, beta)
+    return AlignedLoss(per_token.mean() * temperature**2, fraction, on_shared.mean().detach())
+
+
+@dataclass
+class AlignedTopK:
+    """A cached teacher across tokenizers (a cache kept by document): at the student's aligned positions (flat
+    indices into its ``[B * T]``), the teacher's top-k raw logits, their ids in the student's vocabulary (-1 for a
+    token it lacks) and the log-sum-exp of the teacher's whole row at the cache's temperature."""
+
+    student_rows: Tensor  # long [N]
+    values: Tensor  # [N, k]
+    student_ids: Tensor  # long [N, k]
+    lse: Tensor  # [N]
+    student_vocab: int
+
+
+def topk_span_kd(
+    student_logits: Tensor,
+    teacher: AlignedTopK,
+    labels: Tensor,
+    *,
+    kind: str,
+    temperature: float,
+    beta: float,
+    ignore_index: int = -100,
+) -> AlignedLoss:
+    """``span`` KD against a cached top-k: at each aligned position the buckets are the teacher's top-k tokens the
+    student's vocabulary has, and one tail holding the rest of each side's mass (the teacher's tokens off its top-k
+    or not shared; the student's other tokens). With every token shared and k the whole vocabulary, this is KD on the
+    full distributions. ``shared_mass``: the teacher's probability on those tokens, at the cache's temperature."""
+    counted = labels.reshape(-1) != ignore_index
+    keep = counted.index_select(0, teacher.student_rows) if teacher.student_rows.numel() else counted[:0]
+    rows = teacher.student_rows[keep]
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    fraction = rows.numel() / max(int(counted.sum()), 1) + zero
+    if rows.numel() == 0:
+        return AlignedLoss(student_logits.float().sum() * 0.0, fraction, zero)
+    values, ids, lse = teacher.values[keep].float(), teacher.student_ids[keep], teacher.lse[keep].float()
+    student = student_logits[..., : teacher.student_vocab].flatten(0, -2).index_select(0, rows).float()
+    shared, picked = ids >= 0, ids.clamp_min(0)
+    t_buckets = teacher_buckets(values.masked_fill(~shared, -torch.inf), lse, temperature).clamp_min(TAIL_FLOOR)
+    taken = torch.zeros_like(student, dtype=torch.int32).scatter_add_(-1, picked, shared.int())
+    rest = temperature * torch.logsumexp(student.masked_fill(taken > 0, -torch.inf) / temperature, -1, keepdim=True)
+    s_buckets = torch.cat([student.gather(-1, picked).masked_fill(~shared, TAIL_FLOOR), rest.clamp_min(TAIL_FLOOR)], -1)
+    logp_s = F.log_softmax(s_buckets / temperature, dim=-1)
+    logp_t = F.log_softmax(t_buckets / temperature, dim=-1)
+    per_token = lookup(kind)(logp_s, logp_t, beta)
+    on_shared = (values / temperature - lse.unsqueeze(-1)).exp().masked_fill(~shared, 0.0).sum(-1)
     return AlignedLoss(per_token.mean() * temperature**2, fraction, on_shared.mean().detach())

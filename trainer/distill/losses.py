@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.distill.align import aligned_kd
+from trainer.distill.align import aligned_kd, topk_span_kd
 from trainer.distill.divergence import (
     DIVERGENCES,
     ChunkedDivergence,
@@ -287,11 +287,15 @@ def _kd_term(logits: Tensor, y: Tensor, teacher: TeacherOutput, d: DistillConfig
     options: dict[str, Any] = dict(
         kind=d.loss, temperature=d.temperature, beta=d.beta, labels=y, chunk_size=d.chunk_size
     )
-    if teacher.aligned is not None:  # a teacher of another tokenizer
+    aligned = None
+    if teacher.aligned_topk is not None:  # a cache kept by document
+        aligned = topk_span_kd(logits, teacher.aligned_topk, y, kind=d.loss, temperature=d.temperature, beta=d.beta)
+    elif teacher.aligned is not None:  # a live teacher of another tokenizer
         a = teacher.aligned
         aligned = aligned_kd(
             logits, a.logits, a.alignment, a.shared, y, how=a.how, kind=d.loss, temperature=d.temperature, beta=d.beta
         )
+    if aligned is not None:
         out[f"distill/aligned_fraction{suffix}"] = aligned.aligned_fraction
         out[f"distill/shared_mass{suffix}"] = aligned.shared_mass
         return aligned.kd

@@ -3,7 +3,8 @@
 - ``replicate``: a whole frozen copy on every rank.
 - ``shard``: FSDP2 over every data-parallel rank (one flat axis), frozen, forward only, parameters resharded
   after each forward, so a rank holds about 1/N of the teacher between forwards (``parallel.frozen``).
-- ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch).
+- ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch), or
+  from a cache kept by document, by where each student token ends in its document (any student tokenizer).
 - ``remote``: the teacher on ranks of its own (``parallel.remote``); this rank sends inputs, receives logits.
 
 The loop asks a teacher what it can do (``scores_eval_batches``, ``whole_module``), never which placement it is.
@@ -28,11 +29,12 @@ from parallel.mesh import ParallelDims
 from parallel.remote import PendingLogits, RemoteClient, Roles
 from trainer import cache, models
 from trainer.cache import compact
+from trainer.cache.documents import DocumentCache
 from trainer.data import local_slice
 from trainer.data.errors import DataError
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
-from trainer.distill.align import AlignedLogits, Aligner
+from trainer.distill.align import AlignedLogits, AlignedTopK, Aligner
 from trainer.models import hf as hf_folders
 from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import family_of, fuses_head
@@ -55,6 +57,7 @@ class TeacherOutput:
     head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     lse: torch.Tensor | None = None
     aligned: AlignedLogits | None = None  # a teacher of another tokenizer: its logits of the text, aligned
+    aligned_topk: AlignedTopK | None = None  # a cache kept by document: its top-k at the aligned positions
     members: list[tuple[float, TeacherOutput]] | None = None  # an ensemble: each member's weight and output
 
 
@@ -248,16 +251,60 @@ class CachedTeacher(Teacher):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Values, indices and log-sum-exp of ``rows``; CacheError when any rank's rows are garbled (``device``: the
         collective's)."""
-        values = indices = lse = torch.empty(0)
-        try:
-            values, indices, lse = self.reader.read(step, rows)
-            problem = None
-        except cache.CacheError as e:
-            problem = str(e)
-        problem = first_error(problem, device)
-        if problem is not None:
-            raise cache.CacheError(problem)
-        return values, indices, lse
+        return read_on_every_rank(lambda: self.reader.read(step, rows), device)
+
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def read_on_every_rank(read: Callable[[], Rows], device: torch.device) -> Rows:
+    """``read()`` (a cache's rows), or CacheError on every rank when it raised one on any (``device``: the
+    collective's), so that every rank stops at the same step."""
+    rows: Rows = (torch.empty(0), torch.empty(0), torch.empty(0))
+    try:
+        rows = read()
+        problem = None
+    except cache.CacheError as e:
+        problem = str(e)
+    problem = first_error(problem, device)
+    if problem is not None:
+        raise cache.CacheError(problem)
+    return rows
+
+
+class DocumentCachedTeacher(Teacher):
+    """Top-k logits from a cache kept by document (``trainer/cache/documents.py``), whatever the student's
+    tokenizer: ``spans(step, micro)`` gives the document and character end of each token of the micro-batch's rows
+    and of the token after each (``[rows, T + 1]``); a position is aligned where a teacher token ends at the same
+    character and the student's next token ends at another (the last of the student's tokens that end there).
+    ``to_student`` maps the teacher's ids to the student's (-1: not in its vocabulary)."""
+
+    placement = "cache"
+    scores_eval_batches = False
+    needs_student_logits = True
+
+    def __init__(
+        self,
+        reader: DocumentCache,
+        spans: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+        to_student: torch.Tensor,
+        student_vocab: int,
+    ):
+        super().__init__()
+        self.reader, self.spans, self.to_student, self.student_vocab = reader, spans, to_student, student_vocab
+
+    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
+        documents, ends = self.spans(step, micro)
+        last = ~((documents[:, 1:] == documents[:, :-1]) & (ends[:, 1:] == ends[:, :-1]))
+        candidate = ((ends[:, :-1] >= 0) & last).reshape(-1)
+        positions = torch.full_like(candidate, -1, dtype=torch.long)
+        positions[candidate] = self.reader.find(documents[:, :-1].reshape(-1)[candidate],
+                                                ends[:, :-1].reshape(-1)[candidate])  # fmt: skip
+        rows = (positions >= 0).nonzero().squeeze(-1)
+        values, ids, lse = read_on_every_rank(lambda: self.reader.read(positions[rows]), x.device)
+        aligned = AlignedTopK(rows.to(x.device), values.to(x.device), self.to_student[ids].to(x.device),
+                              lse.to(x.device), self.student_vocab)  # fmt: skip
+        return TeacherOutput(aligned_topk=aligned)
 
 
 class RemoteTeacher(Teacher):

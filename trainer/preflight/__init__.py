@@ -235,6 +235,9 @@ def _validate_teacher(cfg: RunConfig) -> None:
         f"{path} holds a {spec['arch']} model ({teacher_task}) but the student is a {cfg.student['arch']} "
         f"({student_family.task})",
     )
+    if tc.placement == "cache" and tc.cache_layout == "documents":  # any student tokenizer: read through span
+        _validate_document_cache(cfg, t_vocab)
+        return
     how = cross_tokenizer(cfg)
     if how is not None:  # the teacher reads the text in its own tokens: its vocabulary is its own
         _validate_cross_tokenizer(cfg, how)
@@ -299,6 +302,23 @@ def _validate_cross_tokenizer(cfg: RunConfig, how: str) -> None:
     _check(not cfg.distill.features, "distill.features", f"{key}: feature distillation needs one tokenization")
     _check(cfg.distill.top_k is None, "distill.top_k", f"{key}: compares the shared tokens whole (no top-k)")
     _check(cfg.parallel.strategy != "pipeline", "parallel.strategy", f"{key}: not through a pipeline")
+
+
+def _validate_document_cache(cfg: RunConfig, teacher_vocab: int) -> None:
+    """A cache kept by document: text documents, the teacher's top-k read through span alignment, off-policy logit
+    KD; then the cache itself (``_validate_cache``)."""
+    key = "teacher.cache_layout=documents"
+    _check(cfg.data.name == "text", "data.name", f"{key} holds documents of data=text (got {cfg.data.name})")
+    top_k = cfg.distill.top_k
+    _check(top_k is not None, "distill.top_k", f"{key} stores the teacher's top distill.top_k: set it (e.g. 64)")
+    assert top_k is not None  # checked just above
+    _check(top_k < teacher_vocab, "distill.top_k", f"{key}: {top_k} is not less than the teacher's {teacher_vocab} "
+           "tokens")  # fmt: skip
+    _check(cfg.distill.align in ("auto", "span"), "distill.align", f"{key} is read through span alignment (auto or "
+           f"span, not {cfg.distill.align})")  # fmt: skip
+    _check(cfg.distill.lmbda == 0, "distill.lmbda", f"{key}: on-policy samples are not in the cache's documents")
+    _check(cfg.parallel.strategy != "pipeline", "parallel.strategy", f"{key}: not through a pipeline")
+    _validate_cache(cfg)
 
 
 def _validate_shared_tokenizer(cfg: RunConfig) -> None:
