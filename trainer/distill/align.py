@@ -16,7 +16,7 @@ Between two identical tokenizers every position aligns and every token is shared
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -97,11 +97,14 @@ def aligned_pairs(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> l
 @dataclass
 class Alignment:
     """A batch as the teacher reads it: its token ids (rows right-padded to the longest) and the aligned positions
-    as flat indices into the student's ``[B * T]`` and the teacher's ``[B * T_t]`` positions."""
+    as flat indices into the student's ``[B * T]`` and the teacher's ``[B * T_t]`` positions; per row, where each
+    student token ends in the row's text and each teacher token's (start, end) there."""
 
     teacher_ids: Tensor  # long [B, T_t]
     student_rows: Tensor  # long [N]
     teacher_rows: Tensor  # long [N]
+    student_ends: list[list[int]] = field(default_factory=list)
+    teacher_spans: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
 class Aligner:
@@ -115,7 +118,7 @@ class Aligner:
         self.pad = teacher_tokenizer.eos_token_id
 
     def __call__(self, x: Tensor) -> Alignment:
-        rows, student_rows, teacher_rows = [], [], []
+        rows, student_rows, teacher_rows, all_ends, all_spans = [], [], [], [], []
         for ids in x.tolist():
             text, student_ends = char_ends(self.student_tokenizer, ids, self.student_strings)
             encoded = self.teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -123,14 +126,34 @@ class Aligner:
             pairs = aligned_pairs(student_ends, [end for _, end in encoded["offset_mapping"]])
             student_rows.append([i for i, _ in pairs])
             teacher_rows.append([j for _, j in pairs])
+            all_ends.append(student_ends)
+            all_spans.append([(start, end) for start, end in encoded["offset_mapping"]])
         width = max(1, max(len(row) for row in rows))
         teacher_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         for b, row in enumerate(rows):
             teacher_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         s_flat = [b * x.shape[1] + i for b, row in enumerate(student_rows) for i in row]
         t_flat = [b * width + j for b, row in enumerate(teacher_rows) for j in row]
-        flat = [torch.tensor(positions, dtype=torch.long, device=x.device) for positions in (s_flat, t_flat)]
-        return Alignment(teacher_ids.to(x.device), *flat)
+        s_index, t_index = (torch.tensor(flat, dtype=torch.long, device=x.device) for flat in (s_flat, t_flat))
+        return Alignment(teacher_ids.to(x.device), s_index, t_index, all_ends, all_spans)
+
+
+def text_logprob(aligned: AlignedLogits, chars: Sequence[tuple[int, int] | None]) -> Tensor:
+    """The teacher's log-probability (temperature 1) of its own tokens that lie wholly in each row's characters
+    ``[begin, end)`` (None: none), summed over the rows: how likely it finds that text, in its tokens."""
+    a = aligned.alignment
+    total = aligned.logits.new_zeros((), dtype=torch.float32)
+    for row, span in enumerate(chars):
+        if span is None:
+            continue
+        begin, end = span
+        inside = [j for j, (start, stop) in enumerate(a.teacher_spans[row]) if j > 0 and start >= begin and stop <= end]
+        if not inside:
+            continue
+        at = torch.tensor(inside, device=aligned.logits.device)
+        logits = aligned.logits[row, at - 1, : aligned.shared.teacher_vocab].float()  # position j - 1 predicts j
+        total = total + F.log_softmax(logits, dim=-1).gather(-1, a.teacher_ids[row, at, None]).sum()
+    return total
 
 
 def shared_buckets(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:

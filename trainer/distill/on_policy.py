@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.data import IGNORE_INDEX, Batches, local_slice
+from trainer.distill.align import Alignment, text_logprob
 from trainer.distill.fused import fused_logit_losses
 from trainer.distill.losses import logit_losses
 from trainer.models.protocol import KVCache, family_of
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from trainer.config import DistillConfig
     from trainer.distill.placement import Teacher, TeacherOutput
 
+ALIGNMENT_KEYS = ("distill/aligned_fraction", "distill/shared_mass")
 NO_ROWS = 1 << 30  # the first position a rank without rows to complete offers (``OnPolicy.agree``)
 
 # The statistics each micro-batch adds up (summed over micro-batches and ranks, then turned into metrics).
@@ -248,6 +250,18 @@ def summarize(stats: torch.Tensor, ranks: int) -> dict[str, torch.Tensor]:
     }
 
 
+def completion_chars(y_on: torch.Tensor, alignment: Alignment) -> list[tuple[int, int] | None]:
+    """Each row's completion as characters ``[begin, end)`` of its text (None: a row without one): from where the
+    token before the completion ends to where its last token in the row ends (the last token of a completion that
+    fills the row is only a label: not in the text the teacher read)."""
+    chars: list[tuple[int, int] | None] = []
+    for row, labels in enumerate(y_on.tolist()):
+        kept = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        ends = alignment.student_ends[row]
+        chars.append((ends[kept[0]], ends[min(kept[-1] + 1, len(ends) - 1)]) if kept else None)
+    return chars
+
+
 def teacher_logits_at(teacher: TeacherOutput, kept: torch.Tensor) -> torch.Tensor:
     """The teacher's logits at the ``kept`` positions ``[rows, T]`` only (from its head where it gives that)."""
     if teacher.head is not None:
@@ -261,7 +275,8 @@ def mixed(off: dict[str, torch.Tensor] | None, on: dict[str, torch.Tensor] | Non
     """``train/loss`` = the off- and on-policy parts, each rescaled to its share of the global batch's mean
     (``rollout.scales``), weighted by their rows' shares; ``train/ce`` and ``distill/kd`` are the off-policy part's
     rescaled likewise (0 without off-policy tokens here), ``distill/on_policy`` this micro-batch's own mean of the
-    on-policy divergence (the step's value is a mean over its tokens: ``OnPolicy.stats``)."""
+    on-policy divergence (the step's value is a mean over its tokens: ``OnPolicy.stats``); with a teacher of another
+    tokenizer, what the alignment kept over the completions (over the off-policy rows where none is here)."""
     assert rollout.shares is not None  # set on creation
     (w_off, w_on), (s_off, s_on) = rollout.shares, rollout.scales
     loss = zero
@@ -269,12 +284,17 @@ def mixed(off: dict[str, torch.Tensor] | None, on: dict[str, torch.Tensor] | Non
         loss = loss + w_off * s_off * off["train/loss"]
     if on is not None:
         loss = loss + w_on * s_on * on["train/loss"]  # alpha = 1: the divergence alone, with its gradient
-    return {
+    out = {
         "train/ce": s_off * off["train/ce"] if off is not None else zero,
         "distill/kd": s_off * off["distill/kd"] if off is not None else zero,
         "train/loss": loss,
         "distill/on_policy": on["distill/kd"].detach() if on is not None else zero,
     }
+    for key in ALIGNMENT_KEYS:  # a teacher of another tokenizer: what the alignment kept, of the completions first
+        part = on if on is not None and key in on else off
+        if part is not None and key in part:
+            out[key] = part[key]
+    return out
 
 
 def fused_mixed_losses(
@@ -426,7 +446,10 @@ class OnPolicy:
             kept = rollout.y_on != IGNORE_INDEX
             tokens = float(kept.sum())
             with torch.no_grad():
-                logprob = teacher_logprob_sum(teacher_logits_at(t_out, kept), rollout.y_on[kept])
+                if t_out.aligned is not None:  # a teacher of another tokenizer: the completions' text, in its tokens
+                    logprob = text_logprob(t_out.aligned, completion_chars(rollout.y_on, t_out.aligned.alignment))
+                else:
+                    logprob = teacher_logprob_sum(teacher_logits_at(t_out, kept), rollout.y_on[kept])
             values = [float(on_policy) * tokens, float(logprob), tokens, len(c.lengths), float(c.eos.sum()), c.seconds]
             self.stats += torch.tensor(values, dtype=torch.float64)
         return out
