@@ -114,8 +114,9 @@ def cache_key(cfg: RunConfig) -> cache.CacheKey:
 
 
 def document_key(cfg: RunConfig) -> documents.DocumentKey:
-    """The key of the cache kept by document that ``cfg``'s run reads (and ``python -m trainer.cache`` writes)."""
-    assert cfg.teacher.checkpoint is not None and cfg.distill.top_k is not None  # preflight checks both
+    """The key of the cache kept by document that ``cfg``'s run reads (and ``python -m trainer.cache`` writes); its
+    k is None where ``distill.top_k`` is (a reader takes the cache's)."""
+    assert cfg.teacher.checkpoint is not None  # preflight: a run with a teacher names it
     return documents.DocumentKey(
         teacher=teacher_io.fingerprint(cfg.teacher.checkpoint),
         corpus=data.shards.corpus_fingerprint(cfg.data),
@@ -265,8 +266,11 @@ def aligned_teacher(cfg: RunConfig, how: str, device: torch.device) -> AlignedTe
 
 
 def member_config(cfg: RunConfig, member: MemberConfig) -> RunConfig:
-    """``cfg`` with ensemble ``member`` as its one teacher."""
-    teacher = dataclasses.replace(cfg.teacher, checkpoint=member.checkpoint, members=[])
+    """``cfg`` with ensemble ``member`` as its one teacher (a cached one read from its cache kept by document)."""
+    teacher = dataclasses.replace(cfg.teacher, checkpoint=member.checkpoint, members=[], placement=member.placement)
+    if member.placement == "cache":
+        teacher = dataclasses.replace(teacher, cache_dir=member.cache_dir, cache_layout="documents",
+                                      cache_dtype="compact", cache_build=False)  # fmt: skip
     return dataclasses.replace(cfg, teacher=teacher, data=dataclasses.replace(cfg.data))
 
 

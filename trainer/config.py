@@ -49,10 +49,13 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 
 @dataclass
 class MemberConfig:
-    """One teacher of ``teacher=ensemble``: where it is, and the weight of its KD term in the loss."""
+    """One teacher of ``teacher=ensemble``: where it is, the weight of its KD term in the loss, and where it runs:
+    replicated, or read from a cache kept by document in ``cache_dir`` (``placement: cache``)."""
 
     checkpoint: str = ""
     weight: float = 1.0
+    placement: str = "replicate"
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -83,10 +86,15 @@ class TeacherConfig:
         for i, member in enumerate(self.members):
             _check(bool(member.checkpoint), f"members.{i}.checkpoint", "names the member's teacher: must be set")
             _check(member.weight >= 0, f"members.{i}.weight", f"must be >= 0 (got {member.weight})")
+            _one_of(member.placement, ("replicate", "cache"), f"members.{i}.placement")
+            _check(member.placement != "cache" or member.cache_dir is not None, f"members.{i}.cache_dir",
+                   "a member with placement cache names its cache kept by document (python -m trainer.cache "
+                   "teacher.cache_layout=documents ...)")  # fmt: skip
         if self.members:
             _check(self.checkpoint is None, "checkpoint", "an ensemble names its teachers in teacher.members")
             _check(sum(m.weight for m in self.members) > 0, "members", "the members' weights sum to 0")
-            _check(self.placement == "replicate", "placement", "an ensemble's members are replicated")
+            _check(self.placement == "replicate", "placement", "an ensemble places each member on its own "
+                   "(teacher.members.N.placement)")  # fmt: skip
         _one_of(self.param_dtype, ("fp32", "bf16"), "param_dtype")
         _one_of(self.cache_dtype, ("fp32", "bf16", "fp16", "compact"), "cache_dtype")
         _one_of(self.cache_layout, ("batches", "documents"), "cache_layout")

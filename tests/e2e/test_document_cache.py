@@ -117,3 +117,29 @@ def test_a_garbled_row_stops_the_run_in_one_line_naming_the_file(root, built, tm
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert f"{tail} is garbled at teacher position " in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_an_ensemble_of_a_cached_member_and_a_live_one_trains(root, built):
+    """``teacher.members`` places each member: one read from the cache kept by document (its k the cache's:
+    ``distill.top_k`` unset), one live; each member's KD and alignment are logged, the KD is their weighted sum."""
+    members = ("[{checkpoint: teacher, weight: 0.3, placement: cache, cache_dir: documents_cache}, "
+               "{checkpoint: teacher, weight: 0.7}]")  # fmt: skip
+    run = [arg for arg in RUN if not arg.startswith(("teacher", "distill.top_k"))]
+    run_cli(root, *run, *STUDENTS["student_a"], "teacher=ensemble", f"teacher.members={members}", "hydra.run.dir=ens")
+    rows = read_metrics(root / "ens")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        weighted = 0.3 * row["distill/kd/member0"] + 0.7 * row["distill/kd/member1"]
+        assert row["distill/kd"] == pytest.approx(weighted, rel=1e-6) and row["distill/kd/member0"] > 0
+        assert ALIGNED["student_a"] < row["distill/aligned_fraction/member0"] <= 1
+        assert 0 < row["distill/aligned_fraction/member1"] <= 1
+
+
+def test_a_cached_member_without_its_cache_is_refused_in_one_line(root, monkeypatch):
+    run = [arg for arg in RUN if not arg.startswith(("teacher", "distill.top_k"))]
+    members = "[{checkpoint: teacher, placement: cache}, {checkpoint: teacher}]"
+    code, lines = preflight_in_process(root, monkeypatch, *run, *STUDENTS["student_a"], "teacher=ensemble",
+                                       f"teacher.members={members}", "hydra.run.dir=no")  # fmt: skip
+    assert code == 2 and lines == ["config error: teacher.members.0.cache_dir: a member with placement cache names its "
+                                   "cache kept by document (python -m trainer.cache teacher.cache_layout=documents "
+                                   "...)"], lines  # fmt: skip

@@ -27,6 +27,7 @@ Files (P teacher tokens, W windows)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -55,7 +56,7 @@ class DocumentKey:
 
     teacher: str  # teacher.fingerprint of the teacher's files
     corpus: str  # shards.corpus_fingerprint: the documents' content, whatever the tokenizer
-    k: int
+    k: int | None  # a reader's None: the cache's k, whatever it is
     temperature: float  # of the tails (distill.temperature)
 
 
@@ -67,6 +68,12 @@ class DocumentManifest:
     documents: int
     positions: int
     windows: int
+
+    @property
+    def k(self) -> int:
+        """The top-k each position holds (a written cache's key always has it)."""
+        assert self.key.k is not None  # written by python -m trainer.cache, whose preflight needs distill.top_k
+        return self.key.k
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **asdict(self)}
@@ -108,7 +115,8 @@ def check(root: Path, key: DocumentKey, complete: bool = True) -> DocumentManife
     """The manifest of the document cache in ``root`` if a run of ``key`` may read it (finished, if ``complete``);
     else CacheError (one line, naming what differs)."""
     manifest = read_manifest(root)
-    cache.check_key(root, manifest.key, key, "another teacher, corpus, k or temperature")
+    wanted = key if key.k is not None else dataclasses.replace(key, k=manifest.key.k)
+    cache.check_key(root, manifest.key, wanted, "another teacher, corpus, k or temperature")
     done = windows_done(root)
     if complete and done < manifest.windows:
         raise CacheError(
@@ -119,7 +127,7 @@ def check(root: Path, key: DocumentKey, complete: bool = True) -> DocumentManife
 
 
 def _layout(manifest: DocumentManifest) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    p, k = manifest.positions, manifest.key.k
+    p, k = manifest.positions, manifest.k
     return {
         "keys.bin": (np.dtype(np.int64), (p,)),
         "tokens.bin": (np.dtype(np.int32), (p,)),
@@ -241,7 +249,7 @@ class Writer:
     def write(self, window: int, logits: torch.Tensor) -> None:
         """Store the rows of ``window`` (``[length, V]``: its tokens' next-token logits) and their checksums."""
         first, length = (int(v) for v in self.arrays["windows.bin"][window])
-        k, temperature = self.manifest.key.k, self.manifest.key.temperature
+        k, temperature = self.manifest.k, self.manifest.key.temperature
         logits = logits[:length].float().cpu()
         values, indices = logits.topk(k, dim=-1)
         value_rows, index_rows = compact.encode(values.numpy(), indices.numpy(), self.manifest.vocab)
@@ -332,7 +340,7 @@ class DocumentCache:
         value_rows, index_rows = (np.ascontiguousarray(self.arrays[name][picked]) for name in ROW_FILES[:2])
         tail = torch.from_numpy(np.ascontiguousarray(self.arrays["tail.bin"][picked]))
         key = self.manifest.key
-        return compact.unpack(value_rows, index_rows, tail, key.k, self.manifest.vocab, key.temperature)
+        return compact.unpack(value_rows, index_rows, tail, self.manifest.k, self.manifest.vocab, key.temperature)
 
     def bytes_per_position(self) -> int:
         """Bytes a teacher token takes in the files a reader reads (rows, key, checksums)."""

@@ -309,10 +309,11 @@ def _validate_document_cache(cfg: RunConfig, teacher_vocab: int) -> None:
     key = "teacher.cache_layout=documents"
     _check(cfg.data.name == "text", "data.name", f"{key} holds documents of data=text (got {cfg.data.name})")
     top_k = cfg.distill.top_k
-    _check(top_k is not None, "distill.top_k", f"{key} stores the teacher's top distill.top_k: set it (e.g. 64)")
-    assert top_k is not None  # checked just above
-    _check(top_k < teacher_vocab, "distill.top_k", f"{key}: {top_k} is not less than the teacher's {teacher_vocab} "
-           "tokens")  # fmt: skip
+    building = cfg.teacher.cache_build  # python -m trainer.cache, or a run that writes its cache first
+    _check(top_k is not None or not building, "distill.top_k", f"{key}: a cache stores the teacher's top "
+           "distill.top_k: set it to build one (e.g. 64; a run that reads one may leave it unset)")  # fmt: skip
+    _check(top_k is None or top_k < teacher_vocab, "distill.top_k", f"{key}: {top_k} is not less than the "
+           f"teacher's {teacher_vocab} tokens")  # fmt: skip
     _check(cfg.distill.align in ("auto", "span"), "distill.align", f"{key} is read through span alignment (auto or "
            f"span, not {cfg.distill.align})")  # fmt: skip
     _check(cfg.distill.lmbda == 0, "distill.lmbda", f"{key}: on-policy samples are not in the cache's documents")
