@@ -143,3 +143,13 @@ def test_a_cached_member_without_its_cache_is_refused_in_one_line(root, monkeypa
     assert code == 2 and lines == ["config error: teacher.members.0.cache_dir: a member with placement cache names its "
                                    "cache kept by document (python -m trainer.cache teacher.cache_layout=documents "
                                    "...)"], lines  # fmt: skip
+
+
+@pytest.mark.slow  # the cache of batches is built the same way by a run in the default tier (test_teacher_cache.py)
+def test_a_run_with_cache_build_writes_the_cache_kept_by_document_first(root):
+    run = [arg for arg in RUN if not arg.startswith("teacher.cache_dir=")]
+    proc = run_cli(root, *run, *STUDENTS["student_b"], "teacher.cache_dir=built_by_run", "teacher.cache_build=true",
+                   "hydra.run.dir=cache_build")  # fmt: skip
+    assert "teacher cache built_by_run missing or unfinished: building it" in proc.stderr
+    assert (root / "built_by_run" / "manifest.json").is_file()
+    assert [row["step"] for row in read_metrics(root / "cache_build")] == [1, 2, 3]
