@@ -59,7 +59,7 @@ QUICK = [
 def rows_to_train(seeds: list[int], scratch_config: Path) -> list[tuple[str, str, list[str]]]:
     """(key, label, overrides) of every trained run; the scratch row's architecture is ``scratch_config``'s."""
     scratch = ["student=hf", f"student.path={scratch_config}", "~student.layers", "~student.layer_select",
-               "~student.width", "~student.calib_batches"]  # fmt: skip
+               "~student.width", "~student.mlp_width", "~student.calib_batches"]  # fmt: skip
     runs = [("scratch_ce", "scratch + CE", [*scratch, *CE, *NO_QAT, f"train.seed={seeds[0]}"])]
     runs += [(f"pruned_ce/seed{s}", "pruned + CE", [*CE, *NO_QAT, f"train.seed={s}"]) for s in seeds]
     runs += [(f"pruned_kd/seed{s}", "pruned + KD", [*NO_QAT, f"train.seed={s}"]) for s in seeds]
