@@ -50,7 +50,8 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 @dataclass
 class MemberConfig:
     """One teacher of ``teacher=ensemble``: where it is, the weight of its KD term in the loss, and where it runs:
-    replicated, or read from a cache kept by document in ``cache_dir`` (``placement: cache``)."""
+    replicated, sharded over the data-parallel ranks (``shard``: a teacher of the student's tokenizer), or read from
+    a cache kept by document in ``cache_dir`` (``cache``)."""
 
     checkpoint: str = ""
     weight: float = 1.0
@@ -86,7 +87,7 @@ class TeacherConfig:
         for i, member in enumerate(self.members):
             _check(bool(member.checkpoint), f"members.{i}.checkpoint", "names the member's teacher: must be set")
             _check(member.weight >= 0, f"members.{i}.weight", f"must be >= 0 (got {member.weight})")
-            _one_of(member.placement, ("replicate", "cache"), f"members.{i}.placement")
+            _one_of(member.placement, ("replicate", "shard", "cache"), f"members.{i}.placement")
             _check(member.placement != "cache" or member.cache_dir is not None, f"members.{i}.cache_dir",
                    "a member with placement cache names its cache kept by document (python -m trainer.cache "
                    "teacher.cache_layout=documents ...)")  # fmt: skip

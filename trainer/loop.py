@@ -346,10 +346,9 @@ class Trainer:
         """``distill/teacher_ms``: time per step the student waited on the teacher over the last ``steps``;
         ``distill/teacher_param_bytes``: the teacher parameter bytes this rank holds (0 for a cache)."""
         assert self.teacher is not None  # called only with a teacher
-        module = self.teacher.module
         return {
             "distill/teacher_ms": 1000 * self.teacher.pop_wait_seconds() / steps,
-            "distill/teacher_param_bytes": float(held_bytes(module.parameters()) if module is not None else 0),
+            "distill/teacher_param_bytes": float(held_bytes(self.teacher.parameters())),
         }
 
     def compression_metrics(self, step: int, table: bool) -> dict[str, float]:

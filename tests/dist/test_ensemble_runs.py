@@ -57,6 +57,26 @@ def test_a_weighted_ensemble_under_ddp_equals_one_process(tmp_path, teacher):
                 assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)
 
 
+@pytest.mark.slow  # the sharded teacher equals the replicated one alone in the default tier (test_parallel_runs.py)
+def test_an_ensemble_with_a_sharded_member_equals_its_replicated_twin(tmp_path, teacher):
+    """A member sharded over the 2 DDP ranks (FSDP2, resharded after each forward) beside a replicated one trains
+    what the two replicated members train."""
+    members = f"[{{checkpoint: {teacher}, weight: 0.25, placement: shard}}, {{checkpoint: {teacher}, weight: 0.75}}]"
+    sharded, _ = launch(tmp_path, 2, "sharded", [*RUN, "teacher=ensemble", f"teacher.members={members}",
+                                                  "parallel=ddp"])  # fmt: skip
+    replicated, _ = launch(tmp_path, 2, "replicated", [*RUN, *ensemble((teacher, 0.25), (teacher, 0.75)),
+                                                        "parallel=ddp"])  # fmt: skip
+    got, want = by_step(sharded), by_step(replicated)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        for key in (*LOSS_KEYS, "distill/kd/member0", "distill/kd/member1"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)
+    # a rank holds half of the sharded member between forwards: 3/4 of the two replicated members' bytes
+    held, whole = (runs[STEPS]["distill/teacher_param_bytes"] for runs in (got, want))
+    assert held == pytest.approx(0.75 * whole, rel=0.02)
+
+
 @pytest.mark.parametrize(
     "members, line",
     [

@@ -124,6 +124,7 @@ def test_generated_sections_are_what_their_generators_render_from_the_json():
         llm_kd_study,
         on_policy,
         readme_results,
+        search,
     )
     from benchmarks.readme_section import RESULTS_DOC
 
@@ -145,7 +146,7 @@ def test_generated_sections_are_what_their_generators_render_from_the_json():
             quality, readme_results.RESULTS_JSON.parent, RESULTS_DOC
         ),
     }
-    for module in (llm, llm_kd_study, on_policy, kd_memory, kd_tail, compact_cache, cross_tokenizer):
+    for module in (llm, llm_kd_study, on_policy, kd_memory, kd_tail, compact_cache, cross_tokenizer, search):
         expected[(RESULTS_DOC, module.START, module.END)] = module.render(load(module))
     stale = [
         f"{path.relative_to(REPO)} {start}" for (path, start, end), text in expected.items()

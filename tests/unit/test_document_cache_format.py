@@ -212,3 +212,17 @@ def test_a_students_token_ends_are_where_its_tokens_end_in_the_document(tmp_path
     modified = (dataset.root / spans.ENDS).stat().st_mtime_ns
     spans.load(cfg, dataset.root)
     assert (dataset.root / spans.ENDS).stat().st_mtime_ns == modified
+
+
+def test_a_cache_of_the_other_layout_says_which_layout_it_is(tmp_path):
+    from trainer import cache
+
+    (tmp_path / "batches").mkdir()
+    (tmp_path / "batches" / "manifest.json").write_text('{"format": "stillroom-teacher-cache/3"}')
+    with pytest.raises(CacheError, match=r"not 'stillroom-document-cache/1' \(a cache of batches: set "
+                                         r"teacher.cache_layout=batches, or build one kept by document"):  # fmt: skip
+        doc_cache.read_manifest(tmp_path / "batches")
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "manifest.json").write_text('{"format": "stillroom-document-cache/1"}')
+    with pytest.raises(CacheError, match=r"\(kept by document: set teacher.cache_layout=documents\)"):
+        cache.read_manifest(tmp_path / "documents")

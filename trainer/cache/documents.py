@@ -84,9 +84,11 @@ class DocumentManifest:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         if raw.get("format") != FORMAT:
+            batches = str(raw.get("format")).startswith("stillroom-teacher-cache/")
+            hint = "a cache of batches: set teacher.cache_layout=batches, or " if batches else ""
             raise CacheError(
-                f"holds a cache of format {raw.get('format')!r}, not {FORMAT!r} (a cache of batches: set "
-                "teacher.cache_layout=batches, or build one kept by document with python -m trainer.cache)"
+                f"holds a cache of format {raw.get('format')!r}, not {FORMAT!r} ({hint}build one kept by document "
+                "with python -m trainer.cache)"
             )
         try:
             key = raw["key"]

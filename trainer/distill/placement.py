@@ -128,6 +128,10 @@ class Teacher(ABC):
         assert logits is not None  # live and remote teachers return full logits
         return logits
 
+    def parameters(self) -> list[torch.Tensor]:
+        """The teacher parameters this rank holds (none for a cache or a remote teacher)."""
+        return list(self.module.parameters()) if self.module is not None else []
+
     def close(self) -> None:  # noqa: B027 - an optional hook: most teachers hold nothing to release
         """Release what the teacher holds beyond the run (remote: tell the teacher rank this student is done)."""
 
@@ -220,6 +224,9 @@ class EnsembleTeacher(Teacher):
 
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         return TeacherOutput(members=[(weight, member.forward(x, step, micro)) for weight, member in self.members])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for _, member in self.members for p in member.parameters()]
 
     def close(self) -> None:
         for _, member in self.members:
