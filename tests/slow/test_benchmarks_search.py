@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("transformers", reason="the recipe needs the `hf` extra")
 
 
-def test_quick_search_trains_its_best_candidates_and_the_recipes_cut(tmp_path):
+def test_quick_search_trains_its_best_candidates_and_the_hand_made_cut(tmp_path):
     save_recipe_files(tmp_path)
     section = RESULTS_DOC.read_text().partition(START)[2].partition(END)[0]
     before = RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None
@@ -26,10 +26,10 @@ def test_quick_search_trains_its_best_candidates_and_the_recipes_cut(tmp_path):
     results = json.loads((tmp_path / "out" / "search.json").read_text())
     trained = [c for c in results["search"]["candidates"] if c["loss_after"] is not None]
     assert len(trained) == 2 and results["hand_cut"]["loss_after"] > 0
-    assert results["hand_cut"]["config"]["num_hidden_layers"] == 2  # the quick recipe's cut: 2 layers
+    assert results["hand_cut"]["config"]["num_hidden_layers"] == 2  # a quick run's hand cut: its own 2 layers
     fragment = (tmp_path / "out" / "README_search.md").read_text()
     assert (
-        "| recipe's cut (by hand) | 2 | 0.5 | 0.5 | 1 |" in fragment and results["search"]["winner"]["name"] in fragment
+        "| the hand-made cut | 2 | 0.5 | 0.25 | 1 |" in fragment and results["search"]["winner"]["name"] in fragment
     )
     assert RESULTS_DOC.read_text().partition(START)[2].partition(END)[0] == section
     assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before
