@@ -28,8 +28,6 @@ def test_quick_search_trains_its_best_candidates_and_the_hand_made_cut(tmp_path)
     assert len(trained) == 2 and results["hand_cut"]["loss_after"] > 0
     assert results["hand_cut"]["config"]["num_hidden_layers"] == 2  # a quick run's hand cut: its own 2 layers
     fragment = (tmp_path / "out" / "README_search.md").read_text()
-    assert (
-        "| the hand-made cut | 2 | 0.5 | 0.25 | 1 |" in fragment and results["search"]["winner"]["name"] in fragment
-    )
+    assert "| the hand-made cut | 2 | 0.5 | 0.25 | 1 |" in fragment and results["search"]["winner"]["name"] in fragment
     assert RESULTS_DOC.read_text().partition(START)[2].partition(END)[0] == section
     assert (RESULTS_JSON.read_bytes() if RESULTS_JSON.exists() else None) == before
