@@ -10,7 +10,8 @@ the recipe's default):
 - ``full_vocab``: KD alone against the live teacher's whole vocabulary (no top-k cache): does the cache lose signal?
 - ``t2_alpha0.5``: half KD at temperature 2, half cross-entropy (a cache of its own, built by its first run);
 - ``lr1e-3_ce`` and ``lr1e-3_kd``: CE alone and the recipe's KD (alpha 0.5) at a peak learning rate of 1e-3 (the
-  recipe's is 3e-4), the KD runs paired with the CE runs at the same rate (a variant's ``against``).
+  recipe's was 3e-4 when the study ran; it is 1e-3 now), the KD runs paired with the CE runs at the same rate
+  (a variant's ``against``).
 
 Writes ``benchmarks/results/llm_kd_study.json`` and the docs/results.md section between the ``results:llm_kd_study``
 markers; ``--readme`` rewrites that section from the JSON alone. ``--reuse`` keeps a run folder that already holds
