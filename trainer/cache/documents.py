@@ -344,11 +344,6 @@ class DocumentCache:
         key = self.manifest.key
         return compact.unpack(value_rows, index_rows, tail, self.manifest.k, self.manifest.vocab, key.temperature)
 
-    def bytes_per_position(self) -> int:
-        """Bytes a teacher token takes in the files a reader reads (rows, key, checksums)."""
-        return sum(dtype.itemsize * int(np.prod(shape[1:])) for name, (dtype, shape) in _layout(self.manifest).items()
-                   if name not in ("windows.bin", "tokens.bin"))  # fmt: skip
-
 
 def size_on_disk(root: Path) -> int:
     """Bytes of every file in ``root``."""

@@ -135,7 +135,7 @@ def _size_and_time(file: Path) -> list[int]:
 def _record_verified(root: Path, names: list[str], record: dict) -> None:
     """Record ``names`` as matching their SHA-256 at their current size and time (beside ``root``)."""
     updated = {**record, **{name: _size_and_time(root / name) for name in names}}
-    _write_atomic(_verified_path(root), lambda path: path.write_text(json.dumps(updated)))
+    write_atomic(_verified_path(root), lambda path: path.write_text(json.dumps(updated)))
 
 
 def prepare(cfg: DataConfig, block_size: int, progress: bool = True) -> tuple[Path, dict]:
@@ -234,7 +234,7 @@ def _worker_tokenize(args: tuple) -> dict[str, np.ndarray]:
     return tokenize_chunk(*args)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """``write(tmp)`` then rename it to ``path``; a failed write (a disk full, Ctrl-C) leaves no ``tmp`` behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -247,9 +247,9 @@ def _write_atomic(path: Path, write) -> None:
 
 def _save_chunk(parts: Path, index: int, result: dict[str, np.ndarray]) -> None:
     for name, array in result.items():
-        _write_atomic(parts / f"{name}.{index:06d}.bin", array.tofile)
+        write_atomic(parts / f"{name}.{index:06d}.bin", array.tofile)
     record = {name: len(array) for name, array in result.items()}
-    _write_atomic(parts / f"{index:06d}.json", lambda p: p.write_text(json.dumps(record)))
+    write_atomic(parts / f"{index:06d}.json", lambda p: p.write_text(json.dumps(record)))
 
 
 def _build(cfg: DataConfig, block_size: int, root: Path, progress: bool) -> dict:
@@ -292,7 +292,7 @@ def _build(cfg: DataConfig, block_size: int, root: Path, progress: bool) -> dict
     seconds = time.perf_counter() - start
     _join(parts, root, cfg.name, n_chunks)
     manifest = _manifest(cfg, block_size, root, documents, seconds)
-    _write_atomic(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    write_atomic(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     _record_verified(root, list(manifest["files"]), {})  # hashed just now, as written
     shutil.rmtree(parts)
     return manifest
@@ -318,7 +318,7 @@ def _join(parts: Path, root: Path, name: str, n_chunks: int) -> None:
                         with open(parts / f"{target}.{index:06d}.bin", "rb") as part:
                             shutil.copyfileobj(part, out, 1 << 22)
 
-            _write_atomic(root / f"{target}.bin", write)
+            write_atomic(root / f"{target}.bin", write)
 
 
 def _manifest(cfg: DataConfig, block_size: int, root: Path, documents: int, seconds: float) -> dict:

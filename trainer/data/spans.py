@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +97,6 @@ def _build(cfg: DataConfig, root: Path) -> None:
             flush()
     flush()
     ends = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
-    _replace(root / ENDS, ends.tofile)
+    shards.write_atomic(root / ENDS, ends.tofile)
     record = {"sha256": file_hashes.sha256(root / ENDS), "tokens": len(ends)}
-    _replace(root / RECORD, lambda path: path.write_text(json.dumps(record)))
-
-
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    shards.write_atomic(root / RECORD, lambda path: path.write_text(json.dumps(record)))
