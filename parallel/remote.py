@@ -1,10 +1,12 @@
 """Dedicated teacher ranks (``teacher.placement=remote``): the last K ranks of the world hold the teacher.
 
-Student rank ``s`` of ``S`` is served by teacher rank ``S + s % K``. A request is point-to-point messages on the
-pair: a header ``[kind, sequence, rows, tokens, start]``, the input tokens ``[rows, tokens]``, and the reply, the
-teacher's logits ``[rows, tokens - start, vocab]`` (fp32) from position ``start`` on (0 for a data set's batch;
-on-policy distillation sends the student's samples and needs only the positions of their completions). A request of
-kind ``PACKED`` is answered by the server's ``Wire`` instead: the tensors its ``pack`` makes of those logits (the
+Student rank ``s`` of ``S`` is served by teacher rank ``S + s % K``. A teacher rank holds every teacher that runs
+remotely (one, or the remote members of an ensemble), each with its index. A request is point-to-point messages on
+the pair: a header ``[kind, tag, rows, tokens, start, teacher]``, the input tokens ``[rows, tokens]``, and the reply,
+teacher ``teacher``'s logits ``[rows, tokens - start, vocab]`` (fp32) from position ``start`` on (0 for a data set's
+batch; on-policy distillation sends the student's samples and needs only the positions of their completions); the
+inputs and the reply travel under the request's own tag. A request of kind ``PACKED`` is answered by that teacher's
+``Wire`` instead: the tensors its ``pack`` makes of those logits (the
 trainer's compact top-k with its tail: a few hundred bytes a token where fp32 logits take 4 x vocab), one message
 each. A teacher rank serves its students round-robin in rank order (every student makes the same sequence of
 requests: the same steps, micro-batches and eval batches), so no message needs an any-source receive and the
@@ -26,7 +28,7 @@ import torch.nn as nn
 
 REQUEST, STOP, PACKED = 1, 0, 2
 HEADER_TAG = 0
-HEADER_SIZE = 5  # kind, sequence, rows, tokens, start
+HEADER_SIZE = 6  # kind, tag, rows, tokens, start, teacher
 
 
 @dataclass(frozen=True)
@@ -80,20 +82,23 @@ class Served:
 
 
 @torch.no_grad()
-def serve(module: nn.Module, students: list[int], device: torch.device, wire: Wire | None = None) -> Served:
-    """Answer ``students``' requests with ``module``'s logits (packed by ``wire`` for a ``PACKED`` request) until each
-    has sent a stop."""
-    open_students, served = list(students), Served()
-    while open_students:
-        for student in list(open_students):
+def serve(teachers: list[tuple[nn.Module, Wire | None]], students: list[int], device: torch.device) -> Served:
+    """Answer ``students``' requests, each with the logits of the module of ``teachers`` it names (packed by that
+    teacher's wire for a ``PACKED`` request), until each student has sent a stop for each of ``teachers``."""
+    stops_left, served = dict.fromkeys(students, len(teachers)), Served()
+    while stops_left:
+        for student in list(stops_left):
             header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=device)
             dist.recv(header, src=student, tag=HEADER_TAG)
-            kind, sequence, rows, tokens, start = header.tolist()
+            kind, tag, rows, tokens, start, teacher = header.tolist()
             if kind == STOP:
-                open_students.remove(student)
+                stops_left[student] -= 1
+                if not stops_left[student]:
+                    del stops_left[student]
                 continue
             x = torch.empty(rows, tokens, dtype=torch.int64, device=device)
-            dist.recv(x, src=student, tag=sequence)
+            dist.recv(x, src=student, tag=tag)
+            module, wire = teachers[teacher]
             logits = module(x)[:, start:].float().contiguous()
             if kind == PACKED:
                 assert wire is not None, "a packed request to a server without a wire"
@@ -101,7 +106,7 @@ def serve(module: nn.Module, students: list[int], device: torch.device, wire: Wi
             else:
                 reply = [logits]
             for part in reply:
-                dist.send(part, dst=student, tag=sequence)
+                dist.send(part, dst=student, tag=tag)
             served.requests += 1
             served.bytes[kind] += sum(part.numel() * part.element_size() for part in reply)
             served.tokens[kind] += logits.shape[0] * logits.shape[1]
@@ -112,18 +117,25 @@ class PendingLogits:
     """A request in flight: the sends to wait for and the reply being received (the logits, or ``wire``'s parts)."""
 
     def __init__(
-        self, server: int, sequence: int, x: torch.Tensor, vocab: int, start: int = 0, wire: Wire | None = None
+        self,
+        server: int,
+        tag: int,
+        x: torch.Tensor,
+        vocab: int,
+        start: int = 0,
+        wire: Wire | None = None,
+        teacher: int = 0,
     ):
         kind = REQUEST if wire is None else PACKED
-        self.header = torch.tensor([kind, sequence, *x.shape, start], dtype=torch.int64, device=x.device)
+        self.header = torch.tensor([kind, tag, *x.shape, start, teacher], dtype=torch.int64, device=x.device)
         self.x = x.contiguous()
         rows, tokens = x.shape[0], x.shape[1] - start
         parts = [((vocab,), torch.float32)] if wire is None else list(wire.parts)
         self.reply = [torch.empty(rows, tokens, *shape, dtype=dtype, device=x.device) for shape, dtype in parts]
         self.works = [
             dist.isend(self.header, server, tag=HEADER_TAG),
-            dist.isend(self.x, server, tag=sequence),
-            *(dist.irecv(part, server, tag=sequence) for part in self.reply),
+            dist.isend(self.x, server, tag=tag),
+            *(dist.irecv(part, server, tag=tag) for part in self.reply),
         ]
 
     def wait_parts(self) -> list[torch.Tensor]:
@@ -142,7 +154,9 @@ class RemoteClient:
     """The student side: ``logits(x, key)`` from the serving teacher rank, the next key's request sent ahead.
 
     ``next_input(key)`` gives the inputs and key of the micro-batch after ``key`` (None after the last), so
-    the teacher computes them while the student trains on the current one.
+    the teacher computes them while the student trains on the current one. ``teacher`` is (index, count): which of
+    the teachers the server holds this client asks, of how many; each client of a student rank tags its requests
+    with its own residue modulo the count, so no two of them share a tag.
     """
 
     def __init__(
@@ -151,8 +165,10 @@ class RemoteClient:
         vocab: int,
         next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None],
         wire: Wire | None = None,
+        teacher: tuple[int, int] = (0, 1),
     ):
         self.server, self.vocab, self.next_input, self.wire = server, vocab, next_input, wire
+        self.teacher, self.teachers = teacher
         self.sequence = 0
         self.ahead: tuple[tuple, PendingLogits] | None = None
 
@@ -160,7 +176,8 @@ class RemoteClient:
         """Send ``x`` to the teacher rank; its logits from position ``start`` on come back (``wait``), or with
         ``packed`` the wire's parts (``wait_parts``)."""
         self.sequence += 1
-        return PendingLogits(self.server, self.sequence, x, self.vocab, start, self.wire if packed else None)
+        tag = self.sequence * self.teachers + self.teacher
+        return PendingLogits(self.server, tag, x, self.vocab, start, self.wire if packed else None, self.teacher)
 
     def logits(self, x: torch.Tensor, key: tuple | None) -> list[torch.Tensor]:
         """The teacher's reply for ``x``: ``key`` (step, micro) names a training micro-batch, whose reply is packed
@@ -187,6 +204,6 @@ class RemoteClient:
             self.ahead = None
 
     def close(self) -> None:
-        """Drain, then tell the server this student is done."""
+        """Drain, then tell the server this client is done (a student rank is done once each of its clients is)."""
         self.drain()
-        dist.send(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64), self.server, tag=HEADER_TAG)
+        dist.send(torch.tensor([STOP, 0, 0, 0, 0, self.teacher], dtype=torch.int64), self.server, tag=HEADER_TAG)

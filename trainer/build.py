@@ -274,16 +274,31 @@ def member_config(cfg: RunConfig, member: MemberConfig) -> RunConfig:
     return dataclasses.replace(cfg, teacher=teacher, data=dataclasses.replace(cfg.data))
 
 
+def remote_teachers(cfg: RunConfig) -> list[RunConfig]:
+    """The runs of the teachers that ``cfg``'s teacher ranks hold, in the order they hold them: its one remote teacher,
+    or its ensemble's remote members."""
+    if cfg.teacher.placement == "remote":
+        return [cfg]
+    return [member_config(cfg, cfg.teacher.members[i]) for i in cfg.teacher.remote_members]
+
+
 def build_run_teacher(
-    cfg: RunConfig, dims: ParallelDims, device: torch.device, batches: data.Batches, vocab: int
+    cfg: RunConfig,
+    dims: ParallelDims,
+    device: torch.device,
+    batches: data.Batches,
+    vocab: int,
+    remote_slot: tuple[int, int] = (0, 1),
 ) -> Teacher | None:
-    """The run's teacher in its placement (None for a run without one); ``vocab``: the data's classes."""
+    """The run's teacher in its placement (None for a run without one); ``vocab``: the data's classes;
+    ``remote_slot``: a remote teacher's index among the teachers its teacher rank holds, and their number."""
     if not cfg.distill.needs_teacher:
         return None
     if cfg.teacher.members:
-        members = []
-        for member in cfg.teacher.members:
-            built = build_run_teacher(member_config(cfg, member), dims, device, batches, vocab)
+        members, remote = [], cfg.teacher.remote_members
+        for i, member in enumerate(cfg.teacher.members):
+            slot = (remote.index(i), len(remote)) if i in remote else (0, 1)
+            built = build_run_teacher(member_config(cfg, member), dims, device, batches, vocab, slot)
             assert built is not None  # a member of a run that needs a teacher
             members.append((member.weight, built))
         return EnsembleTeacher(members)
@@ -306,6 +321,7 @@ def build_run_teacher(
         next_input=micro_batch_after(cfg, batches),
         cache_manifest=manifest,
         teacher_ranks=cfg.parallel.teacher_ranks,
+        remote_slot=remote_slot,
     )
 
 

@@ -50,8 +50,9 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 @dataclass
 class MemberConfig:
     """One teacher of ``teacher=ensemble``: where it is, the weight of its KD term in the loss, and where it runs:
-    replicated, sharded over the data-parallel ranks (``shard``: a teacher of the student's tokenizer), or read from
-    a cache kept by document in ``cache_dir`` (``cache``)."""
+    replicated, sharded over the data-parallel ranks (``shard``) or on the teacher ranks (``remote``: they hold every
+    remote member; both a teacher of the student's tokenizer), or read from a cache kept by document in ``cache_dir``
+    (``cache``)."""
 
     checkpoint: str = ""
     weight: float = 1.0
@@ -62,7 +63,7 @@ class MemberConfig:
 @dataclass
 class TeacherConfig:
     checkpoint: str | None = None  # export, run dir, checkpoint, Hugging Face causal-LM folder, or GGUF file
-    placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache
+    placement: str = "replicate"  # replicate | shard (FSDP2 over the data-parallel ranks) | cache | remote
     # shard: dtype the gathered teacher computes in; a GGUF teacher: dtype it is dequantized to (fp32 | bf16)
     param_dtype: str = "fp32"
     cache_dir: str | None = None  # cache: folder written by `python -m trainer.cache` (same overrides)
@@ -73,8 +74,8 @@ class TeacherConfig:
     # documents (of each document in the teacher's own tokens, read through the alignment: any student; compact rows)
     cache_layout: str = "batches"
     cache_window: int = 1024  # documents: teacher tokens a forward reads at most (capped at the teacher's context)
-    # remote: what a teacher rank sends back for a training batch: logits (fp32, the whole vocabulary) | compact (the
-    # top distill.top_k with the tail's mass, as teacher.cache_dtype=compact stores them)
+    # remote (and remote members): what a teacher rank sends back for a training batch: logits (fp32, the whole
+    # vocabulary) | compact (the top distill.top_k with the tail's mass, as teacher.cache_dtype=compact stores them)
     wire: str = "logits"
     # Overrides of a run that trains the teacher when `checkpoint` does not exist yet.
     recipe: list[str] = field(default_factory=list)
@@ -87,7 +88,7 @@ class TeacherConfig:
         for i, member in enumerate(self.members):
             _check(bool(member.checkpoint), f"members.{i}.checkpoint", "names the member's teacher: must be set")
             _check(member.weight >= 0, f"members.{i}.weight", f"must be >= 0 (got {member.weight})")
-            _one_of(member.placement, ("replicate", "shard", "cache"), f"members.{i}.placement")
+            _one_of(member.placement, ("replicate", "shard", "cache", "remote"), f"members.{i}.placement")
             _check(member.placement != "cache" or member.cache_dir is not None, f"members.{i}.cache_dir",
                    "a member with placement cache names its cache kept by document (python -m trainer.cache "
                    "teacher.cache_layout=documents ...)")  # fmt: skip
@@ -104,6 +105,16 @@ class TeacherConfig:
             _check(self.cache_dtype == "compact", "cache_dtype", "cache_layout=documents stores compact rows: set "
                    "teacher.cache_dtype=compact")  # fmt: skip
         _one_of(self.wire, ("logits", "compact"), "wire")
+
+    @property
+    def remote_members(self) -> list[int]:
+        """The indices of the ensemble's members that run on the teacher ranks (in the order those hold them)."""
+        return [i for i, member in enumerate(self.members) if member.placement == "remote"]
+
+    @property
+    def runs_remote(self) -> bool:
+        """Whether the teacher, or a member of the ensemble, runs on teacher ranks of its own."""
+        return self.placement == "remote" or bool(self.remote_members)
 
 
 @dataclass
@@ -233,7 +244,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     microbatches: int = 1  # pipeline micro-batches per rank and step (in place of train.grad_accum)
     stages_per_rank: int = 1  # interleaved_1f1b: stages each rank holds (stage s runs on pipeline rank s % pp)
-    teacher_ranks: int = 0  # teacher.placement=remote: the last K ranks of the world serve the teacher
+    teacher_ranks: int = 0  # teacher.placement=remote (or remote members): the last K ranks serve the teacher(s)
 
     def check(self) -> None:
         _one_of(self.strategy, STRATEGIES, "strategy")

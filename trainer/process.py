@@ -10,7 +10,7 @@ import torch.distributed as dist
 from parallel import env as dist_env
 from parallel import groups, remote
 from trainer import cache, checkpoint, data, export, models, report, side_by_side
-from trainer.build import build_run, load_teacher, run_identity, teacher_vocab
+from trainer.build import build_run, load_teacher, remote_teachers, run_identity, teacher_vocab
 from trainer.cache import compact
 from trainer.config import RunConfig, parallel_dims
 from trainer.data.errors import DataError
@@ -150,21 +150,26 @@ def finish(cfg: RunConfig, trainer: Trainer, last_eval: dict[str, float]) -> dic
 
 
 def serve_teacher(cfg: RunConfig, roles: remote.Roles, env: dist_env.DistEnv) -> float:
-    """A teacher rank's whole run: answer its students' requests with the teacher's logits until they stop."""
+    """A teacher rank's whole run: answer its students' requests with the logits of the teachers it holds (the one
+    remote teacher, or each remote member of the ensemble) until they stop."""
     parallel_dims(cfg.parallel, env.world_size).build_mesh(env.device.type)  # its groups need every rank
-    module = load_teacher(cfg, env.device)
-    wire = None
-    if cfg.teacher.wire == "compact":
-        assert cfg.distill.top_k is not None  # preflight: a compact wire sends the top distill.top_k
-        vocab = teacher_vocab(cfg) or data.vocab_size(cfg.data)  # what the students' clients expect
-        wire = compact.wire(cfg.distill.top_k, vocab, cfg.distill.temperature)
-    served = remote.serve(module, roles.served_by(env.rank), env.device, wire)
+    teachers = [(load_teacher(run, env.device), wire_of(run)) for run in remote_teachers(cfg)]
+    served = remote.serve(teachers, roles.served_by(env.rank), env.device)
     kinds = (("logits", remote.REQUEST), ("compact", remote.PACKED))
     sent = [f"{name}: {per:,.1f} bytes a token" for name, kind in kinds
             if (per := served.bytes_per_token(kind)) is not None]  # fmt: skip
     print(f"teacher rank {env.rank}: served {served.requests} requests of ranks {roles.served_by(env.rank)} "
           f"({', '.join(sent)})", file=sys.stderr)  # fmt: skip
     return float("nan")
+
+
+def wire_of(cfg: RunConfig) -> remote.Wire | None:
+    """How the teacher rank packs ``cfg``'s remote teacher's replies to training batches (None: fp32 logits)."""
+    if cfg.teacher.wire != "compact":
+        return None
+    assert cfg.distill.top_k is not None  # preflight: a compact wire sends the top distill.top_k
+    vocab = teacher_vocab(cfg) or data.vocab_size(cfg.data)  # what the students' clients expect
+    return compact.wire(cfg.distill.top_k, vocab, cfg.distill.temperature)
 
 
 def shared_run_dir(run_dir: Path) -> Path:

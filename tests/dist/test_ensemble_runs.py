@@ -1,7 +1,7 @@
 """``teacher=ensemble``: an ensemble of one teacher of weight 1 trains the student the plain teacher trains, bit for
 bit (both with full logits: an ensemble's loss reads the student's logits whole); an ensemble of two weighted
 teachers logs each member's KD term, its KD is their weighted sum, and DDP on 2 ranks equals one process whose 2
-micro-batches are the ranks' slices."""
+micro-batches are the ranks' slices; members sharded or on a teacher rank train what replicated ones train."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, preflight_in_process, read_metrics
+from tests.conftest import FAST, preflight_in_process, read_metrics, run_cli
 from tests.dist import test_parallel_runs
 from tests.dist.equality import LOSS_KEYS, REASSOCIATION, by_step
 from tests.dist.test_fused_runs import launch
@@ -75,6 +75,30 @@ def test_an_ensemble_with_a_sharded_member_equals_its_replicated_twin(tmp_path, 
     # a rank holds half of the sharded member between forwards: 3/4 of the two replicated members' bytes
     held, whole = (runs[STEPS]["distill/teacher_param_bytes"] for runs in (got, want))
     assert held == pytest.approx(0.75 * whole, rel=0.02)
+
+
+@pytest.mark.slow  # 3 ranks; the remote protocol of one teacher equals the replicated one in the default tier
+# (test_teacher_placement.py)
+def test_remote_members_on_a_teacher_rank_equal_their_replicated_twins(tmp_path, teacher):
+    """Two remote members of two different teachers (one teacher rank holds both, each request names its member)
+    beside a replicated one, on 2 DDP student ranks: the losses and each member's KD are those of the three members
+    replicated; the student ranks hold the replicated member's parameters only."""
+    run_cli(tmp_path, *FAST, "train.max_steps=5", "student.n_layer=2", "student.n_embd=48", "hydra.run.dir=t2")
+    members = ((teacher, 0.25), (teacher, 0.5), (tmp_path / "t2" / "final", 0.25))
+    placed = ", ".join(f"{{checkpoint: {path}, weight: {w}, placement: {p}}}"
+                       for (path, w), p in zip(members, ("remote", "replicate", "remote"), strict=True))  # fmt: skip
+    remote, _ = launch(tmp_path, 3, "remote", [*RUN, "teacher=ensemble", f"teacher.members=[{placed}]",
+                                               "parallel=ddp", "parallel.teacher_ranks=1"])  # fmt: skip
+    replicated, _ = launch(tmp_path, 2, "replicated", [*RUN, *ensemble(*members), "parallel=ddp"])
+    got, want = by_step(remote), by_step(replicated)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        for key in (*LOSS_KEYS, "distill/kd/member0", "distill/kd/member1", "distill/kd/member2"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)
+    assert got[STEPS]["distill/kd/member0"] != got[STEPS]["distill/kd/member2"]  # two teachers: a swap would show
+    held, whole = (runs[STEPS]["distill/teacher_param_bytes"] for runs in (got, want))
+    assert held == pytest.approx(whole / 3, rel=1e-6)
 
 
 @pytest.mark.parametrize(

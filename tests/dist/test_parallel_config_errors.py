@@ -73,7 +73,7 @@ CASES = {
     "teacher ranks without remote": (
         2,
         ["parallel=ddp", "distill=kd", "parallel.teacher_ranks=1"],
-        "parallel.teacher_ranks: applies to teacher.placement=remote only",
+        "parallel.teacher_ranks: applies to teacher.placement=remote or remote ensemble members only",
     ),
     "remote without teacher ranks": (
         2,

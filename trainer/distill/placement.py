@@ -209,10 +209,10 @@ class AlignedTeacher(Teacher):
 
 
 class EnsembleTeacher(Teacher):
-    """Several replicated teachers (``teacher=ensemble``), each with its weight: the output is each member's, which
-    the loss compares with the student's logits on its own (a weighted sum of KD terms, not KD against a mixture of
-    their distributions, which would need one vocabulary). It scores no evaluation batch (its members may not share
-    the student's vocabulary)."""
+    """Several teachers (``teacher=ensemble``), each in its own placement and with its weight: the output is each
+    member's, which the loss compares with the student's logits on its own (a weighted sum of KD terms, not KD against
+    a mixture of their distributions, which would need one vocabulary). It scores no evaluation batch (its members
+    may not share the student's vocabulary)."""
 
     placement = "replicate"
     scores_eval_batches = False
@@ -418,24 +418,25 @@ def build_teacher(
     next_input: Callable[[tuple], tuple[tuple, torch.Tensor] | None],
     cache_manifest: cache.Manifest | None = None,
     teacher_ranks: int = 0,
+    remote_slot: tuple[int, int] = (0, 1),
 ) -> Teacher:
     """The teacher of ``teacher.placement``, ready to call; the hidden layers are those ``distill``'s feature losses
     use. Its logits have ``real_vocab`` entries (the real vocabulary of a padded one; None: its own), or ``vocab``
     (classes). A cached teacher reads ``teacher.cache_dir``, whose checked manifest is ``cache_manifest``.
 
-    A remote teacher (on the last ``teacher_ranks`` ranks) asks ``next_input((step, micro))`` for the micro-batch
-    after ``(step, micro)`` to request it ahead.
+    A remote teacher (on the last ``teacher_ranks`` ranks, which hold ``remote_slot``: its index of how many
+    teachers) asks ``next_input((step, micro))`` for the micro-batch after ``(step, micro)`` to request it ahead.
     """
     placement = teacher.placement
     if placement == "remote":
-        roles = Roles(dist.get_world_size(), teacher_ranks)
+        server = Roles(dist.get_world_size(), teacher_ranks).server_of(dist.get_rank())
         logits = real_vocab or vocab  # the teacher rank cuts its logits to the real vocabulary
         if teacher.wire == "compact":
             assert distill.top_k is not None  # preflight: a compact wire sends the top distill.top_k
             wire = compact.wire(distill.top_k, logits, distill.temperature)
-            client = RemoteClient(roles.server_of(dist.get_rank()), logits, next_input, wire)
+            client = RemoteClient(server, logits, next_input, wire, remote_slot)
             return RemoteTeacher(client, (distill.top_k, distill.temperature))
-        return RemoteTeacher(RemoteClient(roles.server_of(dist.get_rank()), logits, next_input))
+        return RemoteTeacher(RemoteClient(server, logits, next_input, teacher=remote_slot))
     if placement == "cache":
         assert teacher.cache_dir is not None and cache_manifest is not None  # the build checked the cache
         return CachedTeacher(cache.CacheReader(Path(teacher.cache_dir), cache_manifest), shard)

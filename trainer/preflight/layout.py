@@ -67,18 +67,21 @@ def validate_parallel(cfg: RunConfig, family: ModelFamily, model_cfg: Any) -> No
 
 
 def _validate_teacher_ranks(cfg: RunConfig, world: int, family: ModelFamily) -> None:
-    """``parallel.teacher_ranks`` goes with ``teacher.placement=remote``, and leaves the student a rank."""
+    """``parallel.teacher_ranks`` goes with ``teacher.placement=remote`` (or an ensemble's remote members), and leaves
+    the student a rank."""
     k = cfg.parallel.teacher_ranks
-    if cfg.teacher.placement != "remote" or not cfg.distill.needs_teacher:
+    if not cfg.teacher.runs_remote or not cfg.distill.needs_teacher:
         _check(
             k == 0,
             "parallel.teacher_ranks",
-            f"applies to teacher.placement=remote only (got {k}; placement is {cfg.teacher.placement})",
+            f"applies to teacher.placement=remote or remote ensemble members only (got {k}; placement is "
+            f"{cfg.teacher.placement})",
         )
         _check(
             cfg.teacher.wire == "logits",
             "teacher.wire",
-            f"applies to teacher.placement=remote only (placement is {cfg.teacher.placement})",
+            f"applies to teacher.placement=remote or remote ensemble members only (placement is "
+            f"{cfg.teacher.placement})",
         )
         return
     _check(
