@@ -100,6 +100,17 @@ FAST = [
 ]
 
 
+def stopped_and_resumed(root: Path, name: str, *overrides: str, stop_at: int = 2) -> tuple[list[dict], list[dict]]:
+    """The metrics of a run stopped after step ``stop_at`` then resumed by the same command (``root/name``), and of
+    the same run uninterrupted (``root/name_whole``)."""
+    run_cli(root, *overrides, f"train.stop_at_step={stop_at}", f"hydra.run.dir={name}")
+    assert max(row["step"] for row in read_metrics(root / name)) == stop_at
+    proc = run_cli(root, *overrides, f"hydra.run.dir={name}")
+    assert "resumed from" in proc.stderr and f"step_{stop_at:07d}" in proc.stderr, proc.stderr[-2000:]
+    run_cli(root, *overrides, f"hydra.run.dir={name}_whole")
+    return read_metrics(root / name), read_metrics(root / f"{name}_whole")
+
+
 def train_small_teacher(root: Path) -> Path:
     """A small teacher trained by the CLI itself (plain training, distill=none) into ``root/t``; its export."""
     run_cli(root, *FAST, "train.max_steps=20", "student.n_layer=2", "student.n_embd=48", "hydra.run.dir=t")

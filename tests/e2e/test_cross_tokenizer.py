@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import preflight_in_process, read_metrics, run_cli
+from tests.conftest import preflight_in_process, read_metrics, run_cli, stopped_and_resumed
 from tests.data_files import documents, save_llama, save_tokenizer
 
 pytestmark = pytest.mark.e2e
@@ -70,6 +70,16 @@ def test_a_teacher_of_another_tokenizer_teaches_at_the_aligned_positions(root, a
     # this BPE is 1-4 bytes of the corpus's ASCII words
     bits = last["eval/bits_per_byte"] * math.log(2)
     assert last["eval/val_loss"] / 4 < bits < last["eval/val_loss"]
+
+
+@pytest.mark.slow  # three runs; resuming a run of the student's tokenizer is exact in the default tier
+# (tests/e2e/test_training_run.py): the alignment is a function of the batch, and holds no state of its own
+def test_a_run_with_a_teacher_of_another_tokenizer_resumes_exactly(root):
+    resumed, whole = stopped_and_resumed(root, "resume_span", *RUN, "distill.align=span")
+    assert [row["step"] for row in resumed] == [row["step"] for row in whole] == [1, 2, 3]
+    for got, want in zip(resumed, whole, strict=True):
+        for key in ("train/loss", "distill/kd", "distill/aligned_fraction", "distill/shared_mass"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
 
 
 def test_an_ensemble_of_teachers_of_two_tokenizers_trains(root):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import preflight_in_process, read_metrics, run_cli
+from tests.conftest import preflight_in_process, read_metrics, run_cli, stopped_and_resumed
 from tests.data_files import documents, save_llama, save_tokenizer
 from tests.e2e.test_cross_tokenizer import RUN as LIVE_RUN
 
@@ -84,6 +84,15 @@ def test_two_students_of_other_tokenizers_train_from_the_one_cache(root, built, 
         assert ALIGNED[student] < row["distill/aligned_fraction"] <= 1 and 0 < row["distill/shared_mass"] <= 1
         assert math.isfinite(row["distill/kd"]) and row["distill/kd"] > 0
     assert (root / student / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow  # three runs; the rows a step reads are a function of the step's batch (the test above)
+def test_a_run_from_the_cache_resumes_exactly(root, built):
+    resumed, whole = stopped_and_resumed(root, "resume_cached", *RUN, *STUDENTS["student_b"])
+    assert [row["step"] for row in resumed] == [row["step"] for row in whole] == [1, 2, 3]
+    for got, want in zip(resumed, whole, strict=True):
+        for key in ("train/loss", "distill/kd", "distill/aligned_fraction", "distill/shared_mass"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
 
 
 @pytest.mark.parametrize(
