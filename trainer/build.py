@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -30,8 +31,10 @@ from trainer.distill.placement import (
     AlignedTeacher,
     DocumentCachedTeacher,
     EnsembleTeacher,
+    RemoteAlignedTeacher,
     Teacher,
     build_teacher,
+    load_sharded_teacher,
 )
 from trainer.models.hf import HFConfig, decoder_for
 from trainer.models.protocol import ModelFamily, family_of
@@ -99,10 +102,11 @@ def teacher_vocab(cfg: RunConfig) -> int | None:
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """``cfg``'s teacher, whole and frozen on ``device``, its logits cut to the real vocabulary (a GGUF one in
-    ``teacher.param_dtype``)."""
+    """``cfg``'s teacher, whole and frozen on ``device``, its logits cut to the student's real vocabulary (a teacher
+    of another tokenizer keeps its own; a GGUF one in ``teacher.param_dtype``)."""
     assert cfg.teacher.checkpoint is not None  # preflight: a run that loads a teacher names it
-    return teacher_io.load(cfg.teacher.checkpoint, device, vocab_size=teacher_vocab(cfg), dtype=cfg.teacher.param_dtype)
+    vocab = None if cross_tokenizer(cfg) is not None else teacher_vocab(cfg)
+    return teacher_io.load(cfg.teacher.checkpoint, device, vocab_size=vocab, dtype=cfg.teacher.param_dtype)
 
 
 def cache_key(cfg: RunConfig) -> cache.CacheKey:
@@ -246,23 +250,39 @@ def cross_tokenizer(cfg: RunConfig) -> str | None:
     return how
 
 
-def aligned_teacher(cfg: RunConfig, how: str, device: torch.device) -> AlignedTeacher:
-    """``cfg``'s teacher of another tokenizer, replicated on ``device``; its choice and what the two vocabularies
-    share said in one line on rank 0."""
+def aligned_teacher(
+    cfg: RunConfig, how: str, dims: ParallelDims, device: torch.device, remote_slot: tuple[int, int] = (0, 1)
+) -> AlignedTeacher:
+    """``cfg``'s teacher of another tokenizer in its placement: replicated on ``device``, sharded over ``dims``'
+    data-parallel ranks, or on a teacher rank (of whose teachers it is ``remote_slot``); its choice and what the two
+    vocabularies share said in one line on rank 0."""
+    from parallel.remote import RemoteClient, Roles
     from trainer.data import tokenizer
 
-    assert cfg.teacher.checkpoint is not None  # cross_tokenizer: a run with a teacher
-    ours, theirs = tokenizer.load(cfg.data.tokenizer), tokenizer.load(cfg.teacher.checkpoint)
+    checkpoint = cfg.teacher.checkpoint
+    assert checkpoint is not None  # cross_tokenizer: a run with a teacher
+    ours, theirs = tokenizer.load(cfg.data.tokenizer), tokenizer.load(checkpoint)
     aligner = Aligner(ours, theirs)
-    module = teacher_io.load(cfg.teacher.checkpoint, device, dtype=cfg.teacher.param_dtype)
+    config = teacher_io.spec(checkpoint)["config"]
+    context = config.get("block_size")
+    aligned: AlignedTeacher
+    if cfg.teacher.placement == "remote":
+        server = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks).server_of(dist.get_rank())
+        client = RemoteClient(server, config["vocab_size"], lambda key: None, teacher=remote_slot)
+        aligned = RemoteAlignedTeacher(client, aligner, how, context)
+    elif cfg.teacher.placement == "shard":
+        module = load_sharded_teacher(cfg.teacher, dims, device, None)
+        aligned = AlignedTeacher(module, aligner, how, context, placement="shard")
+    else:
+        aligned = AlignedTeacher(teacher_io.load(checkpoint, device, dtype=cfg.teacher.param_dtype), aligner, how,
+                                 context)  # fmt: skip
     if os.environ.get("RANK", "0") == "0":
         print(
             f"distill.align={cfg.distill.align}: {how} (the teacher's tokenizer has {len(theirs)} tokens, the "
             f"student's {len(ours)}; {len(aligner.shared.student)} shared)",
             file=sys.stderr,
         )
-    context = teacher_io.spec(cfg.teacher.checkpoint)["config"].get("block_size")
-    return AlignedTeacher(module, aligner, how, context)
+    return aligned
 
 
 def member_config(cfg: RunConfig, member: MemberConfig) -> RunConfig:
@@ -307,7 +327,7 @@ def build_run_teacher(
         return document_teacher(cfg, batches)
     how = cross_tokenizer(cfg)
     if how is not None:
-        return aligned_teacher(cfg, how, device)
+        return aligned_teacher(cfg, how, dims, device, remote_slot)
     manifest = checked_cache(cfg) if placement == "cache" else None
     assert manifest is None or isinstance(manifest, cache.Manifest)  # a cache kept by document: returned above
     return build_teacher(

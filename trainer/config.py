@@ -51,8 +51,7 @@ TINY_GPT = {"arch": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size"
 class MemberConfig:
     """One teacher of ``teacher=ensemble``: where it is, the weight of its KD term in the loss, and where it runs:
     replicated, sharded over the data-parallel ranks (``shard``) or on the teacher ranks (``remote``: they hold every
-    remote member; both a teacher of the student's tokenizer), or read from a cache kept by document in ``cache_dir``
-    (``cache``)."""
+    remote member), or read from a cache kept by document in ``cache_dir`` (``cache``)."""
 
     checkpoint: str = ""
     weight: float = 1.0

@@ -1,5 +1,7 @@
 """A teacher of another tokenizer (``distill.align=span`` and ``uld``) under DDP and FSDP2 on 2 ranks equals one
-process of 2 micro-batches (the ranks' slices): the alignment is per row, so each rank aligns its own rows."""
+process of 2 micro-batches (the ranks' slices): the alignment is per row, so each rank aligns its own rows. So does
+such a teacher sharded over the 2 ranks, or on a teacher rank of its own (the student ranks align and send it the
+text in its tokens)."""
 
 from __future__ import annotations
 
@@ -37,3 +39,41 @@ def test_a_teacher_of_another_tokenizer_under_two_ranks_equals_one_process(root,
             if key in expected:
                 assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)
     assert all(row["distill/kd"] > 0 for row in read_metrics(one))
+
+
+@pytest.mark.slow  # 2 and 3 ranks; the replicated teacher's equality is the default tier's case above
+@pytest.mark.parametrize("placement, nproc", [("shard", 2), ("remote", 3)])
+def test_a_sharded_or_remote_teacher_of_another_tokenizer_equals_one_process(root, placement, nproc):  # noqa: F811
+    args = [*RUN, "distill.align=span", "train.batch_size=4"]
+    one, _ = launch(root, 1, f"one_for_{placement}", [*args, "train.grad_accum=2"])
+    ranks = ["parallel.teacher_ranks=1"] if placement == "remote" else []
+    placed, _ = launch(root, nproc, f"{placement}_span", [*args, "parallel=ddp", f"teacher.placement={placement}",
+                                                          *ranks])  # fmt: skip
+    got, want = by_step(placed), by_step(one)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        for key in (*LOSS_KEYS, "distill/aligned_fraction", "distill/shared_mass"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)
+    held, whole = (runs[STEPS]["distill/teacher_param_bytes"] for runs in (got, want))
+    # a rank holds half of the sharded teacher (its 420-row embedding splits evenly), none of a remote one
+    assert held == (pytest.approx(whole / 2, rel=0.02) if placement == "shard" else 0)
+
+
+@pytest.mark.slow  # 3 ranks; remote members of the student's tokenizer: tests/dist/test_ensemble_runs.py
+def test_an_ensemble_with_a_remote_member_of_another_tokenizer_equals_one_process(root):  # noqa: F811
+    """The member of another tokenizer on a teacher rank, one of the student's replicated: 2 DDP ranks equal one
+    process whose members are both replicated."""
+    run = [arg for arg in RUN if not arg.startswith("teacher")] + ["train.batch_size=4", "teacher=ensemble"]
+    members = "[{checkpoint: teacher, weight: 0.4, placement: PLACEMENT}, {checkpoint: teacher300, weight: 0.6}]"
+    one, _ = launch(root, 1, "one_ensemble", [*run, f"teacher.members={members.replace('PLACEMENT', 'replicate')}",
+                                              "train.grad_accum=2"])  # fmt: skip
+    placed, _ = launch(root, 3, "remote_ensemble", [*run, f"teacher.members={members.replace('PLACEMENT', 'remote')}",
+                                                    "parallel=ddp", "parallel.teacher_ranks=1"])  # fmt: skip
+    got, want = by_step(placed), by_step(one)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step, expected in want.items():
+        assert {"distill/kd/member0", "distill/kd/member1", "distill/aligned_fraction/member0"} <= set(expected)
+        for key in (*LOSS_KEYS, "distill/kd/member0", "distill/kd/member1", "distill/aligned_fraction/member0"):
+            if key in expected:
+                assert got[step][key] == pytest.approx(expected[key], rel=REASSOCIATION), (step, key)

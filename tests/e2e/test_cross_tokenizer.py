@@ -120,6 +120,10 @@ def test_a_teacher_of_another_tokenizer_grades_the_students_own_completions(root
          "(teacher, 380 tokens): distill.align=exact needs one (auto, span or uld align them)"),
         (["distill.top_k=8"], "config error: distill.top_k: distill.align=span: compares the shared tokens whole"),
         (["distill.align=nearest"], "config error: distill.align: must be one of auto, exact, span, uld"),
+        (["teacher.placement=cache", "teacher.cache_dir=nowhere"], "config error: teacher.placement: "
+         "distill.align=span: a teacher of another tokenizer is cached by document (teacher.cache_layout=documents"),
+        (["teacher.placement=shard"], "config error: teacher.placement: shard needs more than one data-parallel "
+         "rank"),
     ],
 )  # fmt: skip
 def test_what_a_teacher_of_another_tokenizer_cannot_do_is_one_line(root, monkeypatch, overrides, line):

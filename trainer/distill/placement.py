@@ -177,19 +177,25 @@ def _head_inputs(
 
 
 class AlignedTeacher(Teacher):
-    """A replicated teacher of another tokenizer: it reads the text of the student's tokens in its own tokens
-    (``Aligner``) and returns its logits with the aligned positions. Its logits say nothing of the student's
-    evaluation batches (another vocabulary), so it scores none of them."""
+    """A teacher of another tokenizer, replicated or sharded (``placement``): it reads the text of the student's tokens
+    in its own tokens (``Aligner``) and returns its logits with the aligned positions. Its logits say nothing of the
+    student's evaluation batches (another vocabulary), so it scores none of them."""
 
-    placement = "replicate"
     scores_eval_batches = False
     needs_student_logits = True
-    module: nn.Module
 
-    def __init__(self, module: nn.Module, aligner: Aligner, how: str, context: int | None = None):
+    def __init__(
+        self, module: nn.Module | None, aligner: Aligner, how: str, context: int | None = None, placement: str = ""
+    ):
         """``context``: the teacher's positions (None: unknown); a row longer in its tokens stops the run."""
         super().__init__()
         self.module, self.aligner, self.how, self.context = module, aligner, how, context
+        self.placement = placement or "replicate"
+
+    def teacher_logits(self, teacher_ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of its own tokens ``teacher_ids`` (a sharded module's forward is a collective)."""
+        assert self.module is not None  # a teacher here; RemoteAlignedTeacher asks its teacher rank
+        return self.module(teacher_ids)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
@@ -204,8 +210,23 @@ class AlignedTeacher(Teacher):
         problem = first_error(problem, x.device)  # every rank stops at the same step
         if problem is not None:
             raise DataError("student.block_size", problem)
-        logits = self.module(alignment.teacher_ids)
+        logits = self.teacher_logits(alignment.teacher_ids)
         return TeacherOutput(aligned=AlignedLogits(logits, alignment, self.aligner.shared, self.how))
+
+
+class RemoteAlignedTeacher(AlignedTeacher):
+    """A teacher of another tokenizer on a teacher rank: this rank aligns, sends the teacher's tokens and waits for
+    their logits (nothing is requested ahead: the next batch's tokens in the teacher's tokenizer are not known yet)."""
+
+    def __init__(self, client: RemoteClient, aligner: Aligner, how: str, context: int | None = None):
+        super().__init__(None, aligner, how, context, placement="remote")
+        self.client = client
+
+    def teacher_logits(self, teacher_ids: torch.Tensor) -> torch.Tensor:
+        return self.client.request(teacher_ids).wait()
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class EnsembleTeacher(Teacher):
@@ -362,6 +383,19 @@ class RemoteTeacher(Teacher):
         self.client.close()
 
 
+def load_sharded_teacher(
+    teacher: TeacherConfig, dims: ParallelDims, device: torch.device, real_vocab: int | None
+) -> nn.Module:
+    """``teacher`` sharded over every data-parallel rank of ``dims`` (``load_sharded``), frozen, in its
+    ``param_dtype``; its logits cut to ``real_vocab`` entries (None: its own)."""
+    mesh = teacher_mesh(dims, device.type)
+
+    def shard_module(module: nn.Module) -> nn.Module:
+        return shard_frozen(module, mesh, family_of(module).layers(module).values(), teacher.param_dtype)
+
+    return load_sharded(teacher, real_vocab, shard_module, device)
+
+
 def load_sharded(
     teacher: TeacherConfig, real_vocab: int | None, shard: Callable[[nn.Module], nn.Module], device: torch.device
 ) -> nn.Module:
@@ -442,12 +476,7 @@ def build_teacher(
         return CachedTeacher(cache.CacheReader(Path(teacher.cache_dir), cache_manifest), shard)
     assert teacher.checkpoint is not None  # preflight: a run with a teacher names it
     if placement == "shard":
-        mesh = teacher_mesh(dims, device.type)
-
-        def shard_module(module: nn.Module) -> nn.Module:
-            return shard_frozen(module, mesh, family_of(module).layers(module).values(), teacher.param_dtype)
-
-        module = load_sharded(teacher, real_vocab, shard_module, device)
+        module = load_sharded_teacher(teacher, dims, device, real_vocab)
     else:
         module = teacher_io.load(teacher.checkpoint, device, vocab_size=real_vocab, dtype=teacher.param_dtype)
     # A sharded teacher frees its gathered head after forward: it returns logits, and only the student side is fused.

@@ -291,13 +291,20 @@ def _validate_teacher(cfg: RunConfig) -> None:
 
 
 def _validate_cross_tokenizer(cfg: RunConfig, how: str) -> None:
-    """What a teacher of another tokenizer runs with today: replicated, logit KD (on-policy too), no pipeline."""
+    """What a teacher of another tokenizer runs with today: replicated, sharded or remote (its cached form is the
+    cache kept by document), logit KD (on-policy with a replicated one), no pipeline."""
     key = f"distill.align={how}"
-    _check(
-        cfg.teacher.placement == "replicate",
-        "teacher.placement",
-        f"{key}: a teacher of another tokenizer runs replicated (teacher.placement=replicate)",
-    )
+    placement = cfg.teacher.placement
+    _check(placement != "cache", "teacher.placement", f"{key}: a teacher of another tokenizer is cached by document "
+           "(teacher.cache_layout=documents; a cache of training batches is of the student's tokens)")  # fmt: skip
+    _check(placement == "replicate" or cfg.distill.lmbda == 0, "distill.lmbda", f"{key}: on-policy distillation "
+           f"from a teacher of another tokenizer runs it replicated (placement is {placement})")  # fmt: skip
+    if placement == "shard":
+        _check(
+            parallel_dims(cfg.parallel, world_size_from_env()).dp_size > 1,
+            "teacher.placement",
+            "shard needs more than one data-parallel rank (launch with torchrun and parallel=ddp, fsdp or hsdp)",
+        )
     _check(not cfg.distill.features, "distill.features", f"{key}: feature distillation needs one tokenization")
     _check(cfg.distill.top_k is None, "distill.top_k", f"{key}: compares the shared tokens whole (no top-k)")
     _check(cfg.parallel.strategy != "pipeline", "parallel.strategy", f"{key}: not through a pipeline")
