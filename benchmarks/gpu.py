@@ -50,8 +50,8 @@ from benchmarks.common import RESULTS, machine, print_table
 from trainer import models
 from trainer.build import param_groups
 from trainer.config import DistillConfig
+from trainer.distill.interface import TeacherOutput
 from trainer.distill.losses import logit_losses
-from trainer.distill.placement import TeacherOutput
 from trainer.models.gpt import GPTConfig
 from trainer.process import trainer_for
 

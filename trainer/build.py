@@ -26,13 +26,13 @@ from trainer.config import TOKENIZED_DATA, ConfigError, MemberConfig, ModifierCo
 from trainer.cut import from_teacher
 from trainer.distill import teacher as teacher_io
 from trainer.distill.align import Aligner, SharedVocab, token_keys, token_strings
+from trainer.distill.cached import DocumentCachedTeacher
 from trainer.distill.features import FeatureDistiller
+from trainer.distill.interface import Teacher
 from trainer.distill.placement import (
     AlignedTeacher,
-    DocumentCachedTeacher,
     EnsembleTeacher,
     RemoteAlignedTeacher,
-    Teacher,
     build_teacher,
     load_sharded_teacher,
 )

@@ -27,9 +27,9 @@ from trainer.checkpoint import STUDENT
 from trainer.config import DistillConfig, ParallelConfig, TrainConfig
 from trainer.distill.features import FeatureDistiller
 from trainer.distill.fused import FUSED_CHUNK_SIZE, fused_logit_losses
+from trainer.distill.interface import Teacher, TeacherOutput
 from trainer.distill.losses import logit_losses
 from trainer.distill.on_policy import OnPolicy, summarize
-from trainer.distill.placement import Teacher, TeacherOutput
 from trainer.models.protocol import HeadFn, ModelFamily, fuses_head
 
 if TYPE_CHECKING:

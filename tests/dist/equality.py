@@ -42,8 +42,8 @@ from tests.conftest import read_metrics
 from trainer import checkpoint, data, export, models
 from trainer.compress import qat
 from trainer.config import DataConfig, DistillConfig
+from trainer.distill.interface import TeacherOutput
 from trainer.distill.losses import logit_losses
-from trainer.distill.placement import TeacherOutput
 
 REASSOCIATION = 1e-5
 LOSS_KEYS = ("train/loss", "train/ce", "distill/kd", "eval/val_loss")

@@ -16,6 +16,7 @@ from tests.kd_reference import per_token_divergence
 from trainer import data, models
 from trainer.config import DataConfig, DistillConfig
 from trainer.data import IGNORE_INDEX, Batches, Shard
+from trainer.distill.interface import TeacherOutput
 from trainer.distill.losses import logit_losses
 from trainer.distill.on_policy import (
     Completions,
@@ -30,7 +31,7 @@ from trainer.distill.on_policy import (
     sample,
     sample_seed,
 )
-from trainer.distill.placement import LiveTeacher, TeacherOutput
+from trainer.distill.placement import LiveTeacher
 from trainer.models.protocol import KVCache
 
 VOCAB, BLOCK = 32, 16

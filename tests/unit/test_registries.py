@@ -15,8 +15,8 @@ from trainer.compress import PRUNERS, Pruner, build_compressor, pruning_kind, va
 from trainer.config import ConfigError, DistillConfig, ModifierConfig
 from trainer.distill.divergence import DIVERGENCES, divergence
 from trainer.distill.fused import fused_logit_losses
+from trainer.distill.interface import TeacherOutput
 from trainer.distill.losses import kd_loss, logit_losses
-from trainer.distill.placement import TeacherOutput
 from trainer.preflight import check_distill_loss
 
 TV = "total_variation"

@@ -12,8 +12,8 @@ import torch
 from tests.conftest import save_tokenizer
 from trainer.build import load_teacher, teacher_vocab
 from trainer.config import ConfigError, RunConfig
+from trainer.distill.interface import TeacherOutput
 from trainer.distill.losses import logit_losses
-from trainer.distill.placement import TeacherOutput
 from trainer.preflight import validate
 
 transformers = pytest.importorskip("transformers", reason="Hugging Face teachers need the `hf` extra")

@@ -15,7 +15,7 @@ from trainer.distill.divergence import check_args, check_tail, summed_divergence
 
 if TYPE_CHECKING:
     from trainer.config import DistillConfig
-    from trainer.distill.placement import TeacherOutput
+    from trainer.distill.interface import TeacherOutput
 
 
 @dataclass(frozen=True)

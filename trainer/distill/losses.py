@@ -37,7 +37,7 @@ from trainer.distill.fused import fused_linear_kd_loss
 
 if TYPE_CHECKING:
     from trainer.config import DistillConfig
-    from trainer.distill.placement import TeacherOutput
+    from trainer.distill.interface import TeacherOutput
 
 
 def kd_loss_topk(

@@ -50,7 +50,7 @@ from trainer.models.protocol import KVCache, family_of
 
 if TYPE_CHECKING:
     from trainer.config import DistillConfig
-    from trainer.distill.placement import Teacher, TeacherOutput
+    from trainer.distill.interface import Teacher, TeacherOutput
 
 ALIGNMENT_KEYS = ("distill/aligned_fraction", "distill/shared_mass")
 NO_ROWS = 1 << 30  # the first position a rank without rows to complete offers (``OnPolicy.agree``)

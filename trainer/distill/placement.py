@@ -3,19 +3,16 @@
 - ``replicate``: a whole frozen copy on every rank.
 - ``shard``: FSDP2 over every data-parallel rank (one flat axis), frozen, forward only, parameters resharded
   after each forward, so a rank holds about 1/N of the teacher between forwards (``parallel.frozen``).
-- ``cache``: no model; top-k logits written by ``python -m trainer.cache``, read by (step, rows of the batch), or
-  from a cache kept by document, by where each student token ends in its document (any student tokenizer).
+- ``cache``: no model; top-k logits written by ``python -m trainer.cache`` (``trainer/distill/cached.py``).
 - ``remote``: the teacher on ranks of its own (``parallel.remote``); this rank sends inputs, receives logits.
 
-The loop asks a teacher what it can do (``scores_eval_batches``, ``whole_module``), never which placement it is.
+The loop asks a teacher what it can do (``scores_eval_batches``, ``whole_module``), never which placement it is
+(``trainer/distill/interface.py``).
 """
 
 from __future__ import annotations
 
-import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,12 +26,12 @@ from parallel.mesh import ParallelDims
 from parallel.remote import PendingLogits, RemoteClient, Roles
 from trainer import cache, models
 from trainer.cache import compact
-from trainer.cache.documents import DocumentCache
-from trainer.data import local_slice
 from trainer.data.errors import DataError
 from trainer.distill import shard_load
 from trainer.distill import teacher as teacher_io
-from trainer.distill.align import AlignedLogits, AlignedTopK, Aligner
+from trainer.distill.align import AlignedLogits, Aligner
+from trainer.distill.cached import CachedTeacher
+from trainer.distill.interface import Teacher, TeacherOutput
 from trainer.models import hf as hf_folders
 from trainer.models.hf import causal_lm, gguf
 from trainer.models.protocol import family_of, fuses_head
@@ -42,103 +39,6 @@ from trainer.models.protocol import family_of, fuses_head
 if TYPE_CHECKING:
     from trainer.config import DistillConfig, TeacherConfig
     from trainer.data import Shard
-
-
-@dataclass
-class TeacherOutput:
-    """Full logits ``[..., V]`` (live teachers), the head's input and parameters ``(last hidden state [..., H], weight
-    [V, H], bias or None)`` (a replicated teacher whose family has ``fused_head``, in a fused run), or a top-k
-    ``(raw logit values, vocabulary indices)`` pair, each ``[..., k]``, with the log-sum-exp of the whole rows at
-    the cache's ``lse_temperature`` ``[...]`` (a cache); hidden states by layer when asked for."""
-
-    logits: torch.Tensor | None = None
-    topk: tuple[torch.Tensor, torch.Tensor] | None = None
-    hidden: dict[int, torch.Tensor] | None = None
-    head: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-    lse: torch.Tensor | None = None
-    aligned: AlignedLogits | None = None  # a teacher of another tokenizer: its logits of the text, aligned
-    aligned_topk: AlignedTopK | None = None  # a cache kept by document: its top-k at the aligned positions
-    members: list[tuple[float, TeacherOutput]] | None = None  # an ensemble: each member's weight and output
-
-
-class Teacher(ABC):
-    """``teacher(x, step, micro)``: the teacher's output for micro-batch ``micro`` of step ``step`` (input ``x``).
-
-    ``module`` is the live model (None for a cache). Every call adds to the time the student waited on it
-    (on a GPU the call synchronizes, so that is the teacher's compute, not its kernel launches).
-    """
-
-    placement: str
-    module: nn.Module | None = None
-    scores_eval_batches = True  # whether ``eval_logits`` works (a cache holds no logits for evaluation batches)
-    gives_head = False  # whether its output is its head's input and parameters (a fused loss computes the logits)
-    scores_apart = False  # whether it computes on ranks of its own (the student may write the next samples meanwhile)
-    # whether the loss needs the student's full logits (a teacher of another tokenizer, whose logits meet the
-    # student's at aligned positions; an ensemble): no fused head
-    needs_student_logits = False
-
-    def __init__(self) -> None:
-        self.wait_seconds = 0.0
-
-    def __call__(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        start = time.perf_counter()
-        out = self.forward(x, step, micro)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        self.wait_seconds += time.perf_counter() - start
-        return out
-
-    @abstractmethod
-    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
-
-    def send_samples(self, x: torch.Tensor, on: torch.Tensor, start: int) -> Any:
-        """On-policy distillation: hand the teacher the rows ``on`` (bool) of ``x`` that the student wrote, as soon as
-        they exist (of those rows only the positions from ``start`` on are needed); what ``score`` then collects.
-        A live teacher scores them in ``score`` itself (None here)."""
-        return None
-
-    def score(
-        self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: Any = None
-    ) -> TeacherOutput:
-        """The teacher's output for micro-batch ``micro`` of step ``step`` whose rows ``on`` the student wrote
-        (``sent``: what ``send_samples`` returned for them). Timed like a call."""
-        started = time.perf_counter()
-        out = self.forward_samples(x, on, start, step, micro, sent)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        self.wait_seconds += time.perf_counter() - started
-        return out
-
-    def forward_samples(
-        self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: Any
-    ) -> TeacherOutput:
-        """``score`` untimed: a live teacher scores the whole micro-batch in one forward."""
-        return self.forward(x, step, micro)
-
-    @property
-    def whole_module(self) -> nn.Module | None:
-        """The teacher as one module on this rank (a replicated teacher), None where its forward is a collective
-        (sharded) or there is no module here (cache, remote)."""
-        return None
-
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's full logits of an evaluation batch ``x`` (not timed; a live or remote teacher only)."""
-        logits = self.forward(x, -1, -1).logits
-        assert logits is not None  # live and remote teachers return full logits
-        return logits
-
-    def parameters(self) -> list[torch.Tensor]:
-        """The teacher parameters this rank holds (none for a cache or a remote teacher)."""
-        return list(self.module.parameters()) if self.module is not None else []
-
-    def close(self) -> None:  # noqa: B027 - an optional hook: most teachers hold nothing to release
-        """Release what the teacher holds beyond the run (remote: tell the teacher rank this student is done)."""
-
-    def pop_wait_seconds(self) -> float:
-        """Seconds spent in the teacher since the last call."""
-        waited, self.wait_seconds = self.wait_seconds, 0.0
-        return waited
 
 
 class LiveTeacher(Teacher):
@@ -252,87 +152,6 @@ class EnsembleTeacher(Teacher):
     def close(self) -> None:
         for _, member in self.members:
             member.close()
-
-
-class CachedTeacher(Teacher):
-    """Top-k logits read from a cache: the rows of the step's global batch that ``shard`` reads in ``micro``.
-
-    Every row read is verified; ranks read other rows of the same step, so a garbled row on any rank raises
-    CacheError on every rank, before the student's forward and its collectives."""
-
-    placement = "cache"
-    scores_eval_batches = False
-
-    def __init__(self, reader: cache.CacheReader, shard: Shard):
-        super().__init__()
-        self.reader, self.shard = reader, shard
-
-    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        rows = local_slice(torch.arange(self.reader.manifest.key.batch_size), self.shard, micro)
-        values, indices, lse = self.read(step, rows, x.device)
-        tokens = x.shape[:1] if x.is_floating_point() else x.shape  # features: one prediction per sample
-        values, indices = (t.reshape(*tokens, -1).to(x.device, non_blocking=True) for t in (values, indices))
-        return TeacherOutput(topk=(values, indices), lse=lse.reshape(tokens).to(x.device, non_blocking=True))
-
-    def read(
-        self, step: int, rows: torch.Tensor, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Values, indices and log-sum-exp of ``rows``; CacheError when any rank's rows are garbled (``device``: the
-        collective's)."""
-        return read_on_every_rank(lambda: self.reader.read(step, rows), device)
-
-
-Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def read_on_every_rank(read: Callable[[], Rows], device: torch.device) -> Rows:
-    """``read()`` (a cache's rows), or CacheError on every rank when it raised one on any (``device``: the
-    collective's), so that every rank stops at the same step."""
-    rows: Rows = (torch.empty(0), torch.empty(0), torch.empty(0))
-    try:
-        rows = read()
-        problem = None
-    except cache.CacheError as e:
-        problem = str(e)
-    problem = first_error(problem, device)
-    if problem is not None:
-        raise cache.CacheError(problem)
-    return rows
-
-
-class DocumentCachedTeacher(Teacher):
-    """Top-k logits from a cache kept by document (``trainer/cache/documents.py``), whatever the student's
-    tokenizer: ``spans(step, micro)`` gives the document and character end of each token of the micro-batch's rows
-    and of the token after each (``[rows, T + 1]``); a position is aligned where a teacher token ends at the same
-    character and the student's next token ends at another (the last of the student's tokens that end there).
-    ``to_student`` maps the teacher's ids to the student's (-1: not in its vocabulary)."""
-
-    placement = "cache"
-    scores_eval_batches = False
-    needs_student_logits = True
-
-    def __init__(
-        self,
-        reader: DocumentCache,
-        spans: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
-        to_student: torch.Tensor,
-        student_vocab: int,
-    ):
-        super().__init__()
-        self.reader, self.spans, self.to_student, self.student_vocab = reader, spans, to_student, student_vocab
-
-    def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
-        documents, ends = self.spans(step, micro)
-        last = ~((documents[:, 1:] == documents[:, :-1]) & (ends[:, 1:] == ends[:, :-1]))
-        candidate = ((ends[:, :-1] >= 0) & last).reshape(-1)
-        positions = torch.full_like(candidate, -1, dtype=torch.long)
-        positions[candidate] = self.reader.find(documents[:, :-1].reshape(-1)[candidate],
-                                                ends[:, :-1].reshape(-1)[candidate])  # fmt: skip
-        rows = (positions >= 0).nonzero().squeeze(-1)
-        values, ids, lse = read_on_every_rank(lambda: self.reader.read(positions[rows]), x.device)
-        aligned = AlignedTopK(rows.to(x.device), values.to(x.device), self.to_student[ids].to(x.device),
-                              lse.to(x.device), self.student_vocab)  # fmt: skip
-        return TeacherOutput(aligned_topk=aligned)
 
 
 class RemoteTeacher(Teacher):
