@@ -38,7 +38,7 @@ from benchmarks.common import RESULTS, compose_config, machine, print_table, run
 from benchmarks.readme_section import RESULTS_DOC, command_line, markdown_table, replace_section
 from trainer import data, export
 from trainer.build import load_teacher
-from trainer.distill.on_policy import generate
+from trainer.distill.sampling import generate
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_JSON = RESULTS / "on_policy.json"

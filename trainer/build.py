@@ -208,7 +208,7 @@ def micro_batch_after(cfg: RunConfig, batches: data.Batches) -> Callable:
     """``after((step, micro))``: the next (step, micro) of the run and its inputs on this rank, None after the
     last (a remote teacher requests the next micro-batch's logits ahead). With on-policy distillation, the next
     micro-batch that has rows the student does not write, and those rows only (the others do not exist yet)."""
-    from trainer.distill.on_policy import on_policy_rows
+    from trainer.distill.sampling import on_policy_rows
 
     t, lmbda = cfg.train, cfg.distill.lmbda
     if lmbda > 0 and bool(on_policy_rows(t.seed, 0, t.batch_size, lmbda).all()):

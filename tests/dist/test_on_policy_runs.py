@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import FAST, KILL_DURING_CHECKPOINT, cli_env, train_small_teacher
 from tests.dist.equality import REASSOCIATION, by_step
-from trainer.distill.on_policy import on_policy_rows
+from trainer.distill.sampling import on_policy_rows
 
 pytestmark = pytest.mark.dist
 

@@ -18,20 +18,9 @@ from trainer.config import DataConfig, DistillConfig
 from trainer.data import IGNORE_INDEX, Batches, Shard
 from trainer.distill.interface import TeacherOutput
 from trainer.distill.losses import logit_losses
-from trainer.distill.on_policy import (
-    Completions,
-    OnPolicy,
-    Rollout,
-    completion_labels,
-    fused_mixed_losses,
-    generate,
-    mixed,
-    on_policy_rows,
-    prompt_lengths,
-    sample,
-    sample_seed,
-)
+from trainer.distill.on_policy import OnPolicy, Rollout, completion_labels, fused_mixed_losses, mixed
 from trainer.distill.placement import LiveTeacher
+from trainer.distill.sampling import Completions, generate, on_policy_rows, prompt_lengths, sample, sample_seed
 from trainer.models.protocol import KVCache
 
 VOCAB, BLOCK = 32, 16
