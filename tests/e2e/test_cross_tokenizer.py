@@ -72,22 +72,31 @@ def test_a_teacher_of_another_tokenizer_teaches_at_the_aligned_positions(root, a
     assert last["eval/val_loss"] / 4 < bits < last["eval/val_loss"]
 
 
-@pytest.mark.slow  # three runs; resuming a run of the student's tokenizer is exact in the default tier
+ENSEMBLE = [*(arg for arg in RUN if not arg.startswith("teacher")), "teacher=ensemble",
+            "teacher.members=[{checkpoint: teacher, weight: 0.4}, {checkpoint: teacher300, weight: 0.6}]"]  # fmt: skip
+
+
+@pytest.mark.slow  # three runs each; resuming a run of the student's tokenizer is exact in the default tier
 # (tests/e2e/test_training_run.py): the alignment is a function of the batch, and holds no state of its own
-def test_a_run_with_a_teacher_of_another_tokenizer_resumes_exactly(root):
-    resumed, whole = stopped_and_resumed(root, "resume_span", *RUN, "distill.align=span")
+@pytest.mark.parametrize(
+    "name, overrides, keys",
+    [
+        ("span", [*RUN, "distill.align=span"], ("distill/aligned_fraction", "distill/shared_mass")),
+        ("ensemble", ENSEMBLE, ("distill/kd/member0", "distill/kd/member1", "distill/aligned_fraction/member0")),
+    ],
+)
+def test_a_run_with_a_teacher_of_another_tokenizer_resumes_exactly(root, name, overrides, keys):
+    resumed, whole = stopped_and_resumed(root, f"resume_{name}", *overrides)
     assert [row["step"] for row in resumed] == [row["step"] for row in whole] == [1, 2, 3]
     for got, want in zip(resumed, whole, strict=True):
-        for key in ("train/loss", "distill/kd", "distill/aligned_fraction", "distill/shared_mass"):
+        for key in ("train/loss", "distill/kd", *keys):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
 
 
 def test_an_ensemble_of_teachers_of_two_tokenizers_trains(root):
     """One member of another tokenizer (aligned by span), one of the student's (exact): each member's KD term is
     logged, and what the alignment kept for the first; the KD is their weighted sum."""
-    members = "[{checkpoint: teacher, weight: 0.4}, {checkpoint: teacher300, weight: 0.6}]"
-    run = [arg for arg in RUN if not arg.startswith("teacher")]
-    run_cli(root, *run, "teacher=ensemble", f"teacher.members={members}", "hydra.run.dir=ensemble")
+    run_cli(root, *ENSEMBLE, "hydra.run.dir=ensemble")
     rows = read_metrics(root / "ensemble")
     assert [row["step"] for row in rows] == [1, 2, 3]
     for row in rows:
