@@ -1,10 +1,15 @@
 """A student reading a teacher cache kept by document under DDP and FSDP2 on 2 ranks equals one process of 2
-micro-batches (the ranks' slices): each rank looks up its own rows' tokens in the cache."""
+micro-batches (the ranks' slices): each rank looks up its own rows' tokens in the cache. Built by 2 ranks, the cache
+is the one one process writes, byte for byte."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import cli_env
 from tests.dist.equality import LOSS_KEYS, REASSOCIATION, by_step
 from tests.dist.test_fused_runs import launch
 from tests.e2e.test_document_cache import RUN, STUDENTS, built, root  # noqa: F401 (the module's fixtures)
@@ -32,3 +37,20 @@ def test_a_cache_kept_by_document_under_two_ranks_equals_one_process(root, built
                 assert got[step][key] == near, (step, key)
     assert all(row["distill/kd"] > 0 and "distill/aligned_fraction" in row for row in want.values())
     assert "eval/val_loss" in want[STEPS]
+
+
+@pytest.mark.slow  # 2 ranks; one process's build is checked against the live teacher in the default tier
+def test_a_cache_built_by_two_ranks_is_the_one_one_process_builds(root, built):  # noqa: F811
+    """Each round, the 2 ranks run the teacher over 4 windows each and rank 0 writes all 8: the same files, byte for
+    byte, as the one process that wrote the module's cache 4 windows at a time."""
+    args = [*(arg for arg in RUN if not arg.startswith("teacher.cache_dir=")), *STUDENTS["student_a"], "parallel=ddp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "-m", "trainer.cache", *args, "teacher.cache_dir=two_ranks", "hydra.run.dir=build_two"]
+    proc = subprocess.run(command, cwd=root, env=cli_env(root) | {"OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    one, two = root / "documents_cache", root / "two_ranks"
+    names = sorted(path.name for path in one.iterdir())
+    assert names == sorted(path.name for path in two.iterdir()) and "values.bin" in names
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name

@@ -129,6 +129,20 @@ def test_bad_parallel_input_is_one_line_exit_2(tmp_path, monkeypatch, name):
     assert not list(tmp_path.glob("outputs/*")), "nothing may be written before the config is valid"
 
 
+def test_a_run_that_writes_its_own_cache_first_under_torchrun_is_one_line(tmp_path, monkeypatch):
+    """Every rank would start ``python -m trainer.cache``: the cache is written first, by torchrun ... -m
+    trainer.cache (whose ranks share the work). The teacher is one its recipe trains later (checked once it exists)."""
+    from trainer.cli.train import check_run
+
+    overrides = ["parallel=ddp", "distill=kd", "distill.top_k=4", "teacher=shakespeare_cpu",
+                 "teacher.checkpoint=t/final", "teacher.placement=cache", "teacher.cache_dir=c",
+                 "teacher.cache_build=true"]  # fmt: skip
+    launcher = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    code, lines = preflight_in_process(tmp_path, monkeypatch, *FAST, *overrides, launcher=launcher, check=check_run)
+    assert code == 2 and lines == ["config error: teacher.cache_build: builds the cache in one process: write it first "
+                                   "with torchrun ... -m trainer.cache (the same overrides)"], lines  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["sizes do not multiply to the world", "teacher ranks fill the world"])
 def test_as_a_process_too(tmp_path, name):
     """The way from ``python -m trainer``'s entry to the line, with torchrun's variables in its environment."""

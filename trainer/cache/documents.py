@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from trainer import cache
 from trainer.cache import CacheError, compact, row_checksums, write_json_atomic
@@ -216,16 +217,20 @@ def write_plan(root: Path, key: DocumentKey, planned: Plan, vocab: list[str], wi
     return manifest
 
 
+Encoded = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # first position, values, ids, tail, checksums
+
+
 class Writer:
     """Writes the teacher's rows window by window; ``done``: the windows already written whose checksums hold
-    (verified when the writer opens; a garbled window is written again, and those after it)."""
+    (verified when a writing writer opens; a garbled window is written again, and those after it). One that does not
+    ``writes`` only reads the plan and encodes rows (another rank of a build writes them)."""
 
-    def __init__(self, root: Path, manifest: DocumentManifest):
+    def __init__(self, root: Path, manifest: DocumentManifest, writes: bool = True):
         self.root, self.manifest = Path(root), manifest
         if not _sized(self.root, manifest):
             raise CacheError(f"{root}: a file of the cache is missing or has another size; {REBUILD}")
-        self.arrays = _memmaps(self.root, manifest, "r+")
-        self.done = self.verified(windows_done(self.root))
+        self.arrays = _memmaps(self.root, manifest, "r+" if writes else "r")
+        self.done = self.verified(windows_done(self.root)) if writes else 0
 
     def verified(self, done: int) -> int:
         """How many of the first ``done`` windows match their checksums."""
@@ -248,18 +253,22 @@ class Writer:
         )
         return ids + [eos] if ends_document and eos is not None else ids
 
-    def write(self, window: int, logits: torch.Tensor) -> None:
-        """Store the rows of ``window`` (``[length, V]``: its tokens' next-token logits) and their checksums."""
+    def encode(self, window: int, logits: torch.Tensor) -> Encoded:
+        """The rows of ``window`` (``[length, V]``: its tokens' next-token logits) as stored, with their checksums."""
         first, length = (int(v) for v in self.arrays["windows.bin"][window])
         k, temperature = self.manifest.k, self.manifest.key.temperature
         logits = logits[:length].float().cpu()
         values, indices = logits.topk(k, dim=-1)
         value_rows, index_rows = compact.encode(values.numpy(), indices.numpy(), self.manifest.vocab)
         tail = compact.tail_of(logits, indices, temperature).numpy()
-        rows = slice(first, first + length)
+        return first, value_rows, index_rows, tail, row_checksums([value_rows, index_rows, tail[:, None]])
+
+    def store(self, encoded: Encoded) -> None:
+        """Put a window's encoded rows in place."""
+        first, value_rows, index_rows, tail, checksums = encoded
+        rows = slice(first, first + len(tail))
         self.arrays["values.bin"][rows], self.arrays["indices.bin"][rows] = value_rows, index_rows
-        self.arrays["tail.bin"][rows] = tail
-        self.arrays["checksums.bin"][rows] = row_checksums([value_rows, index_rows, tail[:, None]])
+        self.arrays["tail.bin"][rows], self.arrays["checksums.bin"][rows] = tail, checksums
 
     def record(self, windows: int) -> None:
         """Flush every array, then say ``windows`` are written."""
@@ -297,22 +306,46 @@ def build(
     device: torch.device,
 ) -> int:
     """Run ``teacher`` (token ids ``[b, L]`` -> logits ``[b, L, V]``) over the windows not written yet, ``batch`` at a
-    time (right-padded: causal attention keeps the padding out of the real positions); returns the windows written."""
-    writer = Writer(root, manifest)
-    started = writer.done
-    for start in range(writer.done, manifest.windows, batch):
-        group = range(start, min(start + batch, manifest.windows))
-        inputs = [writer.inputs(window, eos) for window in group]
-        width = max(len(ids) for ids in inputs)
-        ids = torch.full((len(inputs), width), eos if eos is not None else 0, dtype=torch.long)
-        for row, tokens in enumerate(inputs):
-            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        with torch.no_grad():
-            logits = teacher(ids.to(device))
-        for row, window in enumerate(group):
-            writer.write(window, logits[row])
-        writer.record(group.stop)
-    return manifest.windows - started
+    time (right-padded: causal attention keeps the padding out of the real positions); returns the windows written.
+
+    Under torchrun each round of ``batch`` windows per rank is split over the ranks; each encodes its windows' rows
+    and rank 0, the only writer, stores them all and records the round (a gather of a few hundred bytes a token), so
+    no two processes write one file and any world size writes the same bytes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    writer = Writer(root, manifest, writes=rank == 0)
+    started = [writer.done]
+    if world > 1:
+        dist.broadcast_object_list(started, src=0)
+    for start in range(started[0], manifest.windows, batch * world):
+        group = range(min(start + rank * batch, manifest.windows), min(start + (rank + 1) * batch, manifest.windows))
+        logits = _logits(writer, group, teacher, eos, device)
+        encoded = [writer.encode(window, rows) for window, rows in zip(group, logits, strict=True)]
+        gathered: list[list[Encoded]] | None = [[] for _ in range(world)] if rank == 0 else None
+        if world > 1:
+            dist.gather_object(encoded, gathered, dst=0)
+        elif gathered is not None:
+            gathered[0] = encoded
+        if gathered is not None:
+            for window in (window for part in gathered for window in part):
+                writer.store(window)
+            writer.record(min(start + batch * world, manifest.windows))
+    return manifest.windows - started[0]
+
+
+def _logits(
+    writer: Writer, group: range, teacher: Callable[[torch.Tensor], torch.Tensor], eos: int | None, device: torch.device
+) -> list[torch.Tensor]:
+    """The teacher's logits of each window of ``group`` (none for an empty one)."""
+    if not group:
+        return []
+    inputs = [writer.inputs(window, eos) for window in group]
+    width = max(len(ids) for ids in inputs)
+    ids = torch.full((len(inputs), width), eos if eos is not None else 0, dtype=torch.long)
+    for row, tokens in enumerate(inputs):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        logits = teacher(ids.to(device))
+    return list(logits.unbind(0))
 
 
 class DocumentCache:

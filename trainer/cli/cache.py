@@ -2,7 +2,8 @@
 write its top-k logits to ``teacher.cache_dir`` (see trainer/cache/__init__.py for the format).
 
 Give it the training run's overrides; train with them plus ``teacher.placement=cache``. Under torchrun each
-rank writes its own shards (a contiguous range of steps each). Run it again to finish an interrupted build, or
+rank writes its own shards (a contiguous range of steps each); a cache kept by document is planned by rank 0, and
+its windows are shared out each round and written by rank 0 (``trainer/cache/documents.py``). Run it again to finish an interrupted build, or
 to rewrite garbled steps: it verifies the steps already written against their checksums first.
 """
 
@@ -31,16 +32,13 @@ from trainer.distill import teacher as teacher_io
 from trainer.distill.align import token_keys, token_strings
 from trainer.failure import INTERRUPTED_EXIT, os_error_line, stop
 from trainer.preflight import validate
-from trainer.preflight.layout import world_size_from_env
 
 
 def validate_build(cfg: RunConfig) -> None:
     """The run's own checks, then what writing its cache needs: a teacher, and a ``teacher.cache_dir`` to write
     in whose manifest, if it has one, is readable (ConfigError; nothing is written). A cache kept by document is
-    checked as the run that reads it checks it (a cache it may finish), and is written by one process."""
+    checked as the run that reads it checks it (a cache it may finish)."""
     if cfg.teacher.cache_layout == "documents":
-        if world_size_from_env() > 1:
-            raise ConfigError("teacher.cache_layout", "documents: a cache kept by document is written by one process")
         validate(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, placement="cache",
                                                                       cache_build=True)))  # fmt: skip
     else:
@@ -137,17 +135,17 @@ def build_by_document(cfg: RunConfig, env: dist_env.DistEnv) -> str:
     context = teacher_io.spec(checkpoint)["config"].get("block_size")
     window = min(cfg.teacher.cache_window, context or cfg.teacher.cache_window)
     key = document_key(cfg)
-    if (root / documents.MANIFEST).is_file():
-        manifest = documents.read_manifest(root)
-        if (manifest.key, manifest.window) != (key, window):
-            raise cache.CacheError(
-                f"{root} holds a different cache (another teacher, corpus, k, temperature or teacher.cache_window): "
-                "remove it or choose another teacher.cache_dir"
-            )
-    else:
+    if env.is_main and not (root / documents.MANIFEST).is_file():  # rank 0 plans; under torchrun the others wait
         planned = documents.plan(shards.documents(cfg.data), theirs, window)
-        keys = token_keys(theirs, token_strings(theirs))
-        manifest = documents.write_plan(root, key, planned, keys, window)
+        documents.write_plan(root, key, planned, token_keys(theirs, token_strings(theirs)), window)
+    if dist.is_initialized():
+        dist.barrier()
+    manifest = documents.read_manifest(root)
+    if (manifest.key, manifest.window) != (key, window):
+        raise cache.CacheError(
+            f"{root} holds a different cache (another teacher, corpus, k, temperature or teacher.cache_window): "
+            "remove it or choose another teacher.cache_dir"
+        )
     model = teacher_io.load(checkpoint, env.device, vocab_size=len(theirs), dtype=cfg.teacher.param_dtype)
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)

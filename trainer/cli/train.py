@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from trainer.config import ConfigError, RunConfig, register_configs
 from trainer.failure import stop
 from trainer.preflight import check_resume, unknown_keys, validate
+from trainer.preflight.layout import world_size_from_env
 from trainer.resolvers import MissingPackage
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -180,6 +181,16 @@ def train_teacher_if_missing(cfg: RunConfig) -> None:
     validate(cfg)
 
 
+def check_run(cfg: RunConfig) -> None:
+    """A training run's checks: the preflight's, and that a run which writes its own teacher cache first is one
+    process (under torchrun every rank would start a build of the one cache; ``python -m trainer.cache`` under
+    torchrun writes one with every rank). ConfigError."""
+    validate(cfg)
+    if cfg.teacher.placement == "cache" and cfg.teacher.cache_build and world_size_from_env() > 1:
+        raise ConfigError("teacher.cache_build", "builds the cache in one process: write it first with torchrun ... "
+                          "-m trainer.cache (the same overrides)")  # fmt: skip
+
+
 def build_cache_if_missing(cfg: RunConfig, run_dir: Path) -> None:
     """With ``teacher.cache_build``, write (or finish) the run's teacher cache with ``python -m trainer.cache`` and
     the run's overrides when ``teacher.cache_dir`` holds no complete one; a rerun reuses it."""
@@ -208,7 +219,7 @@ def hydra_entry(dict_cfg: DictConfig) -> float | None:
 
     try:
         cfg = cast(RunConfig, OmegaConf.to_object(dict_cfg))  # a structured config: its dataclass
-        validate(cfg)
+        check_run(cfg)
         train_teacher_if_missing(cfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         build_cache_if_missing(cfg, run_dir)
@@ -219,5 +230,5 @@ def hydra_entry(dict_cfg: DictConfig) -> float | None:
 
 def main() -> None:
     register_configs()
-    preflight(sys.argv[1:])
+    preflight(sys.argv[1:], check_run)
     hydra_entry()

@@ -376,11 +376,6 @@ def _validate_cache(cfg: RunConfig) -> None:
     )
     assert cfg.teacher.cache_dir is not None  # checked above
     if cfg.teacher.cache_build:
-        _check(
-            world_size_from_env() == 1,
-            "teacher.cache_build",
-            "builds the cache in one process: write it first with torchrun ... -m trainer.cache (the same overrides)",
-        )
         if not (Path(cfg.teacher.cache_dir) / cache.MANIFEST).exists():
             return  # written before training starts (trainer.cli.train.build_cache_if_missing)
     try:
