@@ -251,11 +251,17 @@ def cross_tokenizer(cfg: RunConfig) -> str | None:
 
 
 def aligned_teacher(
-    cfg: RunConfig, how: str, dims: ParallelDims, device: torch.device, remote_slot: tuple[int, int] = (0, 1)
+    cfg: RunConfig,
+    how: str,
+    dims: ParallelDims,
+    device: torch.device,
+    batches: data.Batches,
+    remote_slot: tuple[int, int] = (0, 1),
 ) -> AlignedTeacher:
     """``cfg``'s teacher of another tokenizer in its placement: replicated on ``device``, sharded over ``dims``'
-    data-parallel ranks, or on a teacher rank (of whose teachers it is ``remote_slot``); its choice and what the two
-    vocabularies share said in one line on rank 0."""
+    data-parallel ranks, or on a teacher rank (of whose teachers it is ``remote_slot``; the next micro-batch of
+    ``batches``, aligned, is requested ahead); its choice and what the two vocabularies share said in one line on
+    rank 0."""
     from parallel.remote import RemoteClient, Roles
     from trainer.data import tokenizer
 
@@ -268,7 +274,13 @@ def aligned_teacher(
     aligned: AlignedTeacher
     if cfg.teacher.placement == "remote":
         server = Roles(dist.get_world_size(), cfg.parallel.teacher_ranks).server_of(dist.get_rank())
-        client = RemoteClient(server, config["vocab_size"], lambda key: None, teacher=remote_slot)
+        after = micro_batch_after(cfg, batches)
+
+        def next_input(key: tuple) -> tuple[tuple, torch.Tensor] | None:
+            following = after(key)
+            return None if following is None else (following[0], aligner(following[1]).teacher_ids)
+
+        client = RemoteClient(server, config["vocab_size"], next_input, teacher=remote_slot)
         aligned = RemoteAlignedTeacher(client, aligner, how, context)
     elif cfg.teacher.placement == "shard":
         module = load_sharded_teacher(cfg.teacher, dims, device, None)
@@ -327,7 +339,7 @@ def build_run_teacher(
         return document_teacher(cfg, batches)
     how = cross_tokenizer(cfg)
     if how is not None:
-        return aligned_teacher(cfg, how, dims, device, remote_slot)
+        return aligned_teacher(cfg, how, dims, device, batches, remote_slot)
     manifest = checked_cache(cfg) if placement == "cache" else None
     assert manifest is None or isinstance(manifest, cache.Manifest)  # a cache kept by document: returned above
     return build_teacher(

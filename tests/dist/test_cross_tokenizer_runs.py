@@ -47,8 +47,8 @@ def test_a_sharded_or_remote_teacher_of_another_tokenizer_equals_one_process(roo
     args = [*RUN, "distill.align=span", "train.batch_size=4"]
     one, _ = launch(root, 1, f"one_for_{placement}", [*args, "train.grad_accum=2"])
     ranks = ["parallel.teacher_ranks=1"] if placement == "remote" else []
-    placed, _ = launch(root, nproc, f"{placement}_span", [*args, "parallel=ddp", f"teacher.placement={placement}",
-                                                          *ranks])  # fmt: skip
+    placed, said = launch(root, nproc, f"{placement}_span", [*args, "parallel=ddp", f"teacher.placement={placement}",
+                                                              *ranks])  # fmt: skip
     got, want = by_step(placed), by_step(one)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step, expected in want.items():
@@ -58,6 +58,8 @@ def test_a_sharded_or_remote_teacher_of_another_tokenizer_equals_one_process(roo
     held, whole = (runs[STEPS]["distill/teacher_param_bytes"] for runs in (got, want))
     # a rank holds half of the sharded teacher (its 420-row embedding splits evenly), none of a remote one
     assert held == (pytest.approx(whole / 2, rel=0.02) if placement == "shard" else 0)
+    if placement == "remote":  # one request a micro-batch and rank: each requested ahead was the one asked for
+        assert f"teacher rank 2: served {2 * STEPS} requests of ranks [0, 1]" in said, said[-3000:]
 
 
 @pytest.mark.slow  # 3 ranks; remote members of the student's tokenizer: tests/dist/test_ensemble_runs.py

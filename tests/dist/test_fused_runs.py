@@ -46,14 +46,14 @@ def overrides(kind: str, root: Path, teacher: Path) -> list[str]:
 
 def launch(root: Path, nproc: int, name: str, args: list[str]) -> tuple[Path, str]:
     """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``; the run's
-    folder and its stdout."""
+    folder and its output (stdout, then stderr: a teacher rank's closing line)."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     command = [sys.executable, *torchrun, "-m", "trainer", *args, f"hydra.run.dir={name}"]
     proc = subprocess.run(
         command, cwd=root, env=cli_env(root) | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return root / name, proc.stdout
+    return root / name, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow  # the fused loss against float64 in the default tier (tests/unit/test_fused_kd.py); fused FSDP2

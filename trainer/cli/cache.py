@@ -3,8 +3,9 @@ write its top-k logits to ``teacher.cache_dir`` (see trainer/cache/__init__.py f
 
 Give it the training run's overrides; train with them plus ``teacher.placement=cache``. Under torchrun each
 rank writes its own shards (a contiguous range of steps each); a cache kept by document is planned by rank 0, and
-its windows are shared out each round and written by rank 0 (``trainer/cache/documents.py``). Run it again to finish an interrupted build, or
-to rewrite garbled steps: it verifies the steps already written against their checksums first.
+its windows are shared out each round and written by rank 0 (``trainer/cache/documents.py``). Run it again to
+finish an interrupted build, or to rewrite garbled steps: it verifies the steps already written against their
+checksums first.
 """
 
 from __future__ import annotations

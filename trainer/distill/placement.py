@@ -92,8 +92,9 @@ class AlignedTeacher(Teacher):
         self.module, self.aligner, self.how, self.context = module, aligner, how, context
         self.placement = placement or "replicate"
 
-    def teacher_logits(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits of its own tokens ``teacher_ids`` (a sharded module's forward is a collective)."""
+    def teacher_logits(self, teacher_ids: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """The teacher's logits of its own tokens ``teacher_ids`` of micro-batch ``micro`` of step ``step`` (a sharded
+        module's forward is a collective)."""
         assert self.module is not None  # a teacher here; RemoteAlignedTeacher asks its teacher rank
         return self.module(teacher_ids)
 
@@ -110,20 +111,20 @@ class AlignedTeacher(Teacher):
         problem = first_error(problem, x.device)  # every rank stops at the same step
         if problem is not None:
             raise DataError("student.block_size", problem)
-        logits = self.teacher_logits(alignment.teacher_ids)
+        logits = self.teacher_logits(alignment.teacher_ids, step, micro)
         return TeacherOutput(aligned=AlignedLogits(logits, alignment, self.aligner.shared, self.how))
 
 
 class RemoteAlignedTeacher(AlignedTeacher):
-    """A teacher of another tokenizer on a teacher rank: this rank aligns, sends the teacher's tokens and waits for
-    their logits (nothing is requested ahead: the next batch's tokens in the teacher's tokenizer are not known yet)."""
+    """A teacher of another tokenizer on a teacher rank: this rank aligns its rows and sends the text in the teacher's
+    tokens; its client requests the next training micro-batch's ahead (its ``next_input`` aligns that batch too)."""
 
     def __init__(self, client: RemoteClient, aligner: Aligner, how: str, context: int | None = None):
         super().__init__(None, aligner, how, context, placement="remote")
         self.client = client
 
-    def teacher_logits(self, teacher_ids: torch.Tensor) -> torch.Tensor:
-        return self.client.request(teacher_ids).wait()
+    def teacher_logits(self, teacher_ids: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        return self.client.logits(teacher_ids, None if step < 0 else (step, micro))[0]
 
     def close(self) -> None:
         self.client.close()
