@@ -6,11 +6,13 @@ the pair: a header ``[kind, tag, rows, tokens, start, teacher]``, the input toke
 teacher ``teacher``'s logits ``[rows, tokens - start, vocab]`` (fp32) from position ``start`` on (0 for a data set's
 batch; on-policy distillation sends the student's samples and needs only the positions of their completions); the
 inputs and the reply travel under the request's own tag. A request of kind ``PACKED`` is answered by that teacher's
-``Wire`` instead: the tensors its ``pack`` makes of those logits (the
-trainer's compact top-k with its tail: a few hundred bytes a token where fp32 logits take 4 x vocab), one message
-each. A teacher rank serves its students round-robin in rank order (every student makes the same sequence of
-requests: the same steps, micro-batches and eval batches), so no message needs an any-source receive and the
-protocol runs on gloo and NCCL alike.
+``Wire`` instead: the tensors its ``pack`` makes of those logits (the trainer's compact top-k with its tail: a few
+hundred bytes a token where fp32 logits take 4 x vocab), one message each. A request of kind ``GRADED`` (on-policy
+samples over a packed wire) carries one more input token, the label after each row (not read by the teacher), and
+its reply adds the teacher's log-probability of each position's next token (fp32 ``[rows, tokens - 1 - start]``):
+what grading a sampled token needs when it is off the top-k. A teacher rank serves its students round-robin in rank
+order (every student makes the same sequence of requests: the same steps, micro-batches and eval batches), so no
+message needs an any-source receive and the protocol runs on gloo and NCCL alike.
 
 The student overlaps the teacher with its own step: as soon as it has a micro-batch's logits it sends the next
 micro-batch's inputs (batches are a pure function of the step), so the teacher computes them while the student
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-REQUEST, STOP, PACKED = 1, 0, 2
+REQUEST, STOP, PACKED, GRADED = 1, 0, 2, 3
 HEADER_TAG = 0
 HEADER_SIZE = 6  # kind, tag, rows, tokens, start, teacher
 
@@ -71,11 +73,11 @@ class Wire:
 @dataclass
 class Served:
     """What a teacher rank sent: requests answered, and the bytes and token positions of their replies by kind
-    (``REQUEST``: fp32 logits; ``PACKED``: the wire's parts)."""
+    (``REQUEST``: fp32 logits; ``PACKED``: the wire's parts; ``GRADED``: those and the next tokens' log-probability)."""
 
     requests: int = 0
-    bytes: dict[int, int] = field(default_factory=lambda: {REQUEST: 0, PACKED: 0})
-    tokens: dict[int, int] = field(default_factory=lambda: {REQUEST: 0, PACKED: 0})
+    bytes: dict[int, int] = field(default_factory=lambda: {REQUEST: 0, PACKED: 0, GRADED: 0})
+    tokens: dict[int, int] = field(default_factory=lambda: {REQUEST: 0, PACKED: 0, GRADED: 0})
 
     def bytes_per_token(self, kind: int) -> float | None:
         return self.bytes[kind] / self.tokens[kind] if self.tokens[kind] else None
@@ -99,10 +101,13 @@ def serve(teachers: list[tuple[nn.Module, Wire | None]], students: list[int], de
             x = torch.empty(rows, tokens, dtype=torch.int64, device=device)
             dist.recv(x, src=student, tag=tag)
             module, wire = teachers[teacher]
-            logits = module(x)[:, start:].float().contiguous()
-            if kind == PACKED:
+            logits = module(x[:, :-1] if kind == GRADED else x)[:, start:].float().contiguous()
+            if kind in (PACKED, GRADED):
                 assert wire is not None, "a packed request to a server without a wire"
                 reply = [part.to(device).contiguous() for part in wire.pack(logits)]
+                if kind == GRADED:
+                    following = x[:, start + 1 :].unsqueeze(-1)
+                    reply.append(logits.log_softmax(-1).gather(-1, following).squeeze(-1).contiguous())
             else:
                 reply = [logits]
             for part in reply:
@@ -125,12 +130,18 @@ class PendingLogits:
         start: int = 0,
         wire: Wire | None = None,
         teacher: int = 0,
+        graded: bool = False,
     ):
-        kind = REQUEST if wire is None else PACKED
+        kind = GRADED if graded else REQUEST if wire is None else PACKED
         self.header = torch.tensor([kind, tag, *x.shape, start, teacher], dtype=torch.int64, device=x.device)
         self.x = x.contiguous()
-        rows, tokens = x.shape[0], x.shape[1] - start
-        parts = [((vocab,), torch.float32)] if wire is None else list(wire.parts)
+        rows, tokens = x.shape[0], x.shape[1] - start - graded  # a graded request's last input is a label
+        parts: list[tuple[tuple[int, ...], torch.dtype]] = (
+            [((vocab,), torch.float32)] if wire is None else list(wire.parts)
+        )
+        if graded:
+            assert wire is not None, "a graded request is packed"
+            parts.append(((), torch.float32))
         self.reply = [torch.empty(rows, tokens, *shape, dtype=dtype, device=x.device) for shape, dtype in parts]
         self.works = [
             dist.isend(self.header, server, tag=HEADER_TAG),
@@ -172,12 +183,14 @@ class RemoteClient:
         self.sequence = 0
         self.ahead: tuple[tuple, PendingLogits] | None = None
 
-    def request(self, x: torch.Tensor, start: int = 0, packed: bool = False) -> PendingLogits:
+    def request(self, x: torch.Tensor, start: int = 0, packed: bool = False, graded: bool = False) -> PendingLogits:
         """Send ``x`` to the teacher rank; its logits from position ``start`` on come back (``wait``), or with
-        ``packed`` the wire's parts (``wait_parts``)."""
+        ``packed`` the wire's parts (``wait_parts``), with ``graded`` (``x``'s last column: the labels after the rows)
+        the next tokens' log-probability after them."""
         self.sequence += 1
         tag = self.sequence * self.teachers + self.teacher
-        return PendingLogits(self.server, tag, x, self.vocab, start, self.wire if packed else None, self.teacher)
+        wire = self.wire if packed or graded else None
+        return PendingLogits(self.server, tag, x, self.vocab, start, wire, self.teacher, graded)
 
     def logits(self, x: torch.Tensor, key: tuple | None) -> list[torch.Tensor]:
         """The teacher's reply for ``x``: ``key`` (step, micro) names a training micro-batch, whose reply is packed

@@ -155,7 +155,7 @@ def serve_teacher(cfg: RunConfig, roles: remote.Roles, env: dist_env.DistEnv) ->
     parallel_dims(cfg.parallel, env.world_size).build_mesh(env.device.type)  # its groups need every rank
     teachers = [(load_teacher(run, env.device), wire_of(run)) for run in remote_teachers(cfg)]
     served = remote.serve(teachers, roles.served_by(env.rank), env.device)
-    kinds = (("logits", remote.REQUEST), ("compact", remote.PACKED))
+    kinds = (("logits", remote.REQUEST), ("compact", remote.PACKED), ("compact graded samples", remote.GRADED))
     sent = [f"{name}: {per:,.1f} bytes a token" for name, kind in kinds
             if (per := served.bytes_per_token(kind)) is not None]  # fmt: skip
     print(f"teacher rank {env.rank}: served {served.requests} requests of ranks {roles.served_by(env.rank)} "

@@ -1,9 +1,9 @@
 """On-policy distillation on several ranks (torchrun, gloo) against one process on the same global batch: DDP and
 FSDP2 on 2 ranks write the same completions and reach the same losses at every step as one process whose
 micro-batches are the ranks' slices (``train.grad_accum=2``), and, with completions of different lengths, as one
-process that reads the whole batch at once; a remote teacher rank scores the samples as the
-replicated teacher does; a 2-rank run SIGKILLed inside its last checkpoint write, resumed from the checkpoint before,
-equals the uninterrupted run."""
+process that reads the whole batch at once; a remote teacher rank scores the samples as the replicated teacher does
+(over a compact wire too, as its top-k); a 2-rank run SIGKILLed inside its last checkpoint write, resumed from the
+checkpoint before, equals the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -119,6 +119,27 @@ def test_a_remote_teacher_rank_scores_the_samples_as_the_replicated_teacher(root
     remote = launch(root, 3, "remote", "parallel=ddp", "teacher.placement=remote", "parallel.teacher_ranks=1")
     assert_same(remote, ddp)
     assert by_step(remote)[STEPS]["distill/teacher_param_bytes"] == 0  # the student ranks hold no teacher
+
+
+@pytest.mark.slow  # 5 ranks in all; the compact wire's rows against the exact top-k: test_teacher_placement.py
+def test_a_compact_wire_grades_the_samples_as_the_replicated_teachers_top_k(root):
+    """``teacher.wire=compact`` with on-policy distillation: the samples go to the teacher rank with the label after
+    each row, and come back as compact top-8 rows with their tail and the teacher's log-probability of each next
+    token. At step 1 (the same student writes the same completions) the teacher's log-probability of them is the
+    replicated teacher's (computed on the teacher rank in fp32) and the KD terms are the exact top-8's within the
+    codes' rounding; after it the students differ by that rounding, and so may their samples (seen: from step 3)."""
+    top8 = ["distill.top_k=8", "distill.top_k_tail=true", "parallel=ddp"]
+    replicated = launch(root, 2, "replicated_top8", *top8)
+    compact = launch(root, 3, "compact_wire", *top8, "teacher.placement=remote", "parallel.teacher_ranks=1",
+                     "teacher.wire=compact")  # fmt: skip
+    got, want = by_step(compact), by_step(replicated)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert got[1]["distill/teacher_logprob"] == pytest.approx(want[1]["distill/teacher_logprob"], rel=1e-6)
+    for key in ("distill/kd", "distill/on_policy_kl"):
+        assert got[1][key] == pytest.approx(want[1][key], rel=2e-3), key
+    for step in range(2, STEPS + 1):  # other samples of nearly the same student: the same scale
+        for key, near in (("distill/teacher_logprob", 0.1), ("distill/kd", 0.05), ("distill/on_policy_kl", 0.1)):
+            assert got[step][key] == pytest.approx(want[step][key], rel=near), (step, key)
 
 
 def test_a_run_killed_inside_a_checkpoint_write_and_resumed_equals_the_uninterrupted_run(root, fsdp):

@@ -90,20 +90,6 @@ CASES = {
         ["parallel=ddp", "distill=kd", "teacher.placement=remote", "parallel.teacher_ranks=1", "teacher.wire=compact"],
         "teacher.wire: compact sends the teacher's top distill.top_k logits with their tail: set distill.top_k",
     ),
-    "compact wire grading on-policy samples": (
-        2,
-        [
-            "parallel=ddp",
-            "distill=on_policy",
-            "distill.top_k=4",
-            "teacher.placement=remote",
-            "parallel.teacher_ranks=1",
-            "teacher.wire=compact",
-            "distill.prompt_tokens=4",
-            "distill.max_new_tokens=4",
-        ],
-        "teacher.wire: compact cannot grade on-policy samples",
-    ),
     "compact wire without remote": (2, ["parallel=ddp", "distill=kd", "teacher.wire=compact"], "teacher.wire: applies"),
     "on-policy distillation through a pipeline": (
         2,

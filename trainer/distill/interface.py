@@ -29,6 +29,8 @@ class TeacherOutput:
     aligned: AlignedLogits | None = None  # a teacher of another tokenizer: its logits of the text, aligned
     aligned_topk: AlignedTopK | None = None  # a cache kept by document: its top-k at the aligned positions
     members: list[tuple[float, TeacherOutput]] | None = None  # an ensemble: each member's weight and output
+    # on-policy samples over a compact wire: the teacher's log-probability (T = 1) of each position's next token
+    label_logprob: torch.Tensor | None = None
 
 
 class Teacher(ABC):
@@ -62,10 +64,11 @@ class Teacher(ABC):
     def forward(self, x: torch.Tensor, step: int, micro: int) -> TeacherOutput:
         """The teacher's output for micro-batch ``micro`` of step ``step`` (inputs ``x``)."""
 
-    def send_samples(self, x: torch.Tensor, on: torch.Tensor, start: int) -> Any:
+    def send_samples(self, x: torch.Tensor, labels: torch.Tensor, on: torch.Tensor, start: int) -> Any:
         """On-policy distillation: hand the teacher the rows ``on`` (bool) of ``x`` that the student wrote, as soon as
-        they exist (of those rows only the positions from ``start`` on are needed); what ``score`` then collects.
-        A live teacher scores them in ``score`` itself (None here)."""
+        they exist (of those rows only the positions from ``start`` on are needed; ``labels``: the completions' tokens
+        each position predicts); what ``score`` then collects. A live teacher scores them in ``score`` itself (None
+        here)."""
         return None
 
     def score(

@@ -274,7 +274,7 @@ class OnPolicy:
         for micro in range(accum):
             x, y = b.train(step, micro)
             rollout = self.rollout(generator, x, y, step, micro, autocast)
-            prepared.append((rollout, teacher.send_samples(rollout.x, rollout.on, rollout.start)))
+            prepared.append((rollout, teacher.send_samples(rollout.x, rollout.y_on, rollout.on, rollout.start)))
         local = torch.tensor([r.token_counts() for r, _ in prepared], dtype=torch.float64)
         totals = self.total(local.sum(0).to(device)).cpu()
         on_rows = int(on_policy_rows(b.seed, step, b.batch_size, self.d.lmbda).sum())
@@ -322,6 +322,8 @@ class OnPolicy:
             with torch.no_grad():
                 if t_out.aligned is not None:  # a teacher of another tokenizer: the completions' text, in its tokens
                     logprob = text_logprob(t_out.aligned, completion_chars(rollout.y_on, t_out.aligned.alignment))
+                elif t_out.label_logprob is not None:  # a compact wire: the teacher rank graded each next token
+                    logprob = t_out.label_logprob[kept].double().sum()
                 else:
                     logprob = teacher_logprob_sum(teacher_logits_at(t_out, kept), rollout.y_on[kept])
             values = [float(on_policy) * tokens, float(logprob), tokens, len(c.lengths), float(c.eos.sum()), c.seconds]

@@ -12,6 +12,7 @@ The loop asks a teacher what it can do (``scores_eval_batches``, ``whole_module`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -182,22 +183,53 @@ class RemoteTeacher(Teacher):
                                               temperature)  # fmt: skip
         return TeacherOutput(topk=(values.to(device), indices.to(device)), lse=lse.to(device))
 
-    def send_samples(self, x: torch.Tensor, on: torch.Tensor, start: int) -> PendingLogits | None:
+    def send_samples(self, x: torch.Tensor, labels: torch.Tensor, on: torch.Tensor, start: int) -> PendingLogits | None:
         """The student's samples (rows ``on``) go to the teacher rank as they are; their logits come back from
-        position ``start`` on (on-policy runs use the logits wire: preflight)."""
-        return self.client.request(x[on], start) if bool(on.any()) else None
+        position ``start`` on, or over a compact wire their compact rows and the teacher's log-probability of each
+        next token (the rows go with the label after their last position: a completion may end past the row)."""
+        if not bool(on.any()):
+            return None
+        if self.compact_wire is None:
+            return self.client.request(x[on], start)
+        after = labels[on][:, -1:].clamp_min(0)  # no label there (IGNORE_INDEX): a token that is graded nowhere
+        return self.client.request(torch.cat([x[on], after], dim=1), start, graded=True)
 
     def forward_samples(
         self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: Any
     ) -> TeacherOutput:
-        """The samples' logits (``sent`` ahead, by ``send_samples``) and the other rows', requested ahead too (their
-        inputs are known beforehand), in one tensor: zeros where nothing is needed."""
+        """The samples' output (``sent`` ahead, by ``send_samples``) and the other rows', requested ahead too (their
+        inputs are known beforehand), in one output: placeholders where nothing is needed."""
+        if self.compact_wire is not None:
+            return self.compact_samples(x, on, start, step, micro, sent)
         logits = torch.zeros(*x.shape, self.client.vocab, device=x.device)
         if not bool(on.all()):
             logits[~on] = self.client.logits(x[~on], (step, micro))[0]
         if sent is not None:
             logits[on, start:] = sent.wait()
         return TeacherOutput(logits=logits)
+
+    def compact_samples(
+        self, x: torch.Tensor, on: torch.Tensor, start: int, step: int, micro: int, sent: PendingLogits | None
+    ) -> TeacherOutput:
+        """``forward_samples`` over a compact wire: top-k rows for every row, and the samples' next-token
+        log-probabilities. Positions no label reads hold a top-k of distinct ids, zeros and a tail of nothing."""
+        k = self.compact_wire[0] if self.compact_wire is not None else 0
+        values = torch.zeros(*x.shape, k, device=x.device)
+        indices = torch.arange(k, device=x.device).expand(*x.shape, k).clone()
+        lse = torch.full(x.shape, math.log(k), device=x.device)
+        label_logprob = torch.zeros(x.shape, device=x.device)
+        parts = []
+        if not bool(on.all()):
+            parts.append((~on, slice(None), self.output(self.client.logits(x[~on], (step, micro)), x.device)))
+        if sent is not None:
+            *rows, graded = sent.wait_parts()
+            label_logprob[on, start:] = graded.to(x.device)
+            parts.append((on, slice(start, None), self.output(rows, x.device)))
+        for which, positions, out in parts:
+            assert out.topk is not None and out.lse is not None  # a compact reply
+            values[which, positions], indices[which, positions] = out.topk
+            lse[which, positions] = out.lse
+        return TeacherOutput(topk=(values, indices), lse=lse, label_logprob=label_logprob)
 
     def close(self) -> None:
         self.client.close()

@@ -89,12 +89,6 @@ def _validate_teacher_ranks(cfg: RunConfig, world: int, family: ModelFamily) -> 
         "teacher.wire",
         "compact sends the teacher's top distill.top_k logits with their tail: set distill.top_k",
     )
-    _check(
-        cfg.teacher.wire == "logits" or cfg.distill.lmbda == 0,
-        "teacher.wire",
-        "compact cannot grade on-policy samples (the teacher's log-probability of a sampled token off its top-k is "
-        "not sent): use teacher.wire=logits",
-    )
     _check(k >= 1, "parallel.teacher_ranks", f"teacher.placement=remote needs at least one teacher rank (got {k})")
     _check(
         k < world,
