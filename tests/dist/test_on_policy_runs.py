@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import FAST, KILL_DURING_CHECKPOINT, cli_env, train_small_teacher
 from tests.dist.equality import REASSOCIATION, by_step
+from trainer.cache import compact
 from trainer.distill.sampling import on_policy_rows
 
 pytestmark = pytest.mark.dist
@@ -49,13 +50,15 @@ KEYS = (
 def launch(
     root: Path, nproc: int, name: str, *overrides: str, base: list[str] = RUN, killed_at: int | None = None
 ) -> Path:
-    """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name``; with
-    ``killed_at``, every rank SIGKILLs itself inside checkpoint write ``killed_at`` (``kill_during_checkpoint.py``)."""
+    """``python -m trainer`` (nproc=1) or ``torchrun --nproc_per_node=nproc -m trainer`` into ``root/name`` (its
+    stderr kept as ``root/name.stderr``); with ``killed_at``, every rank SIGKILLs itself inside checkpoint write
+    ``killed_at`` (``kill_during_checkpoint.py``)."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     entry = [str(KILL_DURING_CHECKPOINT), str(killed_at)] if killed_at else ["-m", "trainer"]
     command = [sys.executable, *torchrun, *entry, *base, *overrides, f"hydra.run.dir={name}"]
     env = cli_env(root) | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    (root / f"{name}.stderr").write_text(proc.stderr)
     if killed_at:
         assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stderr[-5000:]
     else:
@@ -130,9 +133,9 @@ def test_a_compact_wire_grades_the_samples_as_the_replicated_teachers_top_k(root
     codes' rounding; after it the students differ by that rounding, and so may their samples (seen: from step 3)."""
     top8 = ["distill.top_k=8", "distill.top_k_tail=true", "parallel=ddp"]
     replicated = launch(root, 2, "replicated_top8", *top8)
-    compact = launch(root, 3, "compact_wire", *top8, "teacher.placement=remote", "parallel.teacher_ranks=1",
-                     "teacher.wire=compact")  # fmt: skip
-    got, want = by_step(compact), by_step(replicated)
+    packed = launch(root, 3, "compact_wire", *top8, "teacher.placement=remote", "parallel.teacher_ranks=1",
+                    "teacher.wire=compact")  # fmt: skip
+    got, want = by_step(packed), by_step(replicated)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert got[1]["distill/teacher_logprob"] == pytest.approx(want[1]["distill/teacher_logprob"], rel=1e-6)
     for key in ("distill/kd", "distill/on_policy_kl"):
@@ -140,6 +143,11 @@ def test_a_compact_wire_grades_the_samples_as_the_replicated_teachers_top_k(root
     for step in range(2, STEPS + 1):  # other samples of nearly the same student: the same scale
         for key, near in (("distill/teacher_logprob", 0.1), ("distill/kd", 0.05), ("distill/on_policy_kl", 0.1)):
             assert got[step][key] == pytest.approx(want[step][key], rel=near), (step, key)
+    # on the wire: a training row's top-8 of the 32 tokens with its tail, a graded sample's 4 bytes more (fp32 logits:
+    # 128)
+    row = compact.value_bytes(8) + compact.index_bytes(8, 32) + 4
+    (line,) = [line for line in (root / "compact_wire.stderr").read_text().splitlines() if "served" in line]
+    assert f"compact: {row:.1f} bytes a token" in line and f"compact graded samples: {row + 4:.1f} bytes" in line, line
 
 
 def test_a_run_killed_inside_a_checkpoint_write_and_resumed_equals_the_uninterrupted_run(root, fsdp):
